@@ -1,0 +1,128 @@
+//! The in-memory route table the proxy serves from, shared between the
+//! request path (reads) and the sync task (writes), with its freshness.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+
+use crate::table::ToolRoutes;
+use crate::types::ToolName;
+
+/// The shared route cache. Cloning gives another handle on the same table.
+#[derive(Clone)]
+pub struct RouteCache {
+    inner: Arc<CacheInner>,
+}
+
+struct CacheInner {
+    tools: DashMap<ToolName, Arc<ToolRoutes>>,
+    /// Reference point for the millisecond timestamps below.
+    epoch: Instant,
+    /// Milliseconds after `epoch` when the cache was last known to match
+    /// Redis, plus one; zero means never.
+    confirmed_at_ms: AtomicU64,
+    /// The sync task holds a live, tracked connection to Redis.
+    connected: AtomicBool,
+    /// Full loads completed since start.
+    full_loads: AtomicU64,
+}
+
+/// A snapshot of the cache's freshness, for health endpoints, metrics and `/list`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStatus {
+    /// True while the sync task holds a live, tracked connection to Redis.
+    pub redis_connected: bool,
+    /// Time since the cache last confirmed it matches Redis; `None` before the first load.
+    pub age: Option<Duration>,
+    /// Full loads completed since start (the first, resyncs and reconnects).
+    pub full_loads: u64,
+    /// Tools in the cache (with routes or a redirect).
+    pub tools: usize,
+}
+
+impl Default for RouteCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RouteCache {
+    /// An empty cache, not yet loaded.
+    pub fn new() -> Self {
+        RouteCache {
+            inner: Arc::new(CacheInner {
+                tools: DashMap::new(),
+                epoch: Instant::now(),
+                confirmed_at_ms: AtomicU64::new(0),
+                connected: AtomicBool::new(false),
+                full_loads: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The routes of `tool`, if Redis has any key for it. Lock-free for
+    /// readers of different shards; never touches Redis.
+    #[inline]
+    pub fn tool(&self, tool: &str) -> Option<Arc<ToolRoutes>> {
+        self.inner.tools.get(tool).map(|entry| Arc::clone(entry.value()))
+    }
+
+    /// Names of tools that have a `prefix:` hash, sorted (what `/list` shows).
+    pub fn tools_with_routes(&self) -> Vec<ToolName> {
+        let mut names: Vec<ToolName> =
+            self.inner.tools.iter().filter(|e| e.value().has_routes_key()).map(|e| e.key().clone()).collect();
+        names.sort();
+        names
+    }
+
+    /// The cache's freshness.
+    pub fn status(&self) -> CacheStatus {
+        let confirmed = self.inner.confirmed_at_ms.load(Ordering::Acquire);
+        let age = (confirmed > 0).then(|| {
+            let now_ms = self.inner.epoch.elapsed().as_millis() as u64;
+            Duration::from_millis(now_ms.saturating_sub(confirmed - 1))
+        });
+        CacheStatus {
+            redis_connected: self.inner.connected.load(Ordering::Acquire),
+            age,
+            full_loads: self.inner.full_loads.load(Ordering::Acquire),
+            tools: self.inner.tools.len(),
+        }
+    }
+
+    /// True once a full load has completed.
+    pub fn is_loaded(&self) -> bool {
+        self.inner.full_loads.load(Ordering::Acquire) > 0
+    }
+
+    /// Sets or removes one tool's entry.
+    pub(crate) fn put(&self, tool: ToolName, routes: ToolRoutes) {
+        if routes.is_absent() {
+            self.inner.tools.remove(tool.as_str());
+        } else {
+            self.inner.tools.insert(tool, Arc::new(routes));
+        }
+    }
+
+    /// Replaces the whole table with a freshly loaded one.
+    pub(crate) fn replace_all(&self, fresh: std::collections::HashMap<ToolName, ToolRoutes>) {
+        self.inner.tools.retain(|name, _| fresh.contains_key(name));
+        for (name, routes) in fresh {
+            self.put(name, routes);
+        }
+        self.inner.full_loads.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Records that the cache matches Redis as of now.
+    pub(crate) fn mark_confirmed(&self) {
+        let now_ms = self.inner.epoch.elapsed().as_millis() as u64;
+        self.inner.confirmed_at_ms.store(now_ms + 1, Ordering::Release);
+    }
+
+    /// Records whether the sync task holds a live, tracked connection.
+    pub(crate) fn set_connected(&self, connected: bool) {
+        self.inner.connected.store(connected, Ordering::Release);
+    }
+}

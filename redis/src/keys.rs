@@ -1,0 +1,51 @@
+//! Key names of SPEC §2. Nothing outside this crate builds them.
+
+/// Prefix of the hash holding a tool's routes (`prefix:<tool>`).
+pub(crate) const ROUTES_PREFIX: &str = "prefix:";
+/// Prefix of the hash whose presence makes a tool's legacy URLs redirect (`redirect:<tool>`).
+pub(crate) const REDIRECT_PREFIX: &str = "redirect:";
+/// Set of `namespace/name/route` members owned by kube-sync.
+pub(crate) const K8S_SERVICES: &str = "k8s_services";
+
+/// The routes hash of a tool.
+pub(crate) fn routes_key(tool: &str) -> String {
+    format!("{ROUTES_PREFIX}{tool}")
+}
+
+/// The redirect hash of a tool.
+pub(crate) fn redirect_key(tool: &str) -> String {
+    format!("{REDIRECT_PREFIX}{tool}")
+}
+
+/// Which table a key belongs to, and for which tool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TableKey<'a> {
+    /// `prefix:<tool>`.
+    Routes(&'a str),
+    /// `redirect:<tool>`.
+    Redirect(&'a str),
+}
+
+impl<'a> TableKey<'a> {
+    /// Classifies a key; `None` for keys outside the route table.
+    pub(crate) fn parse(key: &'a str) -> Option<Self> {
+        if let Some(tool) = key.strip_prefix(ROUTES_PREFIX) {
+            Some(TableKey::Routes(tool))
+        } else {
+            key.strip_prefix(REDIRECT_PREFIX).map(TableKey::Redirect)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        assert_eq!(TableKey::parse(&routes_key("foo")), Some(TableKey::Routes("foo")));
+        assert_eq!(TableKey::parse(&redirect_key("foo")), Some(TableKey::Redirect("foo")));
+        assert_eq!(TableKey::parse("k8s_services"), None);
+        assert_eq!(TableKey::parse("prefix"), None);
+    }
+}

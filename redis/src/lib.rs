@@ -1,0 +1,34 @@
+//! The route table: the Redis schema of SPEC §2 behind typed reads and writes,
+//! and the in-memory cache the proxy serves from, kept fresh by Redis.
+//!
+//! This crate is the only code that knows Redis key names and value encodings.
+//!
+//! # Layout
+//!
+//! - [`types`]: tool names, route patterns and backend URLs that validate themselves.
+//! - [`endpoint`]: where Redis is (`redis://` or `redis+sentinel://`) and how to connect.
+//! - [`keys`]: key names and set-member encodings (private to the crate's API).
+//! - [`store`]: [`RouteStore`], typed reads and writes for the CLI, registrar and kube-sync.
+//! - [`table`]: [`ToolRoutes`], one tool's compiled routes in match order.
+//! - [`cache`]: [`RouteCache`], the shared in-memory table and its freshness status.
+//! - [`sync`]: the background task that loads the cache and applies invalidations.
+//! - [`error`]: [`RouteTableError`].
+
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod endpoint;
+pub mod error;
+mod keys;
+pub mod store;
+pub mod sync;
+pub mod table;
+pub mod types;
+
+pub use cache::{CacheStatus, RouteCache};
+pub use endpoint::RedisEndpoint;
+pub use error::RouteTableError;
+pub use store::{OwnedServiceRoute, RouteStore, ToolEntry};
+pub use sync::{CacheSyncConfig, run_cache_sync};
+pub use table::{Route, ToolRoutes};
+pub use types::{BackendUrl, InvalidInput, RoutePattern, Scheme, ToolName};

@@ -1,0 +1,329 @@
+//! Typed reads and writes of the route table, for the `routes` CLI, the
+//! registrar and kube-sync. Every write that touches two keys is one
+//! `MULTI`/`EXEC`, so it never lands half-done.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::future::Future;
+use std::sync::Mutex;
+
+use redis::aio::MultiplexedConnection;
+
+use crate::endpoint::{RESPONSE_TIMEOUT, RedisEndpoint};
+use crate::error::RouteTableError;
+use crate::keys::{K8S_SERVICES, REDIRECT_PREFIX, ROUTES_PREFIX, redirect_key, routes_key};
+use crate::types::{BackendUrl, RoutePattern, ToolName};
+
+/// A handle on the route table in Redis. Cheap to share behind an `Arc`;
+/// reconnects (re-resolving a Sentinel master) after any connection error.
+pub struct RouteStore {
+    endpoint: RedisEndpoint,
+    connection: Mutex<Option<MultiplexedConnection>>,
+}
+
+/// A tool's raw entries as stored, valid or not, for display.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ToolEntry {
+    /// Fields and values of `prefix:<tool>`.
+    pub routes: BTreeMap<String, String>,
+    /// Fields and values of `redirect:<tool>`.
+    pub redirects: BTreeMap<String, String>,
+}
+
+impl ToolEntry {
+    /// True when neither hash exists.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty() && self.redirects.is_empty()
+    }
+}
+
+/// A route owned by kube-sync: one member `namespace/name/route` of
+/// `k8s_services`, where `route` is the pattern without its leading `/`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct OwnedServiceRoute {
+    /// The Service's namespace.
+    pub namespace: String,
+    /// The Service's name, which is also the tool name.
+    pub tool: ToolName,
+    /// The pattern in `prefix:<tool>`: `.*`, or `/<path>.*`.
+    pub pattern: String,
+}
+
+impl OwnedServiceRoute {
+    /// The `k8s_services` member.
+    pub fn member(&self) -> String {
+        let route = self.pattern.strip_prefix('/').unwrap_or(&self.pattern);
+        format!("{}/{}/{}", self.namespace, self.tool, route)
+    }
+
+    /// Parses a `k8s_services` member; `None` when it is not of the form
+    /// `namespace/name/route` with a valid tool name.
+    pub fn parse_member(member: &str) -> Option<Self> {
+        let mut parts = member.splitn(3, '/');
+        let namespace = parts.next().filter(|n| !n.is_empty())?;
+        let tool = ToolName::parse(parts.next()?).ok()?;
+        let route = parts.next()?;
+        // `.*` is stored as is; every other route lost its leading `/`.
+        let pattern = if route == ".*" { route.to_string() } else { format!("/{route}") };
+        Some(OwnedServiceRoute { namespace: namespace.into(), tool, pattern })
+    }
+}
+
+impl fmt::Display for OwnedServiceRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.member())
+    }
+}
+
+impl RouteStore {
+    /// A store for `endpoint`. Does not connect yet: the first command does,
+    /// so a daemon can start while Redis is down.
+    pub fn new(endpoint: RedisEndpoint) -> Self {
+        RouteStore { endpoint, connection: Mutex::new(None) }
+    }
+
+    /// Where this store points.
+    pub fn endpoint(&self) -> &RedisEndpoint {
+        &self.endpoint
+    }
+
+    /// Checks that Redis answers.
+    pub async fn ping(&self) -> Result<(), RouteTableError> {
+        self.run(|mut c| async move { redis::cmd("PING").query_async::<()>(&mut c).await }).await
+    }
+
+    /// Names of all tools that have a `prefix:` hash, sorted. Uses SCAN.
+    pub async fn tools(&self) -> Result<Vec<String>, RouteTableError> {
+        let keys = self.scan(&format!("{ROUTES_PREFIX}*")).await?;
+        let mut tools: Vec<String> =
+            keys.iter().filter_map(|k| k.strip_prefix(ROUTES_PREFIX)).map(str::to_string).collect();
+        tools.sort();
+        Ok(tools)
+    }
+
+    /// Names of all tools that have a `redirect:` hash, sorted. Uses SCAN.
+    pub async fn redirected_tools(&self) -> Result<Vec<String>, RouteTableError> {
+        let keys = self.scan(&format!("{REDIRECT_PREFIX}*")).await?;
+        let mut tools: Vec<String> =
+            keys.iter().filter_map(|k| k.strip_prefix(REDIRECT_PREFIX)).map(str::to_string).collect();
+        tools.sort();
+        Ok(tools)
+    }
+
+    /// Both hashes of one tool, as stored.
+    pub async fn tool(&self, tool: &ToolName) -> Result<ToolEntry, RouteTableError> {
+        let (routes, redirects) = self
+            .run(|mut c| async move {
+                redis::pipe()
+                    .hgetall(routes_key(tool.as_str()))
+                    .hgetall(redirect_key(tool.as_str()))
+                    .query_async::<(BTreeMap<String, String>, BTreeMap<String, String>)>(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(ToolEntry { routes, redirects })
+    }
+
+    /// Sets one route of a tool (`HSET prefix:<tool> <pattern> <backend>`).
+    pub async fn set_route(
+        &self,
+        tool: &ToolName,
+        pattern: &RoutePattern,
+        backend: &BackendUrl,
+    ) -> Result<(), RouteTableError> {
+        self.run(|mut c| async move {
+            redis::cmd("HSET")
+                .arg(routes_key(tool.as_str()))
+                .arg(pattern.as_str())
+                .arg(backend.to_string())
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// Sets a route and marks the tool's legacy URLs as redirecting to
+    /// `canonical_host`, atomically (the registrar's `registerCanonical`).
+    pub async fn set_canonical_route(
+        &self,
+        tool: &ToolName,
+        pattern: &RoutePattern,
+        backend: &BackendUrl,
+        canonical_host: &str,
+    ) -> Result<(), RouteTableError> {
+        self.run(|mut c| async move {
+            redis::pipe()
+                .atomic()
+                .hset(routes_key(tool.as_str()), pattern.as_str(), backend.to_string())
+                .ignore()
+                .hset(redirect_key(tool.as_str()), pattern.as_str(), canonical_host)
+                .ignore()
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// Removes one route from both hashes of a tool (the registrar's
+    /// `unregister`, and `routes delete TOOL PATTERN`). Returns whether
+    /// anything was removed.
+    pub async fn delete_route(&self, tool: &ToolName, pattern: &str) -> Result<bool, RouteTableError> {
+        let (a, b): (u64, u64) = self
+            .run(|mut c| async move {
+                redis::pipe()
+                    .atomic()
+                    .hdel(routes_key(tool.as_str()), pattern)
+                    .hdel(redirect_key(tool.as_str()), pattern)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(a + b > 0)
+    }
+
+    /// Removes every route and redirect of a tool. Returns whether anything was removed.
+    pub async fn delete_tool(&self, tool: &ToolName) -> Result<bool, RouteTableError> {
+        let removed: u64 = self
+            .run(|mut c| async move {
+                redis::cmd("DEL")
+                    .arg(routes_key(tool.as_str()))
+                    .arg(redirect_key(tool.as_str()))
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(removed > 0)
+    }
+
+    /// All members of `k8s_services` that parse; unparsable members are
+    /// returned apart so the caller can log them (they are never deleted).
+    pub async fn owned_service_routes(&self) -> Result<(BTreeSet<OwnedServiceRoute>, Vec<String>), RouteTableError> {
+        let members: Vec<String> =
+            self.run(|mut c| async move { redis::cmd("SMEMBERS").arg(K8S_SERVICES).query_async(&mut c).await }).await?;
+        let mut owned = BTreeSet::new();
+        let mut bad = Vec::new();
+        for member in members {
+            match OwnedServiceRoute::parse_member(&member) {
+                Some(route) => {
+                    owned.insert(route);
+                }
+                None => bad.push(member),
+            }
+        }
+        Ok((owned, bad))
+    }
+
+    /// Sets a kube-sync route and records its ownership, atomically.
+    pub async fn set_owned_route(
+        &self,
+        owned: &OwnedServiceRoute,
+        backend: &BackendUrl,
+    ) -> Result<(), RouteTableError> {
+        self.run(|mut c| async move {
+            redis::pipe()
+                .atomic()
+                .hset(routes_key(owned.tool.as_str()), &owned.pattern, backend.to_string())
+                .ignore()
+                .sadd(K8S_SERVICES, owned.member())
+                .ignore()
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// Removes a kube-sync route and its ownership record, atomically.
+    pub async fn delete_owned_route(&self, owned: &OwnedServiceRoute) -> Result<(), RouteTableError> {
+        self.run(|mut c| async move {
+            redis::pipe()
+                .atomic()
+                .hdel(routes_key(owned.tool.as_str()), &owned.pattern)
+                .ignore()
+                .srem(K8S_SERVICES, owned.member())
+                .ignore()
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    async fn scan(&self, pattern: &str) -> Result<Vec<String>, RouteTableError> {
+        let mut conn = self.connection().await?;
+        let result = scan_keys(&mut conn, pattern).await;
+        self.forget_on_unavailable(&result);
+        result
+    }
+
+    /// Runs one command on the shared connection, with a timeout; drops the
+    /// connection after a connection-level failure so the next call reconnects.
+    async fn run<T, F, Fut>(&self, command: F) -> Result<T, RouteTableError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self.connection().await?;
+        let result = match tokio::time::timeout(RESPONSE_TIMEOUT, command(conn)).await {
+            Ok(result) => result.map_err(RouteTableError::from),
+            Err(_) => Err(RouteTableError::Timeout(RESPONSE_TIMEOUT)),
+        };
+        self.forget_on_unavailable(&result);
+        result
+    }
+
+    async fn connection(&self) -> Result<MultiplexedConnection, RouteTableError> {
+        if let Some(conn) = self.lock().as_ref() {
+            return Ok(conn.clone());
+        }
+        let conn = self.endpoint.connect(false, None).await?;
+        *self.lock() = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn forget_on_unavailable<T>(&self, result: &Result<T, RouteTableError>) {
+        if let Err(e) = result {
+            if e.is_unavailable() {
+                self.lock().take();
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
+        // The guarded value is a plain handle; a panic elsewhere cannot leave it inconsistent.
+        self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// All keys matching `pattern`, by SCAN (never KEYS), each batch under a timeout.
+/// Keys that are not UTF-8 are not route table keys and are skipped.
+pub(crate) async fn scan_keys(conn: &mut MultiplexedConnection, pattern: &str) -> Result<Vec<String>, RouteTableError> {
+    let mut cursor: u64 = 0;
+    let mut keys = Vec::new();
+    loop {
+        let scan = redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000).to_owned();
+        let (next, batch): (u64, Vec<Vec<u8>>) = tokio::time::timeout(RESPONSE_TIMEOUT, scan.query_async(conn))
+            .await
+            .map_err(|_| RouteTableError::Timeout(RESPONSE_TIMEOUT))??;
+        keys.extend(batch.into_iter().filter_map(|k| String::from_utf8(k).ok()));
+        if next == 0 {
+            return Ok(keys);
+        }
+        cursor = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owned_members_round_trip() {
+        for (member, pattern) in [("ns/foo/.*", ".*"), ("tool-foo/foo/api.*", "/api.*")] {
+            let owned = OwnedServiceRoute::parse_member(member).unwrap();
+            assert_eq!(owned.pattern, pattern);
+            assert_eq!(owned.member(), member);
+        }
+        for bad in ["", "ns", "ns/foo", "/foo/.*", "ns/Foo/.*"] {
+            assert!(OwnedServiceRoute::parse_member(bad).is_none(), "{bad}");
+        }
+    }
+}

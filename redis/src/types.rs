@@ -1,0 +1,355 @@
+//! Values of the route table that validate themselves: tool names, route
+//! patterns and backend URLs.
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::sync::Arc;
+
+use regex::{Regex, RegexBuilder};
+
+/// Longest tool name accepted; far above any real tool, it bounds keys and log lines.
+pub const MAX_TOOL_NAME_LEN: usize = 255;
+/// Longest route pattern accepted, in bytes (the registrar's line limit).
+pub const MAX_PATTERN_LEN: usize = 1024;
+/// Compiled-size limit per pattern, so a hostile pattern cannot eat memory.
+const PATTERN_SIZE_LIMIT: usize = 1 << 20;
+
+/// Why a tool name, pattern or backend URL was refused. The message is fit
+/// for an operator or a registrar client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidInput {
+    /// The tool name is not `[a-z0-9][a-z0-9_-]*`.
+    #[error("invalid tool name {0:?}: must match [a-z0-9][a-z0-9_-]*")]
+    ToolName(String),
+    /// The route pattern does not compile as a Rust regex.
+    #[error("invalid route pattern {pattern:?}: {reason}")]
+    Pattern {
+        /// The pattern as given.
+        pattern: String,
+        /// The regex compiler's complaint, first line only.
+        reason: String,
+    },
+    /// The backend is not `http(s)://host:port`.
+    #[error("invalid backend url {url:?}: {reason}")]
+    BackendUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
+
+/// A tool's name, as used in `<tool>.toolforge.org` and `prefix:<tool>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ToolName(Box<str>);
+
+impl ToolName {
+    /// Accepts `[a-z0-9][a-z0-9_-]*` exactly (no case folding).
+    pub fn parse(name: &str) -> Result<Self, InvalidInput> {
+        if Self::is_valid(name) { Ok(ToolName(name.into())) } else { Err(InvalidInput::ToolName(name.into())) }
+    }
+
+    /// True when `name` is a valid tool name; cheap, for the request path.
+    pub fn is_valid(name: &str) -> bool {
+        let bytes = name.as_bytes();
+        !bytes.is_empty()
+            && bytes.len() <= MAX_TOOL_NAME_LEN
+            && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+            && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_' || *b == b'-')
+    }
+
+    /// The name as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for ToolName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ToolName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How a pattern is matched. Most tools use `.*`, which needs no regex at all.
+#[derive(Debug, Clone)]
+enum Matcher {
+    /// Matches every path (`.*` and the empty pattern).
+    Everything,
+    /// An unanchored regex search.
+    Regex(Regex),
+}
+
+/// A route pattern: a regex searched (unanchored) in the request path.
+#[derive(Debug, Clone)]
+pub struct RoutePattern {
+    source: Arc<str>,
+    matcher: Matcher,
+}
+
+impl RoutePattern {
+    /// Compiles a pattern; refuses what does not compile (e.g. PCRE lookaround)
+    /// and patterns longer than [`MAX_PATTERN_LEN`].
+    pub fn parse(pattern: &str) -> Result<Self, InvalidInput> {
+        if pattern.len() > MAX_PATTERN_LEN {
+            return Err(InvalidInput::Pattern {
+                pattern: pattern.into(),
+                reason: format!("longer than {MAX_PATTERN_LEN} bytes"),
+            });
+        }
+        let matcher = if matches!(pattern, ".*" | "") {
+            Matcher::Everything
+        } else {
+            let regex = RegexBuilder::new(pattern)
+                .size_limit(PATTERN_SIZE_LIMIT)
+                .build()
+                .map_err(|e| InvalidInput::Pattern { pattern: pattern.into(), reason: first_line(&e.to_string()) })?;
+            Matcher::Regex(regex)
+        };
+        Ok(RoutePattern { source: pattern.into(), matcher })
+    }
+
+    /// The pattern as written in Redis.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// True when the pattern is found anywhere in `path`.
+    #[inline]
+    pub fn is_match(&self, path: &str) -> bool {
+        match &self.matcher {
+            Matcher::Everything => true,
+            Matcher::Regex(regex) => regex.is_match(path),
+        }
+    }
+}
+
+impl PartialEq for RoutePattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
+impl Eq for RoutePattern {}
+
+impl fmt::Display for RoutePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+fn first_line(message: &str) -> String {
+    // regex errors are multi-line drawings; the last line names the problem.
+    message
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or(message)
+        .trim()
+        .trim_start_matches("error: ")
+        .to_string()
+}
+
+/// The scheme used to talk to a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scheme {
+    /// Plain HTTP/1.1.
+    Http,
+    /// HTTP/1.1 over TLS.
+    Https,
+}
+
+impl Scheme {
+    /// `"http"` or `"https"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
+/// Where a route sends requests: `http(s)://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BackendUrl {
+    scheme: Scheme,
+    host: Arc<str>,
+    port: u16,
+}
+
+impl BackendUrl {
+    /// Parses a backend as stored in Redis. A value without a scheme means
+    /// `http://`; the port defaults to the scheme's; a path other than `/`,
+    /// a query, a fragment or credentials are refused.
+    pub fn parse(value: &str) -> Result<Self, InvalidInput> {
+        let err = |reason| InvalidInput::BackendUrl { url: value.into(), reason };
+        let (scheme, rest) = if let Some(rest) = value.strip_prefix("http://") {
+            (Scheme::Http, rest)
+        } else if let Some(rest) = value.strip_prefix("https://") {
+            (Scheme::Https, rest)
+        } else if value.contains("://") {
+            return Err(err("scheme must be http or https"));
+        } else {
+            (Scheme::Http, value)
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.contains(['/', '?', '#']) {
+            return Err(err("must be scheme://host:port with no path"));
+        }
+        if authority.contains('@') {
+            return Err(err("credentials are not allowed"));
+        }
+        let (host, port) = split_host_port(authority).ok_or_else(|| err("bad host:port"))?;
+        let port = match port {
+            Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| err("port must be 1-65535"))?,
+            None => match scheme {
+                Scheme::Http => 80,
+                Scheme::Https => 443,
+            },
+        };
+        if !valid_host(host) {
+            return Err(err("bad host"));
+        }
+        Ok(BackendUrl { scheme, host: host.to_ascii_lowercase().into(), port })
+    }
+
+    /// Like [`BackendUrl::parse`] but also requires an explicit scheme and port,
+    /// as the registrar demands of new registrations.
+    pub fn parse_strict(value: &str) -> Result<Self, InvalidInput> {
+        let err = |reason| InvalidInput::BackendUrl { url: value.into(), reason };
+        let rest = value
+            .strip_prefix("http://")
+            .or_else(|| value.strip_prefix("https://"))
+            .ok_or_else(|| err("must start with http:// or https://"))?;
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        match split_host_port(authority) {
+            Some((_, Some(_))) => Self::parse(value),
+            _ => Err(err("must name a port")),
+        }
+    }
+
+    /// The backend's scheme.
+    pub fn scheme(&self) -> Scheme {
+        self.scheme
+    }
+
+    /// The host name or IP address (IPv6 in brackets).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The TCP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl fmt::Display for BackendUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}:{}", self.scheme.as_str(), self.host, self.port)
+    }
+}
+
+/// Splits `host[:port]`, where host may be a bracketed IPv6 address.
+fn split_host_port(authority: &str) -> Option<(&str, Option<&str>)> {
+    if authority.starts_with('[') {
+        let end = authority.find(']')?;
+        let host = &authority[..=end];
+        match &authority[end + 1..] {
+            "" => Some((host, None)),
+            rest => rest.strip_prefix(':').map(|p| (host, Some(p))),
+        }
+    } else {
+        match authority.split_once(':') {
+            Some((host, port)) => Some((host, Some(port))),
+            None => Some((authority, None)),
+        }
+    }
+}
+
+fn valid_host(host: &str) -> bool {
+    if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return inner.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_names() {
+        for ok in ["a", "0", "foo", "foo-bar", "foo_bar", "a1-"] {
+            assert!(ToolName::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", "_a", "Foo", "foo.bar", "foo/bar", "föö", "a b", &"a".repeat(256)] {
+            assert!(ToolName::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn patterns() {
+        let any = RoutePattern::parse(".*").unwrap();
+        assert!(any.is_match("/") && any.is_match(""));
+        let path = RoutePattern::parse("/api.*").unwrap();
+        assert!(path.is_match("/tool/api/x"));
+        assert!(!path.is_match("/tool/other"));
+        let err = RoutePattern::parse("(?!x)").unwrap_err();
+        assert!(err.to_string().contains("look-around"), "{err}");
+        assert!(RoutePattern::parse("(").is_err());
+        assert!(RoutePattern::parse(&"a".repeat(2000)).is_err());
+        assert!(RoutePattern::parse("a{1000}{1000}").is_err());
+    }
+
+    #[test]
+    fn backend_urls() {
+        let cases = [
+            ("http://127.0.0.1:8000", "http://127.0.0.1:8000"),
+            ("127.0.0.1:8000", "http://127.0.0.1:8000"),
+            ("http://Host.Example:8000/", "http://host.example:8000"),
+            ("https://example.org", "https://example.org:443"),
+            ("http://[::1]:81", "http://[::1]:81"),
+            ("tools-webgrid-1.tools.eqiad.wmflabs:33555", "http://tools-webgrid-1.tools.eqiad.wmflabs:33555"),
+        ];
+        for (input, shown) in cases {
+            assert_eq!(BackendUrl::parse(input).unwrap().to_string(), shown, "{input}");
+        }
+        for bad in [
+            "",
+            "ftp://x:1",
+            "http://",
+            "http://x:0",
+            "http://x:65536",
+            "http://x:port",
+            "http://x:1/path",
+            "http://u:p@x:1",
+            "http://x y:1",
+            "http://[::1:80",
+            "http://x:1?q",
+            "not a url",
+        ] {
+            assert!(BackendUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn strict_backend_urls() {
+        assert!(BackendUrl::parse_strict("http://h:1").is_ok());
+        assert!(BackendUrl::parse_strict("https://[::1]:443").is_ok());
+        assert!(BackendUrl::parse_strict("h:1").is_err());
+        assert!(BackendUrl::parse_strict("http://h").is_err());
+        assert!(BackendUrl::parse_strict("http://[::1]").is_err());
+    }
+}
