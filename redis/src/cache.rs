@@ -106,12 +106,9 @@ impl RouteCache {
         }
     }
 
-    /// Replaces the whole table with a freshly loaded one.
-    pub(crate) fn replace_all(&self, fresh: std::collections::HashMap<ToolName, ToolRoutes>) {
-        self.inner.tools.retain(|name, _| fresh.contains_key(name));
-        for (name, routes) in fresh {
-            self.put(name, routes);
-        }
+    /// Ends a full load: drops tools the load did not see and counts the load.
+    pub(crate) fn finish_full_load(&self, seen: &std::collections::HashSet<ToolName>) {
+        self.inner.tools.retain(|name, _| seen.contains(name));
         self.inner.full_loads.fetch_add(1, Ordering::AcqRel);
     }
 

@@ -12,7 +12,7 @@
 //! - [`table`]: [`ToolRoutes`], one tool's compiled routes in match order.
 //! - [`cache`]: [`RouteCache`], the shared in-memory table and its freshness status.
 //! - [`sync`]: the background task that loads the cache and applies invalidations.
-//! - [`error`]: [`RouteTableError`].
+//! - [`error`]: [`RouteTableError`], what went wrong.
 
 #![forbid(unsafe_code)]
 

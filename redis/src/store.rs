@@ -280,10 +280,10 @@ impl RouteStore {
     }
 
     fn forget_on_unavailable<T>(&self, result: &Result<T, RouteTableError>) {
-        if let Err(e) = result {
-            if e.is_unavailable() {
-                self.lock().take();
-            }
+        if let Err(e) = result
+            && e.is_unavailable()
+        {
+            self.lock().take();
         }
     }
 

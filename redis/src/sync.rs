@@ -36,7 +36,7 @@ use crate::types::{BackendUrl, InvalidInput, RoutePattern, ToolName};
 const FETCH_BATCH: usize = 1000;
 /// Distinct malformed entries remembered so each is logged once; beyond this, they are only debug-logged.
 const MAX_WARNED: usize = 10_000;
-/// Distinct compiled patterns and parsed backends kept for reuse across loads.
+/// Distinct compiled regexes kept for reuse across loads.
 const MAX_MEMO: usize = 200_000;
 
 /// Settings of the cache sync task.
@@ -83,7 +83,7 @@ pub async fn run_cache_sync(config: CacheSyncConfig, cache: RouteCache, shutdown
         let Err(error) = result;
         failures += 1;
         // First failure loudly, then every tenth, so an outage does not flood the log.
-        if failures == 1 || failures % 10 == 0 {
+        if failures == 1 || failures.is_multiple_of(10) {
             warn!(redis = %config.endpoint, %error, attempts = failures, retry_in_ms = delay.as_millis() as u64,
                 "route cache lost Redis; serving the last known table");
         } else {
@@ -193,21 +193,24 @@ impl Changes {
     }
 }
 
-/// Reads tools from Redis into the cache, remembering compiled patterns and
+/// Reads tools from Redis into the cache, remembering compiled regexes and
 /// which malformed entries were already logged.
 struct Loader {
     cache: RouteCache,
-    patterns: HashMap<String, Result<RoutePattern, InvalidInput>>,
-    backends: HashMap<String, Result<BackendUrl, InvalidInput>>,
+    /// Patterns that need the regex engine, by source: compiling is the
+    /// costly part of a load, and many tools share patterns.
+    regexes: HashMap<String, Result<RoutePattern, InvalidInput>>,
     warned: HashSet<String>,
 }
 
 impl Loader {
     fn new(cache: RouteCache) -> Self {
-        Loader { cache, patterns: HashMap::new(), backends: HashMap::new(), warned: HashSet::new() }
+        Loader { cache, regexes: HashMap::new(), warned: HashSet::new() }
     }
 
-    /// Loads every tool and replaces the cache's contents. Returns the tool count.
+    /// Loads every tool into the cache and drops tools that are gone. Entries
+    /// are replaced batch by batch, so memory never holds two full tables.
+    /// Returns the tool count.
     async fn full_load(&mut self, conn: &mut MultiplexedConnection) -> Result<usize, RouteTableError> {
         let mut names: BTreeSet<String> = BTreeSet::new();
         for (prefix, pattern) in [(ROUTES_PREFIX, "prefix:*"), (REDIRECT_PREFIX, "redirect:*")] {
@@ -217,14 +220,21 @@ impl Loader {
                 }
             }
         }
-        let fresh = self.fetch(conn, names).await?;
-        let count = fresh.len();
-        self.cache.replace_all(fresh);
-        if self.patterns.len() > MAX_MEMO || self.backends.len() > MAX_MEMO {
-            self.patterns.clear();
-            self.backends.clear();
+        let tools: Vec<ToolName> = names.iter().filter_map(|n| self.check_name(n)).collect();
+        let mut seen = HashSet::with_capacity(tools.len());
+        for batch in tools.chunks(FETCH_BATCH) {
+            for (tool, routes) in self.fetch(conn, batch).await? {
+                if !routes.is_absent() {
+                    seen.insert(tool.clone());
+                }
+                self.cache.put(tool, routes);
+            }
         }
-        Ok(count)
+        self.cache.finish_full_load(&seen);
+        if self.regexes.len() > MAX_MEMO {
+            self.regexes.clear();
+        }
+        Ok(seen.len())
     }
 
     /// Re-reads the named tools and updates or removes their entries.
@@ -233,55 +243,48 @@ impl Loader {
         conn: &mut MultiplexedConnection,
         names: BTreeSet<String>,
     ) -> Result<(), RouteTableError> {
-        let valid: BTreeSet<String> = names.into_iter().filter(|n| self.check_name(n).is_some()).collect();
-        let mut fresh = self.fetch(conn, valid.clone()).await?;
-        for name in valid {
-            let Some(tool) = self.check_name(&name) else { continue };
-            let routes = fresh.remove(&tool).unwrap_or_default();
-            debug!(tool = %tool, routes = routes.routes().len(), redirect = routes.canonical_redirect(), "route cache updated");
-            self.cache.put(tool, routes);
+        let tools: Vec<ToolName> = names.iter().filter_map(|n| self.check_name(n)).collect();
+        for batch in tools.chunks(FETCH_BATCH) {
+            for (tool, routes) in self.fetch(conn, batch).await? {
+                debug!(tool = %tool, routes = routes.routes().len(), redirect = routes.canonical_redirect(), "route cache updated");
+                self.cache.put(tool, routes);
+            }
         }
         Ok(())
     }
 
-    /// Fetches the named tools, in pipelined batches. Tools with neither key are absent from the result.
+    /// Fetches one batch of tools in one pipelined round trip. Tools with
+    /// neither key come back absent, so the caller removes them.
     async fn fetch(
         &mut self,
         conn: &mut MultiplexedConnection,
-        names: BTreeSet<String>,
-    ) -> Result<HashMap<ToolName, ToolRoutes>, RouteTableError> {
-        let tools: Vec<ToolName> = names.iter().filter_map(|n| self.check_name(n)).collect();
-        let mut fresh = HashMap::with_capacity(tools.len());
-        for batch in tools.chunks(FETCH_BATCH) {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for tool in batch {
-                pipe.cmd("HGETALL").arg(routes_key(tool.as_str()));
-                pipe.cmd("EXISTS").arg(redirect_key(tool.as_str()));
-            }
-            let replies: Vec<redis::RedisResult<Value>> = pipe.query_async(conn).await?;
-            if replies.len() != batch.len() * 2 {
-                return Err(RouteTableError::Disconnected);
-            }
-            for (tool, pair) in batch.iter().zip(replies.chunks(2)) {
-                let (hash, exists) = (&pair[0], &pair[1]);
-                let (routes, has_routes_key) = match hash {
-                    Ok(value) => self.parse_routes(tool, value),
-                    Err(error) => {
-                        self.warn_once(format!("{tool}:wrongtype"), || {
-                            warn!(key = %routes_key(tool.as_str()), %error, "skipping route table key that is not a hash")
-                        });
-                        (Vec::new(), false)
-                    }
-                };
-                let redirect = matches!(exists, Ok(Value::Int(n)) if *n > 0);
-                let entry = ToolRoutes::new(routes, has_routes_key, redirect);
-                if !entry.is_absent() {
-                    fresh.insert(tool.clone(), entry);
-                }
-            }
+        batch: &[ToolName],
+    ) -> Result<Vec<(ToolName, ToolRoutes)>, RouteTableError> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for tool in batch {
+            pipe.cmd("HGETALL").arg(routes_key(tool.as_str()));
+            pipe.cmd("EXISTS").arg(redirect_key(tool.as_str()));
         }
-        Ok(fresh)
+        let replies: Vec<redis::RedisResult<Value>> = pipe.query_async(conn).await?;
+        if replies.len() != batch.len() * 2 {
+            return Err(RouteTableError::Disconnected);
+        }
+        let mut fetched = Vec::with_capacity(batch.len());
+        for (tool, pair) in batch.iter().zip(replies.chunks(2)) {
+            let (routes, has_routes_key) = match &pair[0] {
+                Ok(value) => self.parse_routes(tool, value),
+                Err(error) => {
+                    self.warn_once(format!("{tool}:wrongtype"), || {
+                        warn!(key = %routes_key(tool.as_str()), %error, "skipping route table key that is not a hash")
+                    });
+                    (Vec::new(), false)
+                }
+            };
+            let redirect = matches!(&pair[1], Ok(Value::Int(n)) if *n > 0);
+            fetched.push((tool.clone(), ToolRoutes::new(routes, has_routes_key, redirect)));
+        }
+        Ok(fetched)
     }
 
     /// Turns one `HGETALL` reply into valid routes, logging each bad field once.
@@ -294,9 +297,17 @@ impl Loader {
                 self.warn_once(format!("{tool}:utf8"), || warn!(tool = %tool, "skipping route that is not UTF-8"));
                 continue;
             };
-            let pattern = self.patterns.entry(field.to_string()).or_insert_with(|| RoutePattern::parse(field)).clone();
-            let backend = self.backends.entry(target.to_string()).or_insert_with(|| BackendUrl::parse(target)).clone();
-            match (pattern, backend) {
+            let pattern = match self.regexes.get(field) {
+                Some(compiled) => compiled.clone(),
+                None => {
+                    let parsed = RoutePattern::parse(field);
+                    if parsed.as_ref().map_or(true, RoutePattern::is_regex) {
+                        self.regexes.insert(field.to_string(), parsed.clone());
+                    }
+                    parsed
+                }
+            };
+            match (pattern, BackendUrl::parse(target)) {
                 (Ok(pattern), Ok(backend)) => routes.push(Route { pattern, backend }),
                 (Err(error), _) | (_, Err(error)) => {
                     self.warn_once(

@@ -81,6 +81,9 @@ impl fmt::Display for ToolName {
 enum Matcher {
     /// Matches every path (`.*` and the empty pattern).
     Everything,
+    /// A literal, optionally followed by `.*` (the usual `/<path>.*`):
+    /// a substring search, without the memory of a compiled regex.
+    Contains(Box<str>),
     /// An unanchored regex search.
     Regex(Regex),
 }
@@ -102,8 +105,11 @@ impl RoutePattern {
                 reason: format!("longer than {MAX_PATTERN_LEN} bytes"),
             });
         }
-        let matcher = if matches!(pattern, ".*" | "") {
+        let literal = pattern.strip_suffix(".*").unwrap_or(pattern);
+        let matcher = if literal.is_empty() {
             Matcher::Everything
+        } else if literal.bytes().all(is_plain_literal_byte) {
+            Matcher::Contains(literal.into())
         } else {
             let regex = RegexBuilder::new(pattern)
                 .size_limit(PATTERN_SIZE_LIMIT)
@@ -112,6 +118,11 @@ impl RoutePattern {
             Matcher::Regex(regex)
         };
         Ok(RoutePattern { source: pattern.into(), matcher })
+    }
+
+    /// True when matching needs the regex engine (not a plain literal or `.*`).
+    pub fn is_regex(&self) -> bool {
+        matches!(self.matcher, Matcher::Regex(_))
     }
 
     /// The pattern as written in Redis.
@@ -124,6 +135,7 @@ impl RoutePattern {
     pub fn is_match(&self, path: &str) -> bool {
         match &self.matcher {
             Matcher::Everything => true,
+            Matcher::Contains(literal) => path.contains(&**literal),
             Matcher::Regex(regex) => regex.is_match(path),
         }
     }
@@ -141,6 +153,11 @@ impl fmt::Display for RoutePattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.source)
     }
+}
+
+/// Bytes that stand for themselves in a regex; anything else goes to the regex engine.
+fn is_plain_literal_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"/_-:@!,;=%~'<>\"".contains(&b)
 }
 
 fn first_line(message: &str) -> String {
@@ -306,6 +323,14 @@ mod tests {
         let path = RoutePattern::parse("/api.*").unwrap();
         assert!(path.is_match("/tool/api/x"));
         assert!(!path.is_match("/tool/other"));
+        assert!(matches!(path.matcher, Matcher::Contains(_)));
+        let literal = RoutePattern::parse("/foo").unwrap();
+        assert!(literal.is_match("/x/foo/y") && !literal.is_match("/fo"));
+        let regex = RoutePattern::parse("^/foo.*").unwrap();
+        assert!(matches!(regex.matcher, Matcher::Regex(_)));
+        assert!(regex.is_match("/foo/x") && !regex.is_match("/x/foo"));
+        let dot = RoutePattern::parse("/a.b.*").unwrap();
+        assert!(dot.is_match("/aXb") && matches!(dot.matcher, Matcher::Regex(_)));
         let err = RoutePattern::parse("(?!x)").unwrap_err();
         assert!(err.to_string().contains("look-around"), "{err}");
         assert!(RoutePattern::parse("(").is_err());

@@ -1,0 +1,72 @@
+//! Typed writes against a real redis-server.
+
+use std::collections::BTreeMap;
+
+use dynamicproxy_redis::{BackendUrl, OwnedServiceRoute, RoutePattern, RouteStore, ToolName};
+use dynamicproxy_test_support::RedisServer;
+use redis::Commands;
+
+fn store(redis: &RedisServer) -> RouteStore {
+    RouteStore::new(redis.url().parse().unwrap())
+}
+
+#[tokio::test]
+async fn writes_use_the_legacy_schema() {
+    let redis = RedisServer::start();
+    let store = store(&redis);
+    let tool = ToolName::parse("foo").unwrap();
+    let any = RoutePattern::parse(".*").unwrap();
+    let backend = BackendUrl::parse("http://10.0.0.1:8000").unwrap();
+
+    store.set_canonical_route(&tool, &any, &backend, "foo.toolforge.org").await.unwrap();
+    let mut c = redis.client();
+    let routes: BTreeMap<String, String> = c.hgetall("prefix:foo").unwrap();
+    let redirects: BTreeMap<String, String> = c.hgetall("redirect:foo").unwrap();
+    assert_eq!(routes, BTreeMap::from([(".*".into(), "http://10.0.0.1:8000".into())]));
+    assert_eq!(redirects, BTreeMap::from([(".*".into(), "foo.toolforge.org".into())]));
+
+    assert_eq!(store.tools().await.unwrap(), ["foo"]);
+    let entry = store.tool(&tool).await.unwrap();
+    assert_eq!(entry.routes, routes);
+    assert!(store.delete_route(&tool, ".*").await.unwrap());
+    assert!(!store.delete_route(&tool, ".*").await.unwrap());
+    assert!(store.tool(&tool).await.unwrap().is_empty());
+    let exists: bool = c.exists("redirect:foo").unwrap();
+    assert!(!exists);
+}
+
+#[tokio::test]
+async fn owned_routes_keep_the_ownership_set() {
+    let redis = RedisServer::start();
+    let store = store(&redis);
+    let owned = OwnedServiceRoute {
+        namespace: "tool-foo".into(),
+        tool: ToolName::parse("foo").unwrap(),
+        pattern: "/api.*".into(),
+    };
+    store.set_owned_route(&owned, &BackendUrl::parse("http://10.96.0.5:8000").unwrap()).await.unwrap();
+    let mut c = redis.client();
+    let members: Vec<String> = c.smembers("k8s_services").unwrap();
+    assert_eq!(members, ["tool-foo/foo/api.*"]);
+    let url: String = c.hget("prefix:foo", "/api.*").unwrap();
+    assert_eq!(url, "http://10.96.0.5:8000");
+    let _: () = c.sadd("k8s_services", "garbage").unwrap();
+    let (set, bad) = store.owned_service_routes().await.unwrap();
+    assert_eq!(set.into_iter().collect::<Vec<_>>(), std::slice::from_ref(&owned));
+    assert_eq!(bad, ["garbage"]);
+    store.delete_owned_route(&owned).await.unwrap();
+    let exists: bool = c.exists("prefix:foo").unwrap();
+    assert!(!exists);
+}
+
+#[tokio::test]
+async fn unreachable_redis_is_reported_as_unavailable() {
+    let mut redis = RedisServer::start();
+    let store = store(&redis);
+    store.ping().await.unwrap();
+    redis.stop();
+    let err = store.ping().await.unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    redis.restart();
+    store.ping().await.expect("reconnects after Redis comes back");
+}
