@@ -1,0 +1,131 @@
+//! The command line: global flags and one subcommand per component (SPEC §1).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+/// `dynamicproxy`: the Toolforge dynamic edge proxy and its companions.
+#[derive(Debug, Parser)]
+#[command(name = "dynamicproxy", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Flags every subcommand accepts, before or after its own arguments.
+    #[command(flatten)]
+    pub global: GlobalFlags,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags shared by every subcommand (`global = true`: accepted anywhere on the line).
+#[derive(Debug, Clone, Default, Args)]
+pub struct GlobalFlags {
+    /// TOML configuration file; env DYNAMICPROXY_<SECTION>_<KEY> and flags override it.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Redis holding the route table: redis://host:port/db or
+    /// redis+sentinel://host:port,host:port/MASTERNAME/db [default: redis://127.0.0.1:6379/0].
+    #[arg(long, global = true, value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// Log line format [default: text].
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Address of this daemon's admin API (metrics, health, runtime switches).
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+}
+
+/// Format of log lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands of SPEC §1.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The HTTP/HTTPS edge proxy, the /list API and the admin API.
+    Proxy(ProxyCommand),
+    /// The TCP registration server for grid webservices (port 8282).
+    Registrar(RegistrarCommand),
+    /// Keeps the route table in step with Kubernetes Services.
+    KubeSync(KubeSyncCommand),
+    /// Proxy, registrar and kube-sync in one process (development, small installs).
+    All(AllCommand),
+    /// Operator commands over the route table in Redis.
+    Routes(RoutesCommand),
+}
+
+/// `dynamicproxy proxy`.
+#[derive(Debug, Args)]
+pub struct ProxyCommand {
+    /// Proxy settings ([proxy] section).
+    #[command(flatten)]
+    pub proxy: crate::pending::ProxyFlags,
+}
+
+/// `dynamicproxy registrar`.
+#[derive(Debug, Args)]
+pub struct RegistrarCommand {
+    /// Registrar settings ([registrar] section).
+    #[command(flatten)]
+    pub registrar: crate::pending::RegistrarFlags,
+}
+
+/// `dynamicproxy kube-sync`.
+#[derive(Debug, Args)]
+pub struct KubeSyncCommand {
+    /// kube-sync settings ([kube_sync] section).
+    #[command(flatten)]
+    pub kube_sync: crate::pending::KubeSyncFlags,
+}
+
+/// `dynamicproxy all`: every daemon's flags, from the configuration file or env
+/// (their flag names overlap, so only the file and env can tell them apart).
+#[derive(Debug, Args)]
+pub struct AllCommand {}
+
+/// `dynamicproxy routes`.
+#[derive(Debug, Args)]
+pub struct RoutesCommand {
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// The operation.
+    #[command(subcommand)]
+    pub action: RoutesAction,
+}
+
+/// Operations of `dynamicproxy routes`. Exit status: 0 done, 1 Redis
+/// unreachable or failing, 2 invalid input, 3 no such tool.
+#[derive(Debug, Subcommand)]
+pub enum RoutesAction {
+    /// Lists the tools that have routes.
+    List,
+    /// Shows a tool's routes and redirects.
+    Get {
+        /// Tool name, e.g. `mytool`.
+        tool: String,
+    },
+    /// Sets one route of a tool (creates the tool if needed).
+    Set {
+        /// Tool name.
+        tool: String,
+        /// Route pattern, a regex searched in the request path, e.g. `.*` or `/api.*`.
+        pattern: String,
+        /// Backend, `http://host:port` (a value without scheme means http://).
+        url: String,
+    },
+    /// Deletes one route of a tool, or the whole tool when no pattern is given.
+    Delete {
+        /// Tool name.
+        tool: String,
+        /// Route pattern to delete; all of the tool's routes and redirects when omitted.
+        pattern: Option<String>,
+    },
+}

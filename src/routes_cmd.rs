@@ -1,0 +1,120 @@
+//! `dynamicproxy routes`: list, get, set and delete routes in Redis, with
+//! text output for people and `--json` for scripts.
+
+use std::process::ExitCode;
+
+use dynamicproxy_redis::{BackendUrl, RedisEndpoint, RoutePattern, RouteStore, RouteTableError, ToolEntry, ToolName};
+use serde_json::json;
+
+use crate::cli::{RoutesAction, RoutesCommand};
+
+/// Why a `routes` command failed, with the exit status it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutesError {
+    /// The operator's input is invalid (exit 2).
+    #[error("{0}")]
+    Invalid(#[from] dynamicproxy_redis::InvalidInput),
+    /// Redis could not be reached or refused the command (exit 1).
+    #[error("{}: {source}", if source.is_unavailable() { format!("cannot reach Redis at {endpoint}") } else { format!("Redis at {endpoint} failed") })]
+    Redis {
+        /// Where Redis was looked for.
+        endpoint: RedisEndpoint,
+        /// What went wrong.
+        #[source]
+        source: RouteTableError,
+    },
+    /// The tool has no routes (exit 3).
+    #[error("tool {0} has no routes")]
+    NoSuchTool(ToolName),
+}
+
+impl RoutesError {
+    /// The process exit status for this error.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            RoutesError::Redis { .. } => ExitCode::from(1),
+            RoutesError::Invalid(_) => ExitCode::from(2),
+            RoutesError::NoSuchTool(_) => ExitCode::from(3),
+        }
+    }
+}
+
+/// Runs one `routes` command and prints its result on stdout.
+pub async fn run(command: RoutesCommand, endpoint: RedisEndpoint) -> Result<(), RoutesError> {
+    let store = RouteStore::new(endpoint.clone());
+    let redis = |source| RoutesError::Redis { endpoint: endpoint.clone(), source };
+    let json = command.json;
+    match command.action {
+        RoutesAction::List => {
+            let tools = store.tools().await.map_err(redis)?;
+            if json {
+                println!("{}", json!(tools));
+            } else {
+                for tool in tools {
+                    println!("{tool}");
+                }
+            }
+        }
+        RoutesAction::Get { tool } => {
+            let tool = ToolName::parse(&tool)?;
+            let entry = store.tool(&tool).await.map_err(redis)?;
+            if entry.is_empty() {
+                return Err(RoutesError::NoSuchTool(tool));
+            }
+            if json {
+                println!("{}", json!({"tool": tool.as_str(), "routes": entry.routes, "redirects": entry.redirects}));
+            } else {
+                print_entry(&entry);
+            }
+        }
+        RoutesAction::Set { tool, pattern, url } => {
+            let tool = ToolName::parse(&tool)?;
+            let pattern = RoutePattern::parse(&pattern)?;
+            let backend = BackendUrl::parse(&url)?;
+            store.set_route(&tool, &pattern, &backend).await.map_err(redis)?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"tool": tool.as_str(), "pattern": pattern.as_str(), "backend": backend.to_string()})
+                );
+            } else {
+                println!("set {tool} {pattern} -> {backend}");
+            }
+        }
+        RoutesAction::Delete { tool, pattern } => {
+            let tool = ToolName::parse(&tool)?;
+            let deleted = match &pattern {
+                Some(pattern) => store.delete_route(&tool, pattern).await,
+                None => store.delete_tool(&tool).await,
+            }
+            .map_err(redis)?;
+            let what = match &pattern {
+                Some(pattern) => format!("{tool} {pattern}"),
+                None => format!("{tool} (all routes and redirects)"),
+            };
+            if json {
+                println!("{}", json!({"tool": tool.as_str(), "pattern": pattern, "deleted": deleted}));
+            } else if deleted {
+                println!("deleted {what}");
+            } else {
+                println!("nothing to delete for {what}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_entry(entry: &ToolEntry) {
+    let width = entry.routes.keys().chain(entry.redirects.keys()).map(|p| p.len()).max().unwrap_or(0).max(7);
+    println!("{:width$}  BACKEND", "PATTERN");
+    for (pattern, backend) in &entry.routes {
+        let note = match (RoutePattern::parse(pattern), BackendUrl::parse(backend)) {
+            (Ok(_), Ok(_)) => String::new(),
+            (Err(e), _) | (_, Err(e)) => format!("  (ignored by the proxy: {e})"),
+        };
+        println!("{pattern:width$}  {backend}{note}");
+    }
+    for (pattern, target) in &entry.redirects {
+        println!("{pattern:width$}  redirect to https://{target}");
+    }
+}

@@ -1,0 +1,23 @@
+//! The one place that turns SIGTERM / SIGINT into a cancelled token.
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+/// Waits for SIGTERM or SIGINT, then cancels `token`. Every daemon's `run`
+/// holds a child of `token` and drains when it fires.
+pub async fn shutdown_signal(token: CancellationToken) {
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(term), Ok(int)) => (term, int),
+        (Err(e), _) | (_, Err(e)) => {
+            error!(error = %e, "cannot install signal handlers; only the process manager's SIGKILL will stop this process");
+            return std::future::pending().await;
+        }
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    info!(signal = name, "shutting down: draining connections");
+    token.cancel();
+}
