@@ -89,8 +89,6 @@ pub(crate) async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<S
             Answer::new(Outcome::AuthFailed, AUTH_FAILED)
         }
     };
-    finish(&mut stream, &answer.reply).await;
-
     let command = exchange.command.unwrap_or(Command::None);
     shared.metrics.record(command, answer.outcome);
     let (tool, route, destination, reason) = (
@@ -119,6 +117,8 @@ pub(crate) async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<S
             "registration request"
         ),
     }
+    // Counted and logged before replying: whoever reads the reply sees the metric.
+    finish(&mut stream, &answer.reply).await;
 }
 
 /// Answers a connection refused for lack of capacity.
@@ -199,11 +199,8 @@ async fn read_request(stream: &mut TcpStream) -> Result<Request, ProtocolError> 
     let mut buf = Vec::with_capacity(256);
     loop {
         let mut chunk = [0u8; 1024];
-        let n = match stream.read(&mut chunk).await {
-            Ok(n) => n,
-            // A reset client is gone; treat it as the end of what it sent.
-            Err(_) => 0,
-        };
+        // A reset client is gone: treat it as the end of what it sent.
+        let n = stream.read(&mut chunk).await.unwrap_or_default();
         buf.extend_from_slice(&chunk[..n]);
         if let Some(request) = protocol::decode(&buf, n == 0)? {
             return Ok(request);

@@ -10,7 +10,7 @@
 //! - [`protocol`]: the line protocol decoder (no I/O).
 //! - [`allow`]: the optional allow-list of destinations.
 //! - [`metrics`]: [`Metrics`], commands by result.
-//! - [`error`]: [`Error`].
+//! - [`error`]: [`Error`], why the registrar cannot run.
 
 #![forbid(unsafe_code)]
 
