@@ -1,1 +1,275 @@
-//! placeholder
+//! The edge proxy: routes HTTP(S) requests for `<tool>.<domain>` and legacy
+//! `/<tool>/...` URLs to tool backends from the in-memory route cache, and
+//! serves the `/list` API.
+//!
+//! # Layout
+//!
+//! - [`config`]: [`Config`] (`[proxy]`) and its command-line [`Flags`].
+//! - [`server`] (private): accept loop, connection limit, TLS handshake, HTTP/1.1 and HTTP/2 serving, drain.
+//! - [`handler`] (private): one request's life, in SPEC §3 order; errors become pages there.
+//! - [`route`]: the routing rules over the route cache.
+//! - [`host`]: Host normalisation and URI checks.
+//! - [`protect`]: bans, User-Agent/Referer block lists, per-client rate limit.
+//! - [`headers`]: request and response header rewriting.
+//! - [`upstream`]: pooled keep-alive client, timeouts, failure classification.
+//! - [`body`]: response and request body types (streamed, never buffered whole).
+//! - [`compress`]: on-the-fly gzip.
+//! - [`sniff`]: HTTP/1 request-smuggling guard.
+//! - [`idle`]: idle timeout for connections.
+//! - [`tls`]: certificates by SNI, hot reload.
+//! - [`pages`]: built-in and overridden error pages.
+//! - [`list`]: the `/list` API.
+//! - [`access_log`], [`metrics`]: observability.
+//! - [`error`]: [`Error`] (cannot start) and [`ProxyError`] (one request, mapped to a status).
+//!
+//! # A request's path
+//!
+//! ```text
+//! accept (server::accept_loop: connection limit, span per connection)
+//!   └─ TLS handshake with timeout (tls::TlsAcceptor; ALPN picks h2 or http/1.1)
+//!       └─ serve connection (hyper http1 + upgrades / http2; idle + header timeouts; smuggling guard)
+//!           └─ handle request (handler::handle: context, metrics, access log, error → page)
+//!               ├─ 1 healthz · 2 Host / URI checks · HTTP→HTTPS redirect
+//!               ├─ 3 bans, User-Agent, Referer · 4 rate limit · 5 maintenance · host redirects
+//!               ├─ route (route::Router over RouteCache: tool host, legacy path, admin, default)
+//!               └─ forward (upstream client pool; headers rewritten; body streamed; upgrade tunnelled)
+//!                   └─ response policy (hop-by-hop, Location, default files, gzip, extra headers, HSTS)
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub mod access_log;
+pub mod body;
+pub mod compress;
+pub mod config;
+pub mod error;
+mod handler;
+pub mod headers;
+pub mod host;
+pub mod idle;
+pub mod list;
+pub mod metrics;
+pub mod pages;
+pub mod protect;
+pub mod route;
+mod server;
+pub mod sniff;
+pub mod tls;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use dynamicproxy_redis::RouteCache;
+use http::{HeaderName, HeaderValue};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use config::{Config, ConfigError, Flags};
+pub use error::{Error, ProxyError};
+pub use metrics::Metrics;
+
+/// The already-bound listeners the proxy serves.
+pub struct Listeners {
+    /// Plain HTTP (`http_listen`).
+    pub http: TcpListener,
+    /// HTTPS (`https_listen`); used only when certificates are configured.
+    pub https: Option<TcpListener>,
+    /// The `/list` API (`list_listen`).
+    pub list: TcpListener,
+}
+
+/// A cheap, cloneable handle for runtime switches (the admin API uses it).
+#[derive(Clone, Debug)]
+pub struct ProxyHandle {
+    maintenance: Arc<AtomicBool>,
+    reload: Arc<Notify>,
+}
+
+impl ProxyHandle {
+    /// A handle starting in the maintenance state `config.maintenance`.
+    pub fn new(config: &Config) -> Self {
+        ProxyHandle { maintenance: Arc::new(AtomicBool::new(config.maintenance)), reload: Arc::new(Notify::new()) }
+    }
+
+    /// Turns maintenance mode on or off.
+    pub fn set_maintenance(&self, enabled: bool) {
+        self.maintenance.store(enabled, Ordering::Relaxed);
+    }
+
+    /// True while maintenance mode is on.
+    pub fn maintenance(&self) -> bool {
+        self.maintenance.load(Ordering::Relaxed)
+    }
+
+    /// Asks the proxy to re-read its TLS certificates (as SIGHUP does).
+    pub fn reload_certificates(&self) {
+        self.reload.notify_one();
+    }
+}
+
+/// Serves until `shutdown` is cancelled, then stops accepting, lets
+/// in-flight requests finish within `shutdown_grace_secs`, and returns.
+/// Never returns early because Redis or a backend is down.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    cache: RouteCache,
+    metrics: Arc<Metrics>,
+    handle: ProxyHandle,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    config.validate()?;
+    let default_backend = config.default_backend()?;
+    let protection = protect::Protection::from_config(&config)?;
+    let pages = pages::Pages::load(config.error_pages.as_deref())?;
+    let access_log = access_log::AccessLog::open(&config.access_log)?;
+    let extra_headers = config
+        .extra_headers
+        .iter()
+        .filter_map(|(k, v)| Some((HeaderName::from_bytes(k.as_bytes()).ok()?, HeaderValue::from_str(v).ok()?)))
+        .collect();
+
+    let tls = match (config.tls_enabled(), &listeners.https) {
+        (true, Some(_)) => {
+            let provider = tls::provider();
+            let pairs = config.tls_cert.iter().cloned().zip(config.tls_key.iter().cloned()).collect();
+            let store = Arc::new(tls::CertStore::load(pairs, provider.clone())?);
+            Some((tls::TlsAcceptor::new(store.clone(), provider)?, store))
+        }
+        _ => None,
+    };
+    let https_port = match (&tls, &listeners.https) {
+        (Some(_), Some(listener)) => listener.local_addr().ok().map(|a| a.port()),
+        _ => None,
+    };
+
+    let hard_stop = CancellationToken::new();
+    let tunnels = TaskTracker::new();
+    let shared = Arc::new(handler::Shared {
+        router: route::Router::new(
+            cache.clone(),
+            &config.canonical_domain,
+            default_backend,
+            config.host_redirects.clone(),
+        ),
+        client: upstream::client(upstream::UpstreamSettings {
+            connect_timeout: Config::secs(config.connect_timeout_secs),
+            read_timeout: Config::secs(config.read_timeout_secs),
+            max_idle_per_backend: config.upstream_max_idle_per_backend,
+            idle_timeout: Config::secs(config.upstream_idle_timeout_secs),
+        }),
+        pages,
+        protection,
+        maintenance: handle.maintenance.clone(),
+        metrics: metrics.clone(),
+        access_log,
+        max_body: config.max_body_size,
+        extra_headers,
+        gzip: config.gzip,
+        https_port,
+        tunnels: tunnels.clone(),
+        hard_stop: hard_stop.clone(),
+    });
+
+    let tracker = TaskTracker::new();
+    let settings = server::ServeSettings {
+        header_timeout: Config::secs(config.header_timeout_secs),
+        read_timeout: Config::secs(config.read_timeout_secs),
+        handshake_timeout: Config::secs(config.tls_handshake_timeout_secs),
+        limit: Arc::new(Semaphore::new(config.max_connections)),
+        tracker: tracker.clone(),
+        shutdown: shutdown.clone(),
+        hard_stop: hard_stop.clone(),
+    };
+    let background = CancellationToken::new();
+
+    info!(http = ?listeners.http.local_addr().ok(), https = ?https_port, list = ?listeners.list.local_addr().ok(),
+        domain = %config.canonical_domain, "proxy serving");
+    tracker.spawn(server::accept_loop(listeners.http, shared.clone(), settings.clone(), None));
+    if let (Some((acceptor, store)), Some(listener)) = (tls, listeners.https) {
+        tracker.spawn(server::accept_loop(listener, shared.clone(), settings.clone(), Some(acceptor)));
+        tokio::spawn(watch_certificates(store, handle.reload.clone(), background.clone()));
+    }
+    tracker.spawn(list::serve(
+        listeners.list,
+        cache.clone(),
+        tracker.clone(),
+        shutdown.clone(),
+        Config::secs(config.read_timeout_secs),
+    ));
+    tokio::spawn(housekeeping(shared.clone(), cache, metrics, background.clone()));
+
+    shutdown.cancelled().await;
+    info!(grace_secs = config.shutdown_grace_secs, "shutting down: draining connections");
+    tracker.close();
+    tunnels.close();
+    let grace = Config::secs(config.shutdown_grace_secs);
+    let drained = tokio::time::timeout(grace, async {
+        tracker.wait().await;
+        tunnels.wait().await;
+    })
+    .await;
+    if drained.is_err() {
+        warn!(open = tracker.len() + tunnels.len(), "grace period over: closing remaining connections");
+        hard_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            tracker.wait().await;
+            tunnels.wait().await;
+        })
+        .await;
+    }
+    background.cancel();
+    info!("proxy stopped");
+    Ok(())
+}
+
+/// Periodic chores: cache gauges and forgetting idle rate-limit entries.
+async fn housekeeping(shared: Arc<handler::Shared>, cache: RouteCache, metrics: Arc<Metrics>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        metrics.cache_status(&cache.status());
+        n += 1;
+        if n.is_multiple_of(10) {
+            shared.protection.sweep();
+        }
+    }
+}
+
+/// Reloads certificates when their files change (checked every second), on
+/// SIGHUP, and when asked through [`ProxyHandle::reload_certificates`].
+async fn watch_certificates(store: Arc<tls::CertStore>, reload: Arc<Notify>, stop: CancellationToken) {
+    let mut poll = tokio::time::interval(Duration::from_millis(500));
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        let why = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = poll.tick() => {
+                if !store.changed_on_disk() {
+                    continue;
+                }
+                "files changed"
+            }
+            _ = reload.notified() => "reload requested",
+            _ = async {
+                match hup.as_mut() {
+                    Some(s) => { s.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => "SIGHUP",
+        };
+        match store.reload() {
+            Ok(()) => info!(reason = why, "TLS certificates reloaded"),
+            Err(error) => warn!(reason = why, %error, "TLS certificate reload failed; keeping the old certificates"),
+        }
+    }
+}

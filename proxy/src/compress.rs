@@ -1,0 +1,164 @@
+//! On-the-fly gzip of text responses (SPEC §3): only when the client accepts
+//! it, the backend did not encode the body, and the type is a text type.
+
+use std::io::Write;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use http::header::{self, HeaderMap, HeaderValue};
+use http_body::{Body, Frame};
+use hyper::body::Incoming;
+
+use crate::error::BoxError;
+
+/// Content types compressed, as nginx's `gzip_types` in production.
+const GZIP_TYPES: [&str; 7] = [
+    "text/plain",
+    "text/css",
+    "text/xml",
+    "text/html",
+    "application/json",
+    "application/javascript",
+    "text/javascript",
+];
+
+/// Bodies announced smaller than this are not worth compressing.
+const MIN_LENGTH: u64 = 256;
+
+/// True when the request's `Accept-Encoding` allows gzip.
+pub fn accepts_gzip(request: &HeaderMap) -> bool {
+    request.get_all(header::ACCEPT_ENCODING).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(
+        |item| {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or("").trim();
+            let refused = parts.any(|p| {
+                let p = p.trim();
+                p.strip_prefix("q=").is_some_and(|q| q.trim().parse::<f32>().is_ok_and(|q| q == 0.0))
+            });
+            (coding.eq_ignore_ascii_case("gzip") || coding == "*") && !refused
+        },
+    )
+}
+
+/// True when a response with these headers should be gzipped.
+pub fn should_compress(status: http::StatusCode, response: &HeaderMap) -> bool {
+    if status != http::StatusCode::OK || response.contains_key(header::CONTENT_ENCODING) {
+        return false;
+    }
+    if let Some(len) = response.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        && len < MIN_LENGTH
+    {
+        return false;
+    }
+    let Some(content_type) = response.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    GZIP_TYPES.iter().any(|t| essence.eq_ignore_ascii_case(t))
+}
+
+/// Adjusts response headers for a gzipped body.
+pub fn mark_compressed(response: &mut HeaderMap) {
+    response.remove(header::CONTENT_LENGTH);
+    response.remove(header::ACCEPT_RANGES);
+    response.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    response.append(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+    if let Some(etag) = response.get(header::ETAG).and_then(|v| v.to_str().ok())
+        && !etag.starts_with("W/")
+        && let Ok(weak) = HeaderValue::from_str(&format!("W/{etag}"))
+    {
+        response.insert(header::ETAG, weak);
+    }
+}
+
+/// A backend body compressed as it streams; each chunk is flushed so slow
+/// streams (progress pages, logs) still reach the client promptly.
+pub struct GzipBody {
+    inner: Incoming,
+    encoder: Option<GzEncoder<Vec<u8>>>,
+}
+
+impl GzipBody {
+    /// Compresses `inner`.
+    pub fn new(inner: Incoming) -> Self {
+        GzipBody { inner, encoder: Some(GzEncoder::new(Vec::with_capacity(8192), Compression::new(5))) }
+    }
+}
+
+impl Body for GzipBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            let Some(encoder) = this.encoder.as_mut() else { return Poll::Ready(None) };
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(Box::new(e)))),
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else { continue }; // trailers are dropped
+                    if let Err(e) = encoder.write_all(&data).and_then(|_| encoder.flush()) {
+                        return Poll::Ready(Some(Err(Box::new(e))));
+                    }
+                    let out = std::mem::take(encoder.get_mut());
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                    }
+                }
+                Poll::Ready(None) => {
+                    let Some(encoder) = this.encoder.take() else { return Poll::Ready(None) };
+                    return match encoder.finish() {
+                        Ok(out) => Poll::Ready(Some(Ok(Frame::data(Bytes::from(out))))),
+                        Err(e) => Poll::Ready(Some(Err(Box::new(e)))),
+                    };
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.encoder.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_encoding() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::ACCEPT_ENCODING, HeaderValue::from_str(v).unwrap());
+            m
+        };
+        assert!(accepts_gzip(&h("gzip, deflate, br")));
+        assert!(accepts_gzip(&h("br;q=1.0, GZIP;q=0.5")));
+        assert!(accepts_gzip(&h("*")));
+        assert!(!accepts_gzip(&h("gzip;q=0")));
+        assert!(!accepts_gzip(&h("br")));
+        assert!(!accepts_gzip(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn compressible_responses() {
+        let h = |pairs: &[(&str, &str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            }
+            m
+        };
+        let ok = http::StatusCode::OK;
+        assert!(should_compress(ok, &h(&[("content-type", "text/html; charset=utf-8")])));
+        assert!(should_compress(ok, &h(&[("content-type", "application/json")])));
+        assert!(!should_compress(ok, &h(&[("content-type", "image/png")])));
+        assert!(!should_compress(ok, &h(&[("content-type", "text/html"), ("content-encoding", "br")])));
+        assert!(!should_compress(ok, &h(&[("content-type", "text/html"), ("content-length", "10")])));
+        assert!(!should_compress(http::StatusCode::PARTIAL_CONTENT, &h(&[("content-type", "text/html")])));
+    }
+}

@@ -1,0 +1,357 @@
+//! The `[proxy]` configuration section and its command-line flags.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use dynamicproxy_redis::BackendUrl;
+use serde::{Deserialize, Serialize};
+
+/// A `[proxy]` value that cannot work; the message names the key and the value.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid [proxy] {key} = {value}: {reason}")]
+pub struct ConfigError {
+    /// The TOML key.
+    pub key: &'static str,
+    /// The offending value, as the operator wrote it.
+    pub value: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(key: &'static str, value: impl std::fmt::Debug, reason: impl std::fmt::Display) -> Self {
+        ConfigError { key, value: format!("{value:?}"), reason: reason.to_string() }
+    }
+}
+
+/// Settings of the edge proxy (`[proxy]` in the configuration file).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Plain HTTP listener. Default `0.0.0.0:80`.
+    pub http_listen: SocketAddr,
+    /// HTTPS listener, used only when at least one certificate is configured. Default `0.0.0.0:443`.
+    pub https_listen: SocketAddr,
+    /// PEM certificate chains, paired by position with `tls_key`; chosen by SNI, the first is the default.
+    pub tls_cert: Vec<PathBuf>,
+    /// PEM private keys, paired by position with `tls_cert`.
+    pub tls_key: Vec<PathBuf>,
+    /// Listener of the `/list` API read by the reconciliation monitor. Default `0.0.0.0:8081`.
+    pub list_listen: SocketAddr,
+    /// Admin API listener (metrics, maintenance switch); served by the binary. Default `127.0.0.1:9631`.
+    pub admin_listen: SocketAddr,
+    /// Tools are served as `<tool>.<canonical_domain>`. Default `toolforge.org`.
+    pub canonical_domain: String,
+    /// Where requests go that no route claims (the Kubernetes ingress); none by default,
+    /// in which case they get the "no webservice" page.
+    pub default_backend: Option<String>,
+    /// Directory whose `banned.html`, `ratelimit.html`, ... replace the built-in pages.
+    pub error_pages: Option<PathBuf>,
+    /// Client addresses (IPv4/IPv6 CIDRs or single addresses) that get the "banned" page.
+    pub banned_cidrs: Vec<String>,
+    /// User-Agent regexes (case-insensitive) that are refused with 403.
+    pub blocked_user_agents: Vec<String>,
+    /// Referer regexes (case-insensitive) that are refused with 403.
+    pub blocked_referers: Vec<String>,
+    /// Sustained requests per second allowed per client IP; 0 turns the limit off.
+    pub rate_limit_per_second: u32,
+    /// Requests a client may make at once above the sustained rate.
+    pub rate_limit_burst: u32,
+    /// Start in maintenance mode (every request gets the "technical issues" page).
+    pub maintenance: bool,
+    /// Largest request body accepted, in bytes; larger bodies get 413. Default 128 MiB.
+    pub max_body_size: u64,
+    /// Seconds to wait for a TCP connection to a backend; then 504. Default 10.
+    pub connect_timeout_secs: u64,
+    /// Seconds a connection (client or backend) may stay silent in the middle of an
+    /// exchange before it is cut; a backend that is silent that long gets 504. Default 3600,
+    /// for long-running tools and WebSockets.
+    pub read_timeout_secs: u64,
+    /// Seconds a client has to send a complete request head (slow-client protection). Default 60.
+    pub header_timeout_secs: u64,
+    /// Seconds a client has to complete a TLS handshake. Default 10.
+    pub tls_handshake_timeout_secs: u64,
+    /// Seconds in-flight requests may take to finish after a shutdown signal. Default 30.
+    pub shutdown_grace_secs: u64,
+    /// Client connections served at once; further connections are closed at accept. Default 50000.
+    pub max_connections: usize,
+    /// Idle keep-alive connections kept per backend. Default 128.
+    pub upstream_max_idle_per_backend: usize,
+    /// Seconds an idle keep-alive connection to a backend is kept. Default 60.
+    pub upstream_idle_timeout_secs: u64,
+    /// Access log: `off`, `stdout`, or a file path to append to. Default `off`.
+    pub access_log: String,
+    /// Headers added to every response, replacing the backend's copies.
+    pub extra_headers: BTreeMap<String, String>,
+    /// Tool host redirects: `<from>.<any domain>` answers 301 to `<to>.<same domain>`.
+    pub host_redirects: BTreeMap<String, String>,
+    /// Compress text responses with gzip when the client accepts it and the backend did not.
+    pub gzip: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            http_listen: SocketAddr::from(([0, 0, 0, 0], 80)),
+            https_listen: SocketAddr::from(([0, 0, 0, 0], 443)),
+            tls_cert: Vec::new(),
+            tls_key: Vec::new(),
+            list_listen: SocketAddr::from(([0, 0, 0, 0], 8081)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9631)),
+            canonical_domain: "toolforge.org".into(),
+            default_backend: None,
+            error_pages: None,
+            banned_cidrs: Vec::new(),
+            blocked_user_agents: Vec::new(),
+            blocked_referers: Vec::new(),
+            rate_limit_per_second: 0,
+            rate_limit_burst: 0,
+            maintenance: false,
+            max_body_size: 128 * 1024 * 1024,
+            connect_timeout_secs: 10,
+            read_timeout_secs: 3600,
+            header_timeout_secs: 60,
+            tls_handshake_timeout_secs: 10,
+            shutdown_grace_secs: 30,
+            max_connections: 50_000,
+            upstream_max_idle_per_backend: 128,
+            upstream_idle_timeout_secs: 60,
+            access_log: "off".into(),
+            extra_headers: default_extra_headers(),
+            host_redirects: BTreeMap::from([("ru_monuments".to_string(), "ru-monuments".to_string())]),
+            gzip: true,
+        }
+    }
+}
+
+/// The production response headers of SPEC §3.
+pub fn default_extra_headers() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("X-Clacks-Overhead".to_string(), "GNU Terry Pratchett".to_string()),
+        ("Permissions-Policy".to_string(), "browsing-topics=()".to_string()),
+        (
+            "Content-Security-Policy-Report-Only".to_string(),
+            "default-src 'self' 'unsafe-eval' 'unsafe-inline' blob: data: filesystem: mediastream: \
+             *.toolforge.org wikibooks.org *.wikibooks.org wikidata.org *.wikidata.org \
+             wikimedia.org *.wikimedia.org wikinews.org *.wikinews.org wikipedia.org *.wikipedia.org \
+             wikiquote.org *.wikiquote.org wikisource.org *.wikisource.org wikiversity.org \
+             *.wikiversity.org wikivoyage.org *.wikivoyage.org wiktionary.org *.wiktionary.org \
+             *.wmcloud.org *.wmflabs.org wikimediafoundation.org mediawiki.org *.mediawiki.org \
+             wss://*.toolforge.org; report-uri https://csp-report.toolforge.org/collect;"
+                .to_string(),
+        ),
+    ])
+}
+
+impl Config {
+    /// Cross-field checks; the error names the key and the value.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.default_backend()?;
+        let domain = self.canonical_domain.trim_matches('.');
+        if domain.is_empty()
+            || domain != self.canonical_domain
+            || !domain.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return Err(ConfigError::new("canonical_domain", &self.canonical_domain, "must be a DNS domain"));
+        }
+        if self.tls_cert.len() != self.tls_key.len() {
+            return Err(ConfigError::new(
+                "tls_key",
+                &self.tls_key,
+                format!("{} keys for {} certificates: they go in pairs", self.tls_key.len(), self.tls_cert.len()),
+            ));
+        }
+        if self.rate_limit_per_second == 0 && self.rate_limit_burst > 0 {
+            return Err(ConfigError::new(
+                "rate_limit_burst",
+                self.rate_limit_burst,
+                "needs rate_limit_per_second above 0",
+            ));
+        }
+        for (key, value) in [
+            ("connect_timeout_secs", self.connect_timeout_secs),
+            ("read_timeout_secs", self.read_timeout_secs),
+            ("header_timeout_secs", self.header_timeout_secs),
+            ("tls_handshake_timeout_secs", self.tls_handshake_timeout_secs),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(key, value, "must be at least 1"));
+            }
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::new("max_connections", self.max_connections, "must be at least 1"));
+        }
+        crate::protect::Protection::from_config(self)?;
+        for (name, value) in &self.extra_headers {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(ConfigError::new("extra_headers", name, "not a valid header name"));
+            }
+            if http::HeaderValue::from_str(value).is_err() {
+                return Err(ConfigError::new("extra_headers", value, "not a valid header value"));
+            }
+        }
+        for (from, to) in &self.host_redirects {
+            for label in [from, to] {
+                if label.is_empty() || label.contains('.') || label.bytes().any(|b| b.is_ascii_uppercase()) {
+                    return Err(ConfigError::new("host_redirects", label, "must be one lower-case DNS label"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The parsed default backend, if any.
+    pub fn default_backend(&self) -> Result<Option<BackendUrl>, ConfigError> {
+        match self.default_backend.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+            None => Ok(None),
+            Some(url) => BackendUrl::parse(url).map(Some).map_err(|e| ConfigError::new("default_backend", url, e)),
+        }
+    }
+
+    /// True when HTTPS is configured (at least one certificate).
+    pub fn tls_enabled(&self) -> bool {
+        !self.tls_cert.is_empty()
+    }
+
+    pub(crate) fn secs(value: u64) -> Duration {
+        Duration::from_secs(value)
+    }
+}
+
+/// Command-line flags of `dynamicproxy proxy`, one per `[proxy]` key; a flag
+/// given wins over the environment and the file.
+#[derive(Debug, Clone, Default, clap::Args, Serialize)]
+pub struct Flags {
+    /// Plain HTTP listen address [default: 0.0.0.0:80]
+    #[arg(long = "http-listen", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_listen: Option<SocketAddr>,
+    /// HTTPS listen address, used with --tls-cert [default: 0.0.0.0:443]
+    #[arg(long = "https-listen", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub https_listen: Option<SocketAddr>,
+    /// PEM certificate chain (repeatable, paired with --tls-key; chosen by SNI, the first is the default)
+    #[arg(long = "tls-cert", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<Vec<PathBuf>>,
+    /// PEM private key (repeatable, paired with --tls-cert)
+    #[arg(long = "tls-key", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<Vec<PathBuf>>,
+    /// Listen address of the /list API [default: 0.0.0.0:8081]
+    #[arg(long = "list-listen", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub list_listen: Option<SocketAddr>,
+    /// Admin API listen address [default: 127.0.0.1:9631]
+    #[arg(long = "admin-listen", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Tools are served as <tool>.<DOMAIN> [default: toolforge.org]
+    #[arg(long = "canonical-domain", value_name = "DOMAIN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canonical_domain: Option<String>,
+    /// Backend for requests no route claims (e.g. the Kubernetes ingress) [default: none]
+    #[arg(long = "default-backend", value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_backend: Option<String>,
+    /// Directory of error page overrides (banned.html, ratelimit.html, ...)
+    #[arg(long = "error-pages", value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_pages: Option<PathBuf>,
+    /// Banned client CIDR or address (repeatable)
+    #[arg(long = "banned-cidr", value_name = "CIDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub banned_cidrs: Option<Vec<String>>,
+    /// Refused User-Agent regex, case-insensitive (repeatable)
+    #[arg(long = "blocked-user-agent", value_name = "REGEX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked_user_agents: Option<Vec<String>>,
+    /// Refused Referer regex, case-insensitive (repeatable)
+    #[arg(long = "blocked-referer", value_name = "REGEX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked_referers: Option<Vec<String>>,
+    /// Requests per second per client IP, 0 = off [default: 0]
+    #[arg(long = "rate-limit-per-second", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit_per_second: Option<u32>,
+    /// Requests allowed at once above the rate [default: 0]
+    #[arg(long = "rate-limit-burst", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit_burst: Option<u32>,
+    /// Start in maintenance mode
+    #[arg(long = "maintenance", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<bool>,
+    /// Largest request body in bytes [default: 134217728]
+    #[arg(long = "max-body-size", value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_body_size: Option<u64>,
+    /// Backend connect timeout in seconds [default: 10]
+    #[arg(long = "connect-timeout-secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_secs: Option<u64>,
+    /// Idle read timeout in seconds, both sides [default: 3600]
+    #[arg(long = "read-timeout-secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_timeout_secs: Option<u64>,
+    /// Time a client has to send a request head, in seconds [default: 60]
+    #[arg(long = "header-timeout-secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header_timeout_secs: Option<u64>,
+    /// Time a client has to finish the TLS handshake, in seconds [default: 10]
+    #[arg(long = "tls-handshake-timeout-secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_handshake_timeout_secs: Option<u64>,
+    /// Grace period for in-flight requests at shutdown, in seconds [default: 30]
+    #[arg(long = "shutdown-grace-secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_grace_secs: Option<u64>,
+    /// Client connections served at once [default: 50000]
+    #[arg(long = "max-connections", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// Idle keep-alive connections kept per backend [default: 128]
+    #[arg(long = "upstream-max-idle-per-backend", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_max_idle_per_backend: Option<usize>,
+    /// Seconds an idle backend connection is kept [default: 60]
+    #[arg(long = "upstream-idle-timeout-secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_idle_timeout_secs: Option<u64>,
+    /// Access log: off, stdout or a file path [default: off]
+    #[arg(long = "access-log", value_name = "off|stdout|FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<String>,
+    /// Gzip text responses for clients that accept it [default: true]
+    #[arg(long = "gzip", value_name = "BOOL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gzip: Option<bool>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_key_and_value() {
+        let config = Config { default_backend: Some("ftp://x".into()), ..Config::default() };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.starts_with("invalid [proxy] default_backend = \"ftp://x\""), "{err}");
+
+        let config = Config { tls_cert: vec!["a.pem".into()], ..Config::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("tls_key"));
+
+        let config = Config { banned_cidrs: vec!["10.0.0.0/33".into()], ..Config::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("banned_cidrs = \"10.0.0.0/33\""));
+
+        let config = Config { blocked_user_agents: vec!["(".into()], ..Config::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("blocked_user_agents"));
+    }
+}

@@ -1,0 +1,430 @@
+//! One request's life: checks in SPEC §3 order, routing, forwarding, and the
+//! response policy; every failure becomes its error page here, at the top.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dynamicproxy_redis::BackendUrl;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::access_log::{AccessLog, Entry};
+use crate::body::{LimitedBody, ProxyBody};
+use crate::compress::{self, GzipBody};
+use crate::error::ProxyError;
+use crate::headers::{self, Forwarded};
+use crate::host::{normalize_host, valid_percent_encoding};
+use crate::metrics::Metrics;
+use crate::pages::{Page, Pages};
+use crate::protect::{Protection, Verdict};
+use crate::route::{Decision, Router};
+use crate::sniff::SmuggleFlags;
+use crate::upstream::{UpstreamClient, classify};
+
+/// The health check path answered on every host.
+const HEALTHZ: &str = "/.well-known/healthz";
+/// ACME HTTP-01 challenges must reach their backend over plain HTTP.
+const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
+/// `Strict-Transport-Security` on every HTTPS response.
+const HSTS: HeaderValue = HeaderValue::from_static("max-age=31622400");
+
+/// Everything requests share, built once by `run`.
+pub(crate) struct Shared {
+    pub router: Router,
+    pub client: UpstreamClient,
+    pub pages: Pages,
+    pub protection: Protection,
+    pub maintenance: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
+    pub access_log: Option<AccessLog>,
+    pub max_body: u64,
+    pub extra_headers: Vec<(HeaderName, HeaderValue)>,
+    pub gzip: bool,
+    /// Set when HTTPS is configured: plain HTTP redirects to this port.
+    pub https_port: Option<u16>,
+    /// WebSocket and other upgraded tunnels, drained at shutdown.
+    pub tunnels: TaskTracker,
+    /// Cancelled when the shutdown grace period is over.
+    pub hard_stop: CancellationToken,
+}
+
+/// The client connection a request arrived on.
+pub(crate) struct ConnInfo {
+    pub client: SocketAddr,
+    /// `X-Forwarded-Port`: the port the client connected to.
+    pub port: HeaderValue,
+    pub tls: bool,
+    /// HTTP/1 framing guard; `None` for HTTP/2.
+    pub smuggle: Option<Arc<SmuggleFlags>>,
+}
+
+impl ConnInfo {
+    fn proto(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
+    }
+}
+
+/// Per-request state gathered along the way, for the log, metrics and the
+/// response policy.
+struct RequestContext {
+    start: Instant,
+    upstream: Option<BackendUrl>,
+    upstream_time: Option<Duration>,
+    /// Normalised Host, kept only when the access log is on.
+    host: Option<String>,
+}
+
+/// Handles one request; never fails (errors become pages).
+pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let mut ctx = RequestContext { start: Instant::now(), upstream: None, upstream_time: None, host: None };
+    let logged = shared.access_log.as_ref().map(|_| (req.method().clone(), req.uri().clone()));
+    let mut response = match respond(&shared, &conn, req, &mut ctx).await {
+        Ok(response) => response,
+        Err(error) => {
+            if error.is_upstream() {
+                shared.metrics.upstream_error(if error.status() == StatusCode::GATEWAY_TIMEOUT {
+                    "timeout"
+                } else {
+                    "unreachable"
+                });
+                warn!(client = %conn.client, upstream = ?ctx.upstream.as_ref().map(|u| u.to_string()),
+                    error = %error_chain(&error), "upstream failed");
+            } else {
+                debug!(client = %conn.client, error = %error_chain(&error), "request refused");
+            }
+            error_response(&shared.pages, &error)
+        }
+    };
+    apply_policy(&shared, &conn, &mut response);
+    shared.metrics.response(response.status().as_u16());
+    if let (Some(log), Some((method, uri))) = (&shared.access_log, logged) {
+        let host = ctx.host.as_deref().unwrap_or("-");
+        let tool = shared.router.tool_of(host, uri.path());
+        log.log(&Entry {
+            client: conn.client,
+            host,
+            method: method.as_str(),
+            uri: uri.path_and_query().map_or("/", |pq| pq.as_str()),
+            status: response.status().as_u16(),
+            bytes: http_body::Body::size_hint(response.body()).exact(),
+            upstream: ctx.upstream.as_ref().map(|u| u as &dyn std::fmt::Display),
+            upstream_time: ctx.upstream_time,
+            total_time: ctx.start.elapsed(),
+            tool,
+        });
+    }
+    response
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+/// SPEC §3 in order; returns the response or the error to show.
+async fn respond(
+    shared: &Shared,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    ctx: &mut RequestContext,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    if let Some(flags) = &conn.smuggle
+        && flags.next_request_is_ambiguous()
+    {
+        return Err(ProxyError::BadRequest("both Content-Length and Transfer-Encoding"));
+    }
+    // 1. Health check, on any host.
+    if req.uri().path() == HEALTHZ && matches!(*req.method(), Method::GET | Method::HEAD) {
+        return Ok(text_response(StatusCode::OK, "proxy ok!"));
+    }
+    // 2. Host, and the request's own well-formedness.
+    let raw_host = request_host(&req).ok_or(ProxyError::BadRequest("missing Host"))?;
+    let raw_host_str = raw_host.to_str().map_err(|_| ProxyError::BadRequest("bad Host"))?;
+    let host = normalize_host(raw_host_str).map_err(|_| ProxyError::BadRequest("bad Host"))?;
+    let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    if !valid_percent_encoding(path_and_query) {
+        return Err(ProxyError::BadRequest("bad percent-encoding"));
+    }
+    if shared.access_log.is_some() {
+        ctx.host = Some(host.to_string());
+    }
+    // Plain HTTP next to HTTPS: everything but health and ACME moves to HTTPS.
+    if !conn.tls
+        && let Some(port) = shared.https_port
+        && !req.uri().path().starts_with(ACME_PREFIX)
+        && req.uri().path() != HEALTHZ
+    {
+        let status = if matches!(*req.method(), Method::GET | Method::HEAD) {
+            StatusCode::MOVED_PERMANENTLY
+        } else {
+            StatusCode::PERMANENT_REDIRECT
+        };
+        let location = if port == 443 {
+            format!("https://{host}{path_and_query}")
+        } else {
+            format!("https://{host}:{port}{path_and_query}")
+        };
+        return Ok(redirect_response(status, &location));
+    }
+    // 3-4. Protection rules.
+    match shared.protection.check(conn.client.ip(), req.headers()) {
+        Verdict::Allow => {}
+        Verdict::Banned => return Err(ProxyError::Banned),
+        Verdict::NoUserAgent => return Err(ProxyError::NoUserAgent),
+        Verdict::Blocked => return Err(ProxyError::Blocked),
+        Verdict::RateLimited => return Err(ProxyError::RateLimited),
+    }
+    // 5. Maintenance.
+    if shared.maintenance.load(Ordering::Relaxed) {
+        return Err(ProxyError::Maintenance);
+    }
+    if let Some(new_host) = shared.router.host_redirect(&host) {
+        let location = format!("{}://{new_host}{path_and_query}", conn.proto());
+        return Ok(redirect_response(StatusCode::MOVED_PERMANENTLY, &location));
+    }
+    if let Some(length) = req.headers().get(header::CONTENT_LENGTH)
+        && length.to_str().ok().and_then(|l| l.parse::<u64>().ok()).is_none_or(|l| l > shared.max_body)
+    {
+        return Err(ProxyError::BodyTooLarge);
+    }
+    // 6-8. Routing.
+    match shared.router.route(&host, req.uri().path(), req.uri().query()) {
+        Decision::Proxy(backend, _via) => {
+            let fwd_host = host.into_owned();
+            ctx.upstream = Some(backend.clone());
+            forward(shared, conn, req, &backend, &fwd_host, raw_host_str, ctx).await
+        }
+        Decision::Redirect(status, location) => Ok(redirect_response(status, &location)),
+        Decision::NoWebservice => Err(ProxyError::NoWebservice),
+    }
+}
+
+/// The Host a request names: the `Host` header for HTTP/1, `:authority` for HTTP/2.
+fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if req.version() == Version::HTTP_2
+        && let Some(authority) = req.uri().authority()
+    {
+        return HeaderValue::from_str(authority.as_str()).ok();
+    }
+    req.headers().get(header::HOST).cloned()
+}
+
+/// The upgrade protocol, when the client asks for one (`Connection: upgrade` + `Upgrade`).
+fn requested_upgrade(req: &Request<Incoming>) -> Option<HeaderValue> {
+    let upgrade = req.headers().get(header::UPGRADE)?;
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| upgrade.clone())
+}
+
+/// Sends the request to `backend` and shapes the response for the client.
+async fn forward(
+    shared: &Shared,
+    conn: &ConnInfo,
+    mut req: Request<Incoming>,
+    backend: &BackendUrl,
+    host: &str,
+    raw_host: &str,
+    ctx: &mut RequestContext,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let upgrade = if req.version() == Version::HTTP_11 { requested_upgrade(&req) } else { None };
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let default_file = match req.uri().path() {
+        "/favicon.ico" => Some(Page::Favicon),
+        "/robots.txt" => Some(Page::Robots),
+        _ => None,
+    };
+    let is_head = req.method() == Method::HEAD;
+    let gzip_ok = shared.gzip && compress::accepts_gzip(req.headers());
+    let raw_host = raw_host.to_string();
+
+    let (mut parts, body) = req.into_parts();
+    let original_uri = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let fwd = Forwarded { client_ip: conn.client.ip(), host, port: &conn.port, proto: conn.proto(), original_uri };
+    headers::to_upstream(&mut parts.headers, &fwd, upgrade);
+    if !parts.headers.contains_key(header::HOST)
+        && let Ok(value) = HeaderValue::from_str(host)
+    {
+        // HTTP/2 clients send :authority only; HTTP/1.1 backends need Host.
+        parts.headers.insert(header::HOST, value);
+    }
+    parts.uri = upstream_uri(backend, original_uri)?;
+    parts.version = Version::HTTP_11;
+    let upstream_req = Request::from_parts(parts, LimitedBody::new(body, shared.max_body));
+
+    let sent = Instant::now();
+    let result = shared.client.request(upstream_req).await;
+    let elapsed = sent.elapsed();
+    ctx.upstream_time = Some(elapsed);
+    let mut response = result.map_err(classify)?;
+    shared.metrics.upstream(elapsed.as_secs_f64());
+
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            return Err(ProxyError::UpstreamUnreachable("backend switched protocols unasked".into()));
+        };
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let hard_stop = shared.hard_stop.clone();
+        let client = conn.client;
+        shared.tunnels.spawn(async move {
+            let (client_io, upstream_io) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok(pair) => pair,
+                Err(error) => {
+                    debug!(%client, %error, "upgrade did not complete");
+                    return;
+                }
+            };
+            let mut client_io = TokioIo::new(client_io);
+            let mut upstream_io = TokioIo::new(upstream_io);
+            tokio::select! {
+                result = tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io) => {
+                    if let Err(error) = result {
+                        debug!(%client, %error, "tunnel closed with an error");
+                    }
+                }
+                _ = hard_stop.cancelled() => {}
+            }
+        });
+        let (parts, _) = response.into_parts();
+        return Ok(Response::from_parts(parts, ProxyBody::Empty));
+    }
+
+    let (mut parts, body) = response.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers);
+    headers::rewrite_location(&mut parts.headers, &raw_host, conn.proto());
+    if parts.status == StatusCode::NOT_FOUND
+        && let Some(page) = default_file
+    {
+        let mut response = page_response(&shared.pages, StatusCode::OK, page);
+        if is_head {
+            *response.body_mut() = ProxyBody::Empty;
+        }
+        return Ok(response);
+    }
+    if gzip_ok && !is_head && compress::should_compress(parts.status, &parts.headers) {
+        compress::mark_compressed(&mut parts.headers);
+        return Ok(Response::from_parts(parts, ProxyBody::Gzip(Box::new(GzipBody::new(body)))));
+    }
+    Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
+}
+
+/// `http://host:port` + the original path and query: the pool key is the
+/// scheme and authority, and hyper sends the origin form.
+fn upstream_uri(backend: &BackendUrl, path_and_query: &str) -> Result<Uri, ProxyError> {
+    let mut uri = String::with_capacity(16 + backend.host().len() + path_and_query.len());
+    uri.push_str(backend.scheme().as_str());
+    uri.push_str("://");
+    uri.push_str(backend.host());
+    uri.push(':');
+    uri.push_str(itoa_u16(backend.port()).as_str());
+    uri.push_str(path_and_query);
+    Uri::from_maybe_shared(Bytes::from(uri)).map_err(|_| ProxyError::BadRequest("unforwardable URI"))
+}
+
+struct SmallNum([u8; 5], usize);
+
+impl SmallNum {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0[self.1..]).unwrap_or("0")
+    }
+}
+
+fn itoa_u16(mut n: u16) -> SmallNum {
+    let mut buf = [b'0'; 5];
+    let mut i = 5;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    SmallNum(buf, i)
+}
+
+/// Extra headers (replacing the backend's copies) and HSTS.
+fn apply_policy(shared: &Shared, conn: &ConnInfo, response: &mut Response<ProxyBody>) {
+    let headers = response.headers_mut();
+    for (name, value) in &shared.extra_headers {
+        headers.insert(name.clone(), value.clone());
+    }
+    if conn.tls {
+        headers.insert(header::STRICT_TRANSPORT_SECURITY, HSTS);
+    }
+}
+
+/// The response for an error: its page, or a short text.
+pub(crate) fn error_response(pages: &Pages, error: &ProxyError) -> Response<ProxyBody> {
+    match error.page() {
+        Some(page) => page_response(pages, error.status(), page),
+        None => text_response(error.status(), error.text()),
+    }
+}
+
+fn page_response(pages: &Pages, status: StatusCode, page: Page) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full(pages.body(page)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(page.content_type()));
+    if status.is_client_error() || status.is_server_error() {
+        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
+}
+
+/// A plain-text response.
+pub(crate) fn text_response(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full(Bytes::from_static(text.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+fn redirect_response(status: StatusCode, location: &str) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::Empty);
+    *response.status_mut() = status;
+    match HeaderValue::from_str(location) {
+        Ok(value) => {
+            response.headers_mut().insert(header::LOCATION, value);
+        }
+        Err(_) => *response.status_mut() = StatusCode::BAD_REQUEST,
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_numbers() {
+        for n in [0u16, 7, 80, 443, 8080, 65535] {
+            assert_eq!(itoa_u16(n).as_str(), n.to_string());
+        }
+    }
+
+    #[test]
+    fn upstream_uri_keeps_path_and_query() {
+        let backend = BackendUrl::parse("http://127.0.0.1:8000").unwrap();
+        assert_eq!(upstream_uri(&backend, "/a/b?c=d").unwrap().to_string(), "http://127.0.0.1:8000/a/b?c=d");
+    }
+}

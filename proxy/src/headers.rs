@@ -1,0 +1,229 @@
+//! Header rewriting between client and backend (SPEC §3 "Request to
+//! upstream" and "Response to client").
+
+use std::net::IpAddr;
+
+use bytes::{BufMut, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// `X-Forwarded-Host`.
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// `X-Forwarded-Port`.
+pub static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+/// `X-Forwarded-Proto`.
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-For`.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Original-URI`.
+pub static X_ORIGINAL_URI: HeaderName = HeaderName::from_static("x-original-uri");
+/// `Proxy`, dropped because of httpoxy (CGI turns it into `HTTP_PROXY`).
+static PROXY: HeaderName = HeaderName::from_static("proxy");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1 and the usual legacy ones): they
+/// describe one connection and never cross the proxy.
+fn hop_by_hop() -> [&'static HeaderName; 9] {
+    [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+    ]
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in hop_by_hop() {
+        if headers.contains_key(name) {
+            headers.remove(name);
+        }
+    }
+}
+
+/// The connection a request came in on, as the backend is told about it.
+pub struct Forwarded<'a> {
+    /// The client's address.
+    pub client_ip: IpAddr,
+    /// The normalised Host.
+    pub host: &'a str,
+    /// `X-Forwarded-Port` value: the port the client connected to.
+    pub port: &'a HeaderValue,
+    /// `http` or `https`.
+    pub proto: &'static str,
+    /// The raw request URI.
+    pub original_uri: &'a str,
+}
+
+/// Rewrites a client request's headers for the backend: hop-by-hop and
+/// `Proxy` dropped, `Expect` handled here, `X-Forwarded-*` and
+/// `X-Original-URI` set (client copies replaced, `X-Forwarded-For`
+/// appended), the upgrade kept when `upgrade` is given. Host is kept.
+pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, upgrade: Option<HeaderValue>) {
+    remove_hop_by_hop(headers);
+    headers.remove(&PROXY);
+    // The 100-continue exchange happens between client and proxy.
+    headers.remove(header::EXPECT);
+    if let Some(upgrade) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, upgrade);
+    }
+
+    let mut xff = BytesMut::with_capacity(48);
+    for previous in headers.get_all(&X_FORWARDED_FOR) {
+        if !xff.is_empty() {
+            xff.put_slice(b", ");
+        }
+        xff.put_slice(previous.as_bytes());
+    }
+    if !xff.is_empty() {
+        xff.put_slice(b", ");
+    }
+    {
+        use std::fmt::Write;
+        let _ = write!(FmtBytes(&mut xff), "{}", fwd.client_ip);
+    }
+    set(headers, &X_FORWARDED_FOR, HeaderValue::from_maybe_shared(xff.freeze()).ok());
+    set(headers, &X_FORWARDED_HOST, HeaderValue::from_str(fwd.host).ok());
+    headers.insert(X_FORWARDED_PORT.clone(), fwd.port.clone());
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(fwd.proto));
+    set(headers, &X_ORIGINAL_URI, HeaderValue::from_str(fwd.original_uri).ok());
+}
+
+fn set(headers: &mut HeaderMap, name: &HeaderName, value: Option<HeaderValue>) {
+    match value {
+        Some(value) => {
+            headers.insert(name.clone(), value);
+        }
+        None => {
+            headers.remove(name);
+        }
+    }
+}
+
+struct FmtBytes<'a>(&'a mut BytesMut);
+
+impl std::fmt::Write for FmtBytes<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.put_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// Rewrites `Location: http://<host>/...` to the scheme the client used, so a
+/// backend that only knows plain HTTP does not bounce HTTPS clients to HTTP.
+/// `host` is the Host header as the client sent it.
+pub fn rewrite_location(headers: &mut HeaderMap, host: &str, proto: &'static str) {
+    if proto == "http" {
+        return;
+    }
+    let Some(location) = headers.get(header::LOCATION) else { return };
+    let Some(rest) = location.as_bytes().strip_prefix(b"http://") else { return };
+    let authority_end = rest.iter().position(|b| matches!(b, b'/' | b'?' | b'#')).unwrap_or(rest.len());
+    if !rest[..authority_end].eq_ignore_ascii_case(host.as_bytes()) {
+        return;
+    }
+    let mut rewritten = BytesMut::with_capacity(location.len() + 1);
+    rewritten.put_slice(proto.as_bytes());
+    rewritten.put_slice(b"://");
+    rewritten.put_slice(rest);
+    if let Ok(value) = HeaderValue::from_maybe_shared(rewritten.freeze()) {
+        headers.insert(header::LOCATION, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (k, v) in pairs {
+            headers.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn upstream_headers() {
+        let mut headers = map(&[
+            ("host", "Foo.toolforge.org"),
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "secret"),
+            ("keep-alive", "timeout=5"),
+            ("proxy", "http://evil"),
+            ("te", "trailers"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.2"),
+            ("x-forwarded-host", "spoofed"),
+            ("x-forwarded-proto", "spoofed"),
+            ("x-forwarded-port", "1"),
+            ("x-original-uri", "/spoofed"),
+            ("user-agent", "ua"),
+        ]);
+        let port = HeaderValue::from_static("8080");
+        let fwd = Forwarded {
+            client_ip: "192.0.2.7".parse().unwrap(),
+            host: "foo.toolforge.org",
+            port: &port,
+            proto: "http",
+            original_uri: "/a?b=c",
+        };
+        to_upstream(&mut headers, &fwd, None);
+        assert_eq!(headers["host"], "Foo.toolforge.org");
+        assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 192.0.2.7");
+        assert_eq!(headers["x-forwarded-host"], "foo.toolforge.org");
+        assert_eq!(headers["x-forwarded-proto"], "http");
+        assert_eq!(headers["x-forwarded-port"], "8080");
+        assert_eq!(headers["x-original-uri"], "/a?b=c");
+        assert_eq!(headers["user-agent"], "ua");
+        for gone in ["connection", "x-private", "keep-alive", "proxy", "te"] {
+            assert!(!headers.contains_key(gone), "{gone}");
+        }
+        assert_eq!(headers.get_all("x-forwarded-host").iter().count(), 1);
+    }
+
+    #[test]
+    fn upgrade_is_kept() {
+        let mut headers = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        let port = HeaderValue::from_static("80");
+        let fwd =
+            Forwarded { client_ip: "::1".parse().unwrap(), host: "h", port: &port, proto: "http", original_uri: "/" };
+        to_upstream(&mut headers, &fwd, Some(HeaderValue::from_static("websocket")));
+        assert_eq!(headers["connection"], "upgrade");
+        assert_eq!(headers["upgrade"], "websocket");
+        assert_eq!(headers["x-forwarded-for"], "::1");
+    }
+
+    #[test]
+    fn location_follows_client_scheme() {
+        let mut headers = map(&[("location", "http://foo.toolforge.org/x?y")]);
+        rewrite_location(&mut headers, "foo.toolforge.org", "https");
+        assert_eq!(headers["location"], "https://foo.toolforge.org/x?y");
+
+        let mut headers = map(&[("location", "http://elsewhere.org/x")]);
+        rewrite_location(&mut headers, "foo.toolforge.org", "https");
+        assert_eq!(headers["location"], "http://elsewhere.org/x");
+
+        let mut headers = map(&[("location", "http://foo.toolforge.org/x")]);
+        rewrite_location(&mut headers, "foo.toolforge.org", "http");
+        assert_eq!(headers["location"], "http://foo.toolforge.org/x");
+    }
+}

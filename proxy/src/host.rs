@@ -1,0 +1,121 @@
+//! Request-line and Host checks done before routing: the Host normalised as
+//! nginx's `$host` (lower case, no port, no trailing dot) and the URI's
+//! percent-encoding.
+
+use std::borrow::Cow;
+
+/// Why a Host header was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadHost {
+    /// Empty, or only a port.
+    Empty,
+    /// A character no host name has.
+    Character,
+    /// The port is not a number in 0-65535.
+    Port,
+}
+
+/// Longest Host accepted: a DNS name is at most 253 bytes, plus a port.
+const MAX_HOST_LEN: usize = 260;
+
+/// Lower-cases `raw` and strips its port and trailing dot; refuses anything
+/// that is not a DNS name, an IPv4 address or a bracketed IPv6 address.
+/// Borrows when the host is already in normal form (the common case).
+pub fn normalize_host(raw: &str) -> Result<Cow<'_, str>, BadHost> {
+    if raw.len() > MAX_HOST_LEN {
+        return Err(BadHost::Character);
+    }
+    let (host, port) = if raw.starts_with('[') {
+        let end = raw.find(']').ok_or(BadHost::Character)?;
+        let inner = &raw[1..end];
+        if inner.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(BadHost::Character);
+        }
+        match &raw[end + 1..] {
+            "" => (&raw[..=end], None),
+            rest => (&raw[..=end], Some(rest.strip_prefix(':').ok_or(BadHost::Port)?)),
+        }
+    } else {
+        match raw.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (raw, None),
+        }
+    };
+    if let Some(port) = port
+        && (port.is_empty()
+            || port.len() > 5
+            || !port.bytes().all(|b| b.is_ascii_digit())
+            || port.parse::<u16>().is_err())
+    {
+        return Err(BadHost::Port);
+    }
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.is_empty() {
+        return Err(BadHost::Empty);
+    }
+    if !host.starts_with('[') {
+        let mut upper = false;
+        for b in host.bytes() {
+            match b {
+                b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' => {}
+                b'A'..=b'Z' => upper = true,
+                _ => return Err(BadHost::Character),
+            }
+        }
+        if host.starts_with('.') || host.contains("..") {
+            return Err(BadHost::Character);
+        }
+        if upper {
+            return Ok(Cow::Owned(host.to_ascii_lowercase()));
+        }
+    } else if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Ok(Cow::Owned(host.to_ascii_lowercase()));
+    }
+    Ok(Cow::Borrowed(host))
+}
+
+/// True when every `%` in `s` starts a two-hex-digit escape.
+pub fn valid_percent_encoding(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while let Some(offset) = bytes[i..].iter().position(|b| *b == b'%') {
+        let at = i + offset;
+        match bytes.get(at + 1..at + 3) {
+            Some([a, b]) if a.is_ascii_hexdigit() && b.is_ascii_hexdigit() => i = at + 3,
+            _ => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_like_nginx_host() {
+        assert_eq!(normalize_host("Foo.Toolforge.ORG:8080").unwrap(), "foo.toolforge.org");
+        assert!(matches!(normalize_host("foo.toolforge.org").unwrap(), Cow::Borrowed(_)));
+        assert_eq!(normalize_host("foo.toolforge.org.").unwrap(), "foo.toolforge.org");
+        assert_eq!(normalize_host("127.0.0.1:80").unwrap(), "127.0.0.1");
+        assert_eq!(normalize_host("[::1]:443").unwrap(), "[::1]");
+        assert_eq!(normalize_host("ru_monuments.toolforge.org").unwrap(), "ru_monuments.toolforge.org");
+    }
+
+    #[test]
+    fn refuses_bad_hosts() {
+        for bad in ["", ":80", "a b", "a/b", "a@b", "x:", "x:99999", "x:8a", "[::1", "[zz]", "..", "a..b", ".a", "é"] {
+            assert!(normalize_host(bad).is_err(), "{bad:?}");
+        }
+        assert!(normalize_host(&"a".repeat(300)).is_err());
+    }
+
+    #[test]
+    fn percent_encoding() {
+        assert!(valid_percent_encoding("/a%20b%2Fc"));
+        assert!(valid_percent_encoding("/plain"));
+        assert!(!valid_percent_encoding("/a%zz"));
+        assert!(!valid_percent_encoding("/a%2"));
+        assert!(!valid_percent_encoding("/a%"));
+    }
+}

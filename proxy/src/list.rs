@@ -1,0 +1,111 @@
+//! The `/list` API (SPEC §4) read by the reconciliation monitor, answered
+//! from the route cache with its age.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use dynamicproxy_redis::RouteCache;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::body::ProxyBody;
+use crate::idle::IdleIo;
+
+/// `X-Route-Table-Age`: whole seconds since the cache last matched Redis.
+static ROUTE_TABLE_AGE: http::HeaderName = http::HeaderName::from_static("x-route-table-age");
+
+/// Answers one request of the list listener.
+pub fn respond(cache: &RouteCache, req: &Request<Incoming>) -> Response<ProxyBody> {
+    if req.uri().path() != "/list" {
+        return text(StatusCode::NOT_FOUND, "Page not found\n");
+    }
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed\n");
+        response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    let status = cache.status();
+    let Some(age) = status.age.filter(|_| cache.is_loaded()) else {
+        // An empty answer would read as "every tool is gone".
+        return text(StatusCode::SERVICE_UNAVAILABLE, "Route table not loaded yet\n");
+    };
+    let tools = cache.tools_with_routes();
+    let mut json = String::with_capacity(2 + tools.len() * 32);
+    json.push('{');
+    for (i, tool) in tools.iter().enumerate() {
+        if i > 0 {
+            json.push_str(", ");
+        }
+        // Tool names are [a-z0-9_-]: nothing to escape, but let serde say so.
+        json.push_str(&serde_json::Value::from(tool.as_str()).to_string());
+        json.push_str(": {\"status\": \"active\"}");
+    }
+    json.push('}');
+    let mut response = Response::new(ProxyBody::full(Bytes::from(json)));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(ROUTE_TABLE_AGE.clone(), HeaderValue::from(age.as_secs()));
+    response
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+/// Serves the list API on `listener` until `shutdown`.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    cache: RouteCache,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    read_timeout: std::time::Duration,
+) {
+    loop {
+        let (stream, client) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    warn!(%error, "list listener: accept failed; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let cache = cache.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let service = service_fn(move |req| {
+                let response = respond(&cache, &req);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let io = TokioIo::new(IdleIo::new(stream, read_timeout));
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(30))
+                .serve_connection(io, service);
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        debug!(%client, %error, "list connection ended with an error");
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), connection).await;
+                }
+            }
+        });
+    }
+}

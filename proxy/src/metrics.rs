@@ -1,0 +1,115 @@
+//! Prometheus metrics of the proxy. Counters are resolved once, so the
+//! request path only does atomic increments.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use dynamicproxy_redis::CacheStatus;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabel {
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// The proxy's metrics, registered under `dynamicproxy_proxy_*`.
+pub struct Metrics {
+    by_class: [Counter; 5],
+    upstream_seconds: Histogram,
+    upstream_errors: Family<ReasonLabel, Counter>,
+    connections_open: Gauge,
+    connections_refused: Counter,
+    routes_in_cache: Gauge,
+    cache_age_seconds: Gauge,
+    redis_connected: Gauge,
+}
+
+impl Metrics {
+    /// Creates and registers the metrics.
+    pub fn new(registry: &mut Registry) -> Self {
+        let registry = registry.sub_registry_with_prefix("dynamicproxy_proxy");
+        let requests = Family::<ClassLabel, Counter>::default();
+        registry.register("requests", "Responses sent, by status class", requests.clone());
+        let by_class =
+            ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|class| requests.get_or_create(&ClassLabel { class }).clone());
+        let upstream_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "upstream_response_seconds",
+            "Time from sending a request upstream to its response head",
+            upstream_seconds.clone(),
+        );
+        let upstream_errors = Family::<ReasonLabel, Counter>::default();
+        registry.register("upstream_errors", "Upstream failures, by reason", upstream_errors.clone());
+        let connections_open = Gauge::default();
+        registry.register("connections_open", "Client connections being served", connections_open.clone());
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Client connections closed at accept because max_connections was reached",
+            connections_refused.clone(),
+        );
+        let routes_in_cache = Gauge::default();
+        registry.register("routes_in_cache", "Tools in the route cache", routes_in_cache.clone());
+        let cache_age_seconds = Gauge::default();
+        registry.register(
+            "route_cache_age_seconds",
+            "Seconds since the route cache last confirmed it matches Redis (-1 before the first load)",
+            cache_age_seconds.clone(),
+        );
+        let redis_connected = Gauge::default();
+        registry.register("redis_connected", "1 while the route cache is connected to Redis", redis_connected.clone());
+        Metrics {
+            by_class,
+            upstream_seconds,
+            upstream_errors,
+            connections_open,
+            connections_refused,
+            routes_in_cache,
+            cache_age_seconds,
+            redis_connected,
+        }
+    }
+
+    /// A response with `status` was sent.
+    pub fn response(&self, status: u16) {
+        let index = (status / 100).clamp(1, 5) as usize - 1;
+        self.by_class[index].inc();
+    }
+
+    /// An upstream exchange took `seconds` to its response head.
+    pub fn upstream(&self, seconds: f64) {
+        self.upstream_seconds.observe(seconds);
+    }
+
+    /// An upstream exchange failed.
+    pub fn upstream_error(&self, reason: &'static str) {
+        self.upstream_errors.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub(crate) fn connection_opened(&self) {
+        self.connections_open.inc();
+    }
+
+    pub(crate) fn connection_closed(&self) {
+        self.connections_open.dec();
+    }
+
+    pub(crate) fn connection_refused(&self) {
+        self.connections_refused.inc();
+    }
+
+    /// Copies the route cache's state into the gauges.
+    pub fn cache_status(&self, status: &CacheStatus) {
+        self.routes_in_cache.set(status.tools as i64);
+        self.cache_age_seconds.set(status.age.map_or(-1, |a| a.as_secs() as i64));
+        self.redis_connected.set(i64::from(status.redis_connected));
+    }
+}

@@ -1,0 +1,221 @@
+//! Protection rules of SPEC §3 steps 3-4: banned networks, User-Agent and
+//! Referer block lists, and a per-client-IP rate limit.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use http::HeaderMap;
+use http::header;
+use ipnet::IpNet;
+use regex::{RegexSet, RegexSetBuilder};
+
+use crate::config::{Config, ConfigError};
+
+/// What a protection rule decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let the request through.
+    Allow,
+    /// Client network is banned (403 banned page).
+    Banned,
+    /// No User-Agent (403 text).
+    NoUserAgent,
+    /// User-Agent or Referer on a block list (403).
+    Blocked,
+    /// Rate limit exceeded (429 rate-limit page).
+    RateLimited,
+}
+
+/// The compiled rules.
+pub struct Protection {
+    banned: Vec<IpNet>,
+    user_agents: Option<RegexSet>,
+    referers: Option<RegexSet>,
+    limiter: Option<RateLimiter>,
+}
+
+impl Protection {
+    /// Compiles the rules of `config`; errors name the key and the value.
+    pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
+        let mut banned = Vec::with_capacity(config.banned_cidrs.len());
+        for entry in &config.banned_cidrs {
+            let net = entry.parse::<IpNet>().or_else(|_| entry.parse::<IpAddr>().map(IpNet::from)).map_err(|_| {
+                ConfigError {
+                    key: "banned_cidrs",
+                    value: format!("{entry:?}"),
+                    reason: "not an IPv4/IPv6 address or CIDR".into(),
+                }
+            })?;
+            banned.push(net.trunc());
+        }
+        let regexes = |key: &'static str, list: &[String]| -> Result<Option<RegexSet>, ConfigError> {
+            if list.is_empty() {
+                return Ok(None);
+            }
+            for pattern in list {
+                if let Err(e) = regex::RegexBuilder::new(pattern).case_insensitive(true).build() {
+                    return Err(ConfigError { key, value: format!("{pattern:?}"), reason: e.to_string() });
+                }
+            }
+            RegexSetBuilder::new(list).case_insensitive(true).build().map(Some).map_err(|e| ConfigError {
+                key,
+                value: format!("{list:?}"),
+                reason: e.to_string(),
+            })
+        };
+        Ok(Protection {
+            banned,
+            user_agents: regexes("blocked_user_agents", &config.blocked_user_agents)?,
+            referers: regexes("blocked_referers", &config.blocked_referers)?,
+            limiter: (config.rate_limit_per_second > 0)
+                .then(|| RateLimiter::new(config.rate_limit_per_second, config.rate_limit_burst)),
+        })
+    }
+
+    /// Applies the rules in SPEC order to one request.
+    pub fn check(&self, client: IpAddr, headers: &HeaderMap) -> Verdict {
+        let client = canonical_ip(client);
+        if self.banned.iter().any(|net| net.contains(&client)) {
+            return Verdict::Banned;
+        }
+        let user_agent = headers.get(header::USER_AGENT).map(|v| v.as_bytes()).unwrap_or_default();
+        if user_agent.iter().all(|b| b.is_ascii_whitespace()) {
+            return Verdict::NoUserAgent;
+        }
+        if let Some(set) = &self.user_agents
+            && set.is_match(&String::from_utf8_lossy(user_agent))
+        {
+            return Verdict::Blocked;
+        }
+        if let Some(set) = &self.referers
+            && let Some(referer) = headers.get(header::REFERER)
+            && set.is_match(&String::from_utf8_lossy(referer.as_bytes()))
+        {
+            return Verdict::Blocked;
+        }
+        if let Some(limiter) = &self.limiter
+            && !limiter.allow(client, Instant::now())
+        {
+            return Verdict::RateLimited;
+        }
+        Verdict::Allow
+    }
+
+    /// Forgets rate-limit state of clients that are back under their limit.
+    pub fn sweep(&self) {
+        if let Some(limiter) = &self.limiter {
+            limiter.sweep(Instant::now());
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 clients (dual-stack sockets) are matched as IPv4.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+const SHARDS: usize = 32;
+
+/// GCRA (a token bucket without a refill task): each client has a
+/// "theoretical arrival time"; a request is allowed while that time is less
+/// than `burst` intervals ahead of now.
+pub struct RateLimiter {
+    interval: Duration,
+    tolerance: Duration,
+    epoch: Instant,
+    hasher: std::collections::hash_map::RandomState,
+    shards: Vec<Mutex<HashMap<IpAddr, Duration>>>,
+}
+
+impl RateLimiter {
+    /// `per_second` sustained, `burst` more at once.
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        let interval = Duration::from_secs(1) / per_second.max(1);
+        RateLimiter {
+            interval,
+            tolerance: interval * burst,
+            epoch: Instant::now(),
+            hasher: Default::default(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    /// Records a request from `client` at `now`; false when over the limit.
+    pub fn allow(&self, client: IpAddr, now: Instant) -> bool {
+        let t = now.saturating_duration_since(self.epoch);
+        let mut hasher = self.hasher.build_hasher();
+        client.hash(&mut hasher);
+        let shard = &self.shards[hasher.finish() as usize % SHARDS];
+        let Ok(mut map) = shard.lock() else { return true };
+        let tat = map.get(&client).copied().unwrap_or(t).max(t);
+        if tat - t > self.tolerance {
+            return false;
+        }
+        map.insert(client, tat + self.interval);
+        true
+    }
+
+    fn sweep(&self, now: Instant) {
+        let t = now.saturating_duration_since(self.epoch);
+        for shard in &self.shards {
+            if let Ok(mut map) = shard.lock() {
+                map.retain(|_, tat| *tat > t);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(ua: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::USER_AGENT, ua.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn bans_v4_v6_and_mapped() {
+        let config = Config {
+            banned_cidrs: vec!["192.0.2.0/24".into(), "2001:db8::/32".into(), "198.51.100.7".into()],
+            ..Config::default()
+        };
+        let p = Protection::from_config(&config).unwrap();
+        let h = headers("ua");
+        assert_eq!(p.check("192.0.2.9".parse().unwrap(), &h), Verdict::Banned);
+        assert_eq!(p.check("::ffff:192.0.2.9".parse().unwrap(), &h), Verdict::Banned);
+        assert_eq!(p.check("2001:db8::1".parse().unwrap(), &h), Verdict::Banned);
+        assert_eq!(p.check("198.51.100.7".parse().unwrap(), &h), Verdict::Banned);
+        assert_eq!(p.check("198.51.100.8".parse().unwrap(), &h), Verdict::Allow);
+    }
+
+    #[test]
+    fn user_agent_rules() {
+        let config = Config { blocked_user_agents: vec!["badbot".into()], ..Config::default() };
+        let p = Protection::from_config(&config).unwrap();
+        let ip = "127.0.0.1".parse().unwrap();
+        assert_eq!(p.check(ip, &HeaderMap::new()), Verdict::NoUserAgent);
+        assert_eq!(p.check(ip, &headers(" ")), Verdict::NoUserAgent);
+        assert_eq!(p.check(ip, &headers("Mozilla BadBot/1.0")), Verdict::Blocked);
+        assert_eq!(p.check(ip, &headers("curl/8")), Verdict::Allow);
+    }
+
+    #[test]
+    fn gcra_allows_burst_then_rate() {
+        let limiter = RateLimiter::new(10, 3);
+        let ip = "127.0.0.1".parse().unwrap();
+        let t0 = Instant::now();
+        let allowed = (0..10).filter(|_| limiter.allow(ip, t0)).count();
+        assert_eq!(allowed, 4);
+        assert!(limiter.allow(ip, t0 + Duration::from_millis(100)));
+        assert!(!limiter.allow(ip, t0 + Duration::from_millis(100)));
+        assert!(limiter.allow("127.0.0.2".parse().unwrap(), t0));
+    }
+}

@@ -1,0 +1,190 @@
+//! Routing (SPEC §3 steps 6-8): from a normalised Host and a path to a
+//! backend, a redirect or "no webservice", reading only the route cache.
+
+use dynamicproxy_redis::{BackendUrl, RouteCache, ToolName};
+use http::StatusCode;
+
+/// The tool whose routes every legacy path falls back to.
+const ADMIN_TOOL: &str = "admin";
+
+/// How a request was routed, for the access log and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// `<tool>.<canonical-domain>` matched a route of the tool.
+    ToolHost,
+    /// Legacy `/<tool>/...` matched a route of the tool.
+    LegacyPath,
+    /// Legacy path matched a `prefix:admin` route.
+    Admin,
+    /// Nothing matched; the default backend.
+    Default,
+}
+
+/// What to do with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Forward to this backend, URI unchanged.
+    Proxy(BackendUrl, Via),
+    /// Answer with a redirect.
+    Redirect(StatusCode, String),
+    /// Nothing matched and there is no default backend.
+    NoWebservice,
+}
+
+/// Routing rules over the shared route cache.
+#[derive(Clone)]
+pub struct Router {
+    cache: RouteCache,
+    /// `.` + canonical domain, so a tool host is one suffix check.
+    dot_domain: Box<str>,
+    default_backend: Option<BackendUrl>,
+    /// First-label rewrites (`ru_monuments` → `ru-monuments`), few enough to scan.
+    host_redirects: Vec<(Box<str>, Box<str>)>,
+}
+
+impl Router {
+    /// A router for `canonical_domain`, falling back to `default_backend`.
+    pub fn new(
+        cache: RouteCache,
+        canonical_domain: &str,
+        default_backend: Option<BackendUrl>,
+        host_redirects: impl IntoIterator<Item = (String, String)>,
+    ) -> Self {
+        Router {
+            cache,
+            dot_domain: format!(".{canonical_domain}").into(),
+            default_backend,
+            host_redirects: host_redirects.into_iter().map(|(a, b)| (a.into(), b.into())).collect(),
+        }
+    }
+
+    /// The route cache the router reads.
+    pub fn cache(&self) -> &RouteCache {
+        &self.cache
+    }
+
+    /// The configured host redirect for `host`, as the full new host.
+    pub fn host_redirect(&self, host: &str) -> Option<String> {
+        if self.host_redirects.is_empty() {
+            return None;
+        }
+        let (label, rest) = host.split_once('.')?;
+        let (_, to) = self.host_redirects.iter().find(|(from, _)| &**from == label)?;
+        Some(format!("{to}.{rest}"))
+    }
+
+    /// The tool named by a `<tool>.<canonical-domain>` host, if it is one.
+    pub fn tool_host<'h>(&self, host: &'h str) -> Option<&'h str> {
+        let label = host.strip_suffix(&*self.dot_domain)?;
+        (!label.is_empty() && !label.contains('.')).then_some(label)
+    }
+
+    /// SPEC §3 steps 6-8 for a normalised `host`, the request `path` and `query`.
+    pub fn route(&self, host: &str, path: &str, query: Option<&str>) -> Decision {
+        if let Some(tool) = self.tool_host(host) {
+            if let Some(routes) = self.cache.tool(tool)
+                && let Some(backend) = routes.find(path)
+            {
+                return Decision::Proxy(backend.clone(), Via::ToolHost);
+            }
+            return self.fallback();
+        }
+        let (tool, rest) = split_legacy(path);
+        if ToolName::is_valid(tool)
+            && let Some(routes) = self.cache.tool(tool)
+        {
+            if routes.canonical_redirect() {
+                let mut location = String::with_capacity(16 + tool.len() + self.dot_domain.len() + path.len());
+                location.push_str("https://");
+                location.push_str(tool);
+                location.push_str(&self.dot_domain);
+                location.push_str(rest);
+                if let Some(query) = query {
+                    location.push('?');
+                    location.push_str(query);
+                }
+                return Decision::Redirect(StatusCode::TEMPORARY_REDIRECT, location);
+            }
+            if let Some(backend) = routes.find(rest) {
+                return Decision::Proxy(backend.clone(), Via::LegacyPath);
+            }
+        }
+        if let Some(admin) = self.cache.tool(ADMIN_TOOL)
+            && let Some(backend) = admin.find(path)
+        {
+            return Decision::Proxy(backend.clone(), Via::Admin);
+        }
+        self.fallback()
+    }
+
+    fn fallback(&self) -> Decision {
+        match &self.default_backend {
+            Some(backend) => Decision::Proxy(backend.clone(), Via::Default),
+            None => Decision::NoWebservice,
+        }
+    }
+
+    /// The tool a request is about, for the access log.
+    pub fn tool_of<'a>(&self, host: &'a str, path: &'a str) -> Option<&'a str> {
+        match self.tool_host(host) {
+            Some(tool) => Some(tool),
+            None => Some(split_legacy(path).0).filter(|t| ToolName::is_valid(t)),
+        }
+    }
+}
+
+/// Splits a legacy path `/<tool><rest>`; `rest` defaults to `/`.
+pub fn split_legacy(path: &str) -> (&str, &str) {
+    let Some(after) = path.strip_prefix('/') else { return ("", path) };
+    match after.find('/') {
+        Some(i) => (&after[..i], &after[i..]),
+        None => (after, "/"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_split() {
+        assert_eq!(split_legacy("/foo/bar/baz"), ("foo", "/bar/baz"));
+        assert_eq!(split_legacy("/foo"), ("foo", "/"));
+        assert_eq!(split_legacy("/foo/"), ("foo", "/"));
+        assert_eq!(split_legacy("/"), ("", "/"));
+        assert_eq!(split_legacy("*"), ("", "*"));
+    }
+
+    #[test]
+    fn tool_hosts_have_one_label() {
+        let router = Router::new(RouteCache::new(), "toolforge.org", None, []);
+        assert_eq!(router.tool_host("foo.toolforge.org"), Some("foo"));
+        assert_eq!(router.tool_host("a.b.toolforge.org"), None);
+        assert_eq!(router.tool_host("toolforge.org"), None);
+        assert_eq!(router.tool_host("footoolforge.org"), None);
+        assert_eq!(router.tool_host("tools.wmflabs.org"), None);
+    }
+
+    #[test]
+    fn host_redirects_keep_the_domain() {
+        let router = Router::new(
+            RouteCache::new(),
+            "toolforge.org",
+            None,
+            [("ru_monuments".to_string(), "ru-monuments".to_string())],
+        );
+        assert_eq!(router.host_redirect("ru_monuments.toolforge.org").as_deref(), Some("ru-monuments.toolforge.org"));
+        assert_eq!(router.host_redirect("ru_monuments.example.org").as_deref(), Some("ru-monuments.example.org"));
+        assert_eq!(router.host_redirect("other.toolforge.org"), None);
+    }
+
+    #[test]
+    fn empty_cache_without_default_is_no_webservice() {
+        let router = Router::new(RouteCache::new(), "toolforge.org", None, []);
+        assert_eq!(router.route("foo.toolforge.org", "/", None), Decision::NoWebservice);
+        assert_eq!(router.route("tools.wmflabs.org", "/foo/", None), Decision::NoWebservice);
+        let default = BackendUrl::parse("http://127.0.0.1:9").unwrap();
+        let router = Router::new(RouteCache::new(), "toolforge.org", Some(default.clone()), []);
+        assert_eq!(router.route("x.toolforge.org", "/", None), Decision::Proxy(default, Via::Default));
+    }
+}

@@ -1,0 +1,197 @@
+//! Accepting and serving client connections: the accept loop (errors are
+//! logged and retried, never fatal), the connection limit, the optional TLS
+//! handshake, and HTTP/1.1 or HTTP/2 serving with graceful shutdown.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::handler::{ConnInfo, Shared, handle};
+use crate::idle::IdleIo;
+use crate::sniff::{SmuggleFlags, SniffIo};
+use crate::tls::TlsAcceptor;
+
+/// Largest request head hyper buffers; larger heads get 431.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Connection-level settings shared by the listeners.
+#[derive(Clone)]
+pub(crate) struct ServeSettings {
+    pub header_timeout: Duration,
+    pub read_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub limit: Arc<Semaphore>,
+    pub tracker: TaskTracker,
+    pub shutdown: CancellationToken,
+    pub hard_stop: CancellationToken,
+}
+
+/// Accepts on `listener` until shutdown; each connection is served in a
+/// tracked task. With `tls`, connections are TLS (HTTP/2 by ALPN).
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    settings: ServeSettings,
+    tls: Option<TlsAcceptor>,
+) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            _ = settings.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, client) = match accepted {
+            Ok(pair) => {
+                backoff = Duration::from_millis(5);
+                pair
+            }
+            Err(error) => {
+                // Usually EMFILE: wait for connections to close instead of spinning.
+                warn!(%error, "accept failed; retrying");
+                tokio::select! {
+                    _ = settings.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(permit) = settings.limit.clone().try_acquire_owned() else {
+            shared.metrics.connection_refused();
+            drop(stream);
+            continue;
+        };
+        let shared = shared.clone();
+        let settings_for_conn = settings.clone();
+        let tls = tls.clone();
+        let span = info_span!("conn", client.addr = %client);
+        settings.tracker.spawn(
+            async move {
+                shared.metrics.connection_opened();
+                serve_tcp(stream, client, shared.clone(), settings_for_conn, tls).await;
+                shared.metrics.connection_closed();
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve_tcp(
+    stream: TcpStream,
+    client: std::net::SocketAddr,
+    shared: Arc<Shared>,
+    settings: ServeSettings,
+    tls: Option<TlsAcceptor>,
+) {
+    let _ = stream.set_nodelay(true);
+    let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
+    let port = HeaderValue::from(local_port);
+    match tls {
+        None => {
+            let flags = Arc::new(SmuggleFlags::default());
+            let io = IdleIo::new(SniffIo::new(stream, flags.clone()), settings.read_timeout);
+            let conn = Arc::new(ConnInfo { client, port, tls: false, smuggle: Some(flags) });
+            serve_http1(io, conn, shared, &settings).await;
+        }
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream));
+            let tls_stream = tokio::select! {
+                result = handshake => match result {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(error)) => {
+                        debug!(%error, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!("TLS handshake timed out");
+                        return;
+                    }
+                },
+                _ = settings.shutdown.cancelled() => return,
+            };
+            let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            if h2 {
+                let io = IdleIo::new(tls_stream, settings.read_timeout);
+                let conn = Arc::new(ConnInfo { client, port, tls: true, smuggle: None });
+                serve_http2(io, conn, shared, &settings).await;
+            } else {
+                let flags = Arc::new(SmuggleFlags::default());
+                let io = IdleIo::new(SniffIo::new(tls_stream, flags.clone()), settings.read_timeout);
+                let conn = Arc::new(ConnInfo { client, port, tls: true, smuggle: Some(flags) });
+                serve_http1(io, conn, shared, &settings).await;
+            }
+        }
+    }
+}
+
+async fn serve_http1<I>(io: I, conn: Arc<ConnInfo>, shared: Arc<Shared>, settings: &ServeSettings)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let shared = shared.clone();
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(shared, conn, req).await) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_timeout)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(true);
+    let connection = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(error) = result {
+                debug!(%error, "connection ended with an error");
+            }
+            return;
+        }
+        _ = settings.shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
+    }
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = settings.hard_stop.cancelled() => {}
+    }
+}
+
+async fn serve_http2<I>(io: I, conn: Arc<ConnInfo>, shared: Arc<Shared>, settings: &ServeSettings)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let shared = shared.clone();
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(shared, conn, req).await) }
+    });
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder.timer(TokioTimer::new()).max_concurrent_streams(256).max_header_list_size(MAX_HEAD_BYTES as u32);
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(error) = result {
+                debug!(%error, "connection ended with an error");
+            }
+            return;
+        }
+        _ = settings.shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
+    }
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = settings.hard_stop.cancelled() => {}
+    }
+}

@@ -1,0 +1,172 @@
+//! The client side: keep-alive connection pools per backend (hyper-util's
+//! pooled client, keyed by scheme and authority), connect and idle timeouts,
+//! and the classification of upstream failures into 502 and 504.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::body::{LimitedBody, TooLarge};
+use crate::error::{BoxError, ProxyError};
+use crate::idle::IdleIo;
+
+/// The pooled HTTP/1.1 client used for every backend.
+pub type UpstreamClient = Client<Connector, LimitedBody>;
+
+/// Settings of the upstream client.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamSettings {
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Idle read/write timeout of a backend connection.
+    pub read_timeout: Duration,
+    /// Idle keep-alive connections kept per backend.
+    pub max_idle_per_backend: usize,
+    /// How long an idle keep-alive connection is kept.
+    pub idle_timeout: Duration,
+}
+
+/// Builds the pooled client.
+pub fn client(settings: UpstreamSettings) -> UpstreamClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(settings.idle_timeout)
+        .pool_max_idle_per_host(settings.max_idle_per_backend)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(Connector { connect_timeout: settings.connect_timeout, read_timeout: settings.read_timeout })
+}
+
+/// Opens TCP connections to backends, with timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct Connector {
+    connect_timeout: Duration,
+    read_timeout: Duration,
+}
+
+/// A backend connection.
+pub struct UpstreamIo(TokioIo<IdleIo<TcpStream>>);
+
+impl Connection for UpstreamIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for UpstreamIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = UpstreamIo;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<UpstreamIo>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = *self;
+        Box::pin(async move {
+            if uri.scheme() != Some(&http::uri::Scheme::HTTP) {
+                return Err(io::Error::new(io::ErrorKind::Unsupported, "only http:// backends are supported"));
+            }
+            let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+            let port = uri.port_u16().unwrap_or(80);
+            let connect = async {
+                let addrs: Vec<SocketAddr> = match host.parse::<std::net::IpAddr>() {
+                    Ok(ip) => vec![SocketAddr::new(ip, port)],
+                    Err(_) => tokio::net::lookup_host((host, port)).await?.collect(),
+                };
+                let mut last = io::Error::new(io::ErrorKind::NotFound, "backend name resolves to no address");
+                for addr in addrs {
+                    match TcpStream::connect(addr).await {
+                        Ok(stream) => return Ok(stream),
+                        Err(e) => last = e,
+                    }
+                }
+                Err(last)
+            };
+            let stream = tokio::time::timeout(this.connect_timeout, connect)
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+            let _ = stream.set_nodelay(true);
+            Ok(UpstreamIo(TokioIo::new(IdleIo::new(stream, this.read_timeout))))
+        })
+    }
+}
+
+/// Maps a failed upstream exchange to what the client is told: our own body
+/// limit → 413, a broken client body → 400, a timeout anywhere → 504, anything
+/// else the backend did (refused, reset, garbage) → 502.
+pub fn classify(error: hyper_util::client::legacy::Error) -> ProxyError {
+    let mut timeout = false;
+    let mut client_body = false;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    while let Some(e) = source {
+        if e.is::<TooLarge>() {
+            return ProxyError::BodyTooLarge;
+        }
+        if let Some(io) = e.downcast_ref::<io::Error>()
+            && io.kind() == io::ErrorKind::TimedOut
+        {
+            timeout = true;
+        }
+        if let Some(h) = e.downcast_ref::<hyper::Error>()
+            && h.is_user()
+            && !error.is_connect()
+        {
+            client_body = true;
+        }
+        source = e.source();
+    }
+    let boxed: BoxError = Box::new(error);
+    if timeout {
+        ProxyError::UpstreamTimeout(boxed)
+    } else if client_body {
+        ProxyError::ClientBody(boxed)
+    } else {
+        ProxyError::UpstreamUnreachable(boxed)
+    }
+}
