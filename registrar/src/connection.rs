@@ -99,6 +99,7 @@ pub(crate) async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<S
     );
     match answer.outcome {
         Outcome::Unavailable | Outcome::StoreError => tracing::error!(
+            client = %peer,
             tool,
             command = command.as_str(),
             route,
@@ -108,6 +109,7 @@ pub(crate) async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<S
             "registration failed"
         ),
         _ => tracing::info!(
+            client = %peer,
             tool,
             command = command.as_str(),
             route,
@@ -122,9 +124,9 @@ pub(crate) async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<S
 }
 
 /// Answers a connection refused for lack of capacity.
-pub(crate) async fn refuse_busy(mut stream: TcpStream, metrics: &Metrics) {
+pub(crate) async fn refuse_busy(mut stream: TcpStream, peer: SocketAddr, metrics: &Metrics) {
     metrics.record(Command::None, Outcome::Busy);
-    tracing::warn!(result = Outcome::Busy.as_str(), "too many connections, refused");
+    tracing::warn!(client = %peer, result = Outcome::Busy.as_str(), "too many connections, refused");
     finish(&mut stream, BUSY).await;
 }
 

@@ -89,7 +89,7 @@ pub async fn run(
                     let shared = shared.clone();
                     tracker.spawn(
                         async move {
-                            connection::refuse_busy(stream, &shared.metrics).await;
+                            connection::refuse_busy(stream, peer, &shared.metrics).await;
                             drop(refusal);
                         }
                         .instrument(span),
@@ -97,7 +97,7 @@ pub async fn run(
                 }
                 Err(_) => {
                     shared.metrics.record(crate::protocol::Command::None, crate::metrics::Outcome::Busy);
-                    span.in_scope(|| tracing::warn!("too many connections, dropped"));
+                    span.in_scope(|| tracing::warn!(client = %peer, "too many connections, dropped"));
                     drop(stream);
                 }
             },

@@ -1,0 +1,103 @@
+//! The `[registrar]` section read the way the binary reads it: TOML file
+//! below flags, through figment, into `Config`.
+
+use std::time::Duration;
+
+use clap::Parser;
+use dynamicproxy_registrar::{Config, Flags};
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    flags: Flags,
+}
+
+fn load(toml: &str, args: &[&str]) -> Result<Config, figment::Error> {
+    let flags = Cli::try_parse_from(std::iter::once("registrar").chain(args.iter().copied())).unwrap().flags;
+    Figment::new().merge(Toml::string(toml)).merge(Serialized::defaults(flags)).extract()
+}
+
+#[test]
+fn file_keys_and_defaults() {
+    let config = load(
+        r#"
+        listen = "127.0.0.1:18282"
+        ident_port = 1113
+        project_prefix = "proj."
+        canonical_domain = "toolforge.example"
+        ident_timeout = 3
+        exchange_timeout = "8s"
+        max_connections = 64
+        allowed_destinations = ["172.16.0.0/21", "eqiad1.wikimedia.cloud"]
+        "#,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(config.listen.to_string(), "127.0.0.1:18282");
+    assert_eq!(config.ident_port, 1113);
+    assert_eq!(config.project_prefix, "proj.");
+    assert_eq!(config.canonical_domain, "toolforge.example");
+    assert_eq!(config.ident_timeout, Duration::from_secs(3));
+    assert_eq!(config.exchange_timeout, Duration::from_secs(8));
+    assert_eq!(config.max_connections, 64);
+    assert_eq!(config.allowed_destinations, ["172.16.0.0/21", "eqiad1.wikimedia.cloud"]);
+    config.validate().unwrap();
+
+    let defaults = load("", &[]).unwrap();
+    assert_eq!(defaults.listen.to_string(), "0.0.0.0:8282");
+    assert_eq!(defaults.ident_port, 113);
+    assert_eq!(defaults.ident_timeout, Duration::from_secs(5));
+    assert_eq!(defaults.exchange_timeout, Duration::from_secs(10));
+    assert!(defaults.allowed_destinations.is_empty());
+}
+
+#[test]
+fn flags_win_over_the_file() {
+    let config = load(
+        "listen = \"127.0.0.1:1\"\nident_timeout = \"4s\"\n",
+        &[
+            "--listen",
+            "127.0.0.1:2",
+            "--ident-port",
+            "1113",
+            "--project-prefix",
+            "proj.",
+            "--canonical-domain",
+            "example.org",
+            "--ident-timeout",
+            "250ms",
+            "--exchange-timeout",
+            "3s",
+            "--max-connections",
+            "7",
+            "--allowed-destinations",
+            "10.0.0.0/8,example.org",
+        ],
+    )
+    .unwrap();
+    assert_eq!(config.listen.to_string(), "127.0.0.1:2");
+    assert_eq!(config.ident_port, 1113);
+    assert_eq!(config.project_prefix, "proj.");
+    assert_eq!(config.canonical_domain, "example.org");
+    assert_eq!(config.ident_timeout, Duration::from_millis(250));
+    assert_eq!(config.exchange_timeout, Duration::from_secs(3));
+    assert_eq!(config.max_connections, 7);
+    assert_eq!(config.allowed_destinations, ["10.0.0.0/8", "example.org"]);
+}
+
+#[test]
+fn string_forms_as_from_the_environment() {
+    // Environment variables arrive as strings; a list may be comma-separated.
+    let config = load("allowed_destinations = \"10.0.0.0/8, example.org\"\nident_timeout = \"2\"\n", &[]).unwrap();
+    assert_eq!(config.allowed_destinations, ["10.0.0.0/8", "example.org"]);
+    assert_eq!(config.ident_timeout, Duration::from_secs(2));
+}
+
+#[test]
+fn unknown_keys_and_bad_values_are_refused() {
+    assert!(load("listne = \"0.0.0.0:1\"\n", &[]).unwrap_err().to_string().contains("listne"));
+    assert!(load("ident_timeout = \"soon\"\n", &[]).unwrap_err().to_string().contains("invalid duration \"soon\""));
+    assert!(Cli::try_parse_from(["registrar", "--ident-timeout", "5h"]).is_err());
+}
