@@ -66,7 +66,7 @@ pub enum Command {
 pub struct ProxyCommand {
     /// Proxy settings ([proxy] section).
     #[command(flatten)]
-    pub proxy: crate::pending::ProxyFlags,
+    pub proxy: dynamicproxy_proxy::Flags,
 }
 
 /// `dynamicproxy registrar`.
@@ -74,7 +74,7 @@ pub struct ProxyCommand {
 pub struct RegistrarCommand {
     /// Registrar settings ([registrar] section).
     #[command(flatten)]
-    pub registrar: crate::pending::RegistrarFlags,
+    pub registrar: dynamicproxy_registrar::Flags,
 }
 
 /// `dynamicproxy kube-sync`.
@@ -82,7 +82,7 @@ pub struct RegistrarCommand {
 pub struct KubeSyncCommand {
     /// kube-sync settings ([kube_sync] section).
     #[command(flatten)]
-    pub kube_sync: crate::pending::KubeSyncFlags,
+    pub kube_sync: dynamicproxy_kube_sync::Flags,
 }
 
 /// `dynamicproxy all`: every daemon's flags, from the configuration file or env

@@ -3,8 +3,9 @@
 
 #![forbid(unsafe_code)]
 
+mod admin;
 mod cli;
-mod pending;
+mod daemons;
 mod routes_cmd;
 mod settings;
 mod shutdown;
@@ -15,11 +16,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use crate::cli::{Cli, Command};
-
-/// Exit status for a configuration that cannot be used (EX_USAGE).
-const EXIT_CONFIG: u8 = 64;
-/// Exit status for a component that is not part of this build yet (EX_UNAVAILABLE).
-const EXIT_UNAVAILABLE: u8 = 69;
+use crate::daemons::{EXIT_CONFIG, Selection};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -49,16 +46,15 @@ async fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
-        Command::Proxy(_) => not_available("proxy"),
-        Command::Registrar(_) => not_available("registrar"),
-        Command::KubeSync(_) => not_available("kube-sync"),
-        Command::All(_) => not_available("all"),
+        Command::Proxy(c) => daemons::run(cli.global, Selection { proxy: Some(c.proxy), ..Default::default() }).await,
+        Command::Registrar(c) => {
+            daemons::run(cli.global, Selection { registrar: Some(c.registrar), ..Default::default() }).await
+        }
+        Command::KubeSync(c) => {
+            daemons::run(cli.global, Selection { kube_sync: Some(c.kube_sync), ..Default::default() }).await
+        }
+        Command::All(_) => daemons::run(cli.global, Selection { all: true, ..Default::default() }).await,
     }
-}
-
-fn not_available(name: &str) -> ExitCode {
-    eprintln!("dynamicproxy {name}: not available yet in this build");
-    ExitCode::from(EXIT_UNAVAILABLE)
 }
 
 fn fail(code: u8, error: impl std::fmt::Display) -> ExitCode {

@@ -1,0 +1,174 @@
+//! The admin API of each daemon (SPEC §7): metrics, server info, readiness,
+//! and runtime switches. Bound to 127.0.0.1 by default.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use dynamicproxy_redis::{RedisEndpoint, RouteCache};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::telemetry::LogControl;
+
+/// Tells whether the daemon is ready to take traffic (for `GET /ready`);
+/// `Err` carries the reason it is not.
+pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Turns maintenance mode on or off (for `POST /maintenance`).
+pub type MaintenanceSwitch = Arc<dyn Fn(bool) + Send + Sync>;
+
+/// What the admin API reports on and controls.
+#[derive(Clone)]
+pub struct AdminState {
+    /// Which daemon this is (`proxy`, `registrar`, `kube-sync`, `all`).
+    pub component: &'static str,
+    /// Metrics of every component in this process.
+    pub registry: Arc<Registry>,
+    /// Gauges refreshed from the route cache at each scrape.
+    pub cache_gauges: Option<CacheGauges>,
+    /// The route cache, for daemons that hold one.
+    pub cache: Option<RouteCache>,
+    /// Where Redis is, for `/server_info`.
+    pub redis: RedisEndpoint,
+    /// Process start, for uptime.
+    pub started: Instant,
+    /// Runtime log filter.
+    pub log: LogControl,
+    /// Maintenance switch, for daemons that have one (the proxy).
+    pub maintenance: Option<MaintenanceSwitch>,
+    /// Readiness.
+    pub ready: ReadyCheck,
+}
+
+/// Route cache gauges (SPEC §8: routes in cache, cache age, Redis connected).
+#[derive(Clone, Default)]
+pub struct CacheGauges {
+    tools: Gauge,
+    age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    redis_connected: Gauge,
+}
+
+impl CacheGauges {
+    /// Registers the gauges in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let gauges = CacheGauges::default();
+        registry.register("dynamicproxy_route_cache_tools", "Tools in the route cache", gauges.tools.clone());
+        registry.register(
+            "dynamicproxy_route_cache_age_seconds",
+            "Seconds since the route cache last confirmed it matches Redis (-1 before the first load)",
+            gauges.age_seconds.clone(),
+        );
+        registry.register(
+            "dynamicproxy_redis_connected",
+            "1 while the route cache holds a live connection to Redis",
+            gauges.redis_connected.clone(),
+        );
+        gauges
+    }
+
+    fn refresh(&self, cache: &RouteCache) {
+        let status = cache.status();
+        self.tools.set(status.tools as i64);
+        self.age_seconds.set(status.age.map_or(-1.0, |a| a.as_secs_f64()));
+        self.redis_connected.set(i64::from(status.redis_connected));
+    }
+}
+
+/// Serves the admin API on `listener` until `shutdown` is cancelled.
+pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/server_info", get(server_info))
+        .route("/ready", get(ready))
+        .route("/logging", post(logging))
+        .route("/maintenance", post(maintenance))
+        .with_state(state);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    if let (Some(gauges), Some(cache)) = (&state.cache_gauges, &state.cache) {
+        gauges.refresh(cache);
+    }
+    let mut body = String::new();
+    if let Err(e) = encode(&mut body, &state.registry) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode metrics: {e}\n")).into_response();
+    }
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
+}
+
+async fn server_info(State(state): State<AdminState>) -> Response {
+    let cache = state.cache.as_ref().map(|cache| {
+        let status = cache.status();
+        json!({
+            "routes": status.tools,
+            "redis_connected": status.redis_connected,
+            "age_seconds": status.age.map(|a| a.as_secs_f64()),
+            "full_loads": status.full_loads,
+        })
+    });
+    axum::Json(json!({
+        "component": state.component,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": state.started.elapsed().as_secs(),
+        "redis": state.redis.to_string(),
+        "route_cache": cache,
+        "ready": (state.ready)().is_ok(),
+    }))
+    .into_response()
+}
+
+async fn ready(State(state): State<AdminState>) -> Response {
+    match (state.ready)() {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct LoggingQuery {
+    level: Option<String>,
+}
+
+async fn logging(State(state): State<AdminState>, Query(query): Query<LoggingQuery>) -> Response {
+    let Some(level) = query.level else {
+        return (StatusCode::BAD_REQUEST, "missing ?level=FILTER (e.g. info, debug, dynamicproxy_proxy=trace)\n")
+            .into_response();
+    };
+    match state.log.set_filter(&level) {
+        Ok(()) => {
+            tracing::info!(filter = level, "log filter changed through the admin API");
+            (StatusCode::OK, format!("log filter set to {level}\n")).into_response()
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct MaintenanceQuery {
+    enabled: Option<String>,
+}
+
+async fn maintenance(State(state): State<AdminState>, Query(query): Query<MaintenanceQuery>) -> Response {
+    let Some(switch) = &state.maintenance else {
+        return (StatusCode::NOT_FOUND, "this daemon has no maintenance mode\n").into_response();
+    };
+    let enabled = match query.enabled.as_deref() {
+        Some("true") => true,
+        Some("false") => false,
+        _ => return (StatusCode::BAD_REQUEST, "expected ?enabled=true or ?enabled=false\n").into_response(),
+    };
+    switch(enabled);
+    tracing::warn!(enabled, "maintenance mode changed through the admin API");
+    (StatusCode::OK, format!("maintenance {}\n", if enabled { "on" } else { "off" })).into_response()
+}

@@ -1,0 +1,307 @@
+//! Runs the daemons: load and validate configuration, bind every listener,
+//! start the components, wait for a signal, drain.
+//!
+//! Order matters for operators: everything that can fail on bad input
+//! (configuration, listeners, certificates) fails before anything serves,
+//! with one line and a non-zero exit; after that, nothing but a signal stops
+//! the process.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dynamicproxy_redis::{CacheSyncConfig, RedisEndpoint, RouteCache, RouteStore, run_cache_sync};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::admin::{self, AdminState, CacheGauges, MaintenanceSwitch, ReadyCheck};
+use crate::cli::GlobalFlags;
+use crate::settings::{self, ConfigError, Settings};
+use crate::telemetry;
+
+/// Exit status for a configuration that cannot be used (EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+/// Exit status when a listener cannot be bound or a component cannot start.
+pub const EXIT_START: u8 = 1;
+/// The registrar's admin API when `--admin-listen` is not given (SPEC §1 names none).
+const REGISTRAR_ADMIN_LISTEN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9633);
+/// Longest wait for components to drain after the signal, on top of their own grace periods.
+const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+
+/// Which daemons to run in this process, with their own flags.
+#[derive(Default)]
+pub struct Selection {
+    /// Run the proxy (with these flags).
+    pub proxy: Option<dynamicproxy_proxy::Flags>,
+    /// Run the registrar (with these flags).
+    pub registrar: Option<dynamicproxy_registrar::Flags>,
+    /// Run kube-sync (with these flags).
+    pub kube_sync: Option<dynamicproxy_kube_sync::Flags>,
+    /// `dynamicproxy all`: kube-sync without a reachable Kubernetes configuration is skipped, not fatal.
+    pub all: bool,
+}
+
+impl Selection {
+    fn name(&self) -> &'static str {
+        match (&self.proxy, &self.registrar, &self.kube_sync, self.all) {
+            (_, _, _, true) => "all",
+            (Some(_), _, _, _) => "proxy",
+            (_, Some(_), _, _) => "registrar",
+            _ => "kube-sync",
+        }
+    }
+}
+
+/// The validated configuration of the selected daemons.
+struct Plan {
+    settings: Settings,
+    redis: RedisEndpoint,
+    proxy: Option<dynamicproxy_proxy::Config>,
+    registrar: Option<dynamicproxy_registrar::Config>,
+    kube_sync: Option<dynamicproxy_kube_sync::Config>,
+    admin_listen: SocketAddr,
+}
+
+/// Runs the selected daemons until SIGTERM/SIGINT.
+pub async fn run(global: GlobalFlags, selection: Selection) -> ExitCode {
+    let plan = match plan(&global, &selection) {
+        Ok(plan) => plan,
+        Err(e) => return fail(EXIT_CONFIG, e),
+    };
+    let log = match telemetry::init(plan.settings.log.format, &plan.settings.log.level) {
+        Ok(log) => log,
+        Err(e) => return fail(EXIT_CONFIG, e),
+    };
+    match start_and_serve(plan, selection, log).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Start(message)) => fail(EXIT_START, message),
+        Err(Failure::Runtime) => ExitCode::FAILURE,
+    }
+}
+
+fn plan(global: &GlobalFlags, selection: &Selection) -> Result<Plan, ConfigError> {
+    let mut flags: Vec<(&str, serde_json::Value)> = Vec::new();
+    let to_value = |v: serde_json::Result<serde_json::Value>| v.map_err(ConfigError::invalid);
+    if let Some(f) = &selection.proxy {
+        flags.push(("proxy", to_value(serde_json::to_value(f))?));
+    }
+    if let Some(f) = &selection.registrar {
+        flags.push(("registrar", to_value(serde_json::to_value(f))?));
+    }
+    if let Some(f) = &selection.kube_sync {
+        flags.push(("kube_sync", to_value(serde_json::to_value(f))?));
+    }
+    let flag_refs: Vec<(&str, &serde_json::Value)> = flags.iter().map(|(s, v)| (*s, v)).collect();
+    // The global --admin-listen belongs to the daemon being run; under `all`, to the proxy (one admin API).
+    let admin_sections: &[&str] = if selection.proxy.is_some() || selection.all {
+        &["proxy"]
+    } else if selection.kube_sync.is_some() {
+        &["kube_sync"]
+    } else {
+        &[]
+    };
+    let (settings, figment) = settings::load(global, &flag_refs, admin_sections)?;
+    let redis = settings.redis_endpoint()?;
+    let invalid = |e: &dyn std::fmt::Display| ConfigError::invalid(e);
+
+    let proxy: Option<dynamicproxy_proxy::Config> = if selection.proxy.is_some() || selection.all {
+        let config: dynamicproxy_proxy::Config = settings::section(&figment, "proxy")?;
+        config.validate().map_err(|e| invalid(&e))?;
+        Some(config)
+    } else {
+        None
+    };
+    let registrar: Option<dynamicproxy_registrar::Config> = if selection.registrar.is_some() || selection.all {
+        let config: dynamicproxy_registrar::Config = settings::section(&figment, "registrar")?;
+        config.validate().map_err(|e| invalid(&e))?;
+        Some(config)
+    } else {
+        None
+    };
+    let kube_sync: Option<dynamicproxy_kube_sync::Config> = if selection.kube_sync.is_some() || selection.all {
+        let config: dynamicproxy_kube_sync::Config = settings::section(&figment, "kube_sync")?;
+        config.validate().map_err(|e| invalid(&e))?;
+        Some(config)
+    } else {
+        None
+    };
+    let admin_listen = match (&proxy, &registrar, &kube_sync) {
+        (Some(p), _, _) => p.admin_listen,
+        // The registrar's section has no admin key; its admin API is on a fixed default unless the flag says otherwise.
+        (None, Some(_), _) => match &global.admin_listen {
+            Some(addr) => addr.parse().map_err(|e| ConfigError::invalid(format!("--admin-listen {addr:?}: {e}")))?,
+            None => REGISTRAR_ADMIN_LISTEN,
+        },
+        (None, None, Some(k)) => k.admin_listen,
+        (None, None, None) => return Err(ConfigError::invalid("no daemon selected")),
+    };
+    Ok(Plan { settings, redis, proxy, registrar, kube_sync, admin_listen })
+}
+
+enum Failure {
+    /// Could not start: one line for the operator.
+    Start(String),
+    /// A component failed while running; already logged.
+    Runtime,
+}
+
+async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, Failure> {
+    TcpListener::bind(addr).await.map_err(|e| Failure::Start(format!("cannot listen on {addr} ({key}): {e}")))
+}
+
+async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogControl) -> Result<(), Failure> {
+    let started = Instant::now();
+    let component = selection.name();
+    let shutdown = CancellationToken::new();
+    let mut registry = Registry::default();
+    let store = Arc::new(RouteStore::new(plan.redis.clone()));
+    let mut tasks: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
+    let mut cache = None;
+    let mut maintenance: Option<MaintenanceSwitch> = None;
+    let mut readiness: Vec<ReadyCheck> = Vec::new();
+
+    // Bind everything first, so a port in use stops the process before anything serves.
+    let proxy_listeners = match &plan.proxy {
+        Some(config) => Some(dynamicproxy_proxy::Listeners {
+            http: bind(config.http_listen, "[proxy] http_listen").await?,
+            https: match config.tls_enabled() {
+                true => Some(bind(config.https_listen, "[proxy] https_listen").await?),
+                false => None,
+            },
+            list: bind(config.list_listen, "[proxy] list_listen").await?,
+        }),
+        None => None,
+    };
+    let registrar_listener = match &plan.registrar {
+        Some(config) => Some(bind(config.listen, "[registrar] listen").await?),
+        None => None,
+    };
+    let admin_listener = bind(plan.admin_listen, "admin_listen").await?;
+
+    // kube-sync needs a client before it can run; under `all` a missing configuration only disables it.
+    let kube_client = match &plan.kube_sync {
+        Some(config) => match dynamicproxy_kube_sync::client_from_config(config).await {
+            Ok(client) => Some(client),
+            Err(e) if selection.all => {
+                warn!(error = %e, "kube-sync disabled: no usable Kubernetes configuration");
+                None
+            }
+            Err(e) => return Err(Failure::Start(format!("kube-sync: {e}"))),
+        },
+        None => None,
+    };
+
+    if let (Some(config), Some(listeners)) = (plan.proxy, proxy_listeners) {
+        let route_cache = RouteCache::new();
+        tasks.spawn(named(
+            "route cache",
+            run_cache_sync(CacheSyncConfig::new(plan.redis.clone()), route_cache.clone(), shutdown.child_token()),
+        ));
+        let metrics = Arc::new(dynamicproxy_proxy::Metrics::new(&mut registry));
+        let handle = dynamicproxy_proxy::ProxyHandle::new(&config);
+        let switch = handle.clone();
+        maintenance = Some(Arc::new(move |on| switch.set_maintenance(on)));
+        let ready_cache = route_cache.clone();
+        readiness.push(Arc::new(move || {
+            if ready_cache.is_loaded() { Ok(()) } else { Err("route table not loaded from Redis yet".into()) }
+        }));
+        let token = shutdown.child_token();
+        let proxy_cache = route_cache.clone();
+        tasks.spawn(async move {
+            let result = dynamicproxy_proxy::run(config, listeners, proxy_cache, metrics, handle, token).await;
+            ("proxy", result.map_err(|e| e.to_string()))
+        });
+        cache = Some(route_cache);
+    }
+    if let (Some(config), Some(listener)) = (plan.registrar, registrar_listener) {
+        let metrics = Arc::new(dynamicproxy_registrar::Metrics::new(&mut registry));
+        let (store, token) = (store.clone(), shutdown.child_token());
+        tasks.spawn(async move {
+            let result = dynamicproxy_registrar::run(config, listener, store, metrics, token).await;
+            ("registrar", result.map_err(|e| e.to_string()))
+        });
+    }
+    if let (Some(config), Some(client)) = (plan.kube_sync, kube_client) {
+        let metrics = Arc::new(dynamicproxy_kube_sync::Metrics::new(&mut registry));
+        let (store, token) = (store.clone(), shutdown.child_token());
+        tasks.spawn(async move {
+            let result = dynamicproxy_kube_sync::run(config, client, store, metrics, token).await;
+            ("kube-sync", result.map_err(|e| e.to_string()))
+        });
+    }
+
+    let cache_gauges = cache.as_ref().map(|_| CacheGauges::register(&mut registry));
+    let state = AdminState {
+        component,
+        registry: Arc::new(registry),
+        cache_gauges,
+        cache,
+        redis: plan.redis.clone(),
+        started,
+        log,
+        maintenance,
+        ready: Arc::new(move || readiness.iter().try_for_each(|check| check())),
+    };
+    let admin_token = shutdown.child_token();
+    tasks.spawn(async move {
+        let result = admin::serve(admin_listener, state, admin_token).await;
+        ("admin API", result.map_err(|e| e.to_string()))
+    });
+    info!(component, redis = %plan.redis, admin = %plan.admin_listen, "dynamicproxy started");
+
+    let signal = tokio::spawn(crate::shutdown::shutdown_signal(shutdown.clone()));
+    let mut failed = false;
+    // Until the signal, any component that stops is a failure: stop the others too.
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((name, Ok(()))) if shutdown.is_cancelled() => info!(component = name, "stopped"),
+            Ok((name, Ok(()))) => {
+                error!(component = name, "stopped unexpectedly; shutting down");
+                failed = true;
+                shutdown.cancel();
+            }
+            Ok((name, Err(e))) => {
+                error!(component = name, error = %e, "failed; shutting down");
+                failed = true;
+                shutdown.cancel();
+            }
+            Err(e) => {
+                error!(error = %e, "a component panicked; shutting down");
+                failed = true;
+                shutdown.cancel();
+            }
+        }
+        if shutdown.is_cancelled() && !tasks.is_empty() {
+            if tokio::time::timeout(DRAIN_LIMIT, drain(&mut tasks)).await.is_err() {
+                warn!(left = tasks.len(), "components did not stop within {DRAIN_LIMIT:?}; exiting anyway");
+            }
+            break;
+        }
+    }
+    signal.abort();
+    if failed { Err(Failure::Runtime) } else { Ok(()) }
+}
+
+async fn drain(tasks: &mut JoinSet<(&'static str, Result<(), String>)>) {
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((name, Ok(()))) => info!(component = name, "stopped"),
+            Ok((name, Err(e))) => error!(component = name, error = %e, "failed while stopping"),
+            Err(e) => error!(error = %e, "a component panicked while stopping"),
+        }
+    }
+}
+
+async fn named(name: &'static str, task: impl std::future::Future<Output = ()>) -> (&'static str, Result<(), String>) {
+    task.await;
+    (name, Ok(()))
+}
+
+fn fail(code: u8, error: impl std::fmt::Display) -> ExitCode {
+    eprintln!("dynamicproxy: {error}");
+    ExitCode::from(code)
+}
