@@ -50,7 +50,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The HTTP/HTTPS edge proxy, the /list API and the admin API.
-    Proxy(ProxyCommand),
+    Proxy(Box<ProxyCommand>),
     /// The TCP registration server for grid webservices (port 8282).
     Registrar(RegistrarCommand),
     /// Keeps the route table in step with Kubernetes Services.
