@@ -4,14 +4,16 @@
 use std::sync::atomic::AtomicU64;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use std::fmt::Write;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// The kind of a Service event, as counted in `kube_sync_events_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventType {
     /// A Service appeared while watching.
     Added,
@@ -23,6 +25,25 @@ pub enum EventType {
     Listed,
     /// A (re)list completed.
     Relisted,
+}
+
+impl EventType {
+    /// The label value: `added`, `modified`, `deleted`, `listed` or `relisted`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Added => "added",
+            EventType::Modified => "modified",
+            EventType::Deleted => "deleted",
+            EventType::Listed => "listed",
+            EventType::Relisted => "relisted",
+        }
+    }
+}
+
+impl EncodeLabelValue for EventType {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
 }
 
 /// Label set of `kube_sync_events_total`.

@@ -1,0 +1,516 @@
+//! kube-sync end to end: a fake Kubernetes API server over real HTTP, a real
+//! redis-server, and the route table as a user of Redis sees it.
+
+mod fake_apiserver;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dynamicproxy_kube_sync::{Config, Error, Metrics, client_from_config, run};
+use dynamicproxy_redis::RouteStore;
+use dynamicproxy_test_support::{RedisServer, eventually};
+use fake_apiserver::{FakeApiServer, GoneStyle, service, with_label, without_label};
+use prometheus_client::registry::Registry;
+use redis::Commands;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// kube-sync running in the test's runtime.
+struct KubeSync {
+    metrics: Arc<Metrics>,
+    registry: Registry,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), Error>>,
+}
+
+impl KubeSync {
+    fn start(api: &FakeApiServer, redis: &RedisServer, config: Config) -> Self {
+        Self::start_with_client(api.client(), redis, config)
+    }
+
+    fn start_with_client(client: kube::Client, redis: &RedisServer, config: Config) -> Self {
+        let mut registry = Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let store = Arc::new(RouteStore::new(redis.url().parse().expect("redis url")));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(config, client, store, metrics.clone(), shutdown.clone()));
+        KubeSync { metrics, registry, shutdown, task }
+    }
+
+    fn metrics_text(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("encode metrics");
+        text
+    }
+
+    /// Stops it and checks it ends cleanly (it never ends by itself).
+    async fn stop(self) {
+        assert!(!self.task.is_finished(), "kube-sync exited on its own");
+        self.shutdown.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(15), self.task)
+            .await
+            .expect("kube-sync stops within 15 s of shutdown")
+            .expect("kube-sync task did not panic");
+        assert!(result.is_ok(), "kube-sync returned {result:?}");
+    }
+}
+
+fn hgetall(redis: &RedisServer, key: &str) -> BTreeMap<String, String> {
+    redis.client().hgetall(key).unwrap_or_default()
+}
+
+fn members(redis: &RedisServer) -> BTreeSet<String> {
+    redis.client().smembers("k8s_services").unwrap_or_default()
+}
+
+fn routes(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// Waits until `key` holds exactly `expected`.
+async fn wait_routes(redis: &RedisServer, key: &str, expected: &[(&str, &str)]) {
+    let expected = routes(expected);
+    let what = format!("{key} = {expected:?}");
+    eventually(WAIT, &what, || {
+        let now = hgetall(redis, key);
+        let ok = now == expected;
+        async move { ok.then_some(()) }
+    })
+    .await;
+}
+
+/// Waits until `k8s_services` holds exactly `expected`.
+async fn wait_members(redis: &RedisServer, expected: &[&str]) {
+    let expected = set(expected);
+    let what = format!("k8s_services = {expected:?}");
+    eventually(WAIT, &what, || {
+        let ok = members(redis) == expected;
+        async move { ok.then_some(()) }
+    })
+    .await;
+}
+
+async fn wait_synced(kube_sync: &KubeSync) {
+    eventually(WAIT, "a completed sync", || {
+        let ok = kube_sync.metrics.last_successful_sync().is_some();
+        async move { ok.then_some(()) }
+    })
+    .await;
+}
+
+fn three_services(api: &FakeApiServer) {
+    api.apply(service("tool-foo", "foo", "10.0.0.1", &[("", 8000)]));
+    api.apply(with_label(
+        service("tool-bar", "bar", "10.0.0.2", &[("metrics", 9100), ("http", 8080)]),
+        "toollabs-proxy-path",
+        "api",
+    ));
+    api.apply(service("tool-baz", "baz", "10.0.0.3", &[("web", 80), ("other", 81)]));
+    // Not selected: no toolforge=tool label.
+    api.apply(without_label(service("kube-system", "dns", "10.0.0.10", &[("dns", 53)]), "toolforge"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_sync_writes_every_selected_service() {
+    let api = FakeApiServer::start().await;
+    let redis = RedisServer::start();
+    three_services(&api);
+    let kube_sync = KubeSync::start(&api, &redis, Config::default());
+
+    wait_members(&redis, &["tool-foo/foo/.*", "tool-bar/bar/api.*", "tool-baz/baz/.*"]).await;
+    wait_routes(&redis, "prefix:foo", &[(".*", "http://10.0.0.1:8000")]).await;
+    wait_routes(&redis, "prefix:bar", &[("/api.*", "http://10.0.0.2:8080")]).await;
+    wait_routes(&redis, "prefix:baz", &[(".*", "http://10.0.0.3:80")]).await;
+    assert!(hgetall(&redis, "prefix:dns").is_empty(), "a Service outside the selector got a route");
+    wait_synced(&kube_sync).await;
+
+    let requests = api.requests();
+    assert!(requests[0].contains("labelSelector=toolforge%3Dtool"), "{requests:?}");
+    let text = kube_sync.metrics_text();
+    for line in [
+        "kube_sync_events_total{type=\"listed\"} 3",
+        "kube_sync_events_total{type=\"relisted\"} 1",
+        "kube_sync_owned_routes 3",
+        "kube_sync_redis_connected 1",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    kube_sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_events_add_modify_and_delete_routes() {
+    let api = FakeApiServer::start().await;
+    let redis = RedisServer::start();
+    api.apply(service("tool-foo", "foo", "10.0.0.1", &[("", 8000)]));
+    let kube_sync = KubeSync::start(&api, &redis, Config::default());
+    wait_members(&redis, &["tool-foo/foo/.*"]).await;
+    wait_synced(&kube_sync).await;
+
+    // ADDED
+    api.apply(service("tool-new", "new", "10.0.0.5", &[("http", 8000)]));
+    wait_routes(&redis, "prefix:new", &[(".*", "http://10.0.0.5:8000")]).await;
+    wait_members(&redis, &["tool-foo/foo/.*", "tool-new/new/.*"]).await;
+
+    // A BOOKMARK moves the watch along without a relist.
+    api.bookmark();
+
+    // MODIFIED: new cluster IP and port.
+    api.apply(service("tool-new", "new", "10.0.0.6", &[("http", 9000)]));
+    wait_routes(&redis, "prefix:new", &[(".*", "http://10.0.0.6:9000")]).await;
+
+    // DELETED
+    assert!(api.delete("tool-new", "new"));
+    wait_members(&redis, &["tool-foo/foo/.*"]).await;
+    wait_routes(&redis, "prefix:new", &[]).await;
+    assert_eq!(hgetall(&redis, "prefix:foo"), routes(&[(".*", "http://10.0.0.1:8000")]));
+
+    // A Service whose labels stop matching the selector leaves like a deletion.
+    api.apply(without_label(service("tool-foo", "foo", "10.0.0.1", &[("", 8000)]), "toolforge"));
+    wait_members(&redis, &[]).await;
+    wait_routes(&redis, "prefix:foo", &[]).await;
+
+    assert_eq!(api.list_count(), 1, "no relist was needed: {:?}", api.requests());
+    let text = kube_sync.metrics_text();
+    for line in [
+        "kube_sync_events_total{type=\"added\"} 1",
+        "kube_sync_events_total{type=\"modified\"} 1",
+        "kube_sync_events_total{type=\"deleted\"} 2",
+        "kube_sync_owned_routes 0",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    kube_sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_path_label_moves_the_route() {
+    let api = FakeApiServer::start().await;
+    let redis = RedisServer::start();
+    let base = service("tool-foo", "foo", "10.0.0.1", &[("", 8000)]);
+    api.apply(base.clone());
+    let kube_sync = KubeSync::start(&api, &redis, Config::default());
+    wait_routes(&redis, "prefix:foo", &[(".*", "http://10.0.0.1:8000")]).await;
+
+    api.apply(with_label(base.clone(), "toollabs-proxy-path", "api"));
+    wait_routes(&redis, "prefix:foo", &[("/api.*", "http://10.0.0.1:8000")]).await;
+    wait_members(&redis, &["tool-foo/foo/api.*"]).await;
+
+    api.apply(with_label(base.clone(), "toollabs-proxy-path", "v2"));
+    wait_routes(&redis, "prefix:foo", &[("/v2.*", "http://10.0.0.1:8000")]).await;
+    wait_members(&redis, &["tool-foo/foo/v2.*"]).await;
+
+    api.apply(base);
+    wait_routes(&redis, "prefix:foo", &[(".*", "http://10.0.0.1:8000")]).await;
+    wait_members(&redis, &["tool-foo/foo/.*"]).await;
+    kube_sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_deleted_while_down_is_removed_and_others_are_left_alone() {
+    let api = FakeApiServer::start().await;
+    let redis = RedisServer::start();
+    {
+        let mut c = redis.client();
+        // Left by an earlier run: a Service that has since been deleted.
+        let _: () = c.hset("prefix:gone", ".*", "http://10.0.0.99:8000").unwrap();
+        let _: () = c.sadd("k8s_services", "tool-gone/gone/.*").unwrap();
+        // A grid registration of the same tool, and of another tool: not ours.
+        let _: () = c.hset("prefix:gone", "/grid.*", "http://tools-webgrid-1:33555").unwrap();
+        let _: () = c.hset("prefix:gridtool", ".*", "http://tools-webgrid-2:41000").unwrap();
+        let _: () = c.hset("redirect:gridtool", ".*", "gridtool.toolforge.org").unwrap();
+        // An operator's fallback route.
+        let _: () = c.hset("prefix:admin", "/.*", "http://admin.example:80").unwrap();
+        // A member in an unknown format: not understood, never deleted.
+        let _: () = c.sadd("k8s_services", "garbage").unwrap();
+        // A route of a live Service, owned from before, with a stale backend.
+        let _: () = c.hset("prefix:foo", ".*", "http://10.0.0.50:8000").unwrap();
+        let _: () = c.hset("prefix:foo", "/legacy.*", "http://tools-webgrid-1:33556").unwrap();
+        let _: () = c.sadd("k8s_services", "tool-foo/foo/.*").unwrap();
+    }
+    api.apply(service("tool-foo", "foo", "10.0.0.1", &[("", 8000)]));
+    let kube_sync = KubeSync::start(&api, &redis, Config::default());
+
+    wait_members(&redis, &["tool-foo/foo/.*", "garbage"]).await;
+    wait_routes(&redis, "prefix:gone", &[("/grid.*", "http://tools-webgrid-1:33555")]).await;
+    wait_routes(&redis, "prefix:foo", &[(".*", "http://10.0.0.1:8000"), ("/legacy.*", "http://tools-webgrid-1:33556")])
+        .await;
+    assert_eq!(hgetall(&redis, "prefix:gridtool"), routes(&[(".*", "http://tools-webgrid-2:41000")]));
+    assert_eq!(hgetall(&redis, "redirect:gridtool"), routes(&[(".*", "gridtool.toolforge.org")]));
+    assert_eq!(hgetall(&redis, "prefix:admin"), routes(&[("/.*", "http://admin.example:80")]));
+
+    // Deleting the live Service removes only its own route.
+    api.delete("tool-foo", "foo");
+    wait_routes(&redis, "prefix:foo", &[("/legacy.*", "http://tools-webgrid-1:33556")]).await;
+    wait_members(&redis, &["garbage"]).await;
+    assert_eq!(hgetall(&redis, "prefix:gridtool"), routes(&[(".*", "http://tools-webgrid-2:41000")]));
+    kube_sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_errors_mid_watch_are_retried_and_changes_caught_up() {
+    let api = FakeApiServer::start().await;
+    let redis = RedisServer::start();
+    three_services(&api);
+    let kube_sync = KubeSync::start(&api, &redis, Config::default());
+    wait_members(&redis, &["tool-foo/foo/.*", "tool-bar/bar/api.*", "tool-baz/baz/.*"]).await;
+    wait_synced(&kube_sync).await;
+
+    // 500s: open watches are cut and every request fails for a while.
+    api.set_failing(true);
+    let failed_before = api.requests().len();
+    api.apply(service("tool-new", "new", "10.0.0.7", &[("", 8000)]));
+    api.delete("tool-baz", "baz");
+    eventually(WAIT, "kube-sync retrying against the failing server", || {
+        let retried = api.requests().len() > failed_before;
+        async move { retried.then_some(()) }
+    })
+    .await;
+    assert!(hgetall(&redis, "prefix:foo").contains_key(".*"), "routes must survive an API outage");
+    api.set_failing(false);
+    wait_members(&redis, &["tool-foo/foo/.*", "tool-bar/bar/api.*", "tool-new/new/.*"]).await;
+    wait_routes(&redis, "prefix:baz", &[]).await;
+    wait_routes(&redis, "prefix:new", &[(".*", "http://10.0.0.7:8000")]).await;
+
+    // The API server unreachable altogether (connections refused), then back.
+    api.go_offline().await;
+    api.apply(service("tool-later", "later", "10.0.0.8", &[("", 8000)]));
+    tokio::time::sleep(Duration::from_millis(500)).await; // let a reconnect attempt fail
+    api.go_online().await;
+    wait_routes(&redis, "prefix:later", &[(".*", "http://10.0.0.8:8000")]).await;
+    assert!(hgetall(&redis, "prefix:foo").contains_key(".*"));
+
+    let text = kube_sync.metrics_text();
+    assert!(!text.contains("kube_sync_watch_errors_total 0"), "errors were not counted:\n{text}");
+    kube_sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_watch_relists_and_reconciles() {
+    for style in [GoneStyle::ErrorEvent, GoneStyle::HttpStatus] {
+        let api = FakeApiServer::start().await;
+        api.set_gone_style(style);
+        let redis = RedisServer::start();
+        three_services(&api);
+        let kube_sync = KubeSync::start(&api, &redis, Config::default());
+        wait_members(&redis, &["tool-foo/foo/.*", "tool-bar/bar/api.*", "tool-baz/baz/.*"]).await;
+        wait_synced(&kube_sync).await;
+        assert_eq!(api.list_count(), 1);
+
+        // The history the watch would resume from is gone, and a Service is
+        // deleted in between: only a relist can tell.
+        api.compact();
+        api.delete("tool-baz", "baz");
+        api.apply(service("tool-foo", "foo", "10.0.0.11", &[("", 8000)]));
+        api.drop_watches();
+
+        wait_members(&redis, &["tool-foo/foo/.*", "tool-bar/bar/api.*"]).await;
+        wait_routes(&redis, "prefix:baz", &[]).await;
+        wait_routes(&redis, "prefix:foo", &[(".*", "http://10.0.0.11:8000")]).await;
+        assert!(api.list_count() >= 2, "{style:?}: no relist in {:?}", api.requests());
+        eventually(WAIT, "the relist counted", || {
+            let n = kube_sync.metrics.events(dynamicproxy_kube_sync::metrics::EventType::Relisted);
+            async move { (n >= 2).then_some(()) }
+        })
+        .await;
+        kube_sync.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_cut_short_deletes_nothing() {
+    let api = FakeApiServer::start().await;
+    let redis = RedisServer::start();
+    // More than one page (kube lists 500 at a time).
+    for i in 0..600 {
+        api.apply(service(&format!("tool-t{i}"), &format!("t{i}"), "10.0.1.1", &[("", 8000 + (i % 100) as u16)]));
+    }
+    {
+        // Owned routes of Services that do not exist: a complete list removes them.
+        let mut c = redis.client();
+        let _: () = c.hset("prefix:stale", ".*", "http://10.0.0.99:8000").unwrap();
+        let _: () = c.sadd("k8s_services", "tool-stale/stale/.*").unwrap();
+    }
+    api.set_fail_continue(true);
+    let kube_sync = KubeSync::start(&api, &redis, Config::default());
+    eventually(WAIT, "two lists failing on their second page", || {
+        let failed = api.requests().iter().filter(|r| r.contains("continue=")).count();
+        async move { (failed >= 2).then_some(()) }
+    })
+    .await;
+    assert_eq!(members(&redis), set(&["tool-stale/stale/.*"]), "a cut-short list changed the owned set");
+    assert_eq!(hgetall(&redis, "prefix:stale"), routes(&[(".*", "http://10.0.0.99:8000")]));
+    assert!(kube_sync.metrics.last_successful_sync().is_none());
+
+    api.set_fail_continue(false);
+    wait_routes(&redis, "prefix:stale", &[]).await;
+    eventually(WAIT, "600 owned routes", || {
+        let n = members(&redis).len();
+        async move { (n == 600).then_some(()) }
+    })
+    .await;
+    wait_routes(&redis, "prefix:t599", &[(".*", "http://10.0.1.1:8099")]).await;
+
+    // The same on a relist: a cut-short relist keeps every route.
+    api.set_fail_continue(true);
+    api.compact();
+    api.delete("tool-t0", "t0");
+    api.drop_watches();
+    let failed_before = api.requests().iter().filter(|r| r.contains("continue=")).count();
+    eventually(WAIT, "a relist failing on its second page", || {
+        let failed = api.requests().iter().filter(|r| r.contains("continue=")).count();
+        async move { (failed > failed_before).then_some(()) }
+    })
+    .await;
+    assert_eq!(members(&redis).len(), 600, "a cut-short relist deleted routes");
+    api.set_fail_continue(false);
+    eventually(WAIT, "the deleted Service removed after a complete relist", || {
+        let n = members(&redis).len();
+        async move { (n == 599).then_some(()) }
+    })
+    .await;
+    wait_routes(&redis, "prefix:t0", &[]).await;
+    kube_sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_holds_changes_until_redis_is_back() {
+    let api = FakeApiServer::start().await;
+    let mut redis = RedisServer::start();
+    three_services(&api);
+    let kube_sync = KubeSync::start(&api, &redis, Config::default());
+    wait_members(&redis, &["tool-foo/foo/.*", "tool-bar/bar/api.*", "tool-baz/baz/.*"]).await;
+    wait_synced(&kube_sync).await;
+
+    redis.stop();
+    api.apply(service("tool-new", "new", "10.0.0.7", &[("", 8000)]));
+    api.delete("tool-baz", "baz");
+    eventually(WAIT, "kube-sync noticing Redis is down", || {
+        let down = kube_sync.metrics_text().contains("kube_sync_redis_connected 0");
+        async move { down.then_some(()) }
+    })
+    .await;
+    assert!(kube_sync.metrics.events(dynamicproxy_kube_sync::metrics::EventType::Deleted) >= 1);
+
+    // Redis comes back empty (restart without persistence): everything is rewritten.
+    redis.restart();
+    wait_members(&redis, &["tool-foo/foo/.*", "tool-bar/bar/api.*", "tool-new/new/.*"]).await;
+    wait_routes(&redis, "prefix:foo", &[(".*", "http://10.0.0.1:8000")]).await;
+    wait_routes(&redis, "prefix:bar", &[("/api.*", "http://10.0.0.2:8080")]).await;
+    wait_routes(&redis, "prefix:new", &[(".*", "http://10.0.0.7:8000")]).await;
+    assert!(hgetall(&redis, "prefix:baz").is_empty());
+    eventually(WAIT, "redis reported connected again", || {
+        let up = kube_sync.metrics_text().contains("kube_sync_redis_connected 1");
+        async move { up.then_some(()) }
+    })
+    .await;
+    kube_sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_while_redis_is_down() {
+    let api = FakeApiServer::start().await;
+    let mut redis = RedisServer::start();
+    redis.stop();
+    three_services(&api);
+    let kube_sync = KubeSync::start(&api, &redis, Config::default());
+    eventually(WAIT, "the list done while Redis is down", || {
+        let n = kube_sync.metrics.events(dynamicproxy_kube_sync::metrics::EventType::Relisted);
+        async move { (n >= 1).then_some(()) }
+    })
+    .await;
+    redis.restart();
+    wait_members(&redis, &["tool-foo/foo/.*", "tool-bar/bar/api.*", "tool-baz/baz/.*"]).await;
+    wait_synced(&kube_sync).await;
+    kube_sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headless_and_portless_services_get_no_route() {
+    let api = FakeApiServer::start().await;
+    let redis = RedisServer::start();
+    api.apply(service("tool-headless", "headless", "None", &[("http", 8000)]));
+    api.apply(service("tool-noports", "noports", "10.0.0.3", &[]));
+    let mut external = service("tool-ext", "ext", "", &[("", 80)]);
+    external["spec"] = serde_json::json!({"type": "ExternalName", "externalName": "example.org"});
+    api.apply(external);
+    api.apply(service("tool-foo", "foo", "10.0.0.1", &[("", 8000)]));
+    let kube_sync = KubeSync::start(&api, &redis, Config::default());
+    wait_members(&redis, &["tool-foo/foo/.*"]).await;
+    wait_synced(&kube_sync).await;
+    for tool in ["headless", "noports", "ext"] {
+        assert!(hgetall(&redis, &format!("prefix:{tool}")).is_empty(), "{tool} got a route");
+    }
+    assert!(kube_sync.metrics_text().contains("kube_sync_skipped_services 3"));
+
+    // A routed Service turned headless loses its route; back to a cluster IP, it returns.
+    api.apply(service("tool-foo", "foo", "None", &[("", 8000)]));
+    wait_members(&redis, &[]).await;
+    wait_routes(&redis, "prefix:foo", &[]).await;
+    api.apply(service("tool-foo", "foo", "10.0.0.2", &[("", 8000)]));
+    wait_routes(&redis, "prefix:foo", &[(".*", "http://10.0.0.2:8000")]).await;
+    kube_sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_namespace_reconciles_only_its_own_routes() {
+    let api = FakeApiServer::start().await;
+    let redis = RedisServer::start();
+    three_services(&api);
+    {
+        let mut c = redis.client();
+        // Owned by an instance watching another namespace.
+        let _: () = c.hset("prefix:other", ".*", "http://10.0.9.9:8000").unwrap();
+        let _: () = c.sadd("k8s_services", "tool-other/other/.*").unwrap();
+    }
+    let config = Config { namespace: Some("tool-foo".into()), ..Config::default() };
+    let kube_sync = KubeSync::start(&api, &redis, config);
+    wait_members(&redis, &["tool-foo/foo/.*", "tool-other/other/.*"]).await;
+    wait_synced(&kube_sync).await;
+    assert!(hgetall(&redis, "prefix:bar").is_empty());
+    assert_eq!(hgetall(&redis, "prefix:other"), routes(&[(".*", "http://10.0.9.9:8000")]));
+    assert!(api.requests()[0].starts_with("/api/v1/namespaces/tool-foo/services?"), "{:?}", api.requests());
+    kube_sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_with_a_kubeconfig_file() {
+    let api = FakeApiServer::start().await;
+    let redis = RedisServer::start();
+    api.apply(service("tool-foo", "foo", "10.0.0.1", &[("", 8000)]));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kubeconfig");
+    std::fs::write(&path, api.kubeconfig()).unwrap();
+    let config = Config { kubeconfig: Some(path), ..Config::default() };
+    let client = client_from_config(&config).await.expect("client from kubeconfig");
+    let kube_sync = KubeSync::start_with_client(client, &redis, config);
+    wait_routes(&redis, "prefix:foo", &[(".*", "http://10.0.0.1:8000")]).await;
+    kube_sync.stop().await;
+
+    let missing = Config { kubeconfig: Some(dir.path().join("nope")), ..Config::default() };
+    let err = client_from_config(&missing).await.err().expect("a missing kubeconfig is an error").to_string();
+    assert!(err.contains("nope"), "the error names the file: {err}");
+    std::fs::write(dir.path().join("bad"), "clusters: [[[").unwrap();
+    let bad = Config { kubeconfig: Some(dir.path().join("bad")), ..Config::default() };
+    let err = client_from_config(&bad).await.err().expect("a broken kubeconfig is an error").to_string();
+    assert!(err.contains("bad"), "the error names the file: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_configuration_is_refused_at_start() {
+    let api = FakeApiServer::start().await;
+    let redis = RedisServer::start();
+    let config = Config { namespace: Some("Not A Namespace".into()), ..Config::default() };
+    let kube_sync = KubeSync::start(&api, &redis, config);
+    let result = tokio::time::timeout(WAIT, kube_sync.task).await.unwrap().unwrap();
+    let err = result.expect_err("invalid namespace refused").to_string();
+    assert!(err.contains("[kube_sync] namespace = \"Not A Namespace\""), "{err}");
+    assert!(api.requests().is_empty());
+}
