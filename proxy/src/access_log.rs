@@ -69,9 +69,9 @@ impl AccessLog {
     /// Queues one line.
     pub fn log(&self, entry: &Entry<'_>) {
         let mut line = String::with_capacity(160);
-        let _ = write!(
+        let _ = writeln!(
             line,
-            "{} {} \"{} {}\" {} {} upstream={} upstream_time={} time={:.3} tool={}\n",
+            "{} {} \"{} {}\" {} {} upstream={} upstream_time={} time={:.3} tool={}",
             entry.client.ip(),
             entry.host,
             entry.method,

@@ -65,10 +65,13 @@ pub struct Config {
     pub max_body_size: u64,
     /// Seconds to wait for a TCP connection to a backend; then 504. Default 10.
     pub connect_timeout_secs: u64,
-    /// Seconds a connection (client or backend) may stay silent in the middle of an
-    /// exchange before it is cut; a backend that is silent that long gets 504. Default 3600,
-    /// for long-running tools and WebSockets.
+    /// Seconds a backend may stay silent (before its response head or within its body)
+    /// before the exchange is cut; before the head that is a 504. Default 3600, for
+    /// long-running tools and WebSockets.
     pub read_timeout_secs: u64,
+    /// Seconds a client connection may see no traffic in either direction while a
+    /// request or tunnel is open. Default 3600.
+    pub client_timeout_secs: u64,
     /// Seconds a client has to send a complete request head (slow-client protection). Default 60.
     pub header_timeout_secs: u64,
     /// Seconds a client has to complete a TLS handshake. Default 10.
@@ -112,6 +115,7 @@ impl Default for Config {
             max_body_size: 128 * 1024 * 1024,
             connect_timeout_secs: 10,
             read_timeout_secs: 3600,
+            client_timeout_secs: 3600,
             header_timeout_secs: 60,
             tls_handshake_timeout_secs: 10,
             shutdown_grace_secs: 30,
@@ -173,6 +177,7 @@ impl Config {
         for (key, value) in [
             ("connect_timeout_secs", self.connect_timeout_secs),
             ("read_timeout_secs", self.read_timeout_secs),
+            ("client_timeout_secs", self.client_timeout_secs),
             ("header_timeout_secs", self.header_timeout_secs),
             ("tls_handshake_timeout_secs", self.tls_handshake_timeout_secs),
         ] {
@@ -292,10 +297,14 @@ pub struct Flags {
     #[arg(long = "connect-timeout-secs", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connect_timeout_secs: Option<u64>,
-    /// Idle read timeout in seconds, both sides [default: 3600]
+    /// Backend idle read timeout in seconds [default: 3600]
     #[arg(long = "read-timeout-secs", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub read_timeout_secs: Option<u64>,
+    /// Client connection idle timeout in seconds [default: 3600]
+    #[arg(long = "client-timeout-secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_timeout_secs: Option<u64>,
     /// Time a client has to send a request head, in seconds [default: 60]
     #[arg(long = "header-timeout-secs", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]

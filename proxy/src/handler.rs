@@ -152,7 +152,7 @@ async fn respond(
         return Ok(text_response(StatusCode::OK, "proxy ok!"));
     }
     // 2. Host, and the request's own well-formedness.
-    let raw_host = request_host(&req).ok_or(ProxyError::BadRequest("missing Host"))?;
+    let raw_host = request_host(&req)?;
     let raw_host_str = raw_host.to_str().map_err(|_| ProxyError::BadRequest("bad Host"))?;
     let host = normalize_host(raw_host_str).map_err(|_| ProxyError::BadRequest("bad Host"))?;
     let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
@@ -214,13 +214,18 @@ async fn respond(
 }
 
 /// The Host a request names: the `Host` header for HTTP/1, `:authority` for HTTP/2.
-fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
+fn request_host(req: &Request<Incoming>) -> Result<HeaderValue, ProxyError> {
     if req.version() == Version::HTTP_2
         && let Some(authority) = req.uri().authority()
     {
-        return HeaderValue::from_str(authority.as_str()).ok();
+        return HeaderValue::from_str(authority.as_str()).map_err(|_| ProxyError::BadRequest("bad Host"));
     }
-    req.headers().get(header::HOST).cloned()
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(host), None) => Ok(host.clone()),
+        (None, _) => Err(ProxyError::BadRequest("missing Host")),
+        (Some(_), Some(_)) => Err(ProxyError::BadRequest("several Host headers")),
+    }
 }
 
 /// The upgrade protocol, when the client asks for one (`Connection: upgrade` + `Upgrade`).
@@ -377,7 +382,14 @@ fn apply_policy(shared: &Shared, conn: &ConnInfo, response: &mut Response<ProxyB
 pub(crate) fn error_response(pages: &Pages, error: &ProxyError) -> Response<ProxyBody> {
     match error.page() {
         Some(page) => page_response(pages, error.status(), page),
-        None => text_response(error.status(), error.text()),
+        None => {
+            let mut response = text_response(error.status(), error.text());
+            if matches!(error, ProxyError::BadRequest(_) | ProxyError::ClientBody(_) | ProxyError::BodyTooLarge) {
+                // Whatever follows on this connection cannot be trusted to be framed right.
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
+        }
     }
 }
 

@@ -179,7 +179,7 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let settings = server::ServeSettings {
         header_timeout: Config::secs(config.header_timeout_secs),
-        read_timeout: Config::secs(config.read_timeout_secs),
+        client_timeout: Config::secs(config.client_timeout_secs),
         handshake_timeout: Config::secs(config.tls_handshake_timeout_secs),
         limit: Arc::new(Semaphore::new(config.max_connections)),
         tracker: tracker.clone(),
@@ -200,7 +200,7 @@ pub async fn run(
         cache.clone(),
         tracker.clone(),
         shutdown.clone(),
-        Config::secs(config.read_timeout_secs),
+        Config::secs(config.client_timeout_secs),
     ));
     tokio::spawn(housekeeping(shared.clone(), cache, metrics, background.clone()));
 

@@ -2,7 +2,7 @@
 //! Referer block lists, and a per-client-IP rate limit.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -149,9 +149,7 @@ impl RateLimiter {
     /// Records a request from `client` at `now`; false when over the limit.
     pub fn allow(&self, client: IpAddr, now: Instant) -> bool {
         let t = now.saturating_duration_since(self.epoch);
-        let mut hasher = self.hasher.build_hasher();
-        client.hash(&mut hasher);
-        let shard = &self.shards[hasher.finish() as usize % SHARDS];
+        let shard = &self.shards[self.hasher.hash_one(client) as usize % SHARDS];
         let Ok(mut map) = shard.lock() else { return true };
         let tat = map.get(&client).copied().unwrap_or(t).max(t);
         if tat - t > self.tolerance {

@@ -29,7 +29,7 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 #[derive(Clone)]
 pub(crate) struct ServeSettings {
     pub header_timeout: Duration,
-    pub read_timeout: Duration,
+    pub client_timeout: Duration,
     pub handshake_timeout: Duration,
     pub limit: Arc<Semaphore>,
     pub tracker: TaskTracker,
@@ -101,7 +101,7 @@ async fn serve_tcp(
     match tls {
         None => {
             let flags = Arc::new(SmuggleFlags::default());
-            let io = IdleIo::new(SniffIo::new(stream, flags.clone()), settings.read_timeout);
+            let io = IdleIo::new(SniffIo::new(stream, flags.clone()), settings.client_timeout);
             let conn = Arc::new(ConnInfo { client, port, tls: false, smuggle: Some(flags) });
             serve_http1(io, conn, shared, &settings).await;
         }
@@ -123,12 +123,12 @@ async fn serve_tcp(
             };
             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
             if h2 {
-                let io = IdleIo::new(tls_stream, settings.read_timeout);
+                let io = IdleIo::new(tls_stream, settings.client_timeout);
                 let conn = Arc::new(ConnInfo { client, port, tls: true, smuggle: None });
                 serve_http2(io, conn, shared, &settings).await;
             } else {
                 let flags = Arc::new(SmuggleFlags::default());
-                let io = IdleIo::new(SniffIo::new(tls_stream, flags.clone()), settings.read_timeout);
+                let io = IdleIo::new(SniffIo::new(tls_stream, flags.clone()), settings.client_timeout);
                 let conn = Arc::new(ConnInfo { client, port, tls: true, smuggle: Some(flags) });
                 serve_http1(io, conn, shared, &settings).await;
             }
