@@ -30,9 +30,6 @@ pub struct GlobalFlags {
     /// Log line format [default: text].
     #[arg(long, global = true, value_enum)]
     pub log_format: Option<LogFormat>,
-    /// Address of this daemon's admin API (metrics, health, runtime switches).
-    #[arg(long, global = true, value_name = "ADDR")]
-    pub admin_listen: Option<String>,
 }
 
 /// Format of log lines.
@@ -75,6 +72,9 @@ pub struct RegistrarCommand {
     /// Registrar settings ([registrar] section).
     #[command(flatten)]
     pub registrar: dynamicproxy_registrar::Flags,
+    /// Address of the registrar's admin API (metrics, health) [default: 127.0.0.1:9633].
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<std::net::SocketAddr>,
 }
 
 /// `dynamicproxy kube-sync`.
@@ -88,7 +88,11 @@ pub struct KubeSyncCommand {
 /// `dynamicproxy all`: every daemon's flags, from the configuration file or env
 /// (their flag names overlap, so only the file and env can tell them apart).
 #[derive(Debug, Args)]
-pub struct AllCommand {}
+pub struct AllCommand {
+    /// Address of the one admin API of the process (as `[proxy] admin_listen`).
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<std::net::SocketAddr>,
+}
 
 /// `dynamicproxy routes`.
 #[derive(Debug, Args)]

@@ -43,6 +43,8 @@ pub struct Selection {
     pub kube_sync: Option<dynamicproxy_kube_sync::Flags>,
     /// `dynamicproxy all`: kube-sync without a reachable Kubernetes configuration is skipped, not fatal.
     pub all: bool,
+    /// `--admin-listen` of `all` and `registrar`, whose sections have no such key.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 impl Selection {
@@ -97,14 +99,7 @@ fn plan(global: &GlobalFlags, selection: &Selection) -> Result<Plan, ConfigError
     }
     let flag_refs: Vec<(&str, &serde_json::Value)> = flags.iter().map(|(s, v)| (*s, v)).collect();
     // The global --admin-listen belongs to the daemon being run; under `all`, to the proxy (one admin API).
-    let admin_sections: &[&str] = if selection.proxy.is_some() || selection.all {
-        &["proxy"]
-    } else if selection.kube_sync.is_some() {
-        &["kube_sync"]
-    } else {
-        &[]
-    };
-    let (settings, figment) = settings::load(global, &flag_refs, admin_sections)?;
+    let (settings, figment) = settings::load(global, &flag_refs)?;
     let redis = settings.redis_endpoint()?;
     let invalid = |e: &dyn std::fmt::Display| ConfigError::invalid(e);
 
@@ -130,12 +125,9 @@ fn plan(global: &GlobalFlags, selection: &Selection) -> Result<Plan, ConfigError
         None
     };
     let admin_listen = match (&proxy, &registrar, &kube_sync) {
-        (Some(p), _, _) => p.admin_listen,
+        (Some(p), _, _) => selection.admin_listen.unwrap_or(p.admin_listen),
         // The registrar's section has no admin key; its admin API is on a fixed default unless the flag says otherwise.
-        (None, Some(_), _) => match &global.admin_listen {
-            Some(addr) => addr.parse().map_err(|e| ConfigError::invalid(format!("--admin-listen {addr:?}: {e}")))?,
-            None => REGISTRAR_ADMIN_LISTEN,
-        },
+        (None, Some(_), _) => selection.admin_listen.unwrap_or(REGISTRAR_ADMIN_LISTEN),
         (None, None, Some(k)) => k.admin_listen,
         (None, None, None) => return Err(ConfigError::invalid("no daemon selected")),
     };

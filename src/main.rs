@@ -33,7 +33,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Routes(command) => {
-            let loaded = settings::load::<()>(&cli.global, &[], &[]).and_then(|(s, _)| s.redis_endpoint());
+            let loaded = settings::load::<()>(&cli.global, &[]).and_then(|(s, _)| s.redis_endpoint());
             let endpoint = match loaded {
                 Ok(endpoint) => endpoint,
                 Err(e) => return fail(EXIT_CONFIG, e),
@@ -48,12 +48,16 @@ async fn run(cli: Cli) -> ExitCode {
         }
         Command::Proxy(c) => daemons::run(cli.global, Selection { proxy: Some(c.proxy), ..Default::default() }).await,
         Command::Registrar(c) => {
-            daemons::run(cli.global, Selection { registrar: Some(c.registrar), ..Default::default() }).await
+            let selection =
+                Selection { registrar: Some(c.registrar), admin_listen: c.admin_listen, ..Default::default() };
+            daemons::run(cli.global, selection).await
         }
         Command::KubeSync(c) => {
             daemons::run(cli.global, Selection { kube_sync: Some(c.kube_sync), ..Default::default() }).await
         }
-        Command::All(_) => daemons::run(cli.global, Selection { all: true, ..Default::default() }).await,
+        Command::All(c) => {
+            daemons::run(cli.global, Selection { all: true, admin_listen: c.admin_listen, ..Default::default() }).await
+        }
     }
 }
 

@@ -114,12 +114,10 @@ fn one_line(message: &str) -> String {
 }
 
 /// Loads the layered configuration. `section_flags` are the running
-/// subcommand's own flags, placed under their section; `admin_sections`
-/// are the sections whose `admin_listen` a global `--admin-listen` sets.
+/// subcommand's own flags, placed under their section.
 pub fn load<F: Serialize>(
     global: &GlobalFlags,
     section_flags: &[(&str, &F)],
-    admin_sections: &[&str],
 ) -> Result<(Settings, Figment), ConfigError> {
     let mut figment = Figment::new();
     if let Some(path) = &global.config {
@@ -136,22 +134,28 @@ pub fn load<F: Serialize>(
     for (section, flags) in section_flags {
         figment = figment.merge(Serialized::default(section, flags));
     }
-    if let Some(admin) = &global.admin_listen {
-        for section in admin_sections {
-            figment = figment.merge(Serialized::default(&format!("{section}.admin_listen"), admin));
-        }
-    }
     let settings: Settings = figment.extract().map_err(ConfigError::from_figment)?;
     Ok((settings, figment))
 }
 
 /// Extracts one component's typed section from the layered configuration.
 pub fn section<T: serde::de::DeserializeOwned>(figment: &Figment, name: &str) -> Result<T, ConfigError> {
-    let value = figment.find_value(name).ok();
-    match value {
-        Some(_) => figment.extract_inner(name).map_err(ConfigError::from_figment),
-        None => Figment::new().extract().map_err(ConfigError::from_figment),
-    }
+    let result = match figment.find_value(name) {
+        Ok(_) => figment.extract_inner(name),
+        Err(_) => Figment::new().extract(),
+    };
+    result.map_err(|error| {
+        // Errors inside a section carry the section name somewhere in their path; put it first.
+        let lines: Vec<String> = error
+            .into_iter()
+            .map(|mut e| {
+                e.path.retain(|p| p != name);
+                e.path.insert(0, name.to_string());
+                describe(&e)
+            })
+            .collect();
+        ConfigError(lines.join("; "))
+    })
 }
 
 impl Settings {

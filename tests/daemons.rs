@@ -1,0 +1,192 @@
+//! The daemons as operators run them: the real binary, real Redis, real HTTP.
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use dynamicproxy_test_support::{RedisServer, eventually, free_port};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A running `dynamicproxy` process, killed on drop.
+struct Daemon {
+    child: Child,
+}
+
+impl Daemon {
+    fn start(args: &[String]) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_dynamicproxy"))
+            .args(args)
+            .env_remove("DYNAMICPROXY_REDIS_URL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start dynamicproxy");
+        Daemon { child }
+    }
+
+    /// Sends SIGTERM and returns the exit code and everything logged.
+    fn terminate(mut self) -> (Option<i32>, String) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let status = self.child.wait().expect("wait for dynamicproxy");
+        let mut log = String::new();
+        if let Some(mut err) = self.child.stderr.take() {
+            let _ = err.read_to_string(&mut log);
+        }
+        (status.code(), log)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run_to_exit(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamicproxy"))
+        .args(args)
+        .env_remove("DYNAMICPROXY_REDIS_URL")
+        .output()
+        .expect("run dynamicproxy");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+async fn get(client: &reqwest::Client, url: &str, host: Option<&str>) -> Option<(u16, String)> {
+    let mut request = client.get(url);
+    if let Some(host) = host {
+        request = request.header("Host", host);
+    }
+    let response = request.send().await.ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.text().await.ok()?))
+}
+
+#[tokio::test]
+async fn proxy_starts_without_redis_then_serves_and_stops_cleanly() {
+    let mut redis = RedisServer::start();
+    redis.stop();
+    let (http, list, admin) = (free_port(), free_port(), free_port());
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_port = backend.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let app = axum::Router::new().fallback(|| async { "hello from the tool" });
+        axum::serve(backend, app).await.unwrap();
+    });
+
+    let daemon = Daemon::start(&[
+        "proxy".into(),
+        "--redis-url".into(),
+        redis.url(),
+        "--http-listen".into(),
+        format!("127.0.0.1:{http}"),
+        "--list-listen".into(),
+        format!("127.0.0.1:{list}"),
+        "--admin-listen".into(),
+        format!("127.0.0.1:{admin}"),
+    ]);
+    let client =
+        reqwest::Client::builder().user_agent("dynamicproxy-tests").timeout(Duration::from_secs(5)).build().unwrap();
+    let admin_url = format!("http://127.0.0.1:{admin}");
+
+    // Up without Redis: healthy, not ready, no routes.
+    let healthz = format!("http://127.0.0.1:{http}/.well-known/healthz");
+    let (status, body) = eventually(WAIT, "healthz", || get(&client, &healthz, None)).await;
+    assert_eq!((status, body.as_str()), (200, "proxy ok!"));
+    let (status, body) = get(&client, &format!("{admin_url}/ready"), None).await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("route table not loaded"), "{body}");
+
+    // Redis arrives with a route: the proxy picks it up by itself.
+    redis.restart();
+    let _: () = redis::cmd("HSET")
+        .arg("prefix:demo")
+        .arg(".*")
+        .arg(format!("http://127.0.0.1:{backend_port}"))
+        .query(&mut redis.client())
+        .unwrap();
+    let tool_url = format!("http://127.0.0.1:{http}/");
+    eventually(WAIT, "route served", || async {
+        get(&client, &tool_url, Some("demo.toolforge.org"))
+            .await
+            .filter(|(s, b)| *s == 200 && b == "hello from the tool")
+    })
+    .await;
+    let (status, _) = get(&client, &format!("{admin_url}/ready"), None).await.unwrap();
+    assert_eq!(status, 200);
+    let (_, info) = get(&client, &format!("{admin_url}/server_info"), None).await.unwrap();
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["component"], "proxy");
+    assert_eq!(info["route_cache"]["redis_connected"], true);
+    assert_eq!(info["route_cache"]["routes"], 1);
+    let (_, metrics) = get(&client, &format!("{admin_url}/metrics"), None).await.unwrap();
+    assert!(metrics.contains("dynamicproxy_route_cache_tools 1"), "{metrics}");
+    assert!(metrics.contains("dynamicproxy_redis_connected 1"), "{metrics}");
+    let (_, listed) = get(&client, &format!("http://127.0.0.1:{list}/list"), None).await.unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&listed).unwrap(),
+        serde_json::json!({"demo": {"status": "active"}})
+    );
+
+    // Runtime switches.
+    let post = |path: String| client.post(format!("{admin_url}{path}")).send();
+    assert_eq!(post("/maintenance?enabled=true".into()).await.unwrap().status(), 200);
+    let (status, _) = get(&client, &tool_url, Some("demo.toolforge.org")).await.unwrap();
+    assert_eq!(status, 503);
+    assert_eq!(post("/maintenance?enabled=false".into()).await.unwrap().status(), 200);
+    let (status, _) = get(&client, &tool_url, Some("demo.toolforge.org")).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(post("/maintenance?enabled=maybe".into()).await.unwrap().status(), 400);
+    assert_eq!(post("/logging?level=debug".into()).await.unwrap().status(), 200);
+    assert_eq!(post("/logging?level=no=such=filter[".into()).await.unwrap().status(), 400);
+
+    let (code, log) = daemon.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("shutting down"), "{log}");
+}
+
+#[tokio::test]
+async fn port_in_use_fails_with_one_line() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let (code, err) = run_to_exit(&[
+        "proxy",
+        "--http-listen",
+        &format!("127.0.0.1:{port}"),
+        "--list-listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--admin-listen",
+        &format!("127.0.0.1:{}", free_port()),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&format!("cannot listen on 127.0.0.1:{port} ([proxy] http_listen)")), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn bad_daemon_configuration_exits_64_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    for (sub, text, expected) in [
+        ("proxy", "[proxy]\nhttp_listen = \"nowhere\"\n", "[proxy] http_listen"),
+        ("proxy", "[proxy]\nno_such_key = 1\n", "no_such_key"),
+        ("registrar", "[registrar]\nlisten = 8282\n", "[registrar] listen"),
+        ("kube-sync", "[kube_sync]\nlabel_selector = 5\n", "[kube_sync] label_selector"),
+    ] {
+        std::fs::write(&file, text).unwrap();
+        let (code, err) = run_to_exit(&[sub, "--config", file.to_str().unwrap()]);
+        assert_eq!(code, Some(64), "{sub} {text}: {err}");
+        assert!(err.contains(expected) && err.lines().count() == 1, "{sub} {text}: {err}");
+    }
+    // Env beats the file for daemon settings too.
+    let (code, err) = Command::new(env!("CARGO_BIN_EXE_dynamicproxy"))
+        .args(["proxy"])
+        .env("DYNAMICPROXY_PROXY_HTTP_LISTEN", "bogus")
+        .output()
+        .map(|o| (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned()))
+        .unwrap();
+    assert_eq!(code, Some(64));
+    assert!(err.contains("[proxy] http_listen") && err.contains("environment"), "{err}");
+}
