@@ -74,6 +74,10 @@ pub async fn run(global: GlobalFlags, selection: Selection) -> ExitCode {
         Ok(plan) => plan,
         Err(e) => return fail(EXIT_CONFIG, e),
     };
+    if global.check {
+        println!("configuration ok");
+        return ExitCode::SUCCESS;
+    }
     let log = match telemetry::init(plan.settings.log.format, &plan.settings.log.level) {
         Ok(log) => log,
         Err(e) => return fail(EXIT_CONFIG, e),

@@ -38,6 +38,10 @@ async fn run(cli: Cli) -> ExitCode {
                 Ok(endpoint) => endpoint,
                 Err(e) => return fail(EXIT_CONFIG, e),
             };
+            if cli.global.check {
+                println!("configuration ok");
+                return ExitCode::SUCCESS;
+            }
             match routes_cmd::run(command, endpoint).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

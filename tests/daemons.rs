@@ -190,3 +190,18 @@ fn bad_daemon_configuration_exits_64_naming_the_key() {
     assert_eq!(code, Some(64));
     assert!(err.contains("[proxy] http_listen") && err.contains("environment"), "{err}");
 }
+
+#[test]
+fn check_flag_validates_without_serving() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamicproxy"))
+        .args(["proxy", "--check", "--http-listen", &listen])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "configuration ok\n");
+    assert!(std::net::TcpListener::bind(&listen).is_ok(), "--check must not bind");
+    let (code, err) = run_to_exit(&["registrar", "--check", "--listen", "nonsense"]);
+    assert_eq!(code, Some(2), "a flag that does not parse is a usage error: {err}");
+}
