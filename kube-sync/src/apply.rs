@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use dynamicproxy_redis::{BackendUrl, OwnedServiceRoute, RouteStore, RouteTableError};
+use dynamicproxy_redis::{BackendUrl, OwnedServiceRoute, RouteStore, RouteTableError, ToolName};
 use futures::StreamExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -241,8 +241,7 @@ impl Applier {
         services: Vec<(ServiceKey, Option<ServiceRoute>)>,
     ) -> Result<(), RouteTableError> {
         for (key, wanted) in services {
-            let previous: Vec<OwnedServiceRoute> =
-                self.owned.keys().filter(|o| ServiceKey::of_owned(o) == key).cloned().collect();
+            let previous = self.routes_of(&key);
             for old in previous.iter().filter(|o| wanted.as_ref().map(|w| &w.owned) != Some(*o)) {
                 match self.store.delete_owned_route(old).await {
                     Ok(()) => {
@@ -285,6 +284,18 @@ impl Applier {
                 Ok(())
             }
         }
+    }
+
+    /// The owned routes recorded for one Service (they sort together).
+    fn routes_of(&self, key: &ServiceKey) -> Vec<OwnedServiceRoute> {
+        let Ok(tool) = ToolName::parse(&key.name) else { return Vec::new() };
+        let first = OwnedServiceRoute { namespace: key.namespace.clone(), tool, pattern: String::new() };
+        self.owned
+            .range(first..)
+            .map(|(owned, _)| owned)
+            .take_while(|owned| owned.namespace == key.namespace && owned.tool.as_str() == key.name)
+            .cloned()
+            .collect()
     }
 
     fn in_scope(&self, owned: &OwnedServiceRoute) -> bool {

@@ -27,11 +27,6 @@ impl ServiceKey {
         let name = service.metadata.name.as_deref().filter(|n| !n.is_empty())?;
         Some(ServiceKey { namespace: namespace.to_string(), name: name.to_string() })
     }
-
-    /// The key a route recorded in `k8s_services` belongs to.
-    pub fn of_owned(owned: &OwnedServiceRoute) -> Self {
-        ServiceKey { namespace: owned.namespace.clone(), name: owned.tool.as_str().to_string() }
-    }
 }
 
 impl fmt::Display for ServiceKey {

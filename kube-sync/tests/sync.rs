@@ -460,6 +460,23 @@ async fn headless_and_portless_services_get_no_route() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_of_the_same_name_in_two_namespaces_share_the_route() {
+    let api = FakeApiServer::start().await;
+    let redis = RedisServer::start();
+    api.apply(service("ns-a", "foo", "10.0.0.1", &[("", 8000)]));
+    api.apply(service("ns-b", "foo", "10.0.0.2", &[("", 8000)]));
+    let kube_sync = KubeSync::start(&api, &redis, Config::default());
+    // One writer per route, chosen by namespace order, not by write timing.
+    wait_members(&redis, &["ns-a/foo/.*"]).await;
+    wait_routes(&redis, "prefix:foo", &[(".*", "http://10.0.0.1:8000")]).await;
+    // When the first goes away, the other's route takes its place.
+    api.delete("ns-a", "foo");
+    wait_routes(&redis, "prefix:foo", &[(".*", "http://10.0.0.2:8000")]).await;
+    wait_members(&redis, &["ns-b/foo/.*"]).await;
+    kube_sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_namespace_reconciles_only_its_own_routes() {
     let api = FakeApiServer::start().await;
     let redis = RedisServer::start();
