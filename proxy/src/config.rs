@@ -55,6 +55,9 @@ pub struct Config {
     pub blocked_user_agents: Vec<String>,
     /// Referer regexes (case-insensitive) that are refused with 403.
     pub blocked_referers: Vec<String>,
+    /// Refuse requests without a User-Agent (SPEC §3 step 3). Default true; load
+    /// generators that send none need it off.
+    pub require_user_agent: bool,
     /// Sustained requests per second allowed per client IP; 0 turns the limit off.
     pub rate_limit_per_second: u32,
     /// Requests a client may make at once above the sustained rate.
@@ -109,6 +112,7 @@ impl Default for Config {
             banned_cidrs: Vec::new(),
             blocked_user_agents: Vec::new(),
             blocked_referers: Vec::new(),
+            require_user_agent: true,
             rate_limit_per_second: 0,
             rate_limit_burst: 0,
             maintenance: false,
@@ -277,6 +281,10 @@ pub struct Flags {
     #[arg(long = "blocked-referer", value_name = "REGEX")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blocked_referers: Option<Vec<String>>,
+    /// Refuse requests without a User-Agent [default: true]
+    #[arg(long = "require-user-agent", value_name = "BOOL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub require_user_agent: Option<bool>,
     /// Requests per second per client IP, 0 = off [default: 0]
     #[arg(long = "rate-limit-per-second", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -34,6 +34,7 @@ pub struct Protection {
     banned: Vec<IpNet>,
     user_agents: Option<RegexSet>,
     referers: Option<RegexSet>,
+    require_user_agent: bool,
     limiter: Option<RateLimiter>,
 }
 
@@ -70,6 +71,7 @@ impl Protection {
             banned,
             user_agents: regexes("blocked_user_agents", &config.blocked_user_agents)?,
             referers: regexes("blocked_referers", &config.blocked_referers)?,
+            require_user_agent: config.require_user_agent,
             limiter: (config.rate_limit_per_second > 0)
                 .then(|| RateLimiter::new(config.rate_limit_per_second, config.rate_limit_burst)),
         })
@@ -82,7 +84,7 @@ impl Protection {
             return Verdict::Banned;
         }
         let user_agent = headers.get(header::USER_AGENT).map(|v| v.as_bytes()).unwrap_or_default();
-        if user_agent.iter().all(|b| b.is_ascii_whitespace()) {
+        if self.require_user_agent && user_agent.iter().all(|b| b.is_ascii_whitespace()) {
             return Verdict::NoUserAgent;
         }
         if let Some(set) = &self.user_agents

@@ -115,7 +115,13 @@ impl Proxy {
     }
 
     /// Starts with `seed` applied to Redis before the proxy loads it.
-    pub async fn start_with(
+    pub async fn start_with(redis: RedisServer, config: Config, seed: impl FnOnce(&mut redis::Connection)) -> Proxy {
+        Proxy::start_on("127.0.0.1:0", redis, config, seed).await
+    }
+
+    /// Starts with the HTTP and HTTPS listeners bound to `bind` (e.g. `[::1]:0`).
+    pub async fn start_on(
+        bind: &str,
         redis: RedisServer,
         mut config: Config,
         seed: impl FnOnce(&mut redis::Connection),
@@ -128,9 +134,9 @@ impl Proxy {
         let mut sync = CacheSyncConfig::new(endpoint);
         sync.ping_interval = Duration::from_millis(200);
         tokio::spawn(run_cache_sync(sync, cache.clone(), sync_stop.clone()));
-        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = TcpListener::bind(bind).await.unwrap();
         let list = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let https = if config.tls_enabled() { Some(TcpListener::bind("127.0.0.1:0").await.unwrap()) } else { None };
+        let https = if config.tls_enabled() { Some(TcpListener::bind(bind).await.unwrap()) } else { None };
         let (http_addr, list_addr) = (http.local_addr().unwrap(), list.local_addr().unwrap());
         let https_addr = https.as_ref().map(|l| l.local_addr().unwrap());
         config.http_listen = http_addr;
