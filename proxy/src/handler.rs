@@ -267,7 +267,7 @@ async fn forward(
     let fwd = Forwarded { client_ip: conn.client.ip(), host, port: &conn.port, proto: conn.proto(), original_uri };
     headers::to_upstream(&mut parts.headers, &fwd, upgrade);
     if !parts.headers.contains_key(header::HOST)
-        && let Ok(value) = HeaderValue::from_str(host)
+        && let Ok(value) = HeaderValue::from_str(&raw_host)
     {
         // HTTP/2 clients send :authority only; HTTP/1.1 backends need Host.
         parts.headers.insert(header::HOST, value);
@@ -316,6 +316,7 @@ async fn forward(
     let (mut parts, body) = response.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
     headers::rewrite_location(&mut parts.headers, &raw_host, conn.proto());
+    headers::rewrite_location(&mut parts.headers, host, conn.proto());
     if parts.status == StatusCode::NOT_FOUND
         && let Some(page) = default_file
     {

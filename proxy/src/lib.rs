@@ -58,7 +58,7 @@ pub mod tls;
 pub mod upstream;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use dynamicproxy_redis::RouteCache;
@@ -88,12 +88,18 @@ pub struct Listeners {
 pub struct ProxyHandle {
     maintenance: Arc<AtomicBool>,
     reload: Arc<Notify>,
+    /// Certificate reloads that succeeded and failed, for the admin API.
+    reloads: Arc<[AtomicU64; 2]>,
 }
 
 impl ProxyHandle {
     /// A handle starting in the maintenance state `config.maintenance`.
     pub fn new(config: &Config) -> Self {
-        ProxyHandle { maintenance: Arc::new(AtomicBool::new(config.maintenance)), reload: Arc::new(Notify::new()) }
+        ProxyHandle {
+            maintenance: Arc::new(AtomicBool::new(config.maintenance)),
+            reload: Arc::new(Notify::new()),
+            reloads: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
+        }
     }
 
     /// Turns maintenance mode on or off.
@@ -109,6 +115,11 @@ impl ProxyHandle {
     /// Asks the proxy to re-read its TLS certificates (as SIGHUP does).
     pub fn reload_certificates(&self) {
         self.reload.notify_one();
+    }
+
+    /// Certificate reloads so far: (succeeded, failed and kept the old certificates).
+    pub fn certificate_reloads(&self) -> (u64, u64) {
+        (self.reloads[0].load(Ordering::Relaxed), self.reloads[1].load(Ordering::Relaxed))
     }
 }
 
@@ -193,7 +204,7 @@ pub async fn run(
     tracker.spawn(server::accept_loop(listeners.http, shared.clone(), settings.clone(), None));
     if let (Some((acceptor, store)), Some(listener)) = (tls, listeners.https) {
         tracker.spawn(server::accept_loop(listener, shared.clone(), settings.clone(), Some(acceptor)));
-        tokio::spawn(watch_certificates(store, handle.reload.clone(), background.clone()));
+        tokio::spawn(watch_certificates(store, handle.clone(), background.clone()));
     }
     tracker.spawn(list::serve(
         listeners.list,
@@ -247,7 +258,7 @@ async fn housekeeping(shared: Arc<handler::Shared>, cache: RouteCache, metrics: 
 
 /// Reloads certificates when their files change (checked every second), on
 /// SIGHUP, and when asked through [`ProxyHandle::reload_certificates`].
-async fn watch_certificates(store: Arc<tls::CertStore>, reload: Arc<Notify>, stop: CancellationToken) {
+async fn watch_certificates(store: Arc<tls::CertStore>, handle: ProxyHandle, stop: CancellationToken) {
     let mut poll = tokio::time::interval(Duration::from_millis(500));
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
@@ -259,7 +270,7 @@ async fn watch_certificates(store: Arc<tls::CertStore>, reload: Arc<Notify>, sto
                 }
                 "files changed"
             }
-            _ = reload.notified() => "reload requested",
+            _ = handle.reload.notified() => "reload requested",
             _ = async {
                 match hup.as_mut() {
                     Some(s) => { s.recv().await; }
@@ -268,8 +279,14 @@ async fn watch_certificates(store: Arc<tls::CertStore>, reload: Arc<Notify>, sto
             } => "SIGHUP",
         };
         match store.reload() {
-            Ok(()) => info!(reason = why, "TLS certificates reloaded"),
-            Err(error) => warn!(reason = why, %error, "TLS certificate reload failed; keeping the old certificates"),
+            Ok(()) => {
+                handle.reloads[0].fetch_add(1, Ordering::Relaxed);
+                info!(reason = why, "TLS certificates reloaded");
+            }
+            Err(error) => {
+                handle.reloads[1].fetch_add(1, Ordering::Relaxed);
+                warn!(reason = why, %error, "TLS certificate reload failed; keeping the old certificates");
+            }
         }
     }
 }

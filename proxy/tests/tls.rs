@@ -1,0 +1,262 @@
+//! HTTPS with real TLS clients (curl, openssl s_client, rustls): SNI,
+//! HTTP/2, certificate hot reload, HTTP→HTTPS redirects, HSTS.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use dynamicproxy_proxy::Config;
+use dynamicproxy_test_support::eventually;
+use http_body_util::{BodyExt, Full};
+use hyper::Response;
+
+/// A scratch directory with a CA and leaf certificates made by openssl.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("proxy-tls-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        run_in(
+            &dir,
+            "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=TestCA",
+        );
+        Pki { dir }
+    }
+
+    /// Issues `<file>.pem`/`<file>.key` for `names`, with organisation `org` to tell certificates apart.
+    fn leaf(&self, file: &str, org: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let san: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
+        std::fs::write(self.dir.join(format!("{file}.ext")), format!("subjectAltName={}\n", san.join(","))).unwrap();
+        run_in(
+            &self.dir,
+            &format!(
+                "openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout {file}.new.key -out {file}.csr -subj /CN={}/O={org} && \
+                 openssl x509 -req -in {file}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out {file}.new.pem -days 2 -extfile {file}.ext && \
+                 mv {file}.new.key {file}.key && mv {file}.new.pem {file}.pem",
+                names[0]
+            ),
+        );
+        (self.dir.join(format!("{file}.pem")), self.dir.join(format!("{file}.key")))
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn run_in(dir: &Path, script: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(script).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The organisation of the certificate served for `sni` (None: no SNI).
+async fn served_org(port: u16, sni: Option<&str>) -> String {
+    let sni = match sni {
+        Some(name) => format!("-servername {name}"),
+        None => "-noservername".into(),
+    };
+    let script = format!(
+        "openssl s_client -connect 127.0.0.1:{port} {sni} </dev/null 2>/dev/null | openssl x509 -noout -subject -nameopt sep_multiline"
+    );
+    let out =
+        tokio::task::spawn_blocking(move || Command::new("sh").arg("-c").arg(script).output().unwrap()).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines().find_map(|l| l.trim().strip_prefix("O=")).unwrap_or("").to_string()
+}
+
+/// curl over HTTPS: (status, http version, headers, body).
+async fn curl(ca: &Path, host: &str, port: u16, path: &str, extra: &[&str]) -> (u16, String, String, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-S", "--max-time", "10", "-A", "curl-test", "-D", "-", "-w", "\n%{http_code} %{http_version}"])
+        .arg("--cacert")
+        .arg(ca)
+        .arg("--resolve")
+        .arg(format!("{host}:{port}:127.0.0.1"))
+        .args(extra)
+        .arg(format!("https://{host}:{port}{path}"));
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "curl failed: {} {text}", String::from_utf8_lossy(&out.stderr));
+    let (rest, last) = text.rsplit_once('\n').unwrap();
+    let (code, version) = last.split_once(' ').unwrap();
+    let (headers, body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
+    (code.parse().unwrap(), version.to_string(), headers.to_ascii_lowercase(), body.to_string())
+}
+
+async fn tls_proxy(pki: &Pki, pairs: Vec<(PathBuf, PathBuf)>) -> (Backend, Proxy) {
+    let backend = Backend::start(Arc::new(|req| {
+        Box::pin(async move {
+            let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
+            let mut r = Response::builder()
+                .header(
+                    "x-backend-proto",
+                    req.headers().get("x-forwarded-proto").cloned().unwrap_or("-".parse().unwrap()),
+                )
+                .header("content-type", "text/plain");
+            if req.uri().path() == "/redirect" {
+                r = r.status(302).header("location", format!("http://{host}/next"));
+            }
+            r.body(Full::new(Bytes::from(format!(
+                "backend saw {} {}",
+                req.version() == http::Version::HTTP_11,
+                req.uri()
+            ))))
+            .unwrap()
+        })
+    }))
+    .await;
+    let _ = pki;
+    let config = Config {
+        tls_cert: pairs.iter().map(|p| p.0.clone()).collect(),
+        tls_key: pairs.iter().map(|p| p.1.clone()).collect(),
+        ..Config::default()
+    };
+    let proxy = Proxy::start(config).await;
+    proxy.set_route("foo", ".*", &backend.url()).await;
+    (backend, proxy)
+}
+
+#[tokio::test]
+async fn sni_picks_certificates_with_a_default_and_h2_is_served() {
+    let pki = Pki::new("sni");
+    let a = pki.leaf("a", "first", &["*.toolforge.org", "toolforge.org"]);
+    let b = pki.leaf("b", "second", &["other.example"]);
+    let (_backend, proxy) = tls_proxy(&pki, vec![a, b]).await;
+    let port = proxy.https.unwrap().port();
+
+    assert_eq!(served_org(port, Some("foo.toolforge.org")).await, "first");
+    assert_eq!(served_org(port, Some("other.example")).await, "second");
+    assert_eq!(served_org(port, Some("unknown.example")).await, "first", "default is the first pair");
+    assert_eq!(served_org(port, None).await, "first");
+
+    let (status, version, headers, body) = curl(&pki.ca(), "foo.toolforge.org", port, "/x?y=1", &["--http2"]).await;
+    assert_eq!((status, version.as_str()), (200, "2"), "h2 negotiated by ALPN");
+    assert_eq!(body, "backend saw true /x?y=1", "upstream stays HTTP/1.1, URI unchanged");
+    assert!(headers.contains("strict-transport-security: max-age=31622400"), "{headers}");
+    assert!(headers.contains("x-backend-proto: https"), "{headers}");
+
+    let (status, version, headers, _) = curl(&pki.ca(), "foo.toolforge.org", port, "/", &["--http1.1"]).await;
+    assert_eq!((status, version.as_str()), (200, "1.1"));
+    assert!(headers.contains("strict-transport-security: max-age=31622400"));
+
+    // Location: http://<host>/... from the backend follows the client to https.
+    let (status, _, headers, _) = curl(&pki.ca(), "foo.toolforge.org", port, "/redirect", &["--http2"]).await;
+    assert_eq!(status, 302);
+    assert!(headers.contains(&format!("location: https://foo.toolforge.org:{port}/next")), "{headers}");
+
+    // TLS 1.2 is accepted, 1.1 is not.
+    let (status, ..) = curl(&pki.ca(), "foo.toolforge.org", port, "/", &["--tls-max", "1.2"]).await;
+    assert_eq!(status, 200);
+    let old = Command::new("curl")
+        .args(["-s", "--max-time", "5", "--tlsv1.1", "--tls-max", "1.1", "-k"])
+        .arg(format!("https://127.0.0.1:{port}/"))
+        .output()
+        .unwrap();
+    assert!(!old.status.success(), "TLS 1.1 must be refused");
+}
+
+#[tokio::test]
+async fn plain_http_redirects_to_https_except_health_and_acme() {
+    let pki = Pki::new("redirect");
+    let a = pki.leaf("a", "first", &["*.toolforge.org"]);
+    let (backend, proxy) = tls_proxy(&pki, vec![a]).await;
+    let https_port = proxy.https.unwrap().port();
+    let got = get(proxy.http, "foo.toolforge.org", "/a/b?c=d", &[]).await;
+    assert_eq!(got.status, 301);
+    assert_eq!(got.header("location"), Some(format!("https://foo.toolforge.org:{https_port}/a/b?c=d").as_str()));
+    let got = send(proxy.http, "HEAD", "foo.toolforge.org", "/", &[], Bytes::new()).await;
+    assert_eq!(got.status, 301);
+    let got = send(proxy.http, "POST", "foo.toolforge.org", "/form", &[], Bytes::from("x=1")).await;
+    assert_eq!(got.status, 308);
+    assert_eq!(got.header("location"), Some(format!("https://foo.toolforge.org:{https_port}/form").as_str()));
+    assert_eq!(backend.hits(), 0);
+    assert_eq!(get(proxy.http, "foo.toolforge.org", "/.well-known/healthz", &[]).await.status, 200);
+    let got = get(proxy.http, "foo.toolforge.org", "/.well-known/acme-challenge/token", &[]).await;
+    assert_eq!((got.status, got.body.as_str()), (200, "backend saw true /.well-known/acme-challenge/token"));
+    assert_eq!(got.header("strict-transport-security"), None);
+}
+
+#[tokio::test]
+async fn certificates_reload_without_dropping_connections_and_bad_files_are_refused() {
+    let pki = Pki::new("reload");
+    let a = pki.leaf("a", "first", &["*.toolforge.org"]);
+    let (_backend, proxy) = tls_proxy(&pki, vec![a]).await;
+    let port = proxy.https.unwrap().port();
+    assert_eq!(served_org(port, Some("foo.toolforge.org")).await, "first");
+
+    // An open HTTP/1.1 connection from a rustls client.
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(pki.ca()).unwrap();
+    for cert in rustls_pemfile::certs(&mut &ca[..]) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let client_config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let tls = connector.connect("foo.toolforge.org".try_into().unwrap(), tcp).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let ask = |sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>| {
+        let req = hyper::Request::get("/held")
+            .header("host", "foo.toolforge.org")
+            .header("user-agent", "t")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        sender.send_request(req)
+    };
+    let r = ask(&mut sender).await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.into_body().collect().await.unwrap();
+
+    // Replace the certificate on disk: new connections see it, the open one keeps working.
+    pki.leaf("a", "renewed", &["*.toolforge.org"]);
+    eventually(Duration::from_secs(5), "renewed certificate served", || async {
+        (served_org(port, Some("foo.toolforge.org")).await == "renewed").then_some(())
+    })
+    .await;
+    let r = ask(&mut sender).await.expect("the open connection survives the reload");
+    assert_eq!(r.status(), 200);
+    r.into_body().collect().await.unwrap();
+
+    // A broken certificate file: the reload fails and the old certificate keeps serving.
+    let (_, failed_before) = proxy.handle.certificate_reloads();
+    std::fs::write(pki.dir.join("a.pem"), "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+        .unwrap();
+    let handle = proxy.handle.clone();
+    eventually(Duration::from_secs(5), "failed reload noticed", || {
+        let failed = handle.certificate_reloads().1;
+        async move { (failed > failed_before).then_some(()) }
+    })
+    .await;
+    assert_eq!(served_org(port, Some("foo.toolforge.org")).await, "renewed");
+    let (status, ..) = curl(&pki.ca(), "foo.toolforge.org", port, "/", &[]).await;
+    assert_eq!(status, 200);
+
+    // SIGHUP-equivalent reload after a good file is back.
+    pki.leaf("a", "third", &["*.toolforge.org"]);
+    proxy.handle.reload_certificates();
+    eventually(Duration::from_secs(5), "third certificate served", || async {
+        (served_org(port, Some("foo.toolforge.org")).await == "third").then_some(())
+    })
+    .await;
+}
