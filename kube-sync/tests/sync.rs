@@ -46,6 +46,14 @@ impl KubeSync {
         text
     }
 
+    fn watch_errors(&self) -> u64 {
+        let text = self.metrics_text();
+        text.lines()
+            .find_map(|l| l.strip_prefix("kube_sync_watch_errors_total "))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("kube_sync_watch_errors_total is exported")
+    }
+
     /// Stops it and checks it ends cleanly (it never ends by itself).
     async fn stop(self) {
         assert!(!self.task.is_finished(), "kube-sync exited on its own");
@@ -97,6 +105,17 @@ async fn wait_members(redis: &RedisServer, expected: &[&str]) {
     .await;
 }
 
+/// Waits until the metrics text holds every one of `lines`.
+async fn wait_metrics(kube_sync: &KubeSync, lines: &[&str]) {
+    let what = format!("metrics {lines:?}");
+    eventually(WAIT, &what, || {
+        let text = kube_sync.metrics_text();
+        let ok = lines.iter().all(|l| text.lines().any(|t| t == *l));
+        async move { ok.then_some(()) }
+    })
+    .await;
+}
+
 async fn wait_synced(kube_sync: &KubeSync) {
     eventually(WAIT, "a completed sync", || {
         let ok = kube_sync.metrics.last_successful_sync().is_some();
@@ -133,15 +152,16 @@ async fn initial_sync_writes_every_selected_service() {
 
     let requests = api.requests();
     assert!(requests[0].contains("labelSelector=toolforge%3Dtool"), "{requests:?}");
-    let text = kube_sync.metrics_text();
-    for line in [
-        "kube_sync_events_total{type=\"listed\"} 3",
-        "kube_sync_events_total{type=\"relisted\"} 1",
-        "kube_sync_owned_routes 3",
-        "kube_sync_redis_connected 1",
-    ] {
-        assert!(text.contains(line), "missing {line:?} in:\n{text}");
-    }
+    wait_metrics(
+        &kube_sync,
+        &[
+            "kube_sync_events_total{type=\"listed\"} 3",
+            "kube_sync_events_total{type=\"relisted\"} 1",
+            "kube_sync_owned_routes 3",
+            "kube_sync_redis_connected 1",
+        ],
+    )
+    .await;
     kube_sync.stop().await;
 }
 
@@ -178,15 +198,16 @@ async fn watch_events_add_modify_and_delete_routes() {
     wait_routes(&redis, "prefix:foo", &[]).await;
 
     assert_eq!(api.list_count(), 1, "no relist was needed: {:?}", api.requests());
-    let text = kube_sync.metrics_text();
-    for line in [
-        "kube_sync_events_total{type=\"added\"} 1",
-        "kube_sync_events_total{type=\"modified\"} 1",
-        "kube_sync_events_total{type=\"deleted\"} 2",
-        "kube_sync_owned_routes 0",
-    ] {
-        assert!(text.contains(line), "missing {line:?} in:\n{text}");
-    }
+    wait_metrics(
+        &kube_sync,
+        &[
+            "kube_sync_events_total{type=\"added\"} 1",
+            "kube_sync_events_total{type=\"modified\"} 1",
+            "kube_sync_events_total{type=\"deleted\"} 2",
+            "kube_sync_owned_routes 0",
+        ],
+    )
+    .await;
     kube_sync.stop().await;
 }
 
@@ -282,13 +303,17 @@ async fn api_errors_mid_watch_are_retried_and_changes_caught_up() {
     // The API server unreachable altogether (connections refused), then back.
     api.go_offline().await;
     api.apply(service("tool-later", "later", "10.0.0.8", &[("", 8000)]));
-    tokio::time::sleep(Duration::from_millis(500)).await; // let a reconnect attempt fail
+    let errors_before = kube_sync.watch_errors();
+    eventually(WAIT, "a reconnect attempt failing", || {
+        let failed = kube_sync.watch_errors() > errors_before;
+        async move { failed.then_some(()) }
+    })
+    .await;
     api.go_online().await;
     wait_routes(&redis, "prefix:later", &[(".*", "http://10.0.0.8:8000")]).await;
     assert!(hgetall(&redis, "prefix:foo").contains_key(".*"));
 
-    let text = kube_sync.metrics_text();
-    assert!(!text.contains("kube_sync_watch_errors_total 0"), "errors were not counted:\n{text}");
+    assert!(kube_sync.watch_errors() >= 2, "API errors are counted");
     kube_sync.stop().await;
 }
 
@@ -304,12 +329,13 @@ async fn an_expired_watch_relists_and_reconciles() {
         wait_synced(&kube_sync).await;
         assert_eq!(api.list_count(), 1);
 
-        // The history the watch would resume from is gone, and a Service is
-        // deleted in between: only a relist can tell.
-        api.compact();
+        // While kube-sync cannot watch, a Service is deleted and the history
+        // the watch would resume from is compacted away: only a relist can tell.
+        api.set_failing(true);
         api.delete("tool-baz", "baz");
         api.apply(service("tool-foo", "foo", "10.0.0.11", &[("", 8000)]));
-        api.drop_watches();
+        api.compact();
+        api.set_failing(false);
 
         wait_members(&redis, &["tool-foo/foo/.*", "tool-bar/bar/api.*"]).await;
         wait_routes(&redis, "prefix:baz", &[]).await;
@@ -360,9 +386,10 @@ async fn a_list_cut_short_deletes_nothing() {
 
     // The same on a relist: a cut-short relist keeps every route.
     api.set_fail_continue(true);
-    api.compact();
+    api.set_failing(true);
     api.delete("tool-t0", "t0");
-    api.drop_watches();
+    api.compact();
+    api.set_failing(false);
     let failed_before = api.requests().iter().filter(|r| r.contains("continue=")).count();
     eventually(WAIT, "a relist failing on its second page", || {
         let failed = api.requests().iter().filter(|r| r.contains("continue=")).count();
@@ -448,7 +475,7 @@ async fn headless_and_portless_services_get_no_route() {
     for tool in ["headless", "noports", "ext"] {
         assert!(hgetall(&redis, &format!("prefix:{tool}")).is_empty(), "{tool} got a route");
     }
-    assert!(kube_sync.metrics_text().contains("kube_sync_skipped_services 3"));
+    wait_metrics(&kube_sync, &["kube_sync_skipped_services 3"]).await;
 
     // A routed Service turned headless loses its route; back to a cluster IP, it returns.
     api.apply(service("tool-foo", "foo", "None", &[("", 8000)]));

@@ -66,6 +66,8 @@ struct Inner {
     gone_style: Option<GoneStyle>,
     /// Cancelled to cut every open watch stream.
     watch_cut: CancellationToken,
+    /// Unreachable: connections that still get through are cut.
+    offline: bool,
     /// Path and query of every request, in order.
     requests: Vec<String>,
     uid: u64,
@@ -222,6 +224,9 @@ impl FakeApiServer {
 
     /// Stops listening and cuts every connection: the API server is unreachable.
     pub async fn go_offline(&self) {
+        // Requests on connections still open while the listener closes are
+        // cut too, so no watch survives on a half-stopped server.
+        self.lock().offline = true;
         self.drop_watches();
         let server = self.server.lock().unwrap().take();
         if let Some((stop, task)) = server {
@@ -235,7 +240,10 @@ impl FakeApiServer {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             match tokio::net::TcpListener::bind(self.addr).await {
-                Ok(listener) => return self.serve(listener),
+                Ok(listener) => {
+                    self.lock().offline = false;
+                    return self.serve(listener);
+                }
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     let _ = e;
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -328,6 +336,10 @@ async fn handle(state: AppState, namespace: Option<String>, query: String) -> Re
     {
         let mut inner = state.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.requests.push(path);
+        if inner.offline {
+            let cut = futures::stream::once(async { Err::<Bytes, _>(std::io::Error::other("unreachable")) });
+            return Body::from_stream(cut).into_response();
+        }
         if inner.failing {
             return internal_error();
         }
@@ -446,6 +458,8 @@ fn watch(state: AppState, filter: Filter, params: &HashMap<String, String>) -> R
             return None;
         }
         tokio::select! {
+            // Once cut, not one more event goes out.
+            biased;
             _ = cut.cancelled() => Some((Err(std::io::Error::other("connection cut")), (stream, cut, true))),
             item = stream.next() => item.map(|item| (item, (stream, cut, false))),
         }
