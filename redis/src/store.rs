@@ -75,6 +75,34 @@ impl fmt::Display for OwnedServiceRoute {
     }
 }
 
+/// Checks that every key is a hash or absent before touching any: Redis
+/// scripts are atomic, but a command failing halfway does not undo the
+/// commands before it.
+macro_rules! check_hashes {
+    () => {
+        r#"
+for _, key in ipairs(KEYS) do
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'hash' and kind ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. kind .. ', not a hash')
+  end
+end
+"#
+    };
+}
+
+/// `HSET KEYS[1] ARGV[1] ARGV[2]` and `HSET KEYS[2] ARGV[1] ARGV[3]`, all or nothing.
+const SET_CANONICAL_SCRIPT: &str = concat!(
+    check_hashes!(),
+    "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])\n",
+    "redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])\n",
+    "return 1\n"
+);
+
+/// `HDEL ARGV[1]` from both keys, all or nothing; returns the number of fields removed.
+const DELETE_ROUTE_SCRIPT: &str =
+    concat!(check_hashes!(), "return redis.call('HDEL', KEYS[1], ARGV[1]) + redis.call('HDEL', KEYS[2], ARGV[1])\n");
+
 impl RouteStore {
     /// A store for `endpoint`. Does not connect yet: the first command does,
     /// so a daemon can start while Redis is down.
@@ -143,7 +171,9 @@ impl RouteStore {
     }
 
     /// Sets a route and marks the tool's legacy URLs as redirecting to
-    /// `canonical_host`, atomically (the registrar's `registerCanonical`).
+    /// `canonical_host`, atomically (the registrar's `registerCanonical`):
+    /// a script, because MULTI/EXEC would keep the first write when the
+    /// second meets a key of the wrong type.
     pub async fn set_canonical_route(
         &self,
         tool: &ToolName,
@@ -151,34 +181,36 @@ impl RouteStore {
         backend: &BackendUrl,
         canonical_host: &str,
     ) -> Result<(), RouteTableError> {
+        let script = redis::Script::new(SET_CANONICAL_SCRIPT);
         self.run(|mut c| async move {
-            redis::pipe()
-                .atomic()
-                .hset(routes_key(tool.as_str()), pattern.as_str(), backend.to_string())
-                .ignore()
-                .hset(redirect_key(tool.as_str()), pattern.as_str(), canonical_host)
-                .ignore()
-                .query_async::<()>(&mut c)
+            script
+                .key(routes_key(tool.as_str()))
+                .key(redirect_key(tool.as_str()))
+                .arg(pattern.as_str())
+                .arg(backend.to_string())
+                .arg(canonical_host)
+                .invoke_async::<()>(&mut c)
                 .await
         })
         .await
     }
 
     /// Removes one route from both hashes of a tool (the registrar's
-    /// `unregister`, and `routes delete TOOL PATTERN`). Returns whether
-    /// anything was removed.
+    /// `unregister`, and `routes delete TOOL PATTERN`), all or nothing.
+    /// Returns whether anything was removed.
     pub async fn delete_route(&self, tool: &ToolName, pattern: &str) -> Result<bool, RouteTableError> {
-        let (a, b): (u64, u64) = self
+        let script = redis::Script::new(DELETE_ROUTE_SCRIPT);
+        let removed: u64 = self
             .run(|mut c| async move {
-                redis::pipe()
-                    .atomic()
-                    .hdel(routes_key(tool.as_str()), pattern)
-                    .hdel(redirect_key(tool.as_str()), pattern)
-                    .query_async(&mut c)
+                script
+                    .key(routes_key(tool.as_str()))
+                    .key(redirect_key(tool.as_str()))
+                    .arg(pattern)
+                    .invoke_async(&mut c)
                     .await
             })
             .await?;
-        Ok(a + b > 0)
+        Ok(removed > 0)
     }
 
     /// Removes every route and redirect of a tool. Returns whether anything was removed.

@@ -70,3 +70,30 @@ async fn unreachable_redis_is_reported_as_unavailable() {
     redis.restart();
     store.ping().await.expect("reconnects after Redis comes back");
 }
+
+#[tokio::test]
+async fn two_key_writes_are_all_or_nothing_even_with_a_wrong_type_key() {
+    let redis = RedisServer::start();
+    let store = store(&redis);
+    let tool = ToolName::parse("foo").unwrap();
+    let mut c = redis.client();
+    let _: () = c.set("redirect:foo", "not a hash").unwrap();
+    let err = store
+        .set_canonical_route(
+            &tool,
+            &RoutePattern::parse(".*").unwrap(),
+            &BackendUrl::parse("http://10.0.0.1:1").unwrap(),
+            "foo.toolforge.org",
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("redirect:foo holds a string, not a hash"), "{err}");
+    assert!(!err.is_unavailable());
+    let exists: bool = c.exists("prefix:foo").unwrap();
+    assert!(!exists, "the route must not be written when the redirect cannot be");
+
+    let _: () = c.hset("prefix:foo", ".*", "http://10.0.0.1:1").unwrap();
+    assert!(store.delete_route(&tool, ".*").await.is_err());
+    let kept: Option<String> = c.hget("prefix:foo", ".*").unwrap();
+    assert_eq!(kept.as_deref(), Some("http://10.0.0.1:1"), "the route must stay when the redirect cannot be cleaned");
+}
