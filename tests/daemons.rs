@@ -205,3 +205,12 @@ fn check_flag_validates_without_serving() {
     let (code, err) = run_to_exit(&["registrar", "--check", "--listen", "nonsense"]);
     assert_eq!(code, Some(2), "a flag that does not parse is a usage error: {err}");
 }
+
+#[test]
+fn example_configuration_is_valid_for_every_daemon() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/dynamicproxy.example.toml");
+    for sub in ["proxy", "registrar", "kube-sync", "all"] {
+        let (code, err) = run_to_exit(&[sub, "--check", "--config", example]);
+        assert_eq!(code, Some(0), "{sub}: {err}");
+    }
+}
