@@ -26,6 +26,11 @@ pub(crate) const DRAIN_GRACE: Duration = Duration::from_secs(5);
 const RETRY_INITIAL: Duration = Duration::from_millis(200);
 /// Longest retry delay while Redis stays down.
 const RETRY_MAX: Duration = Duration::from_secs(10);
+/// How often the whole table is checked against the desired state even when
+/// nothing changed: repairs hand edits and silent Redis data loss, and keeps
+/// the last-sync metric meaningful for alerting on a quiet cluster. A check
+/// that finds nothing to fix only reads.
+const RESYNC_INTERVAL: Duration = Duration::from_secs(600);
 
 /// Writes the desired state to Redis.
 pub(crate) struct Applier {
@@ -68,12 +73,18 @@ impl Applier {
     /// pending for at most [`DRAIN_GRACE`].
     pub(crate) async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
+        let mut next_resync = tokio::time::Instant::now() + RESYNC_INTERVAL;
         loop {
             let work = self.lock_state().take_work();
             let Some(work) = work else {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = self.notify.notified() => continue,
+                    _ = tokio::time::sleep_until(next_resync) => {
+                        next_resync = tokio::time::Instant::now() + RESYNC_INTERVAL;
+                        self.lock_state().request_full_resync();
+                        continue;
+                    }
                 }
             };
             let result = tokio::select! {

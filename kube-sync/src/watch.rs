@@ -60,7 +60,12 @@ impl ServiceWatch {
                     }
                     Some(Err(e)) => {
                         self.metrics.watch_error();
-                        warn!(error = %e, "Kubernetes API request failed; retrying with backoff");
+                        if is_expired(&e) {
+                            // Routine: the API server compacted past our version.
+                            info!(error = %e, "watch expired; relisting Services");
+                        } else {
+                            warn!(error = %e, "Kubernetes API request failed; retrying with backoff");
+                        }
                         if needs_relist(&e) {
                             break;
                         }
@@ -151,6 +156,14 @@ impl ServiceWatch {
     fn lock_state(&self) -> MutexGuard<'_, SyncState> {
         // Plain data updated in single steps; a panic elsewhere cannot leave it half-written.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A `410 Gone`: the version we watch from is no longer in the API server's history.
+fn is_expired(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::WatchError(status) => status.code == 410,
+        other => needs_relist(other),
     }
 }
 

@@ -32,6 +32,11 @@ impl KubeSync {
     }
 
     fn start_with_client(client: kube::Client, redis: &RedisServer, config: Config) -> Self {
+        // Logs go to the test's captured output, shown when it fails.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info,dynamicproxy_kube_sync=debug"))
+            .with_test_writer()
+            .try_init();
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
         let store = Arc::new(RouteStore::new(redis.url().parse().expect("redis url")));
