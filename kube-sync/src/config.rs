@@ -91,10 +91,8 @@ pub struct Flags {
     #[arg(long = "namespace", value_name = "NS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    /// Address of the metrics listener [default: 127.0.0.1:9632]. Not a flag
-    /// of its own: `--admin-listen` is a global flag of the binary, which
-    /// copies it here.
-    #[arg(skip)]
+    /// Address of the admin API (metrics, health) [default: 127.0.0.1:9632]
+    #[arg(long = "admin-listen", value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_listen: Option<SocketAddr>,
 }
@@ -153,6 +151,46 @@ fn check_label_selector(selector: &str) -> Result<(), &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        flags: Flags,
+    }
+
+    #[test]
+    fn flags_have_the_spec_names_and_serialize_only_what_was_given() {
+        let cli = Cli::parse_from([
+            "kube-sync",
+            "--kubeconfig",
+            "/etc/kube.conf",
+            "--label-selector",
+            "a=b",
+            "--namespace",
+            "tool-foo",
+            "--admin-listen",
+            "0.0.0.0:9632",
+        ]);
+        assert_eq!(cli.flags.kubeconfig, Some(PathBuf::from("/etc/kube.conf")));
+        assert_eq!(cli.flags.label_selector.as_deref(), Some("a=b"));
+        assert_eq!(cli.flags.namespace.as_deref(), Some("tool-foo"));
+        assert_eq!(cli.flags.admin_listen, Some(SocketAddr::from(([0, 0, 0, 0], 9632))));
+        let none = Cli::parse_from(["kube-sync", "--namespace", "x"]);
+        let json = serde_json::to_string(&none.flags).unwrap();
+        assert_eq!(json, r#"{"namespace":"x"}"#);
+    }
+
+    #[test]
+    fn every_key_reads_from_toml_strings() {
+        let config: Config = toml::from_str(
+            "kubeconfig = \"/k\"\nlabel_selector = \"a=b\"\nnamespace = \"ns\"\nadmin_listen = \"0.0.0.0:1\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.admin_listen.port(), 1);
+        assert!(toml::from_str::<Config>("bogus = 1").is_err(), "unknown keys are refused");
+        assert_eq!(toml::from_str::<Config>("").unwrap(), Config::default());
+    }
 
     #[test]
     fn defaults_are_valid() {
