@@ -82,19 +82,16 @@ awk -v n="$tools" -v url="$BACKEND_URL" 'BEGIN {
 pids+=($!)
 wait_http "$BACKEND_URL/"
 
-tls_args=()
-if [ "$tls" = 1 ]; then
-  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=*.toolforge.org" \
-    -addext "subjectAltName=DNS:*.toolforge.org,DNS:toolforge.org" \
-    -keyout "$run/key.pem" -out "$run/cert.pem" >/dev/null 2>&1
-  tls_args=(--https-listen "127.0.0.1:$https_port" --tls-cert "$run/cert.pem" --tls-key "$run/key.pem")
-fi
-RUST_LOG=warn "${proxy_cmd[@]}" --http-listen "127.0.0.1:$http_port" --list-listen "127.0.0.1:$list_port" \
-  --redis-url "$REDIS_URL" --default-backend "$BACKEND_URL" "${tls_args[@]}" >"$run/proxy.log" 2>&1 &
-pids+=($!)
-wait_http "http://127.0.0.1:$list_port/list"
-body=$(curl -s -H "Host: tool$tools.toolforge.org" -H "User-Agent: bench" "http://127.0.0.1:$http_port/")
-[ "$body" = "ok" ] || { echo "proxy did not route tool$tools (got: $body; HTTP redirects when --tls)" >&2; [ "$tls" = 1 ] || exit 1; }
+# start_proxy [extra args...]: starts the proxy and waits until it routes.
+proxy_pid=
+start_proxy() {
+  RUST_LOG=warn "${proxy_cmd[@]}" --http-listen "127.0.0.1:$http_port" --list-listen "127.0.0.1:$list_port" \
+    --redis-url "$REDIS_URL" --default-backend "$BACKEND_URL" "$@" >>"$run/proxy.log" 2>&1 &
+  proxy_pid=$!
+  pids+=($proxy_pid)
+  wait_http "http://127.0.0.1:$list_port/list"
+}
+stop_proxy() { kill "$proxy_pid" 2>/dev/null || true; wait "$proxy_pid" 2>/dev/null || true; }
 
 # wrk_run NAME URL: prints "req/s p50 p99 errors" (latencies in ms).
 wrk_run() {
@@ -113,8 +110,18 @@ wrk_run() {
 
 echo "warm-up ${warmup}s, then wrk -t$threads -c$conns -d${duration}s over $tools random tool hosts" >&2
 read -r b_rps b_p50 b_p99 b_err <<<"$(wrk_run backend "$BACKEND_URL/")"
+
+start_proxy
+body=$(curl -s -H "Host: tool$tools.toolforge.org" -H "User-Agent: bench" "http://127.0.0.1:$http_port/")
+[ "$body" = "ok" ] || { echo "proxy did not route tool$tools (got: $body)" >&2; exit 1; }
 read -r p_rps p_p50 p_p99 p_err <<<"$(wrk_run proxy-http "http://127.0.0.1:$http_port/")"
+stop_proxy
+
 if [ "$tls" = 1 ]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj "/CN=*.toolforge.org" \
+    -addext "subjectAltName=DNS:*.toolforge.org,DNS:toolforge.org" \
+    -keyout "$run/key.pem" -out "$run/cert.pem" >/dev/null 2>&1
+  start_proxy --https-listen "127.0.0.1:$https_port" --tls-cert "$run/cert.pem" --tls-key "$run/key.pem"
   read -r s_rps s_p50 s_p99 s_err <<<"$(wrk_run proxy-https "https://127.0.0.1:$https_port/")"
 fi
 
@@ -127,7 +134,7 @@ if [ "$tls" = 1 ]; then
   if command -v openssl >/dev/null; then
     hs=$( { timeout $((duration + 5)) openssl s_time -connect "127.0.0.1:$https_port" -new -time "$duration" 2>/dev/null || true; } \
       | awk '/connections in .* real seconds/ { for (i = 1; i <= NF; i++) if ($i == "in") { print $(i-2) / $(i+1); exit } }')
-    printf "%-22s %12s (openssl s_time -new, one client)\n" tls-handshakes/s "${hs:-n/a}"
+    printf "%-22s %12s (openssl s_time -new: full ECDSA P-256 handshakes, one client)\n" tls-handshakes/s "${hs:-n/a}"
   fi
 fi
 echo "raw output in $run" >&2

@@ -146,3 +146,34 @@ async fn list_api_format() {
     let got = get(proxy.list, "anything", "/", &[]).await;
     assert_eq!((got.status, got.body.as_str()), (404, "Page not found\n"));
 }
+
+#[tokio::test]
+async fn metrics_and_access_log() {
+    let backend = Backend::echo("b").await;
+    let log = std::env::temp_dir().join(format!("proxy-access-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let proxy = Proxy::start(Config { access_log: log.display().to_string(), ..config(None) }).await;
+    proxy.set_route("foo", ".*", &backend.url()).await;
+    assert_eq!(get(proxy.http, "foo.toolforge.org", "/logged?x=1", &[]).await.status, 200);
+    assert_eq!(get(proxy.http, "none.toolforge.org", "/", &[]).await.status, 503);
+    let line = eventually(Duration::from_secs(5), "access log lines", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        async move { (text.lines().count() >= 2).then_some(text) }
+    })
+    .await;
+    let first = line.lines().next().unwrap();
+    assert!(first.starts_with("127.0.0.1 foo.toolforge.org \"GET /logged?x=1\" 200 "), "{first}");
+    assert!(first.contains(&format!("upstream={}", backend.url())) && first.ends_with("tool=foo"), "{first}");
+    assert!(line.lines().nth(1).unwrap().contains("\" 503 "), "{line}");
+
+    let metrics = eventually(Duration::from_secs(5), "cache gauges", || {
+        let text = proxy.metrics_text();
+        async move { text.contains("dynamicproxy_proxy_routes_in_cache 1\n").then_some(text) }
+    })
+    .await;
+    assert!(metrics.contains("dynamicproxy_proxy_requests_total{class=\"2xx\"} 1"), "{metrics}");
+    assert!(metrics.contains("dynamicproxy_proxy_requests_total{class=\"5xx\"} 1"), "{metrics}");
+    assert!(metrics.contains("dynamicproxy_proxy_upstream_response_seconds_count 1"), "{metrics}");
+    assert!(metrics.contains("dynamicproxy_proxy_redis_connected 1"), "{metrics}");
+    let _ = std::fs::remove_file(&log);
+}

@@ -106,6 +106,7 @@ pub struct Proxy {
     pub handle: ProxyHandle,
     pub shutdown: CancellationToken,
     pub done: tokio::task::JoinHandle<Result<(), dynamicproxy_proxy::Error>>,
+    pub registry: Arc<prometheus_client::registry::Registry>,
     sync_stop: CancellationToken,
 }
 
@@ -158,7 +159,25 @@ impl Proxy {
             async move { c.is_loaded().then_some(()) }
         })
         .await;
-        Proxy { redis, http: http_addr, https: https_addr, list: list_addr, cache, handle, shutdown, done, sync_stop }
+        Proxy {
+            redis,
+            http: http_addr,
+            https: https_addr,
+            list: list_addr,
+            cache,
+            handle,
+            shutdown,
+            done,
+            registry: Arc::new(registry),
+            sync_stop,
+        }
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
+        text
     }
 
     pub fn redis(&self) -> redis::Connection {
