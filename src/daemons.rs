@@ -223,6 +223,11 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
     }
     if let (Some(config), Some(client)) = (plan.kube_sync, kube_client) {
         let metrics = Arc::new(dynamicproxy_kube_sync::Metrics::new(&mut registry));
+        let synced = metrics.clone();
+        readiness.push(Arc::new(move || match synced.last_successful_sync() {
+            Some(_) => Ok(()),
+            None => Err("no successful sync with Kubernetes yet".into()),
+        }));
         let (store, token) = (store.clone(), shutdown.child_token());
         tasks.spawn(async move {
             let result = dynamicproxy_kube_sync::run(config, client, store, metrics, token).await;
