@@ -3,12 +3,16 @@
 //! We ask the client host's ident service `<client-port>, <server-port>\r\n`
 //! and accept only a reply about exactly that connection:
 //! `<client-port> , <server-port> : USERID : <os>[,<charset>] : <user>`.
+//!
+//! The query leaves from the address the client connected to: ident daemons
+//! such as oidentd look the connection up by the querier's address, so on a
+//! host with several addresses a query from another one finds no connection.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 /// RFC 1413 caps a reply at 1000 characters; a little slack for the line end.
 pub const MAX_REPLY_LEN: usize = 1024;
@@ -65,13 +69,25 @@ pub async fn query(
 ) -> Result<IdentReply, IdentError> {
     let exchange = async {
         let addr = SocketAddr::new(peer.ip().to_canonical(), ident_port);
-        let mut stream = TcpStream::connect(addr).await.map_err(|e| IdentError::Connect { addr, kind: e.kind() })?;
+        let mut stream = connect_from(local, addr).await.map_err(|e| IdentError::Connect { addr, kind: e.kind() })?;
         let request = format!("{}, {}\r\n", peer.port(), local.port());
         stream.write_all(request.as_bytes()).await.map_err(|e| IdentError::Io(e.kind()))?;
         let reply = read_reply(&mut stream).await?;
         parse_reply(&reply, peer.port(), local.port())
     };
     tokio::time::timeout(timeout, exchange).await.map_err(|_| IdentError::Timeout(timeout))?
+}
+
+/// Connects to `addr` from the IP address of `local` (any port).
+async fn connect_from(local: SocketAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let source = SocketAddr::new(local.ip().to_canonical(), 0);
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    // With IPv4-mapped addresses made canonical both ends of one connection
+    // are of one family; should they ever differ, let the kernel choose.
+    if source.is_ipv4() == addr.is_ipv4() {
+        socket.bind(source)?;
+    }
+    socket.connect(addr).await
 }
 
 /// Reads one line (or up to EOF), at most [`MAX_REPLY_LEN`] bytes.

@@ -34,6 +34,24 @@ async fn register_sets_the_route() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn ident_is_asked_from_the_address_the_client_connected_to() {
+    // The registrar on 127.0.0.2, the client and its ident service on
+    // 127.0.0.1: left to itself the kernel would send the query from
+    // 127.0.0.1, and an ident daemon matching on the querier's address
+    // would find no such connection.
+    let h = Harness::start_on("127.0.0.2", user("tools.foo"), |_| {}).await;
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+
+    let reply = exchange_from(socket, h.addr, b"register\n.*\nhttp://h:1\n", false).await;
+
+    assert_eq!(reply, "ok");
+    let sources = h.ident.sources.lock().unwrap().clone();
+    assert_eq!(sources.len(), 1, "{sources:?}");
+    assert_eq!(sources[0].ip(), h.addr.ip());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn register_accepts_crlf_and_overwrites() {
     let h = Harness::start(user("tools.foo"), |_| {}).await;
     assert_eq!(h.send(b"register\r\n/api.*\r\nhttp://10.0.0.1:8000\r\n").await, "ok");

@@ -59,6 +59,8 @@ pub struct IdentServer {
     pub port: u16,
     /// Every query line received, as sent.
     pub queries: Arc<Mutex<Vec<String>>>,
+    /// The address each query came from, in order of connection.
+    pub sources: Arc<Mutex<Vec<SocketAddr>>>,
     task: JoinHandle<()>,
 }
 
@@ -68,14 +70,16 @@ impl IdentServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let queries = Arc::new(Mutex::new(Vec::new()));
-        let log = queries.clone();
+        let sources = Arc::new(Mutex::new(Vec::new()));
+        let (log, seen) = (queries.clone(), sources.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, from)) = listener.accept().await else { continue };
+                seen.lock().unwrap().push(from);
                 tokio::spawn(answer(stream, script.clone(), log.clone()));
             }
         });
-        IdentServer { port, queries, task }
+        IdentServer { port, queries, sources, task }
     }
 }
 
@@ -132,8 +136,14 @@ pub struct Harness {
 }
 
 impl Harness {
-    /// A registrar with test-friendly timeouts, adjusted by `tweak`.
+    /// A registrar on 127.0.0.1 with test-friendly timeouts, adjusted by `tweak`.
     pub async fn start(script: IdentScript, tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::start_on("127.0.0.1", script, tweak).await
+    }
+
+    /// Like [`Harness::start`], the registrar listening on `ip` (the ident
+    /// server stays on 127.0.0.1).
+    pub async fn start_on(ip: &str, script: IdentScript, tweak: impl FnOnce(&mut Config)) -> Self {
         let redis = RedisServer::start();
         let ident = IdentServer::start(script).await;
         let mut config = Config {
@@ -144,7 +154,7 @@ impl Harness {
             ..Config::default()
         };
         tweak(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
