@@ -11,7 +11,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use dynamicproxy_redis::{RedisEndpoint, RouteCache};
 use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use serde_json::json;
@@ -34,8 +33,6 @@ pub struct AdminState {
     pub component: &'static str,
     /// Metrics of every component in this process.
     pub registry: Arc<Registry>,
-    /// Gauges refreshed from the route cache at each scrape.
-    pub cache_gauges: Option<CacheGauges>,
     /// The route cache, for daemons that hold one.
     pub cache: Option<RouteCache>,
     /// Where Redis is, for `/server_info`.
@@ -48,40 +45,6 @@ pub struct AdminState {
     pub maintenance: Option<MaintenanceSwitch>,
     /// Readiness.
     pub ready: ReadyCheck,
-}
-
-/// Route cache gauges (SPEC §8: routes in cache, cache age, Redis connected).
-#[derive(Clone, Default)]
-pub struct CacheGauges {
-    tools: Gauge,
-    age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
-    redis_connected: Gauge,
-}
-
-impl CacheGauges {
-    /// Registers the gauges in `registry`.
-    pub fn register(registry: &mut Registry) -> Self {
-        let gauges = CacheGauges::default();
-        registry.register("dynamicproxy_route_cache_tools", "Tools in the route cache", gauges.tools.clone());
-        registry.register(
-            "dynamicproxy_route_cache_age_seconds",
-            "Seconds since the route cache last confirmed it matches Redis (-1 before the first load)",
-            gauges.age_seconds.clone(),
-        );
-        registry.register(
-            "dynamicproxy_redis_connected",
-            "1 while the route cache holds a live connection to Redis",
-            gauges.redis_connected.clone(),
-        );
-        gauges
-    }
-
-    fn refresh(&self, cache: &RouteCache) {
-        let status = cache.status();
-        self.tools.set(status.tools as i64);
-        self.age_seconds.set(status.age.map_or(-1.0, |a| a.as_secs_f64()));
-        self.redis_connected.set(i64::from(status.redis_connected));
-    }
 }
 
 /// Serves the admin API on `listener` until `shutdown` is cancelled.
@@ -97,9 +60,6 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
-    if let (Some(gauges), Some(cache)) = (&state.cache_gauges, &state.cache) {
-        gauges.refresh(cache);
-    }
     let mut body = String::new();
     if let Err(e) = encode(&mut body, &state.registry) {
         return (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode metrics: {e}\n")).into_response();

@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::admin::{self, AdminState, CacheGauges, MaintenanceSwitch, ReadyCheck};
+use crate::admin::{self, AdminState, MaintenanceSwitch, ReadyCheck};
 use crate::cli::GlobalFlags;
 use crate::settings::{self, ConfigError, Settings};
 use crate::telemetry;
@@ -214,7 +214,7 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
         cache = Some(route_cache);
     }
     if let (Some(config), Some(listener)) = (plan.registrar, registrar_listener) {
-        let metrics = Arc::new(dynamicproxy_registrar::Metrics::new(&mut registry));
+        let metrics = Arc::new(dynamicproxy_registrar::Metrics::new(registry.sub_registry_with_prefix("dynamicproxy")));
         let (store, token) = (store.clone(), shutdown.child_token());
         tasks.spawn(async move {
             let result = dynamicproxy_registrar::run(config, listener, store, metrics, token).await;
@@ -222,7 +222,7 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
         });
     }
     if let (Some(config), Some(client)) = (plan.kube_sync, kube_client) {
-        let metrics = Arc::new(dynamicproxy_kube_sync::Metrics::new(&mut registry));
+        let metrics = Arc::new(dynamicproxy_kube_sync::Metrics::new(registry.sub_registry_with_prefix("dynamicproxy")));
         let synced = metrics.clone();
         readiness.push(Arc::new(move || match synced.last_successful_sync() {
             Some(_) => Ok(()),
@@ -235,11 +235,9 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
         });
     }
 
-    let cache_gauges = cache.as_ref().map(|_| CacheGauges::register(&mut registry));
     let state = AdminState {
         component,
         registry: Arc::new(registry),
-        cache_gauges,
         cache,
         redis: plan.redis.clone(),
         started,
@@ -255,6 +253,7 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
     info!(component, redis = %plan.redis, admin = %plan.admin_listen, "dynamicproxy started");
 
     let signal = tokio::spawn(crate::shutdown::shutdown_signal(shutdown.clone()));
+    let hangup = tokio::spawn(crate::shutdown::ignore_hangup());
     let mut failed = false;
     // Until the signal, any component that stops is a failure: stop the others too.
     while let Some(joined) = tasks.join_next().await {
@@ -284,6 +283,7 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
         }
     }
     signal.abort();
+    hangup.abort();
     if failed { Err(Failure::Runtime) } else { Ok(()) }
 }
 

@@ -21,3 +21,13 @@ pub async fn shutdown_signal(token: CancellationToken) {
     info!(signal = name, "shutting down: draining connections");
     token.cancel();
 }
+
+/// Keeps SIGHUP from killing the process (its default action): operators
+/// send it to reload certificates, which the proxy handles itself when TLS
+/// is configured; otherwise there is nothing to reload and it is only logged.
+pub async fn ignore_hangup() {
+    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+    while hup.recv().await.is_some() {
+        info!("SIGHUP received");
+    }
+}

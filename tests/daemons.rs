@@ -121,9 +121,14 @@ async fn proxy_starts_without_redis_then_serves_and_stops_cleanly() {
     assert_eq!(info["component"], "proxy");
     assert_eq!(info["route_cache"]["redis_connected"], true);
     assert_eq!(info["route_cache"]["routes"], 1);
-    let (_, metrics) = get(&client, &format!("{admin_url}/metrics"), None).await.unwrap();
-    assert!(metrics.contains("dynamicproxy_route_cache_tools 1"), "{metrics}");
-    assert!(metrics.contains("dynamicproxy_redis_connected 1"), "{metrics}");
+    let metrics_url = format!("{admin_url}/metrics");
+    eventually(WAIT, "cache gauges in /metrics", || async {
+        let (_, metrics) = get(&client, &metrics_url, None).await?;
+        (metrics.contains("dynamicproxy_proxy_routes_in_cache 1")
+            && metrics.contains("dynamicproxy_proxy_redis_connected 1"))
+        .then_some(())
+    })
+    .await;
     let (_, listed) = get(&client, &format!("http://127.0.0.1:{list}/list"), None).await.unwrap();
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&listed).unwrap(),
@@ -213,4 +218,30 @@ fn example_configuration_is_valid_for_every_daemon() {
         let (code, err) = run_to_exit(&[sub, "--check", "--config", example]);
         assert_eq!(code, Some(0), "{sub}: {err}");
     }
+}
+
+#[tokio::test]
+async fn sighup_does_not_stop_the_proxy() {
+    let (http, list, admin) = (free_port(), free_port(), free_port());
+    let daemon = Daemon::start(&[
+        "proxy".into(),
+        "--redis-url".into(),
+        format!("redis://127.0.0.1:{}/0", free_port()),
+        "--http-listen".into(),
+        format!("127.0.0.1:{http}"),
+        "--list-listen".into(),
+        format!("127.0.0.1:{list}"),
+        "--admin-listen".into(),
+        format!("127.0.0.1:{admin}"),
+    ]);
+    let client = reqwest::Client::builder().user_agent("dynamicproxy-tests").build().unwrap();
+    let healthz = format!("http://127.0.0.1:{http}/.well-known/healthz");
+    eventually(WAIT, "healthz", || get(&client, &healthz, None)).await;
+    let _ = Command::new("kill").args(["-HUP", &daemon.child.id().to_string()]).status();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, _) = get(&client, &healthz, None).await.expect("still serving after SIGHUP");
+    assert_eq!(status, 200);
+    let (code, log) = daemon.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("SIGHUP received"), "{log}");
 }

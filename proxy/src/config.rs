@@ -377,14 +377,15 @@ mod tests {
 mod example_tests {
     use super::*;
 
-    /// The documented example parses into the defaults, so it cannot drift from them.
+    /// The `[proxy]` section of the documented example parses into the
+    /// defaults, so it cannot drift from them.
     #[test]
     fn example_config_matches_defaults() {
         #[derive(Deserialize)]
         struct File {
             proxy: Config,
         }
-        let text = include_str!("../config.example.toml");
+        let text = include_str!("../../deploy/dynamicproxy.example.toml");
         let file: File = toml::from_str(text).unwrap();
         let defaults = Config::default();
         assert_eq!(format!("{:?}", file.proxy), format!("{defaults:?}"));
