@@ -73,6 +73,10 @@ impl ConfigError {
     }
 }
 
+/// Longest `exchange_timeout` accepted. A slot held longer by a silent client
+/// is no protection; and deadlines far in the future overflow `Instant`.
+const MAX_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(3600);
+
 impl Config {
     /// Checks the settings together; the error names the key and its value.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -102,8 +106,12 @@ impl Config {
         if self.max_connections == 0 {
             return Err(ConfigError::new("max_connections", 0, "must be at least 1"));
         }
-        if self.exchange_timeout.is_zero() {
-            return Err(ConfigError::new("exchange_timeout", "0s", "must be positive"));
+        if self.exchange_timeout.is_zero() || self.exchange_timeout > MAX_EXCHANGE_TIMEOUT {
+            return Err(ConfigError::new(
+                "exchange_timeout",
+                DisplayDuration(self.exchange_timeout),
+                format!("must be positive and at most {}", DisplayDuration(MAX_EXCHANGE_TIMEOUT)),
+            ));
         }
         if self.ident_timeout.is_zero() || self.ident_timeout >= self.exchange_timeout {
             return Err(ConfigError::new(
@@ -269,6 +277,12 @@ mod tests {
         );
         let config = Config { allowed_destinations: vec!["10.0.0.0/33".into()], ..Config::default() };
         assert!(config.validate().unwrap_err().to_string().contains("allowed_destinations = \"10.0.0.0/33\""));
+        // Far beyond any sane budget, and a deadline `now + timeout` would overflow.
+        let config = Config { exchange_timeout: Duration::from_secs(u64::MAX), ..Config::default() };
+        assert_eq!(
+            config.validate().unwrap_err().to_string(),
+            format!("invalid [registrar] exchange_timeout = {}s: must be positive and at most 3600s", u64::MAX)
+        );
         let config = Config { canonical_domain: "".into(), ..Config::default() };
         assert!(config.validate().unwrap_err().to_string().starts_with("invalid [registrar] canonical_domain"));
     }
