@@ -14,6 +14,7 @@
 //! - [`error`]: the crate's [`Error`].
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 mod apply;
 mod backoff;

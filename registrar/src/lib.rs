@@ -13,6 +13,7 @@
 //! - [`error`]: [`Error`], why the registrar cannot run.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod allow;
 pub mod config;
