@@ -15,7 +15,7 @@ use tracing::{debug, error, info, warn};
 use crate::backoff::Backoff;
 use crate::metrics::Metrics;
 use crate::service::{ServiceKey, ServiceRoute};
-use crate::state::{SyncState, Work};
+use crate::state::{self, SyncState, Work};
 
 /// Redis commands in flight at once during a full reconcile (one multiplexed
 /// connection pipelines them).
@@ -314,9 +314,7 @@ impl Applier {
     }
 
     fn lock_state(&self) -> MutexGuard<'_, SyncState> {
-        // The state is plain data updated in single steps; a panic elsewhere
-        // cannot leave it half-written.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        state::lock(&self.state)
     }
 }
 

@@ -3,6 +3,7 @@
 //! applier drains it, and neither waits on the other.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::{Mutex, MutexGuard};
 
 use crate::metrics::EventType;
 use crate::service::{ServiceKey, ServiceRoute, Skip};
@@ -34,6 +35,13 @@ pub(crate) enum Work {
     Full(Vec<ServiceRoute>),
     /// Bring these Services' routes up to date (`None`: it should have none).
     Services(Vec<(ServiceKey, Option<ServiceRoute>)>),
+}
+
+/// Locks the state shared by the watcher and the applier. It is plain data
+/// changed in single steps, so a panic while it was held cannot have left it
+/// half-written: a poisoned lock is used as it is.
+pub(crate) fn lock(state: &Mutex<SyncState>) -> MutexGuard<'_, SyncState> {
+    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl SyncState {

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use crate::backoff::Backoff;
 use crate::metrics::{EventType, Metrics};
 use crate::service::{ServiceKey, route_for};
-use crate::state::SyncState;
+use crate::state::{self, SyncState};
 
 /// Delays between relists forced by an expired watch (see [`needs_relist`]).
 const RELIST_INITIAL: Duration = Duration::from_millis(500);
@@ -154,8 +154,7 @@ impl ServiceWatch {
     }
 
     fn lock_state(&self) -> MutexGuard<'_, SyncState> {
-        // Plain data updated in single steps; a panic elsewhere cannot leave it half-written.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        state::lock(&self.state)
     }
 }
 
