@@ -102,32 +102,22 @@ fn plan(global: &GlobalFlags, selection: &Selection) -> Result<Plan, ConfigError
         flags.push(("kube_sync", to_value(serde_json::to_value(f))?));
     }
     let flag_refs: Vec<(&str, &serde_json::Value)> = flags.iter().map(|(s, v)| (*s, v)).collect();
-    // The global --admin-listen belongs to the daemon being run; under `all`, to the proxy (one admin API).
     let (settings, figment) = settings::load(global, &flag_refs)?;
     let redis = settings.redis_endpoint()?;
-    let invalid = |e: &dyn std::fmt::Display| ConfigError::invalid(e);
-
-    let proxy: Option<dynamicproxy_proxy::Config> = if selection.proxy.is_some() || selection.all {
-        let config: dynamicproxy_proxy::Config = settings::section(&figment, "proxy")?;
-        config.validate().map_err(|e| invalid(&e))?;
-        Some(config)
-    } else {
-        None
-    };
-    let registrar: Option<dynamicproxy_registrar::Config> = if selection.registrar.is_some() || selection.all {
-        let config: dynamicproxy_registrar::Config = settings::section(&figment, "registrar")?;
-        config.validate().map_err(|e| invalid(&e))?;
-        Some(config)
-    } else {
-        None
-    };
-    let kube_sync: Option<dynamicproxy_kube_sync::Config> = if selection.kube_sync.is_some() || selection.all {
-        let config: dynamicproxy_kube_sync::Config = settings::section(&figment, "kube_sync")?;
-        config.validate().map_err(|e| invalid(&e))?;
-        Some(config)
-    } else {
-        None
-    };
+    let proxy =
+        section(&figment, "proxy", selection.proxy.is_some() || selection.all, dynamicproxy_proxy::Config::validate)?;
+    let registrar = section(
+        &figment,
+        "registrar",
+        selection.registrar.is_some() || selection.all,
+        dynamicproxy_registrar::Config::validate,
+    )?;
+    let kube_sync = section(
+        &figment,
+        "kube_sync",
+        selection.kube_sync.is_some() || selection.all,
+        dynamicproxy_kube_sync::Config::validate,
+    )?;
     let admin_listen = match (&proxy, &registrar, &kube_sync) {
         (Some(p), _, _) => selection.admin_listen.unwrap_or(p.admin_listen),
         // The registrar's section has no admin key; its admin API is on a fixed default unless the flag says otherwise.
@@ -136,6 +126,21 @@ fn plan(global: &GlobalFlags, selection: &Selection) -> Result<Plan, ConfigError
         (None, None, None) => return Err(ConfigError::invalid("no daemon selected")),
     };
     Ok(Plan { settings, redis, proxy, registrar, kube_sync, admin_listen })
+}
+
+/// One daemon's typed and validated section, when that daemon runs.
+fn section<T: serde::de::DeserializeOwned, E: std::fmt::Display>(
+    figment: &figment::Figment,
+    name: &str,
+    wanted: bool,
+    validate: impl Fn(&T) -> Result<(), E>,
+) -> Result<Option<T>, ConfigError> {
+    if !wanted {
+        return Ok(None);
+    }
+    let config: T = settings::section(figment, name)?;
+    validate(&config).map_err(ConfigError::invalid)?;
+    Ok(Some(config))
 }
 
 enum Failure {
