@@ -348,6 +348,35 @@ async fn shutdown_stops_accepting_and_returns() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn shutdown_lets_an_open_exchange_finish() {
+    let mut h = Harness::start(user("tools.foo"), |c| c.exchange_timeout = Duration::from_secs(20)).await;
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    stream.write_all(b"register\n.*\n").await.unwrap();
+    let metrics = &h.metrics;
+    eventually(Duration::from_secs(10), "the connection to be served", || async move {
+        (metrics.connections.get() == 1).then_some(())
+    })
+    .await;
+
+    h.shutdown.cancel();
+    let addr = h.addr;
+    eventually(Duration::from_secs(10), "the listener to close", || async move {
+        TcpStream::connect(addr).await.is_err().then_some(())
+    })
+    .await;
+    stream.write_all(b"http://h:1\n").await.unwrap();
+    let mut reply = Vec::new();
+    let read = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut reply);
+    let _ = tokio::time::timeout(common::CLIENT_DEADLINE, read).await.expect("no answer");
+
+    assert_eq!(String::from_utf8_lossy(&reply), "ok");
+    assert_eq!(h.hash("prefix:foo"), map(&[(".*", "http://h:1")]));
+    let task = h.task.take().unwrap();
+    let result = tokio::time::timeout(common::CLIENT_DEADLINE, task).await.expect("run did not return");
+    assert!(matches!(result, Ok(Ok(()))));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn invalid_config_is_refused_by_run() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut registry = prometheus_client::registry::Registry::default();
