@@ -185,7 +185,7 @@ async fn authenticate_and_read(
     };
     exchange.tool = Some(name.to_string());
     let tool = ToolName::parse(name).map_err(|e| invalid_logged(e, exchange))?;
-    let request = read_request(stream).await.map_err(|e| invalid_logged(e, exchange))?;
+    let request = read_request(stream, &mut exchange.command).await.map_err(|e| invalid_logged(e, exchange))?;
     Ok((tool, request))
 }
 
@@ -196,14 +196,18 @@ fn invalid_logged(reason: impl std::fmt::Display, exchange: &mut Exchange) -> An
 }
 
 /// Reads until [`protocol::decode`] has a whole request; the buffer never
-/// grows past three maximal lines plus one read.
-async fn read_request(stream: &mut TcpStream) -> Result<Request, ProtocolError> {
+/// grows past three maximal lines plus one read. `command` is set as soon as
+/// the first line is in, so a refusal or a timeout is logged under it.
+async fn read_request(stream: &mut TcpStream, command: &mut Option<Command>) -> Result<Request, ProtocolError> {
     let mut buf = Vec::with_capacity(256);
     loop {
         let mut chunk = [0u8; 1024];
         // A reset client is gone: treat it as the end of what it sent.
         let n = stream.read(&mut chunk).await.unwrap_or_default();
         buf.extend_from_slice(&chunk[..n]);
+        if command.is_none() {
+            *command = protocol::first_command(&buf, n == 0);
+        }
         if let Some(request) = protocol::decode(&buf, n == 0)? {
             return Ok(request);
         }

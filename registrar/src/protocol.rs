@@ -64,6 +64,16 @@ pub enum Command {
 }
 
 impl Command {
+    /// The command a first line names; [`Command::Unknown`] for any other line.
+    fn named(line: &str) -> Command {
+        match line {
+            "register" => Command::Register,
+            "registerCanonical" => Command::RegisterCanonical,
+            "unregister" => Command::Unregister,
+            _ => Command::Unknown,
+        }
+    }
+
     /// The name as on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -96,21 +106,29 @@ pub enum ProtocolError {
 pub fn decode(buf: &[u8], eof: bool) -> Result<Option<Request>, ProtocolError> {
     let mut lines = Lines { rest: buf, eof };
     let Some(command) = lines.next("command")? else { return Ok(None) };
-    let needs_destination = match command.as_str() {
-        "register" | "registerCanonical" => true,
-        "unregister" => false,
-        _ => return Ok(Some(Request::Unknown)),
-    };
+    let command = Command::named(&command);
+    if command == Command::Unknown {
+        return Ok(Some(Request::Unknown));
+    }
     let Some(route) = lines.next("route")? else { return Ok(None) };
-    if !needs_destination {
+    if command == Command::Unregister {
         return Ok(Some(Request::Unregister { route }));
     }
     let Some(destination) = lines.next("destination")? else { return Ok(None) };
-    Ok(Some(if command == "register" {
+    Ok(Some(if command == Command::Register {
         Request::Register { route, destination }
     } else {
         Request::RegisterCanonical { route, destination }
     }))
+}
+
+/// The command named by the first line of what was received so far, once
+/// that line is complete; `None` before. Lets a request refused later
+/// (malformed, cut short, timed out) still be logged and counted under the
+/// command it asked for.
+pub fn first_command(buf: &[u8], eof: bool) -> Option<Command> {
+    let mut lines = Lines { rest: buf, eof };
+    lines.next("command").ok().flatten().map(|line| Command::named(&line))
 }
 
 struct Lines<'a> {
@@ -177,6 +195,17 @@ mod tests {
         assert_eq!(decode(b"register\n", true), Err(ProtocolError::Missing("route")));
         assert_eq!(decode(b"register\n.*\n", true), Err(ProtocolError::Missing("destination")));
         assert_eq!(decode(b"unregister\n.*", true), Ok(Some(Request::Unregister { route: ".*".into() })));
+    }
+
+    #[test]
+    fn first_command_once_its_line_is_complete() {
+        assert_eq!(first_command(b"", false), None);
+        assert_eq!(first_command(b"regis", false), None);
+        assert_eq!(first_command(b"register\n", false), Some(Command::Register));
+        assert_eq!(first_command(b"registerCanonical\r\n.*", false), Some(Command::RegisterCanonical));
+        assert_eq!(first_command(b"unregister", true), Some(Command::Unregister));
+        assert_eq!(first_command(b"list\n", false), Some(Command::Unknown));
+        assert_eq!(first_command(&[b'r'; MAX_LINE_LEN + 2], false), None);
     }
 
     #[test]

@@ -153,7 +153,9 @@ async fn silent_client_times_out() {
     assert_eq!(h.send(b"").await, "fail: timeout");
     assert_eq!(h.send(b"register\n.*\nhttp://h").await, "fail: timeout");
     assert!(h.keys().is_empty());
-    assert!(h.metrics_text().contains(r#"registrar_commands_total{command="none",result="timeout"} 2"#));
+    let text = h.metrics_text();
+    assert!(text.contains(r#"registrar_commands_total{command="none",result="timeout"} 1"#), "{text}");
+    assert!(text.contains(r#"registrar_commands_total{command="register",result="timeout"} 1"#), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -324,6 +326,8 @@ async fn metrics_count_commands_by_result() {
     h.send(b"unregister\n.*\n").await;
     h.send(b"nonsense\n").await;
     h.send(b"register\n(\nhttp://h:1\n").await;
+    h.send_and_close(b"unregister\n").await;
+    h.send(format!("registerCanonical\n{}\n", "a".repeat(2000)).as_bytes()).await;
     let text = h.metrics_text();
     for line in [
         r#"registrar_commands_total{command="register",result="ok"} 1"#,
@@ -331,6 +335,9 @@ async fn metrics_count_commands_by_result() {
         r#"registrar_commands_total{command="unregister",result="ok"} 1"#,
         r#"registrar_commands_total{command="unknown",result="unknown_command"} 1"#,
         r#"registrar_commands_total{command="register",result="invalid"} 1"#,
+        // Refused before the request was whole, still under the command it named.
+        r#"registrar_commands_total{command="unregister",result="invalid"} 1"#,
+        r#"registrar_commands_total{command="registerCanonical",result="invalid"} 1"#,
     ] {
         assert!(text.contains(line), "{line} not in\n{text}");
     }
