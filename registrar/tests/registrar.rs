@@ -52,6 +52,24 @@ async fn ident_is_asked_from_the_address_the_client_connected_to() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn ipv4_clients_of_a_dual_stack_listener_are_identified() {
+    if std::net::TcpListener::bind("[::]:0").is_err() {
+        eprintln!("skipped: no IPv6 on this host");
+        return;
+    }
+    // Both ends are seen as IPv4-mapped IPv6 addresses; the ident query must
+    // still go out over IPv4, from 127.0.0.1.
+    let h = Harness::start_on("::", user("tools.foo"), |_| {}).await;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], h.addr.port()));
+
+    let reply = exchange_from(TcpSocket::new_v4().unwrap(), addr, b"register\n.*\nhttp://h:1\n", false).await;
+
+    assert_eq!(reply, "ok");
+    let sources = h.ident.sources.lock().unwrap().clone();
+    assert_eq!(sources.iter().map(|s| s.ip().to_string()).collect::<Vec<_>>(), ["127.0.0.1"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn register_accepts_crlf_and_overwrites() {
     let h = Harness::start(user("tools.foo"), |_| {}).await;
     assert_eq!(h.send(b"register\r\n/api.*\r\nhttp://10.0.0.1:8000\r\n").await, "ok");
