@@ -73,6 +73,10 @@ impl ConfigError {
     }
 }
 
+/// Most `max_connections` accepted: far above what the file descriptor limit
+/// allows, and below the size where the connection semaphore panics.
+const MAX_CONNECTIONS: usize = 1 << 20;
+
 /// Longest `exchange_timeout` accepted. A slot held longer by a silent client
 /// is no protection; and deadlines far in the future overflow `Instant`.
 const MAX_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -103,8 +107,12 @@ impl Config {
                 "must be a domain name such as toolforge.org",
             ));
         }
-        if self.max_connections == 0 {
-            return Err(ConfigError::new("max_connections", 0, "must be at least 1"));
+        if self.max_connections == 0 || self.max_connections > MAX_CONNECTIONS {
+            return Err(ConfigError::new(
+                "max_connections",
+                self.max_connections,
+                format!("must be 1-{MAX_CONNECTIONS}"),
+            ));
         }
         if self.exchange_timeout.is_zero() || self.exchange_timeout > MAX_EXCHANGE_TIMEOUT {
             return Err(ConfigError::new(
@@ -268,7 +276,12 @@ mod tests {
         let config = Config { max_connections: 0, ..Config::default() };
         assert_eq!(
             config.validate().unwrap_err().to_string(),
-            "invalid [registrar] max_connections = 0: must be at least 1"
+            "invalid [registrar] max_connections = 0: must be 1-1048576"
+        );
+        let config = Config { max_connections: usize::MAX, ..Config::default() };
+        assert_eq!(
+            config.validate().unwrap_err().to_string(),
+            format!("invalid [registrar] max_connections = {}: must be 1-1048576", usize::MAX)
         );
         let config = Config { ident_timeout: Duration::from_secs(10), ..Config::default() };
         assert_eq!(

@@ -409,5 +409,5 @@ async fn invalid_config_is_refused_by_run() {
     let store = Arc::new(dynamicproxy_redis::RouteStore::new("redis://127.0.0.1:1/0".parse().unwrap()));
     let config = dynamicproxy_registrar::Config { max_connections: 0, ..Default::default() };
     let err = dynamicproxy_registrar::run(config, listener, store, metrics, Default::default()).await.unwrap_err();
-    assert_eq!(err.to_string(), "invalid [registrar] max_connections = 0: must be at least 1");
+    assert_eq!(err.to_string(), "invalid [registrar] max_connections = 0: must be 1-1048576");
 }
