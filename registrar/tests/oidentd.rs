@@ -72,7 +72,12 @@ impl Oidentd {
 
 /// Runs the deployed client's exchange from bash (`/dev/tcp`) as Unix user `as_user`.
 async fn client(as_user: &str, port: u16, request: &str) -> String {
-    let script = format!("exec 3<>/dev/tcp/127.0.0.1/{port} && printf '%s' \"$1\" >&3 && cat <&3");
+    client_to(as_user, "127.0.0.1", port, request).await
+}
+
+/// Like [`client`], to the registrar at `ip`.
+async fn client_to(as_user: &str, ip: &str, port: u16, request: &str) -> String {
+    let script = format!("exec 3<>/dev/tcp/{ip}/{port} && printf '%s' \"$1\" >&3 && cat <&3");
     let run = Command::new("runuser")
         .args(["-u", as_user, "--", "/bin/bash", "-c", &script, "client", request])
         .stderr(Stdio::inherit())
@@ -109,4 +114,28 @@ async fn oidentd_identifies_a_real_tool_account() {
     assert_eq!(client("root", port, "register\n.*\nhttp://web.example:8000\n").await, NOT_TOOL);
     assert!(h.keys().is_empty());
     assert!(h.ident.queries.lock().unwrap().is_empty(), "the scripted ident server was asked");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oidentd_identifies_a_client_of_a_second_address() {
+    if !is_root() {
+        eprintln!("skipped: creating the Unix user tools.{TOOL} and running a client as it needs root");
+        return;
+    }
+    let account = format!("tools.{TOOL}");
+    ensure_user(&account).await;
+    let oidentd = Oidentd::start().await;
+    // The registrar on 127.0.0.2, the client connecting from 127.0.0.1:
+    // oidentd finds the connection only if asked from 127.0.0.2.
+    let h = Harness::start_on("127.0.0.2", user("unused"), |c| {
+        c.ident_port = oidentd.port;
+        c.ident_timeout = Duration::from_secs(3);
+        c.exchange_timeout = Duration::from_secs(6);
+    })
+    .await;
+
+    let reply = client_to(&account, "127.0.0.2", h.addr.port(), "register\n.*\nhttp://web.example:8000\n").await;
+
+    assert_eq!(reply, "ok");
+    assert_eq!(h.hash(&format!("prefix:{TOOL}")).get(".*").map(String::as_str), Some("http://web.example:8000"));
 }
