@@ -18,8 +18,10 @@ use crate::metrics::{EventType, Metrics};
 use crate::service::{ServiceKey, route_for};
 use crate::state::{self, SyncState};
 
-/// Delays between relists forced by an expired watch (see [`needs_relist`]).
+/// First delay before a relist forced by an expired watch (see [`needs_relist`]).
 const RELIST_INITIAL: Duration = Duration::from_millis(500);
+/// Longest delay between forced relists: each one lists every Service, so an
+/// API server that keeps refusing the watch must not be listed in a loop.
 const RELIST_MAX: Duration = Duration::from_secs(30);
 
 /// Feeds the desired state from the API server until `shutdown`.
