@@ -19,6 +19,10 @@ pub enum RouteTableError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A connection attempt failed moments ago; not retried yet, so a crowd
+    /// of callers does not each open a connection to a Redis that is away.
+    #[error("{0}")]
+    Unreachable(String),
     /// The push channel that carries invalidations closed: the connection is gone.
     #[error("redis connection closed")]
     Disconnected,
@@ -32,7 +36,7 @@ impl RouteTableError {
             RouteTableError::Redis(e) => {
                 e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
             }
-            RouteTableError::Timeout(_) | RouteTableError::Disconnected => true,
+            RouteTableError::Timeout(_) | RouteTableError::Disconnected | RouteTableError::Unreachable(_) => true,
             RouteTableError::InvalidUrl { .. } => false,
         }
     }

@@ -19,7 +19,19 @@ use crate::types::{BackendUrl, RoutePattern, ToolName};
 pub struct RouteStore {
     endpoint: RedisEndpoint,
     connection: Mutex<Option<MultiplexedConnection>>,
+    /// Held while connecting, so concurrent callers share one attempt
+    /// instead of each opening a connection while Redis is away.
+    connecting: tokio::sync::Mutex<Option<FailedConnect>>,
 }
+
+/// The last failed connection attempt, reused by callers that arrive while it is fresh.
+struct FailedConnect {
+    at: std::time::Instant,
+    reason: String,
+}
+
+/// How long a failed connection attempt answers for everyone before the next try.
+const RECONNECT_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// A tool's raw entries as stored, valid or not, for display.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -107,7 +119,7 @@ impl RouteStore {
     /// A store for `endpoint`. Does not connect yet: the first command does,
     /// so a daemon can start while Redis is down.
     pub fn new(endpoint: RedisEndpoint) -> Self {
-        RouteStore { endpoint, connection: Mutex::new(None) }
+        RouteStore { endpoint, connection: Mutex::new(None), connecting: tokio::sync::Mutex::new(None) }
     }
 
     /// Where this store points.
@@ -306,9 +318,27 @@ impl RouteStore {
         if let Some(conn) = self.lock().as_ref() {
             return Ok(conn.clone());
         }
-        let conn = self.endpoint.connect(false, None).await?;
-        *self.lock() = Some(conn.clone());
-        Ok(conn)
+        let mut failed = self.connecting.lock().await;
+        // Someone else may have connected while we waited for the lock.
+        if let Some(conn) = self.lock().as_ref() {
+            return Ok(conn.clone());
+        }
+        if let Some(last) = failed.as_ref()
+            && last.at.elapsed() < RECONNECT_PAUSE
+        {
+            return Err(RouteTableError::Unreachable(last.reason.clone()));
+        }
+        match self.endpoint.connect(false, None).await {
+            Ok(conn) => {
+                *failed = None;
+                *self.lock() = Some(conn.clone());
+                Ok(conn)
+            }
+            Err(e) => {
+                *failed = Some(FailedConnect { at: std::time::Instant::now(), reason: e.to_string() });
+                Err(e)
+            }
+        }
     }
 
     fn forget_on_unavailable<T>(&self, result: &Result<T, RouteTableError>) {

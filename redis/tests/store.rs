@@ -97,3 +97,31 @@ async fn two_key_writes_are_all_or_nothing_even_with_a_wrong_type_key() {
     let kept: Option<String> = c.hget("prefix:foo", ".*").unwrap();
     assert_eq!(kept.as_deref(), Some("http://10.0.0.1:1"), "the route must stay when the redirect cannot be cleaned");
 }
+
+#[tokio::test]
+async fn many_callers_while_redis_is_broken_share_connection_attempts() {
+    // A "Redis" that accepts and hangs up: every connection attempt is one accept.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}/0", listener.local_addr().unwrap());
+    let accepts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepts.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(socket);
+        }
+    });
+    let store = std::sync::Arc::new(RouteStore::new(url.parse().unwrap()));
+    let calls: Vec<_> = (0..200)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.ping().await })
+        })
+        .collect();
+    for call in calls {
+        let err = call.await.unwrap().unwrap_err();
+        assert!(err.is_unavailable(), "{err}");
+    }
+    let attempts = accepts.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((1..=5).contains(&attempts), "200 callers made {attempts} connection attempts");
+}
