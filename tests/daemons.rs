@@ -245,3 +245,22 @@ async fn sighup_does_not_stop_the_proxy() {
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("SIGHUP received"), "{log}");
 }
+
+#[test]
+fn kubernetes_configmap_configuration_is_valid() {
+    let manifest = include_str!("../deploy/kubernetes/configmap.yaml");
+    // The file's block scalar: every line after `dynamicproxy.toml: |`, four spaces in.
+    let toml: String = manifest
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("dynamicproxy.toml: |"))
+        .skip(1)
+        .map(|l| l.strip_prefix("    ").unwrap_or(l.trim()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(toml.contains("[kube_sync]"), "{toml}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dynamicproxy.toml");
+    std::fs::write(&file, toml).unwrap();
+    let (code, err) = run_to_exit(&["kube-sync", "--check", "--config", file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+}
