@@ -17,6 +17,11 @@ pub struct Config {
     /// routes of this namespace are reconciled, so several instances with
     /// different namespaces can share one Redis.
     pub namespace: Option<String>,
+    /// When set (Toolforge: `tool-`), a Service only routes the tool it is
+    /// named after if it lives in namespace `<prefix><name>`, so one tool
+    /// cannot claim another's route with a Service of that name. Unset by
+    /// default (SPEC §6: the tool is the Service name, wherever it lives).
+    pub tool_namespace_prefix: Option<String>,
     /// Where the binary serves `/metrics` for this daemon (loopback by default:
     /// it is an operator interface).
     pub admin_listen: SocketAddr,
@@ -28,6 +33,7 @@ impl Default for Config {
             kubeconfig: None,
             label_selector: DEFAULT_LABEL_SELECTOR.to_string(),
             namespace: None,
+            tool_namespace_prefix: None,
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9632)),
         }
     }
@@ -91,6 +97,10 @@ pub struct Flags {
     #[arg(long = "namespace", value_name = "NS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+    /// Route a Service only if its namespace is <PREFIX><service name> (e.g. tool-) [default: any namespace]
+    #[arg(long = "tool-namespace-prefix", value_name = "PREFIX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_namespace_prefix: Option<String>,
     /// Address of the admin API (metrics, health) [default: 127.0.0.1:9632]
     #[arg(long = "admin-listen", value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -68,6 +68,7 @@ pub async fn run(
         api,
         namespace: config.namespace.clone(),
         label_selector: config.label_selector.clone(),
+        tool_namespace_prefix: config.tool_namespace_prefix.clone(),
         state: state.clone(),
         notify: notify.clone(),
         metrics: metrics.clone(),

@@ -51,6 +51,17 @@ pub enum Skip {
     /// The Service name is not a valid tool name.
     #[error("service name {0:?} is not a valid tool name")]
     InvalidToolName(String),
+    /// `tool_namespace_prefix` is set and the Service lives outside `<prefix><name>`:
+    /// it would take over another tool's route.
+    #[error("service {name:?} is in namespace {namespace:?}, not {expected:?}")]
+    ForeignNamespace {
+        /// The Service's (and so the tool's) name.
+        name: String,
+        /// Where the Service is.
+        namespace: String,
+        /// Where a Service of that tool must be.
+        expected: String,
+    },
     /// `clusterIP: None`: a headless Service has no virtual IP to proxy to.
     #[error("headless service (clusterIP None)")]
     Headless,
@@ -73,9 +84,21 @@ pub enum Skip {
     },
 }
 
-/// The route a Service should have, or why it has none.
-pub fn route_for(key: &ServiceKey, service: &Service) -> Result<ServiceRoute, Skip> {
+/// The route a Service should have, or why it has none. With a
+/// `tool_namespace_prefix`, only a Service in namespace `<prefix><name>` may
+/// claim the tool `<name>`.
+pub fn route_for(
+    key: &ServiceKey,
+    service: &Service,
+    tool_namespace_prefix: Option<&str>,
+) -> Result<ServiceRoute, Skip> {
     let tool = ToolName::parse(&key.name).map_err(|_| Skip::InvalidToolName(key.name.clone()))?;
+    if let Some(prefix) = tool_namespace_prefix {
+        let expected = format!("{prefix}{}", key.name);
+        if key.namespace != expected {
+            return Err(Skip::ForeignNamespace { name: key.name.clone(), namespace: key.namespace.clone(), expected });
+        }
+    }
     let spec = service.spec.as_ref();
     let cluster_ip = spec.and_then(|s| s.cluster_ip.as_deref()).map(str::trim).unwrap_or_default();
     if cluster_ip.eq_ignore_ascii_case("none") {
@@ -146,7 +169,26 @@ mod tests {
 
     fn route(svc: &Service) -> Result<(String, String), Skip> {
         let key = ServiceKey::of(svc).unwrap();
-        route_for(&key, svc).map(|r| (r.owned.member(), r.backend.to_string()))
+        route_for(&key, svc, None).map(|r| (r.owned.member(), r.backend.to_string()))
+    }
+
+    #[test]
+    fn namespace_prefix_keeps_tools_in_their_own_namespace() {
+        let own = service("foo", Some("10.0.0.1"), &[(None, 8000)], None);
+        let key = ServiceKey::of(&own).unwrap();
+        assert!(route_for(&key, &own, Some("tool-")).is_ok());
+        let mut foreign = own.clone();
+        foreign.metadata.namespace = Some("tool-bar".into());
+        let key = ServiceKey::of(&foreign).unwrap();
+        assert!(route_for(&key, &foreign, None).is_ok(), "off by default, as SPEC §6 says");
+        assert_eq!(
+            route_for(&key, &foreign, Some("tool-")).map(|_| ()),
+            Err(Skip::ForeignNamespace {
+                name: "foo".into(),
+                namespace: "tool-bar".into(),
+                expected: "tool-foo".into()
+            })
+        );
     }
 
     #[test]
@@ -159,7 +201,7 @@ mod tests {
     fn path_label_narrows_the_route() {
         let svc = service("foo", Some("10.0.0.1"), &[(None, 8000)], Some("api"));
         let key = ServiceKey::of(&svc).unwrap();
-        let r = route_for(&key, &svc).unwrap();
+        let r = route_for(&key, &svc, None).unwrap();
         assert_eq!(r.owned.pattern, "/api.*");
         assert_eq!(r.owned.member(), "tool-foo/foo/api.*");
         // An empty value means the whole tool (see pattern_for).

@@ -32,6 +32,8 @@ pub(crate) struct ServiceWatch {
     pub(crate) namespace: Option<String>,
     /// Only Services matching it are listed and watched.
     pub(crate) label_selector: String,
+    /// When set, a Service routes only the tool whose namespace is `<prefix><name>`.
+    pub(crate) tool_namespace_prefix: Option<String>,
     /// Shared with the applier.
     pub(crate) state: Arc<Mutex<SyncState>>,
     /// Wakes the applier.
@@ -92,7 +94,7 @@ impl ServiceWatch {
             }
             Event::InitApply(service) => {
                 let Some(key) = self.key(&service) else { return };
-                let desired = route_for(&key, &service);
+                let desired = route_for(&key, &service, self.tool_namespace_prefix.as_deref());
                 if let Err(skip) = &desired {
                     debug!(service = %key, reason = %skip, "Service gets no route");
                 }
@@ -113,7 +115,7 @@ impl ServiceWatch {
             }
             Event::Apply(service) => {
                 let Some(key) = self.key(&service) else { return };
-                let desired = route_for(&key, &service);
+                let desired = route_for(&key, &service, self.tool_namespace_prefix.as_deref());
                 if let Err(skip) = &desired {
                     info!(service = %key, reason = %skip, "Service gets no route");
                 }
