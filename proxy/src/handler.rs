@@ -39,7 +39,6 @@ const HSTS: HeaderValue = HeaderValue::from_static("max-age=31622400");
 /// Everything requests share, built once by `run`.
 pub(crate) struct Shared {
     pub router: Router,
-    pub client: UpstreamClient,
     pub pages: Pages,
     pub protection: Protection,
     pub maintenance: Arc<AtomicBool>,
@@ -64,6 +63,9 @@ pub(crate) struct ConnInfo {
     pub tls: bool,
     /// HTTP/1 framing guard; `None` for HTTP/2.
     pub smuggle: Option<Arc<SmuggleFlags>>,
+    /// The upstream pool of the event loop serving this connection: one pool
+    /// per loop, so a request never waits on another thread's connections.
+    pub pool: UpstreamClient,
 }
 
 impl ConnInfo {
@@ -277,7 +279,7 @@ async fn forward(
     let upstream_req = Request::from_parts(parts, LimitedBody::new(body, shared.max_body));
 
     let sent = Instant::now();
-    let result = shared.client.request(upstream_req).await;
+    let result = conn.pool.request(upstream_req).await;
     let elapsed = sent.elapsed();
     ctx.upstream_time = Some(elapsed);
     let mut response = result.map_err(classify)?;

@@ -6,6 +6,7 @@
 //!
 //! - [`config`]: [`Config`] (`[proxy]`) and its command-line [`Flags`].
 //! - [`server`] (private): accept loop, connection limit, TLS handshake, HTTP/1.1 and HTTP/2 serving, drain.
+//! - [`workers`] (private): one single-threaded event loop per core, each with its own upstream pool.
 //! - [`handler`] (private): one request's life, in SPEC §3 order; errors become pages there.
 //! - [`route`]: the routing rules over the route cache.
 //! - [`host`]: Host normalisation and URI checks.
@@ -26,6 +27,7 @@
 //!
 //! ```text
 //! accept (server::accept_loop: connection limit, span per connection)
+//!  └─ hand over (workers: next event loop in turn; the connection stays on its thread)
 //!   └─ TLS handshake with timeout (tls::TlsAcceptor; ALPN picks h2 or http/1.1)
 //!       └─ serve connection (hyper http1 + upgrades / http2; idle + header timeouts; smuggling guard)
 //!           └─ handle request (handler::handle: context, metrics, access log, error → page)
@@ -56,6 +58,7 @@ mod server;
 pub mod sniff;
 pub mod tls;
 pub mod upstream;
+mod workers;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -168,12 +171,6 @@ pub async fn run(
             default_backend,
             config.host_redirects.clone(),
         ),
-        client: upstream::client(upstream::UpstreamSettings {
-            connect_timeout: Config::secs(config.connect_timeout_secs),
-            read_timeout: Config::secs(config.read_timeout_secs),
-            max_idle_per_backend: config.upstream_max_idle_per_backend,
-            idle_timeout: Config::secs(config.upstream_idle_timeout_secs),
-        }),
         pages,
         protection,
         maintenance: handle.maintenance.clone(),
@@ -198,12 +195,24 @@ pub async fn run(
         hard_stop: hard_stop.clone(),
     };
     let background = CancellationToken::new();
+    // Cancelled however `run` ends, even when its future is dropped, so the
+    // event loop threads never outlive the proxy.
+    let loops_stop = CancellationToken::new();
+    let _loops_guard = loops_stop.clone().drop_guard();
+    let upstream = upstream::UpstreamSettings {
+        connect_timeout: Config::secs(config.connect_timeout_secs),
+        read_timeout: Config::secs(config.read_timeout_secs),
+        max_idle_per_backend: config.upstream_max_idle_per_backend,
+        idle_timeout: Config::secs(config.upstream_idle_timeout_secs),
+    };
+    let loops = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = Arc::new(workers::Workers::start(loops, shared.clone(), settings.clone(), upstream, loops_stop));
 
     info!(http = ?listeners.http.local_addr().ok(), https = ?https_port, list = ?listeners.list.local_addr().ok(),
         domain = %config.canonical_domain, "proxy serving");
-    tracker.spawn(server::accept_loop(listeners.http, shared.clone(), settings.clone(), None));
+    tracker.spawn(server::accept_loop(listeners.http, shared.clone(), settings.clone(), None, workers.clone()));
     if let (Some((acceptor, store)), Some(listener)) = (tls, listeners.https) {
-        tracker.spawn(server::accept_loop(listener, shared.clone(), settings.clone(), Some(acceptor)));
+        tracker.spawn(server::accept_loop(listener, shared.clone(), settings.clone(), Some(acceptor), workers.clone()));
         tokio::spawn(watch_certificates(store, handle.clone(), background.clone()));
     }
     tracker.spawn(list::serve(

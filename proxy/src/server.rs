@@ -15,12 +15,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{debug, info_span, warn};
 
 use crate::handler::{ConnInfo, Shared, handle};
 use crate::idle::IdleIo;
 use crate::sniff::{SmuggleFlags, SniffIo};
 use crate::tls::TlsAcceptor;
+use crate::upstream::UpstreamClient;
+use crate::workers::{Accepted, Workers};
 
 /// Largest request head hyper buffers; larger heads get 431.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -44,6 +46,7 @@ pub(crate) async fn accept_loop(
     shared: Arc<Shared>,
     settings: ServeSettings,
     tls: Option<TlsAcceptor>,
+    workers: Arc<Workers>,
 ) {
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -72,28 +75,27 @@ pub(crate) async fn accept_loop(
             drop(stream);
             continue;
         };
-        let shared = shared.clone();
-        let settings_for_conn = settings.clone();
-        let tls = tls.clone();
-        let span = info_span!("conn", client.addr = %client);
-        settings.tracker.spawn(
-            async move {
-                shared.metrics.connection_opened();
-                serve_tcp(stream, client, shared.clone(), settings_for_conn, tls).await;
-                shared.metrics.connection_closed();
-                drop(permit);
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(error) => {
+                debug!(%error, "cannot hand the connection over");
+                continue;
             }
-            .instrument(span),
-        );
+        };
+        let span = info_span!("conn", client.addr = %client);
+        workers.dispatch(Accepted { stream, client, tls: tls.clone(), permit, span });
     }
 }
 
-async fn serve_tcp(
+/// Serves one accepted connection (TLS handshake first when `tls`), sending
+/// its requests through `pool`.
+pub(crate) async fn serve_tcp(
     stream: TcpStream,
     client: std::net::SocketAddr,
     shared: Arc<Shared>,
     settings: ServeSettings,
     tls: Option<TlsAcceptor>,
+    pool: UpstreamClient,
 ) {
     let _ = stream.set_nodelay(true);
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
@@ -102,7 +104,7 @@ async fn serve_tcp(
         None => {
             let flags = Arc::new(SmuggleFlags::default());
             let io = IdleIo::new(SniffIo::new(stream, flags.clone()), settings.client_timeout);
-            let conn = Arc::new(ConnInfo { client, port, tls: false, smuggle: Some(flags) });
+            let conn = Arc::new(ConnInfo { client, port, tls: false, smuggle: Some(flags), pool });
             serve_http1(io, conn, shared, &settings).await;
         }
         Some(acceptor) => {
@@ -124,12 +126,12 @@ async fn serve_tcp(
             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
             if h2 {
                 let io = IdleIo::new(tls_stream, settings.client_timeout);
-                let conn = Arc::new(ConnInfo { client, port, tls: true, smuggle: None });
+                let conn = Arc::new(ConnInfo { client, port, tls: true, smuggle: None, pool });
                 serve_http2(io, conn, shared, &settings).await;
             } else {
                 let flags = Arc::new(SmuggleFlags::default());
                 let io = IdleIo::new(SniffIo::new(tls_stream, flags.clone()), settings.client_timeout);
-                let conn = Arc::new(ConnInfo { client, port, tls: true, smuggle: Some(flags) });
+                let conn = Arc::new(ConnInfo { client, port, tls: true, smuggle: Some(flags), pool });
                 serve_http1(io, conn, shared, &settings).await;
             }
         }

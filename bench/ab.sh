@@ -1,0 +1,103 @@
+#!/bin/bash
+# bench/ab.sh: two or more proxy binaries, measured interleaved against one
+# Redis (10,000 tools), one nginx backend and nginx-static-ka as the yardstick.
+# On a shared 2-core box, slow drift hits every binary alike, so the ratio
+# between them means something even when absolute numbers wander.
+#
+#   bench/ab.sh [--rounds 5] [--duration 5] [--conns 64] [--threads 2] NAME=BINARY...
+#   e.g. cp target/release/dynamicproxy /tmp/dp-old; (change, build)
+#        bench/ab.sh old=/tmp/dp-old new=target/release/dynamicproxy
+#
+# Prints req/s per round and the median, and each binary's median next to
+# nginx-static-ka's. BENCH_LEGACY=1 uses the tools.wmflabs.org/<tool>/ form.
+# Everything listens on 127.0.0.1 only. Run from the workspace root.
+{
+set -euo pipefail
+. "$(dirname "$0")/peer/lib.sh"
+ROUNDS=5 DURATION=5 CONNS=64 THREADS=2 NTOOLS=10000
+CANDS=()
+while (($#)); do
+  case $1 in
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --duration) DURATION=$2; shift 2 ;;
+    --conns) CONNS=$2; shift 2 ;;
+    --threads) THREADS=$2; shift 2 ;;
+    *=*) CANDS+=("$1"); shift ;;
+    *) echo "ab.sh: unknown argument $1 (see the header)" >&2; exit 64 ;;
+  esac
+done
+((${#CANDS[@]})) || { echo "ab.sh: name at least one NAME=BINARY" >&2; exit 64; }
+bench/peer/setup.sh >/dev/null
+
+RUN=$(mktemp -d /tmp/proxy-ab.XXXXXX)
+PIDS=()
+cleanup() {
+  set +e
+  local p; for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  for f in "$RUN/backend/nginx.pid" "$RUN/peer/nginx.pid"; do [ -s "$f" ] && kill -QUIT "$(cat "$f")"; done
+  [ -s "$RUN/redis.pid" ] && kill "$(cat "$RUN/redis.pid")"
+  echo "ab.sh: stopped; raw output in $RUN"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+REDIS_HOST=127.0.0.1
+REDIS_PORT=$(free_port 6490)
+BACKEND_PORT=$(free_port 18180)
+redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no --daemonize yes \
+  --pidfile "$RUN/redis.pid" --logfile "$RUN/redis.log" --dir "$RUN"
+for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done
+bench/peer/seed.sh "$REDIS_PORT" "$NTOOLS" "http://127.0.0.1:$BACKEND_PORT" > "$RUN/seed.log"
+P_STATIC_KA=$(free_port $((BACKEND_PORT + 1)))
+# Two instances, as in peer.sh: nginx proxying to its own workers would skip the hop between processes.
+mk_nginx "$RUN/backend" "backend:$BACKEND_PORT"
+mk_nginx "$RUN/peer" "static-ka:$P_STATIC_KA"
+for n in backend peer; do nginx -p "$RUN/$n" -e "$RUN/$n/logs/error.log" -c "$RUN/$n/nginx.conf"; done
+
+# Each binary on its own port, all running the whole time (idle ones cost nothing).
+TARGETS=("nginx-static-ka $P_STATIC_KA 1")
+port=$((P_STATIC_KA + 1))
+for c in "${CANDS[@]}"; do
+  port=$(free_port "$port")
+  DYNAMICPROXY_PROXY_REQUIRE_USER_AGENT=false "${c#*=}" proxy --http-listen "127.0.0.1:$port" \
+    --list-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --redis-url "redis://127.0.0.1:$REDIS_PORT" \
+    --default-backend "http://127.0.0.1:$BACKEND_PORT" > "$RUN/${c%%=*}.log" 2>&1 &
+  PIDS+=($!)
+  TARGETS+=("${c%%=*} $port $NTOOLS")
+  port=$((port + 1))
+done
+for t in "${TARGETS[@]}"; do
+  read -r name p _ <<< "$t"
+  for _ in $(seq 100); do
+    [ "$(curl -s -m 1 -H 'Host: tool1.toolforge.org' "http://127.0.0.1:$p/")" = ok ] && break
+    sleep 0.2
+  done
+done
+
+for ((r = 1; r <= ROUNDS; r++)); do
+  for t in "${TARGETS[@]}"; do
+    read -r name p tools <<< "$t"
+    BENCH_TOOLS=$tools wrk -t"$THREADS" -c"$CONNS" -d1s -s bench/peer/hosts.lua "http://127.0.0.1:$p/" > /dev/null
+    BENCH_TOOLS=$tools wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s bench/peer/hosts.lua \
+      "http://127.0.0.1:$p/" > "$RUN/$name.r$r.txt"
+  done
+  echo "round $r: $(for t in "${TARGETS[@]}"; do read -r name _ <<< "$t"; printf '%s %s  ' "$name" "$(awk '/^Requests\/sec/ { printf "%.0f", $2 }' "$RUN/$name.r$r.txt")"; done)"
+done
+
+median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+ref=
+for t in "${TARGETS[@]}"; do
+  read -r name _ <<< "$t"
+  m=$(cat "$RUN/$name".r*.txt | awk '/^Requests\/sec/ { print $2 }' | median)
+  p99=$(cat "$RUN/$name".r*.txt | awk '/^ *99%/ { v = $2; if (v ~ /us$/) v = v / 1000; else if (v ~ /ms$/) v = v + 0; else if (v ~ /s$/) v = v * 1000; print v }' | median)
+  errs=$(cat "$RUN/$name".r*.txt | awk '/Non-2xx/ { s += $NF } /Socket errors/ { gsub(",", ""); s += $4 + $6 + $8 + $10 } END { print s + 0 }')
+  [ -n "$ref" ] || ref=$m
+  printf '%-20s median %8.0f req/s  p99 %6.2f ms  errors %d  %.2fx nginx-static-ka\n' "$name" "$m" "$p99" "$errs" "$(echo "$m / $ref" | bc -l)"
+done
+i=0
+for c in "${CANDS[@]}"; do
+  echo "${c%%=*}: peak RSS $(awk '/VmHWM/ { printf "%.1f MB", $2 / 1024 }' "/proc/${PIDS[$i]}/status" 2>/dev/null || echo ?)"
+  i=$((i + 1))
+done
+exit
+}
