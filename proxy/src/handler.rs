@@ -206,9 +206,8 @@ async fn respond(
     // 6-8. Routing.
     match shared.router.route(&host, req.uri().path(), req.uri().query()) {
         Decision::Proxy(backend, _via) => {
-            let fwd_host = host.into_owned();
             ctx.upstream = Some(backend.clone());
-            forward(shared, conn, req, &backend, &fwd_host, raw_host_str, ctx).await
+            forward(shared, conn, req, &backend, &host, (&raw_host, raw_host_str), ctx).await
         }
         Decision::Redirect(status, location) => Ok(redirect_response(status, &location)),
         Decision::NoWebservice => Err(ProxyError::NoWebservice),
@@ -250,7 +249,7 @@ async fn forward(
     mut req: Request<Incoming>,
     backend: &BackendUrl,
     host: &str,
-    raw_host: &str,
+    (raw_host_value, raw_host): (&HeaderValue, &str),
     ctx: &mut RequestContext,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let upgrade = if req.version() == Version::HTTP_11 { requested_upgrade(&req) } else { None };
@@ -262,17 +261,14 @@ async fn forward(
     };
     let is_head = req.method() == Method::HEAD;
     let gzip_ok = shared.gzip && compress::accepts_gzip(req.headers());
-    let raw_host = raw_host.to_string();
 
     let (mut parts, body) = req.into_parts();
     let original_uri = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let fwd = Forwarded { client_ip: conn.client.ip(), host, port: &conn.port, proto: conn.proto(), original_uri };
     headers::to_upstream(&mut parts.headers, &fwd, upgrade);
-    if !parts.headers.contains_key(header::HOST)
-        && let Ok(value) = HeaderValue::from_str(&raw_host)
-    {
+    if !parts.headers.contains_key(header::HOST) {
         // HTTP/2 clients send :authority only; HTTP/1.1 backends need Host.
-        parts.headers.insert(header::HOST, value);
+        parts.headers.insert(header::HOST, raw_host_value.clone());
     }
     parts.uri = upstream_uri(backend, original_uri)?;
     parts.version = Version::HTTP_11;
@@ -317,7 +313,7 @@ async fn forward(
 
     let (mut parts, body) = response.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
-    headers::rewrite_location(&mut parts.headers, &raw_host, conn.proto());
+    headers::rewrite_location(&mut parts.headers, raw_host, conn.proto());
     headers::rewrite_location(&mut parts.headers, host, conn.proto());
     if parts.status == StatusCode::NOT_FOUND
         && let Some(page) = default_file

@@ -101,7 +101,12 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, upgrade: Option
         let _ = write!(FmtBytes(&mut xff), "{}", fwd.client_ip);
     }
     set(headers, &X_FORWARDED_FOR, HeaderValue::from_maybe_shared(xff.freeze()).ok());
-    set(headers, &X_FORWARDED_HOST, HeaderValue::from_str(fwd.host).ok());
+    // Usually the client's Host is already normalised: share its bytes instead of copying.
+    let forwarded_host = match headers.get(header::HOST) {
+        Some(raw) if raw.as_bytes() == fwd.host.as_bytes() => Some(raw.clone()),
+        _ => HeaderValue::from_str(fwd.host).ok(),
+    };
+    set(headers, &X_FORWARDED_HOST, forwarded_host);
     headers.insert(X_FORWARDED_PORT.clone(), fwd.port.clone());
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(fwd.proto));
     set(headers, &X_ORIGINAL_URI, HeaderValue::from_str(fwd.original_uri).ok());

@@ -155,6 +155,10 @@ where
         .keep_alive(true);
     let connection = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
     tokio::pin!(connection);
+    // Polled on every wake-up of the connection: a child token's lock is this
+    // connection's own, where the shared token's lock is taken by every
+    // connection on every core.
+    let shutdown = settings.shutdown.child_token();
     tokio::select! {
         result = connection.as_mut() => {
             if let Err(error) = result {
@@ -162,7 +166,7 @@ where
             }
             return;
         }
-        _ = settings.shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
+        _ = shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
     }
     tokio::select! {
         _ = connection.as_mut() => {}
@@ -183,6 +187,7 @@ where
     builder.timer(TokioTimer::new()).max_concurrent_streams(256).max_header_list_size(MAX_HEAD_BYTES as u32);
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
+    let shutdown = settings.shutdown.child_token();
     tokio::select! {
         result = connection.as_mut() => {
             if let Err(error) = result {
@@ -190,7 +195,7 @@ where
             }
             return;
         }
-        _ = settings.shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
+        _ = shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
     }
     tokio::select! {
         _ = connection.as_mut() => {}
