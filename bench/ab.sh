@@ -94,6 +94,9 @@ for t in "${TARGETS[@]}"; do
   [ -n "$ref" ] || ref=$m
   printf '%-20s median %8.0f req/s  p99 %6.2f ms  errors %d  %.2fx nginx-static-ka\n' "$name" "$m" "$p99" "$errs" "$(echo "$m / $ref" | bc -l)"
 done
+# The request path must not touch Redis: only the route cache's own sync shows here.
+redis-cli -p "$REDIS_PORT" info commandstats > "$RUN/redis-commandstats.txt"
+echo "redis commands during the run: $(grep -o 'cmdstat_[a-z|]*:calls=[0-9]*' "$RUN/redis-commandstats.txt" | sed 's/cmdstat_//' | tr '\n' ' ')"
 i=0
 for c in "${CANDS[@]}"; do
   echo "${c%%=*}: peak RSS $(awk '/VmHWM/ { printf "%.1f MB", $2 / 1024 }' "/proc/${PIDS[$i]}/status" 2>/dev/null || echo ?)"

@@ -10,6 +10,9 @@ bench/peer/setup.sh >/dev/null
 cargo build --release --bin dynamicproxy
 # wrk sends no User-Agent; the proxy refuses such requests by default (SPEC §3), the peer does not check.
 export DYNAMICPROXY_PROXY_REQUIRE_USER_AGENT=false
+# The candidate's peak RSS (VmHWM) is sampled every 5 s into $BENCH_RUN/candidate-rss.txt;
+# the sampler is in the candidate's process group, so peer.sh's stop ends it too.
 exec bench/peer/peer.sh --candidate \
-    'exec target/release/dynamicproxy proxy --http-listen 127.0.0.1:$PORT --list-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --redis-url $REDIS_URL --default-backend $BACKEND_URL' \
+    'target/release/dynamicproxy proxy --http-listen 127.0.0.1:$PORT --list-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --redis-url $REDIS_URL --default-backend $BACKEND_URL &
+     p=$!; while sleep 5; do grep VmHWM /proc/$p/status > "$BENCH_RUN/candidate-rss.txt" || break; done & wait $p' \
     "$@"

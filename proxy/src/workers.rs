@@ -1,4 +1,4 @@
-//! One single-threaded event loop per core. The accept loops hand each new
+//! Single-threaded event loops, one per core but one. The accept loops hand each new
 //! connection to the next loop in turn; the connection, its requests and the
 //! backend connections they use then stay on that loop's thread, with that
 //! loop's own upstream pool. Measured on 2 cores: a work-stealing runtime
