@@ -95,6 +95,11 @@ pub struct Config {
     pub host_redirects: BTreeMap<String, String>,
     /// Compress text responses with gzip when the client accepts it and the backend did not.
     pub gzip: bool,
+    /// Single-threaded event loops serving client connections, each with its
+    /// own upstream pool. 0 (default) = one per core but one, at least one:
+    /// the measured best on 2 cores (bench/RESULTS.md); measure again on
+    /// bigger machines.
+    pub event_loops: usize,
 }
 
 impl Default for Config {
@@ -130,6 +135,7 @@ impl Default for Config {
             extra_headers: default_extra_headers(),
             host_redirects: BTreeMap::from([("ru_monuments".to_string(), "ru-monuments".to_string())]),
             gzip: true,
+            event_loops: 0,
         }
     }
 }
@@ -157,6 +163,9 @@ impl Config {
     /// Cross-field checks; the error names the key and the value.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.default_backend()?;
+        if self.event_loops > 1024 {
+            return Err(ConfigError::new("event_loops", self.event_loops, "at most 1024"));
+        }
         let domain = self.canonical_domain.trim_matches('.');
         if domain.is_empty()
             || domain != self.canonical_domain
@@ -216,6 +225,14 @@ impl Config {
         match self.default_backend.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
             None => Ok(None),
             Some(url) => BackendUrl::parse(url).map(Some).map_err(|e| ConfigError::new("default_backend", url, e)),
+        }
+    }
+
+    /// The number of event loops to run: `event_loops`, or one per core but one.
+    pub fn event_loop_count(&self) -> usize {
+        match self.event_loops {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
+            n => n,
         }
     }
 
@@ -345,6 +362,10 @@ pub struct Flags {
     #[arg(long = "gzip", value_name = "BOOL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gzip: Option<bool>,
+    /// Event loops serving connections; 0 = one per core but one [default: 0]
+    #[arg(long = "event-loops", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_loops: Option<usize>,
 }
 
 #[cfg(test)]

@@ -208,7 +208,7 @@ pub async fn run(
     // One core is left to the kernel's network processing, the accept loops
     // and the Redis sync: on 2 cores, one loop served 39k req/s with p99
     // 3.3 ms where two served 32k with p99 23 ms (bench/RESULTS.md).
-    let loops = std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1));
+    let loops = config.event_loop_count();
     let workers = Arc::new(workers::Workers::start(loops, shared.clone(), settings.clone(), upstream, loops_stop));
 
     info!(http = ?listeners.http.local_addr().ok(), https = ?https_port, list = ?listeners.list.local_addr().ok(),
