@@ -45,6 +45,15 @@ impl Drop for Daemon {
     }
 }
 
+/// `dynamicproxy proxy` on loopback ports.
+fn proxy_args(redis_url: &str, http: u16, list: u16, admin: u16) -> Vec<String> {
+    let mut args = vec!["proxy".to_string(), "--redis-url".into(), redis_url.into()];
+    for (flag, port) in [("--http-listen", http), ("--list-listen", list), ("--admin-listen", admin)] {
+        args.extend([flag.to_string(), format!("127.0.0.1:{port}")]);
+    }
+    args
+}
+
 fn run_to_exit(args: &[&str]) -> (Option<i32>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_dynamicproxy"))
         .args(args)
@@ -76,17 +85,7 @@ async fn proxy_starts_without_redis_then_serves_and_stops_cleanly() {
         axum::serve(backend, app).await.unwrap();
     });
 
-    let daemon = Daemon::start(&[
-        "proxy".into(),
-        "--redis-url".into(),
-        redis.url(),
-        "--http-listen".into(),
-        format!("127.0.0.1:{http}"),
-        "--list-listen".into(),
-        format!("127.0.0.1:{list}"),
-        "--admin-listen".into(),
-        format!("127.0.0.1:{admin}"),
-    ]);
+    let daemon = Daemon::start(&proxy_args(&redis.url(), http, list, admin));
     let client =
         reqwest::Client::builder().user_agent("dynamicproxy-tests").timeout(Duration::from_secs(5)).build().unwrap();
     let admin_url = format!("http://127.0.0.1:{admin}");
@@ -223,17 +222,7 @@ fn example_configuration_is_valid_for_every_daemon() {
 #[tokio::test]
 async fn sighup_does_not_stop_the_proxy() {
     let (http, list, admin) = (free_port(), free_port(), free_port());
-    let daemon = Daemon::start(&[
-        "proxy".into(),
-        "--redis-url".into(),
-        format!("redis://127.0.0.1:{}/0", free_port()),
-        "--http-listen".into(),
-        format!("127.0.0.1:{http}"),
-        "--list-listen".into(),
-        format!("127.0.0.1:{list}"),
-        "--admin-listen".into(),
-        format!("127.0.0.1:{admin}"),
-    ]);
+    let daemon = Daemon::start(&proxy_args(&format!("redis://127.0.0.1:{}/0", free_port()), http, list, admin));
     let client = reqwest::Client::builder().user_agent("dynamicproxy-tests").build().unwrap();
     let healthz = format!("http://127.0.0.1:{http}/.well-known/healthz");
     eventually(WAIT, "healthz", || get(&client, &healthz, None)).await;
