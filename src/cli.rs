@@ -30,6 +30,9 @@ pub struct GlobalFlags {
     /// Validate the configuration, print `configuration ok`, and exit without serving (exit 64 when invalid).
     #[arg(long, global = true)]
     pub check: bool,
+    /// Address of the daemon's admin API; also accepted after the subcommand, which wins.
+    #[arg(long = "admin-listen", value_name = "ADDR")]
+    pub admin_listen: Option<std::net::SocketAddr>,
     /// Log line format [default: text].
     #[arg(long, global = true, value_enum)]
     pub log_format: Option<LogFormat>,

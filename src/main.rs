@@ -50,17 +50,25 @@ async fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
-        Command::Proxy(c) => daemons::run(cli.global, Selection { proxy: Some(c.proxy), ..Default::default() }).await,
+        // `--admin-listen` before the subcommand is the same flag as after it; after wins.
+        Command::Proxy(c) => {
+            let mut proxy = c.proxy;
+            proxy.admin_listen = proxy.admin_listen.or(cli.global.admin_listen);
+            daemons::run(cli.global, Selection { proxy: Some(proxy), ..Default::default() }).await
+        }
         Command::Registrar(c) => {
-            let selection =
-                Selection { registrar: Some(c.registrar), admin_listen: c.admin_listen, ..Default::default() };
-            daemons::run(cli.global, selection).await
+            let admin_listen = c.admin_listen.or(cli.global.admin_listen);
+            daemons::run(cli.global, Selection { registrar: Some(c.registrar), admin_listen, ..Default::default() })
+                .await
         }
         Command::KubeSync(c) => {
-            daemons::run(cli.global, Selection { kube_sync: Some(c.kube_sync), ..Default::default() }).await
+            let mut kube_sync = c.kube_sync;
+            kube_sync.admin_listen = kube_sync.admin_listen.or(cli.global.admin_listen);
+            daemons::run(cli.global, Selection { kube_sync: Some(kube_sync), ..Default::default() }).await
         }
         Command::All(c) => {
-            daemons::run(cli.global, Selection { all: true, admin_listen: c.admin_listen, ..Default::default() }).await
+            let admin_listen = c.admin_listen.or(cli.global.admin_listen);
+            daemons::run(cli.global, Selection { all: true, admin_listen, ..Default::default() }).await
         }
     }
 }

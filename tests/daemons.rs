@@ -195,6 +195,28 @@ fn bad_daemon_configuration_exits_64_naming_the_key() {
     assert!(err.contains("[proxy] http_listen") && err.contains("environment"), "{err}");
 }
 
+#[tokio::test]
+async fn admin_listen_before_or_after_the_subcommand() {
+    let client = reqwest::Client::new();
+    for before in [true, false] {
+        let admin = free_port();
+        let admin_flag = ["--admin-listen".to_string(), format!("127.0.0.1:{admin}")];
+        let mut args: Vec<String> = if before { admin_flag.to_vec() } else { Vec::new() };
+        args.extend(["registrar".into(), "--listen".into(), format!("127.0.0.1:{}", free_port())]);
+        if !before {
+            args.extend(admin_flag);
+        }
+        args.extend(["--redis-url".into(), format!("redis://127.0.0.1:{}/0", free_port())]);
+        let daemon = Daemon::start(&args);
+        let url = format!("http://127.0.0.1:{admin}/server_info");
+        let (status, body) = eventually(WAIT, "admin API", || get(&client, &url, None)).await;
+        assert_eq!(status, 200);
+        assert!(body.contains("\"component\":\"registrar\""), "{body}");
+        let (code, log) = daemon.terminate();
+        assert_eq!(code, Some(0), "{log}");
+    }
+}
+
 #[test]
 fn check_flag_validates_without_serving() {
     let port = free_port();
