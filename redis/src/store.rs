@@ -87,33 +87,54 @@ impl fmt::Display for OwnedServiceRoute {
     }
 }
 
-/// Checks that every key is a hash or absent before touching any: Redis
-/// scripts are atomic, but a command failing halfway does not undo the
-/// commands before it.
-macro_rules! check_hashes {
-    () => {
-        r#"
-for _, key in ipairs(KEYS) do
+/// Checks that each key `KEYS[i]` has the i-th given type or is absent,
+/// before touching any: Redis scripts are atomic, but a command failing
+/// halfway does not undo the commands before it.
+macro_rules! check_types {
+    ($($kind:literal),+) => {
+        concat!(
+            "local expected = {", $("'", $kind, "',",)+ "}\n",
+            r#"
+for i, key in ipairs(KEYS) do
   local kind = redis.call('TYPE', key)['ok']
-  if kind ~= 'hash' and kind ~= 'none' then
-    return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. kind .. ', not a hash')
+  if kind ~= expected[i] and kind ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. kind .. ', not a ' .. expected[i])
   end
 end
 "#
+        )
     };
 }
 
 /// `HSET KEYS[1] ARGV[1] ARGV[2]` and `HSET KEYS[2] ARGV[1] ARGV[3]`, all or nothing.
 const SET_CANONICAL_SCRIPT: &str = concat!(
-    check_hashes!(),
+    check_types!("hash", "hash"),
     "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])\n",
     "redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])\n",
     "return 1\n"
 );
 
 /// `HDEL ARGV[1]` from both keys, all or nothing; returns the number of fields removed.
-const DELETE_ROUTE_SCRIPT: &str =
-    concat!(check_hashes!(), "return redis.call('HDEL', KEYS[1], ARGV[1]) + redis.call('HDEL', KEYS[2], ARGV[1])\n");
+const DELETE_ROUTE_SCRIPT: &str = concat!(
+    check_types!("hash", "hash"),
+    "return redis.call('HDEL', KEYS[1], ARGV[1]) + redis.call('HDEL', KEYS[2], ARGV[1])\n"
+);
+
+/// `HSET KEYS[1] ARGV[1] ARGV[2]` and `SADD KEYS[2] ARGV[3]`, all or nothing.
+const SET_OWNED_SCRIPT: &str = concat!(
+    check_types!("hash", "set"),
+    "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])\n",
+    "redis.call('SADD', KEYS[2], ARGV[3])\n",
+    "return 1\n"
+);
+
+/// `HDEL KEYS[1] ARGV[1]` and `SREM KEYS[2] ARGV[2]`, all or nothing.
+const DELETE_OWNED_SCRIPT: &str = concat!(
+    check_types!("hash", "set"),
+    "redis.call('HDEL', KEYS[1], ARGV[1])\n",
+    "redis.call('SREM', KEYS[2], ARGV[2])\n",
+    "return 1\n"
+);
 
 impl RouteStore {
     /// A store for `endpoint`. Does not connect yet: the first command does,
@@ -257,35 +278,36 @@ impl RouteStore {
         Ok((owned, bad))
     }
 
-    /// Sets a kube-sync route and records its ownership, atomically.
+    /// Sets a kube-sync route and records its ownership, all or nothing.
     pub async fn set_owned_route(
         &self,
         owned: &OwnedServiceRoute,
         backend: &BackendUrl,
     ) -> Result<(), RouteTableError> {
+        let script = redis::Script::new(SET_OWNED_SCRIPT);
         self.run(|mut c| async move {
-            redis::pipe()
-                .atomic()
-                .hset(routes_key(owned.tool.as_str()), &owned.pattern, backend.to_string())
-                .ignore()
-                .sadd(K8S_SERVICES, owned.member())
-                .ignore()
-                .query_async::<()>(&mut c)
+            script
+                .key(routes_key(owned.tool.as_str()))
+                .key(K8S_SERVICES)
+                .arg(&owned.pattern)
+                .arg(backend.to_string())
+                .arg(owned.member())
+                .invoke_async::<()>(&mut c)
                 .await
         })
         .await
     }
 
-    /// Removes a kube-sync route and its ownership record, atomically.
+    /// Removes a kube-sync route and its ownership record, all or nothing.
     pub async fn delete_owned_route(&self, owned: &OwnedServiceRoute) -> Result<(), RouteTableError> {
+        let script = redis::Script::new(DELETE_OWNED_SCRIPT);
         self.run(|mut c| async move {
-            redis::pipe()
-                .atomic()
-                .hdel(routes_key(owned.tool.as_str()), &owned.pattern)
-                .ignore()
-                .srem(K8S_SERVICES, owned.member())
-                .ignore()
-                .query_async::<()>(&mut c)
+            script
+                .key(routes_key(owned.tool.as_str()))
+                .key(K8S_SERVICES)
+                .arg(&owned.pattern)
+                .arg(owned.member())
+                .invoke_async::<()>(&mut c)
                 .await
         })
         .await

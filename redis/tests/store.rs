@@ -125,3 +125,17 @@ async fn many_callers_while_redis_is_broken_share_connection_attempts() {
     let attempts = accepts.load(std::sync::atomic::Ordering::SeqCst);
     assert!((1..=5).contains(&attempts), "200 callers made {attempts} connection attempts");
 }
+
+#[tokio::test]
+async fn owned_route_writes_are_all_or_nothing_too() {
+    let redis = RedisServer::start();
+    let store = store(&redis);
+    let mut c = redis.client();
+    let _: () = c.set("k8s_services", "not a set").unwrap();
+    let owned =
+        OwnedServiceRoute { namespace: "tool-foo".into(), tool: ToolName::parse("foo").unwrap(), pattern: ".*".into() };
+    let err = store.set_owned_route(&owned, &BackendUrl::parse("http://10.0.0.1:1").unwrap()).await.unwrap_err();
+    assert!(err.to_string().contains("k8s_services holds a string, not a set"), "{err}");
+    let exists: bool = c.exists("prefix:foo").unwrap();
+    assert!(!exists, "no route without its ownership record");
+}
