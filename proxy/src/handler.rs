@@ -158,7 +158,9 @@ async fn respond(
     let raw_host_str = raw_host.to_str().map_err(|_| ProxyError::BadRequest("bad Host"))?;
     let host = normalize_host(raw_host_str).map_err(|_| ProxyError::BadRequest("bad Host"))?;
     let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    if !valid_percent_encoding(path_and_query) {
+    // The path only, as nginx: a query is passed on as the client wrote it
+    // (`?q=100%` is common in hand-made links and reached tools before).
+    if !valid_percent_encoding(req.uri().path()) {
         return Err(ProxyError::BadRequest("bad percent-encoding"));
     }
     if shared.access_log.is_some() {
