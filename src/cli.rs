@@ -59,7 +59,7 @@ pub enum Command {
     /// Keeps the route table in step with Kubernetes Services.
     KubeSync(KubeSyncCommand),
     /// Proxy, registrar and kube-sync in one process (development, small installs).
-    All(AllCommand),
+    All(Box<AllCommand>),
     /// Operator commands over the route table in Redis.
     Routes(RoutesCommand),
 }
@@ -91,13 +91,32 @@ pub struct KubeSyncCommand {
     pub kube_sync: dynamicproxy_kube_sync::Flags,
 }
 
-/// `dynamicproxy all`: every daemon's flags, from the configuration file or env
-/// (their flag names overlap, so only the file and env can tell them apart).
+/// `dynamicproxy all`: the proxy's flags, plus the registrar's and kube-sync's
+/// that do not share a name with them (`--canonical-domain` serves both the
+/// proxy and the registrar; other settings come from the file or env).
 #[derive(Debug, Args)]
 pub struct AllCommand {
-    /// Address of the one admin API of the process (as `[proxy] admin_listen`).
-    #[arg(long, value_name = "ADDR")]
-    pub admin_listen: Option<std::net::SocketAddr>,
+    /// Proxy settings ([proxy] section); its --admin-listen is the process's one admin API.
+    #[command(flatten)]
+    pub proxy: dynamicproxy_proxy::Flags,
+    /// [registrar] listen: where grid webservices register [default: 0.0.0.0:8282].
+    #[arg(long = "listen", value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// [registrar] ident_port [default: 113].
+    #[arg(long = "ident-port", value_name = "PORT")]
+    pub ident_port: Option<u16>,
+    /// [registrar] project_prefix [default: tools.].
+    #[arg(long = "project-prefix", value_name = "P")]
+    pub project_prefix: Option<String>,
+    /// [kube_sync] kubeconfig [default: in-cluster, then $KUBECONFIG; none: kube-sync is disabled].
+    #[arg(long = "kubeconfig", value_name = "FILE")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// [kube_sync] label_selector [default: toolforge=tool].
+    #[arg(long = "label-selector", value_name = "SEL")]
+    pub label_selector: Option<String>,
+    /// [kube_sync] namespace [default: all].
+    #[arg(long = "namespace", value_name = "NS")]
+    pub namespace: Option<String>,
 }
 
 /// `dynamicproxy routes`.

@@ -43,7 +43,7 @@ pub struct Selection {
     pub kube_sync: Option<dynamicproxy_kube_sync::Flags>,
     /// `dynamicproxy all`: kube-sync without a reachable Kubernetes configuration is skipped, not fatal.
     pub all: bool,
-    /// `--admin-listen` of `all` and `registrar`, whose sections have no such key.
+    /// `--admin-listen` of `registrar`, whose section has no such key.
     pub admin_listen: Option<SocketAddr>,
 }
 

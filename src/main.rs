@@ -67,8 +67,30 @@ async fn run(cli: Cli) -> ExitCode {
             daemons::run(cli.global, Selection { kube_sync: Some(kube_sync), ..Default::default() }).await
         }
         Command::All(c) => {
-            let admin_listen = c.admin_listen.or(cli.global.admin_listen);
-            daemons::run(cli.global, Selection { all: true, admin_listen, ..Default::default() }).await
+            let c = *c;
+            let mut proxy = c.proxy;
+            proxy.admin_listen = proxy.admin_listen.or(cli.global.admin_listen);
+            let registrar = dynamicproxy_registrar::Flags {
+                listen: c.listen,
+                ident_port: c.ident_port,
+                project_prefix: c.project_prefix,
+                canonical_domain: proxy.canonical_domain.clone(),
+                ..Default::default()
+            };
+            let kube_sync = dynamicproxy_kube_sync::Flags {
+                kubeconfig: c.kubeconfig,
+                label_selector: c.label_selector,
+                namespace: c.namespace,
+                ..Default::default()
+            };
+            let selection = Selection {
+                all: true,
+                proxy: Some(proxy),
+                registrar: Some(registrar),
+                kube_sync: Some(kube_sync),
+                admin_listen: None,
+            };
+            daemons::run(cli.global, selection).await
         }
     }
 }

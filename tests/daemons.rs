@@ -275,3 +275,28 @@ fn kubernetes_configmap_configuration_is_valid() {
     let (code, err) = run_to_exit(&["kube-sync", "--check", "--config", file.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{err}");
 }
+
+#[tokio::test]
+async fn all_runs_every_daemon_from_flags() {
+    let redis = RedisServer::start();
+    let (http, list, admin, registrar) = (free_port(), free_port(), free_port(), free_port());
+    let mut args = proxy_args(&redis.url(), http, list, admin);
+    args[0] = "all".into();
+    args.extend(["--listen".into(), format!("127.0.0.1:{registrar}"), "--kubeconfig".into(), "/nonexistent".into()]);
+    let daemon = Daemon::start(&args);
+    let client = reqwest::Client::builder().user_agent("dynamicproxy-tests").build().unwrap();
+    let info_url = format!("http://127.0.0.1:{admin}/server_info");
+    let (_, info) = eventually(WAIT, "admin API", || get(&client, &info_url, None)).await;
+    assert!(info.contains("\"component\":\"all\""), "{info}");
+    let healthz = format!("http://127.0.0.1:{http}/.well-known/healthz");
+    assert_eq!(get(&client, &healthz, None).await.map(|(s, _)| s), Some(200));
+    // The registrar answers on its port (no ident service here: the refusal is its answer).
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", registrar)).await.expect("registrar listening");
+    tokio::io::AsyncWriteExt::write_all(&mut socket, b"register\n.*\nhttp://127.0.0.1:1\n").await.unwrap();
+    let mut reply = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut socket, &mut reply).await.unwrap();
+    assert_eq!(reply, "Identd authentication failed. Please contact an administrator");
+    let (code, log) = daemon.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("kube-sync disabled"), "{log}");
+}
