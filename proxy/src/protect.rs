@@ -124,6 +124,13 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
 
 const SHARDS: usize = 32;
 
+/// Clients tracked per shard (about 260,000 in all, a few tens of MB at
+/// most). Each entry lives `burst + 1` intervals after its client's last
+/// request, up to the next sweep: with a low rate, a client cycling through
+/// IPv6 addresses could otherwise grow the table without limit. When a shard
+/// is full, clients it does not know yet pass untracked until the next sweep.
+const MAX_CLIENTS_PER_SHARD: usize = 8192;
+
 /// GCRA (a token bucket without a refill task): each client has a
 /// "theoretical arrival time"; a request is allowed while that time is less
 /// than `burst` intervals ahead of now.
@@ -133,6 +140,7 @@ pub struct RateLimiter {
     epoch: Instant,
     hasher: std::collections::hash_map::RandomState,
     shards: Vec<Mutex<HashMap<IpAddr, Duration>>>,
+    max_per_shard: usize,
 }
 
 impl RateLimiter {
@@ -145,7 +153,13 @@ impl RateLimiter {
             epoch: Instant::now(),
             hasher: Default::default(),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            max_per_shard: MAX_CLIENTS_PER_SHARD,
         }
+    }
+
+    /// Clients currently tracked.
+    pub fn tracked(&self) -> usize {
+        self.shards.iter().map(|shard| shard.lock().map_or(0, |map| map.len())).sum()
     }
 
     /// Records a request from `client` at `now`; false when over the limit.
@@ -153,11 +167,15 @@ impl RateLimiter {
         let t = now.saturating_duration_since(self.epoch);
         let shard = &self.shards[self.hasher.hash_one(client) as usize % SHARDS];
         let Ok(mut map) = shard.lock() else { return true };
-        let tat = map.get(&client).copied().unwrap_or(t).max(t);
-        if tat - t > self.tolerance {
+        if map.len() >= self.max_per_shard && !map.contains_key(&client) {
+            return true;
+        }
+        let tat = map.entry(client).or_insert(t);
+        let next = (*tat).max(t);
+        if next - t > self.tolerance {
             return false;
         }
-        map.insert(client, tat + self.interval);
+        *tat = next + self.interval;
         true
     }
 
@@ -205,6 +223,23 @@ mod tests {
         assert_eq!(p.check(ip, &headers(" ")), Verdict::NoUserAgent);
         assert_eq!(p.check(ip, &headers("Mozilla BadBot/1.0")), Verdict::Blocked);
         assert_eq!(p.check(ip, &headers("curl/8")), Verdict::Allow);
+    }
+
+    #[test]
+    fn client_table_is_bounded() {
+        let mut limiter = RateLimiter::new(1, 100);
+        limiter.max_per_shard = 4;
+        let t0 = Instant::now();
+        for i in 0..10_000u32 {
+            let ip = IpAddr::V6(std::net::Ipv6Addr::from(u128::from(i) + (0x2001_0db8u128 << 96)));
+            assert!(limiter.allow(ip, t0));
+        }
+        assert_eq!(limiter.tracked(), 4 * SHARDS);
+        // Clients already tracked are still limited.
+        let known = limiter.shards.iter().find_map(|s| s.lock().unwrap().keys().next().copied()).unwrap();
+        assert_eq!((0..200).filter(|_| limiter.allow(known, t0)).count(), 100);
+        limiter.sweep(t0 + Duration::from_secs(200));
+        assert_eq!(limiter.tracked(), 0);
     }
 
     #[test]
