@@ -12,6 +12,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -66,6 +67,9 @@ pub(crate) struct ConnInfo {
     /// The upstream pool of the event loop serving this connection: one pool
     /// per loop, so a request never waits on another thread's connections.
     pub pool: UpstreamClient,
+    /// This connection's place under `max_connections`, shared with any
+    /// tunnel the connection becomes: an upgraded connection still counts.
+    pub permit: Arc<OwnedSemaphorePermit>,
 }
 
 impl ConnInfo {
@@ -290,7 +294,9 @@ async fn forward(
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         let hard_stop = shared.hard_stop.clone();
         let client = conn.client;
+        let permit = conn.permit.clone();
         shared.tunnels.spawn(async move {
+            let _permit = permit;
             let (client_io, upstream_io) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok(pair) => pair,
                 Err(error) => {

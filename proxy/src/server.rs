@@ -12,7 +12,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn};
@@ -96,7 +96,9 @@ pub(crate) async fn serve_tcp(
     settings: ServeSettings,
     tls: Option<TlsAcceptor>,
     pool: UpstreamClient,
+    permit: OwnedSemaphorePermit,
 ) {
+    let permit = Arc::new(permit);
     let _ = stream.set_nodelay(true);
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
     let port = HeaderValue::from(local_port);
@@ -104,7 +106,7 @@ pub(crate) async fn serve_tcp(
         None => {
             let flags = Arc::new(SmuggleFlags::default());
             let io = IdleIo::new(SniffIo::new(stream, flags.clone()), settings.client_timeout);
-            let conn = Arc::new(ConnInfo { client, port, tls: false, smuggle: Some(flags), pool });
+            let conn = Arc::new(ConnInfo { client, port, tls: false, smuggle: Some(flags), pool, permit });
             serve_http1(io, conn, shared, &settings).await;
         }
         Some(acceptor) => {
@@ -126,12 +128,12 @@ pub(crate) async fn serve_tcp(
             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
             if h2 {
                 let io = IdleIo::new(tls_stream, settings.client_timeout);
-                let conn = Arc::new(ConnInfo { client, port, tls: true, smuggle: None, pool });
+                let conn = Arc::new(ConnInfo { client, port, tls: true, smuggle: None, pool, permit });
                 serve_http2(io, conn, shared, &settings).await;
             } else {
                 let flags = Arc::new(SmuggleFlags::default());
                 let io = IdleIo::new(SniffIo::new(tls_stream, flags.clone()), settings.client_timeout);
-                let conn = Arc::new(ConnInfo { client, port, tls: true, smuggle: Some(flags), pool });
+                let conn = Arc::new(ConnInfo { client, port, tls: true, smuggle: Some(flags), pool, permit });
                 serve_http1(io, conn, shared, &settings).await;
             }
         }

@@ -142,7 +142,6 @@ async fn serve(
     pool: UpstreamClient,
 ) {
     shared.metrics.connection_opened();
-    serve_tcp(stream, client, shared.clone(), settings, tls, pool).await;
+    serve_tcp(stream, client, shared.clone(), settings, tls, pool, permit).await;
     shared.metrics.connection_closed();
-    drop(permit);
 }

@@ -242,9 +242,8 @@ async fn large_upload_streams_and_oversize_is_413() {
     assert_eq!(response.status(), 413);
 }
 
-#[tokio::test]
-async fn websocket_echo_through_the_proxy() {
-    // A real WebSocket echo backend.
+/// A real WebSocket echo backend.
+async fn websocket_echo_backend() -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -259,9 +258,11 @@ async fn websocket_echo_through_the_proxy() {
             });
         }
     });
-    let proxy = Proxy::start(Config::default()).await;
-    proxy.set_route("ws", ".*", &format!("http://{addr}")).await;
-    let request = http::Request::builder()
+    addr
+}
+
+fn websocket_request(proxy: &Proxy) -> http::Request<()> {
+    http::Request::builder()
         .uri(format!("ws://{}/socket", proxy.http))
         .header("host", "ws.toolforge.org")
         .header("user-agent", "t")
@@ -270,9 +271,17 @@ async fn websocket_echo_through_the_proxy() {
         .header("sec-websocket-version", "13")
         .header("sec-websocket-key", tokio_tungstenite::tungstenite::handshake::client::generate_key())
         .body(())
-        .unwrap();
-    let (mut ws, response) =
-        tokio_tungstenite::connect_async(request).await.expect("websocket handshake through the proxy");
+        .unwrap()
+}
+
+#[tokio::test]
+async fn websocket_echo_through_the_proxy() {
+    let addr = websocket_echo_backend().await;
+    let proxy = Proxy::start(Config::default()).await;
+    proxy.set_route("ws", ".*", &format!("http://{addr}")).await;
+    let (mut ws, response) = tokio_tungstenite::connect_async(websocket_request(&proxy))
+        .await
+        .expect("websocket handshake through the proxy");
     assert_eq!(response.status(), 101);
     for i in 0..5 {
         let text = format!("hello {i}");
@@ -284,6 +293,32 @@ async fn websocket_echo_through_the_proxy() {
     ws.send(tokio_tungstenite::tungstenite::Message::binary(big.clone())).await.unwrap();
     let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(echoed.into_data().as_ref(), big.as_slice());
+}
+
+#[tokio::test]
+async fn open_tunnels_count_against_the_connection_limit() {
+    let addr = websocket_echo_backend().await;
+    let proxy = Proxy::start(Config { max_connections: 1, ..Config::default() }).await;
+    proxy.set_route("ws", ".*", &format!("http://{addr}")).await;
+    let (mut ws, response) = tokio_tungstenite::connect_async(websocket_request(&proxy)).await.expect("handshake");
+    assert_eq!(response.status(), 101);
+    ws.send(tokio_tungstenite::tungstenite::Message::text("ping")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    // The tunnel holds the only place: another client is turned away.
+    let refused = raw(proxy.http, b"GET /.well-known/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(refused, "", "a connection past the limit was served");
+    // Once the tunnel is closed, its place is free again.
+    drop(ws);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let served =
+            raw(proxy.http, b"GET /.well-known/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        if status_of(&served) == 200 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the tunnel's place was never given back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
