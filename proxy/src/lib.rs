@@ -224,6 +224,7 @@ pub async fn run(
         tracker.clone(),
         shutdown.clone(),
         Config::secs(config.client_timeout_secs),
+        list::MAX_LIST_CONNECTIONS,
     ));
     tokio::spawn(housekeeping(shared.clone(), cache, metrics, background.clone()));
 

@@ -2,6 +2,7 @@
 //! from the route cache with its age.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use dynamicproxy_redis::RouteCache;
@@ -12,6 +13,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -62,14 +64,21 @@ fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     response
 }
 
-/// Serves the list API on `listener` until `shutdown`.
+/// Connections the list listener serves at once. Its one client is the
+/// reconciliation monitor; past this, new connections are closed at once
+/// instead of each holding a task and a socket for the idle timeout.
+pub(crate) const MAX_LIST_CONNECTIONS: usize = 64;
+
+/// Serves the list API on `listener` until `shutdown`, `max_connections` at once.
 pub(crate) async fn serve(
     listener: TcpListener,
     cache: RouteCache,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     read_timeout: std::time::Duration,
+    max_connections: usize,
 ) {
+    let limit = Arc::new(Semaphore::new(max_connections));
     loop {
         let (stream, client) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -77,14 +86,22 @@ pub(crate) async fn serve(
                 Ok(pair) => pair,
                 Err(error) => {
                     warn!(%error, "list listener: accept failed; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+                    }
                     continue;
                 }
             },
         };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            debug!(%client, "list listener: too many connections; closing");
+            continue;
+        };
         let cache = cache.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |req| {
                 let response = respond(&cache, &req);
                 async move { Ok::<_, Infallible>(response) }
@@ -107,5 +124,56 @@ pub(crate) async fn serve(
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    async fn get_list(addr: std::net::SocketAddr) -> String {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(b"GET /nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn connections_are_bounded() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tracker, shutdown) = (TaskTracker::new(), CancellationToken::new());
+        let server = tokio::spawn(serve(
+            listener,
+            RouteCache::new(),
+            tracker.clone(),
+            shutdown.clone(),
+            Duration::from_secs(60),
+            1,
+        ));
+        let idle = TcpStream::connect(addr).await.unwrap();
+        // The idle connection holds the only place: the next one is closed unanswered.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tracker.is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "the idle connection was never served");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(get_list(addr).await, "");
+        drop(idle);
+        loop {
+            if get_list(addr).await.starts_with("HTTP/1.1 404") {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the place was never given back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        shutdown.cancel();
+        server.await.unwrap();
     }
 }
