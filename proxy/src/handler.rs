@@ -272,6 +272,9 @@ async fn forward(
     let original_uri = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let fwd = Forwarded { client_ip: conn.client.ip(), host, port: &conn.port, proto: conn.proto(), original_uri };
     headers::to_upstream(&mut parts.headers, &fwd, upgrade);
+    if parts.version == Version::HTTP_2 {
+        headers::join_cookies(&mut parts.headers);
+    }
     if !parts.headers.contains_key(header::HOST) {
         // HTTP/2 clients send :authority only; HTTP/1.1 backends need Host.
         parts.headers.insert(header::HOST, raw_host_value.clone());

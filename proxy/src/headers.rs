@@ -112,6 +112,27 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, upgrade: Option
     set(headers, &X_ORIGINAL_URI, HeaderValue::from_str(fwd.original_uri).ok());
 }
 
+/// Joins an HTTP/2 request's `Cookie` fields into one with `; ` (RFC 9113
+/// §8.2.3), as HTTP/1.1 backends expect: browsers send each cookie as its
+/// own field over HTTP/2, and a backend reading one field, or joining them
+/// with `, `, would lose all but the first.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    if cookies.next().is_none() || cookies.next().is_none() {
+        return;
+    }
+    let mut joined = BytesMut::new();
+    for cookie in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.put_slice(b"; ");
+        }
+        joined.put_slice(cookie.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_maybe_shared(joined.freeze()) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 fn set(headers: &mut HeaderMap, name: &HeaderName, value: Option<HeaderValue>) {
     match value {
         Some(value) => {
@@ -203,6 +224,19 @@ mod tests {
             assert!(!headers.contains_key(gone), "{gone}");
         }
         assert_eq!(headers.get_all("x-forwarded-host").iter().count(), 1);
+    }
+
+    #[test]
+    fn http2_cookie_fields_are_joined() {
+        let mut headers = map(&[("cookie", "a=1"), ("cookie", "b=2"), ("cookie", "c=3")]);
+        join_cookies(&mut headers);
+        assert_eq!(headers.get_all("cookie").iter().collect::<Vec<_>>(), ["a=1; b=2; c=3"]);
+        let mut headers = map(&[("cookie", "a=1; b=2")]);
+        join_cookies(&mut headers);
+        assert_eq!(headers.get_all("cookie").iter().collect::<Vec<_>>(), ["a=1; b=2"]);
+        let mut headers = map(&[]);
+        join_cookies(&mut headers);
+        assert!(!headers.contains_key("cookie"));
     }
 
     #[test]

@@ -103,7 +103,9 @@ async fn tls_proxy(pki: &Pki, pairs: Vec<(PathBuf, PathBuf)>) -> (Backend, Proxy
     let backend = Backend::start(Arc::new(|req| {
         Box::pin(async move {
             let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
+            let cookies: Vec<&str> = req.headers().get_all("cookie").iter().filter_map(|v| v.to_str().ok()).collect();
             let mut r = Response::builder()
+                .header("x-backend-cookies", cookies.join("|"))
                 .header(
                     "x-backend-proto",
                     req.headers().get("x-forwarded-proto").cloned().unwrap_or("-".parse().unwrap()),
@@ -150,6 +152,12 @@ async fn sni_picks_certificates_with_a_default_and_h2_is_served() {
     assert_eq!(body, "backend saw true /x?y=1", "upstream stays HTTP/1.1, URI unchanged");
     assert!(headers.contains("strict-transport-security: max-age=31622400"), "{headers}");
     assert!(headers.contains("x-backend-proto: https"), "{headers}");
+
+    // Cookie fields of HTTP/2 reach the HTTP/1.1 backend as one header.
+    let cookies = ["--http2", "-H", "Cookie: a=1", "-H", "Cookie: b=2"];
+    let (status, version, headers, _) = curl(&pki.ca(), "foo.toolforge.org", port, "/", &cookies).await;
+    assert_eq!((status, version.as_str()), (200, "2"));
+    assert!(headers.contains("x-backend-cookies: a=1; b=2\r\n"), "{headers}");
 
     let (status, version, headers, _) = curl(&pki.ca(), "foo.toolforge.org", port, "/", &["--http1.1"]).await;
     assert_eq!((status, version.as_str()), (200, "1.1"));
