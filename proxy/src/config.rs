@@ -102,6 +102,9 @@ pub struct Config {
     pub event_loops: usize,
 }
 
+/// Longest timeout accepted: a year.
+const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -198,8 +201,29 @@ impl Config {
                 return Err(ConfigError::new(key, value, "must be at least 1"));
             }
         }
+        // A deadline past the clock's range would panic in every connection.
+        for (key, value) in [
+            ("connect_timeout_secs", self.connect_timeout_secs),
+            ("read_timeout_secs", self.read_timeout_secs),
+            ("client_timeout_secs", self.client_timeout_secs),
+            ("header_timeout_secs", self.header_timeout_secs),
+            ("tls_handshake_timeout_secs", self.tls_handshake_timeout_secs),
+            ("shutdown_grace_secs", self.shutdown_grace_secs),
+            ("upstream_idle_timeout_secs", self.upstream_idle_timeout_secs),
+        ] {
+            if value > MAX_TIMEOUT_SECS {
+                return Err(ConfigError::new(key, value, format!("must be at most {MAX_TIMEOUT_SECS} (a year)")));
+            }
+        }
         if self.max_connections == 0 {
             return Err(ConfigError::new("max_connections", self.max_connections, "must be at least 1"));
+        }
+        if self.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(ConfigError::new(
+                "max_connections",
+                self.max_connections,
+                format!("must be at most {}", tokio::sync::Semaphore::MAX_PERMITS),
+            ));
         }
         crate::protect::Protection::from_config(self)?;
         for (name, value) in &self.extra_headers {
@@ -391,6 +415,17 @@ mod tests {
 
         let config = Config { blocked_user_agents: vec!["(".into()], ..Config::default() };
         assert!(config.validate().unwrap_err().to_string().contains("blocked_user_agents"));
+    }
+
+    #[test]
+    fn values_that_would_panic_later_are_refused() {
+        let config = Config { read_timeout_secs: u64::MAX, ..Config::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("read_timeout_secs"));
+        let config = Config { client_timeout_secs: MAX_TIMEOUT_SECS + 1, ..Config::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("client_timeout_secs"));
+        Config { client_timeout_secs: MAX_TIMEOUT_SECS, ..Config::default() }.validate().unwrap();
+        let config = Config { max_connections: usize::MAX, ..Config::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("max_connections"));
     }
 }
 
