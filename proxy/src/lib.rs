@@ -194,7 +194,10 @@ pub async fn run(
         shutdown: shutdown.clone(),
         hard_stop: hard_stop.clone(),
     };
+    // Background chores (cache gauges, rate-limit sweep, certificate watch)
+    // stop however `run` ends, as the event loops do.
     let background = CancellationToken::new();
+    let _background_guard = background.clone().drop_guard();
     // Cancelled however `run` ends, even when its future is dropped, so the
     // event loop threads never outlive the proxy.
     let loops_stop = CancellationToken::new();
