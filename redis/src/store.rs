@@ -11,7 +11,7 @@ use redis::aio::MultiplexedConnection;
 
 use crate::endpoint::{RESPONSE_TIMEOUT, RedisEndpoint};
 use crate::error::RouteTableError;
-use crate::keys::{K8S_SERVICES, REDIRECT_PREFIX, ROUTES_PREFIX, redirect_key, routes_key};
+use crate::keys::{K8S_SERVICES, ROUTES_PREFIX, redirect_key, routes_key};
 use crate::types::{BackendUrl, RoutePattern, ToolName};
 
 /// A handle on the route table in Redis. Cheap to share behind an `Arc`;
@@ -34,7 +34,7 @@ struct FailedConnect {
 const RECONNECT_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// A tool's raw entries as stored, valid or not, for display.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ToolEntry {
     /// Fields and values of `prefix:<tool>`.
     pub routes: BTreeMap<String, String>,
@@ -158,15 +158,6 @@ impl RouteStore {
         let keys = self.scan(&format!("{ROUTES_PREFIX}*")).await?;
         let mut tools: Vec<String> =
             keys.iter().filter_map(|k| k.strip_prefix(ROUTES_PREFIX)).map(str::to_string).collect();
-        tools.sort();
-        Ok(tools)
-    }
-
-    /// Names of all tools that have a `redirect:` hash, sorted. Uses SCAN.
-    pub async fn redirected_tools(&self) -> Result<Vec<String>, RouteTableError> {
-        let keys = self.scan(&format!("{REDIRECT_PREFIX}*")).await?;
-        let mut tools: Vec<String> =
-            keys.iter().filter_map(|k| k.strip_prefix(REDIRECT_PREFIX)).map(str::to_string).collect();
         tools.sort();
         Ok(tools)
     }
