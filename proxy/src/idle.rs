@@ -30,6 +30,18 @@ impl<T> IdleIo<T> {
         &self.inner
     }
 
+    /// Records progress, or, while the inner I/O waits, fails it once the
+    /// connection has been idle for too long.
+    fn track<R>(&mut self, cx: &mut Context<'_>, progress: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        match progress {
+            Poll::Ready(result) => {
+                self.last_activity = Instant::now();
+                Poll::Ready(result)
+            }
+            Poll::Pending => self.poll_idle(cx).map(Err),
+        }
+    }
+
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         loop {
             ready!(self.timer.as_mut().poll(cx));
@@ -45,32 +57,16 @@ impl<T> IdleIo<T> {
 impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Ready(result) => {
-                this.last_activity = Instant::now();
-                Poll::Ready(result)
-            }
-            Poll::Pending => match this.poll_idle(cx) {
-                Poll::Ready(error) => Poll::Ready(Err(error)),
-                Poll::Pending => Poll::Pending,
-            },
-        }
+        let progress = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.track(cx, progress)
     }
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_write(cx, buf) {
-            Poll::Ready(result) => {
-                this.last_activity = Instant::now();
-                Poll::Ready(result)
-            }
-            Poll::Pending => match this.poll_idle(cx) {
-                Poll::Ready(error) => Poll::Ready(Err(error)),
-                Poll::Pending => Poll::Pending,
-            },
-        }
+        let progress = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.track(cx, progress)
     }
 
     fn poll_write_vectored(
@@ -79,16 +75,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
-            Poll::Ready(result) => {
-                this.last_activity = Instant::now();
-                Poll::Ready(result)
-            }
-            Poll::Pending => match this.poll_idle(cx) {
-                Poll::Ready(error) => Poll::Ready(Err(error)),
-                Poll::Pending => Poll::Pending,
-            },
-        }
+        let progress = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.track(cx, progress)
     }
 
     fn is_write_vectored(&self) -> bool {
