@@ -3,7 +3,7 @@
 #
 # Starts redis-server with 10,000 tools (prefix:toolN = {".*" => backend}),
 # a fast backend, and the proxy (release build), then drives each with wrk
-# over random tool hosts (bench/hosts.lua) and prints req/s, p50
+# over random tool hosts (bench/peer/hosts.lua) and prints req/s, p50
 # and p99 for the backend directly, the proxy over HTTP, and (with --tls)
 # the proxy over HTTPS, with the proxy/backend ratio.
 #
@@ -28,8 +28,7 @@ done
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-# Our copy of ../shared/bench/hosts.lua, with a User-Agent (the proxy refuses requests without one).
-hosts_lua=${HOSTS_LUA:-$root/bench/hosts.lua}
+hosts_lua=${HOSTS_LUA:-$root/bench/peer/hosts.lua}
 for cmd in wrk redis-server redis-cli curl; do
   command -v "$cmd" >/dev/null || { echo "missing $cmd (apt-get install -y wrk redis-server curl)" >&2; exit 1; }
 done
@@ -54,16 +53,12 @@ wait_http() { # url [curl options...]
 
 if [ "$build" = 1 ]; then
   echo "building release binaries (a few minutes)..." >&2
-  cargo build --release -p dynamicproxy-proxy --examples >&2
+  cargo build --release --bin dynamicproxy >&2
+  cargo build --release -p dynamicproxy-proxy --example bench_backend >&2
 fi
-proxy_bin=target/release/examples/proxy
 backend_bin=target/release/examples/bench_backend
-# Prefer the main binary once it serves `proxy` with the same flags.
-if [ -x target/release/dynamicproxy ] && target/release/dynamicproxy proxy --help >/dev/null 2>&1; then
-  proxy_cmd=(target/release/dynamicproxy proxy)
-else
-  proxy_cmd=("$proxy_bin")
-fi
+# wrk sends no User-Agent; the proxy refuses such requests by default (SPEC §3), hence the flag.
+proxy_cmd=(target/release/dynamicproxy proxy --require-user-agent false --admin-listen 127.0.0.1:0)
 
 redis_port=$(free_port) backend_port=$(free_port) http_port=$(free_port) https_port=$(free_port) list_port=$(free_port)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >"$run/redis.log" 2>&1 &
