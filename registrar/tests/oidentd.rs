@@ -8,6 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{CLIENT_DEADLINE, Harness, user};
+use dynamicproxy_registrar::Config;
 use dynamicproxy_registrar::connection::NOT_TOOL;
 use dynamicproxy_test_support::{eventually, free_port};
 use tokio::net::TcpStream;
@@ -86,22 +87,29 @@ async fn client_to(as_user: &str, ip: &str, port: u16, request: &str) -> String 
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn oidentd_identifies_a_real_tool_account() {
+/// The tool account and a running oidentd, or `None` (with the reason
+/// printed) when not root: creating the user and running a client as it need root.
+async fn real_ident() -> Option<(String, Oidentd)> {
     if !is_root() {
         eprintln!("skipped: creating the Unix user tools.{TOOL} and running a client as it needs root");
-        return;
+        return None;
     }
     let account = format!("tools.{TOOL}");
     ensure_user(&account).await;
-    let oidentd = Oidentd::start().await;
-    // The scripted ident server of the harness is not used: the real daemon answers.
-    let h = Harness::start(user("unused"), |c| {
-        c.ident_port = oidentd.port;
-        c.ident_timeout = Duration::from_secs(3);
-        c.exchange_timeout = Duration::from_secs(6);
-    })
-    .await;
+    Some((account, Oidentd::start().await))
+}
+
+/// Points the registrar at the real daemon instead of the harness's scripted ident server.
+fn use_daemon(config: &mut Config, oidentd: &Oidentd) {
+    config.ident_port = oidentd.port;
+    config.ident_timeout = Duration::from_secs(3);
+    config.exchange_timeout = Duration::from_secs(6);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oidentd_identifies_a_real_tool_account() {
+    let Some((account, oidentd)) = real_ident().await else { return };
+    let h = Harness::start(user("unused"), |c| use_daemon(c, &oidentd)).await;
     let port = h.addr.port();
 
     assert_eq!(client(&account, port, "register\n.*\nhttp://web.example:8000\n").await, "ok");
@@ -118,21 +126,10 @@ async fn oidentd_identifies_a_real_tool_account() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn oidentd_identifies_a_client_of_a_second_address() {
-    if !is_root() {
-        eprintln!("skipped: creating the Unix user tools.{TOOL} and running a client as it needs root");
-        return;
-    }
-    let account = format!("tools.{TOOL}");
-    ensure_user(&account).await;
-    let oidentd = Oidentd::start().await;
+    let Some((account, oidentd)) = real_ident().await else { return };
     // The registrar on 127.0.0.2, the client connecting from 127.0.0.1:
     // oidentd finds the connection only if asked from 127.0.0.2.
-    let h = Harness::start_on("127.0.0.2", user("unused"), |c| {
-        c.ident_port = oidentd.port;
-        c.ident_timeout = Duration::from_secs(3);
-        c.exchange_timeout = Duration::from_secs(6);
-    })
-    .await;
+    let h = Harness::start_on("127.0.0.2", user("unused"), |c| use_daemon(c, &oidentd)).await;
 
     let reply = client_to(&account, "127.0.0.2", h.addr.port(), "register\n.*\nhttp://web.example:8000\n").await;
 
