@@ -104,15 +104,19 @@ fn plan(global: &GlobalFlags, selection: &Selection) -> Result<Plan, ConfigError
     let flag_refs: Vec<(&str, &serde_json::Value)> = flags.iter().map(|(s, v)| (*s, v)).collect();
     let (settings, figment) = settings::load(global, &flag_refs)?;
     let redis = settings.redis_endpoint()?;
-    let proxy =
-        section(&figment, "proxy", selection.proxy.is_some() || selection.all, dynamicproxy_proxy::Config::validate)?;
-    let registrar = section(
+    let proxy = daemon_config(
+        &figment,
+        "proxy",
+        selection.proxy.is_some() || selection.all,
+        dynamicproxy_proxy::Config::validate,
+    )?;
+    let registrar = daemon_config(
         &figment,
         "registrar",
         selection.registrar.is_some() || selection.all,
         dynamicproxy_registrar::Config::validate,
     )?;
-    let kube_sync = section(
+    let kube_sync = daemon_config(
         &figment,
         "kube_sync",
         selection.kube_sync.is_some() || selection.all,
@@ -129,7 +133,7 @@ fn plan(global: &GlobalFlags, selection: &Selection) -> Result<Plan, ConfigError
 }
 
 /// One daemon's typed and validated section, when that daemon runs.
-fn section<T: serde::de::DeserializeOwned, E: std::fmt::Display>(
+fn daemon_config<T: serde::de::DeserializeOwned, E: std::fmt::Display>(
     figment: &figment::Figment,
     name: &str,
     wanted: bool,
