@@ -7,6 +7,7 @@
 //!
 //! - [`types`]: tool names, route patterns and backend URLs that validate themselves.
 //! - [`endpoint`]: where Redis is (`redis://` or `redis+sentinel://`) and how to connect.
+//! - [`networks`]: [`NetworkList`], networks a route's destination may not be in.
 //! - [`keys`]: key names and set-member encodings (private to the crate's API).
 //! - [`store`]: [`RouteStore`], typed reads and writes for the CLI, registrar and kube-sync.
 //! - [`table`]: [`ToolRoutes`], one tool's compiled routes in match order.
@@ -20,6 +21,7 @@ pub mod cache;
 pub mod endpoint;
 pub mod error;
 mod keys;
+pub mod networks;
 pub mod store;
 pub mod sync;
 pub mod table;
@@ -28,6 +30,7 @@ pub mod types;
 pub use cache::{CacheStatus, RouteCache};
 pub use endpoint::RedisEndpoint;
 pub use error::RouteTableError;
+pub use networks::{DEFAULT_DENIED_NETWORKS, InvalidNetwork, NetworkList};
 pub use store::{OwnedServiceRoute, RouteStore, ToolEntry};
 pub use sync::{CacheSyncConfig, run_cache_sync};
 pub use table::{Route, ToolRoutes};
