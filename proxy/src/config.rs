@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use dynamicproxy_redis::BackendUrl;
+use dynamicproxy_redis::{BackendUrl, NetworkList};
 use serde::{Deserialize, Serialize};
 
 /// A `[proxy]` value that cannot work; the message names the key and the value.
@@ -51,6 +51,10 @@ pub struct Config {
     pub error_pages: Option<PathBuf>,
     /// Client addresses (IPv4/IPv6 CIDRs or single addresses) that get the "banned" page.
     pub banned_cidrs: Vec<String>,
+    /// Networks the proxy never connects to, checked after name resolution on
+    /// every new backend connection (SPEC §3): a tool's route must not reach the
+    /// edge host itself. Default loopback, link-local and unspecified; `[]` allows all.
+    pub denied_backend_networks: Vec<String>,
     /// User-Agent regexes (case-insensitive) that are refused with 403.
     pub blocked_user_agents: Vec<String>,
     /// Referer regexes (case-insensitive) that are refused with 403.
@@ -118,6 +122,7 @@ impl Default for Config {
             default_backend: None,
             error_pages: None,
             banned_cidrs: Vec::new(),
+            denied_backend_networks: NetworkList::default_denied_strings(),
             blocked_user_agents: Vec::new(),
             blocked_referers: Vec::new(),
             require_user_agent: true,
@@ -166,6 +171,7 @@ impl Config {
     /// Cross-field checks; the error names the key and the value.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.default_backend()?;
+        self.denied_backend_networks()?;
         if self.event_loops > 1024 {
             return Err(ConfigError::new("event_loops", self.event_loops, "at most 1024"));
         }
@@ -260,6 +266,12 @@ impl Config {
         }
     }
 
+    /// `denied_backend_networks`, parsed.
+    pub fn denied_backend_networks(&self) -> Result<NetworkList, ConfigError> {
+        NetworkList::parse(&self.denied_backend_networks)
+            .map_err(|e| ConfigError::new("denied_backend_networks", &e.entry, e.to_string()))
+    }
+
     /// True when HTTPS is configured (at least one certificate).
     pub fn tls_enabled(&self) -> bool {
         !self.tls_cert.is_empty()
@@ -314,6 +326,10 @@ pub struct Flags {
     #[arg(long = "banned-cidr", value_name = "CIDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub banned_cidrs: Option<Vec<String>>,
+    /// Backend network the proxy never connects to (repeatable; replaces the default list)
+    #[arg(long = "denied-backend-network", value_name = "CIDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub denied_backend_networks: Option<Vec<String>>,
     /// Refused User-Agent regex, case-insensitive (repeatable)
     #[arg(long = "blocked-user-agent", value_name = "REGEX")]
     #[serde(skip_serializing_if = "Option::is_none")]
