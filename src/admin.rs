@@ -1,14 +1,15 @@
 //! The admin API of each daemon (SPEC §7): metrics, server info, readiness,
-//! and runtime switches. Bound to 127.0.0.1 by default.
+//! and runtime switches. Bound to 127.0.0.1 by default; every request passes
+//! [`crate::admin_guard`] first, so nothing proxied reaches a handler.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Router, middleware};
 use dynamicproxy_redis::{RedisEndpoint, RouteCache};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
@@ -17,6 +18,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin_guard::{self, AdminConn, AdminGuard};
 use crate::telemetry::LogControl;
 
 /// Tells whether the daemon is ready to take traffic (for `GET /ready`);
@@ -47,16 +49,27 @@ pub struct AdminState {
     pub ready: ReadyCheck,
 }
 
-/// Serves the admin API on `listener` until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) -> std::io::Result<()> {
+/// Serves the admin API on `listener` until `shutdown` is cancelled; `guard`
+/// decides which requests reach the handlers.
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    guard: AdminGuard,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/server_info", get(server_info))
         .route("/ready", get(ready))
         .route("/logging", post(logging))
         .route("/maintenance", post(maintenance))
-        .with_state(state);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+        .with_state(state)
+        // Added last, so it wraps every route and method above.
+        .layer(middleware::from_fn_with_state(guard, admin_guard::enforce));
+    // The guard needs both ends of each connection: the peer, and the local address it was dialled on.
+    axum::serve(listener, app.into_make_service_with_connect_info::<AdminConn>())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState, MaintenanceSwitch, ReadyCheck};
+use crate::admin_guard::{AdminGuard, AdminToken};
 use crate::cli::GlobalFlags;
 use crate::settings::{self, ConfigError, Settings};
 use crate::telemetry;
@@ -66,6 +67,7 @@ struct Plan {
     registrar: Option<dynamicproxy_registrar::Config>,
     kube_sync: Option<dynamicproxy_kube_sync::Config>,
     admin_listen: SocketAddr,
+    admin_token: Option<AdminToken>,
 }
 
 /// Runs the selected daemons until SIGTERM/SIGINT.
@@ -104,6 +106,7 @@ fn plan(global: &GlobalFlags, selection: &Selection) -> Result<Plan, ConfigError
     let flag_refs: Vec<(&str, &serde_json::Value)> = flags.iter().map(|(s, v)| (*s, v)).collect();
     let (settings, figment) = settings::load(global, &flag_refs)?;
     let redis = settings.redis_endpoint()?;
+    let admin_token = settings.admin_token()?;
     let proxy = daemon_config(
         &figment,
         "proxy",
@@ -129,7 +132,7 @@ fn plan(global: &GlobalFlags, selection: &Selection) -> Result<Plan, ConfigError
         (None, None, Some(k)) => k.admin_listen,
         (None, None, None) => return Err(ConfigError::invalid("no daemon selected")),
     };
-    Ok(Plan { settings, redis, proxy, registrar, kube_sync, admin_listen })
+    Ok(Plan { settings, redis, proxy, registrar, kube_sync, admin_listen, admin_token })
 }
 
 /// One daemon's typed and validated section, when that daemon runs.
@@ -244,6 +247,7 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
         });
     }
 
+    let guard = AdminGuard::new(plan.admin_token, &mut registry);
     let state = AdminState {
         component,
         registry: Arc::new(registry),
@@ -254,9 +258,9 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
         maintenance,
         ready: Arc::new(move || readiness.iter().try_for_each(|check| check())),
     };
-    let admin_token = shutdown.child_token();
+    let admin_shutdown = shutdown.child_token();
     tasks.spawn(async move {
-        let result = admin::serve(admin_listener, state, admin_token).await;
+        let result = admin::serve(admin_listener, state, guard, admin_shutdown).await;
         ("admin API", result.map_err(|e| e.to_string()))
     });
     info!(component, redis = %plan.redis, admin = %plan.admin_listen, "dynamicproxy started");

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod admin_guard;
 mod cli;
 mod daemons;
 mod routes_cmd;

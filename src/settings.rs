@@ -12,12 +12,16 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::admin_guard::AdminToken;
 use crate::cli::{GlobalFlags, LogFormat};
 use dynamicproxy_redis::RedisEndpoint;
 
 /// Sections of the file, in the order env variable names are matched
 /// (`kube_sync` before any shorter name it could be mistaken for).
-const SECTIONS: [&str; 5] = ["kube_sync", "registrar", "proxy", "redis", "log"];
+const SECTIONS: [&str; 6] = ["kube_sync", "registrar", "proxy", "redis", "log", "admin"];
+
+/// `DYNAMICPROXY_ADMIN_TOKEN` without the prefix: read as a plain string, never parsed.
+const ADMIN_TOKEN_ENV: &str = "ADMIN_TOKEN";
 
 /// Every setting of every component, as loaded and type-checked.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -27,6 +31,8 @@ pub struct Settings {
     pub redis: RedisSettings,
     /// `[log]`: log format and filter.
     pub log: LogSettings,
+    /// `[admin]`: who may change things through the admin API.
+    pub admin: AdminSettings,
     /// `[proxy]`.
     pub proxy: serde::de::IgnoredAny,
     /// `[registrar]`.
@@ -62,6 +68,25 @@ pub struct LogSettings {
 impl Default for LogSettings {
     fn default() -> Self {
         LogSettings { format: LogFormat::Text, level: "info".into() }
+    }
+}
+
+/// `[admin]` section: shared by every daemon's admin API, because a process
+/// has one admin listener whichever daemons it runs (`all` included).
+#[derive(Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Bearer token that lets a non-loopback peer use the mutating endpoints
+    /// (POST /logging, POST /maintenance). Unset (the default): only loopback
+    /// peers may. Best given as env `DYNAMICPROXY_ADMIN_TOKEN` from a secret;
+    /// deliberately no flag, because a process's arguments are world-readable.
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for AdminSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let token = self.token.as_ref().map(|_| "<redacted>");
+        f.debug_struct("AdminSettings").field("token", &token).finish()
     }
 }
 
@@ -124,7 +149,16 @@ pub fn load<F: Serialize>(
         check_readable(path)?;
         figment = figment.merge(Toml::file_exact(path));
     }
-    figment = figment.merge(Env::prefixed("DYNAMICPROXY_").filter_map(|key| env_key(key.as_str()).map(Into::into)));
+    figment = figment.merge(
+        Env::prefixed("DYNAMICPROXY_")
+            .ignore(&[ADMIN_TOKEN_ENV])
+            .filter_map(|key| env_key(key.as_str()).map(Into::into)),
+    );
+    // Verbatim: the env provider would read a token of digits as a number (and show it in the error).
+    if let Some(token) = std::env::var_os(format!("DYNAMICPROXY_{ADMIN_TOKEN_ENV}")) {
+        let token = token.into_string().map_err(|_| ConfigError("[admin] token: not valid UTF-8".into()))?;
+        figment = figment.merge(Serialized::default("admin.token", token));
+    }
     if let Some(url) = &global.redis_url {
         figment = figment.merge(Serialized::default("redis.url", url));
     }
@@ -163,6 +197,16 @@ impl Settings {
     pub fn redis_endpoint(&self) -> Result<RedisEndpoint, ConfigError> {
         self.redis.url.parse().map_err(|e| ConfigError(format!("[redis] url: {e}")))
     }
+
+    /// The checked `[admin] token`, if set; the error never shows the value.
+    pub fn admin_token(&self) -> Result<Option<AdminToken>, ConfigError> {
+        self.admin
+            .token
+            .clone()
+            .map(AdminToken::new)
+            .transpose()
+            .map_err(|e| ConfigError(format!("[admin] token: {e}")))
+    }
 }
 
 /// `PROXY_HTTP_LISTEN` → `proxy.http_listen`; names outside the known sections are ignored.
@@ -186,6 +230,7 @@ mod tests {
         assert_eq!(env_key("PROXY_HTTP_LISTEN").as_deref(), Some("proxy.http_listen"));
         assert_eq!(env_key("KUBE_SYNC_LABEL_SELECTOR").as_deref(), Some("kube_sync.label_selector"));
         assert_eq!(env_key("REDIS_URL").as_deref(), Some("redis.url"));
+        assert_eq!(env_key("ADMIN_TOKEN").as_deref(), Some("admin.token"));
         assert_eq!(env_key("UNRELATED"), None);
         assert_eq!(env_key("PROXYX"), None);
     }
