@@ -211,7 +211,7 @@ pub fn host_matches(host: &[u8], local: SocketAddr) -> bool {
     let Ok(host) = std::str::from_utf8(host) else { return false };
     let (name, port) = match host.strip_prefix('[') {
         Some(rest) => match rest.split_once(']') {
-            Some((ip, after)) if after.is_empty() => (ip, None),
+            Some((ip, "")) => (ip, None),
             Some((ip, after)) => match after.strip_prefix(':') {
                 Some(port) => (ip, Some(port)),
                 None => return false,

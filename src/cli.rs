@@ -31,6 +31,9 @@ pub struct GlobalFlags {
     #[arg(long, global = true)]
     pub check: bool,
     /// Address of the daemon's admin API; also accepted after the subcommand, which wins.
+    /// It answers only requests addressed to this address, never proxied ones; changes
+    /// (POST) come from loopback, or anywhere with `Authorization: Bearer` and the
+    /// [admin] token (env DYNAMICPROXY_ADMIN_TOKEN; no flag, as arguments are world-readable).
     #[arg(long = "admin-listen", value_name = "ADDR")]
     pub admin_listen: Option<std::net::SocketAddr>,
     /// Log line format [default: text].

@@ -325,3 +325,35 @@ async fn with_a_token_an_operator_may_change_things_from_another_address() {
     let log = daemon.terminate();
     assert!(!log.contains(TOKEN), "the token is never logged: {log}");
 }
+
+#[test]
+fn kubernetes_probes_address_the_admin_api_by_pod_ip() {
+    let config = include_str!("../deploy/kubernetes/configmap.yaml");
+    let deployment = include_str!("../deploy/kubernetes/deployment.yaml");
+    assert!(config.contains("admin_listen = \"0.0.0.0:9632\""), "{config}");
+    assert!(deployment.contains("containerPort: 9632"), "{deployment}");
+    // Probes without headers send Host <pod-ip>:9632, the listener's own address, which the
+    // admin API accepts (shown on a 0.0.0.0 listener above); a Host override would be refused.
+    assert_eq!(deployment.matches("port: admin").count(), 2, "{deployment}");
+    assert!(!deployment.contains("httpHeaders"), "probes must not override Host: {deployment}");
+}
+
+#[test]
+fn the_admin_token_is_checked_at_start_and_never_echoed() {
+    let check = |token: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_dynamicproxy"))
+            .args(["all", "--check"])
+            .env("DYNAMICPROXY_ADMIN_TOKEN", token)
+            .output()
+            .expect("run dynamicproxy");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // Taken verbatim: a token of digits stays a string, leading zeros included.
+    assert_eq!(check("0012345678901234").0, Some(0));
+    assert_eq!(check(TOKEN).0, Some(0));
+    for bad in ["tooshort12", "with spaces is not a bearer token"] {
+        let (code, err) = check(bad);
+        assert_eq!(code, Some(64), "{err}");
+        assert!(err.contains("[admin] token") && !err.contains(bad), "{err}");
+    }
+}
