@@ -57,19 +57,22 @@ pub async fn serve(
     guard: AdminGuard,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = Router::new()
+    // The guard wraps the finished router, so an endpoint added to `routes` can never skip it.
+    let app = routes().with_state(state).layer(middleware::from_fn_with_state(guard, admin_guard::enforce));
+    // The guard needs both ends of each connection: the peer, and the local address it was dialled on.
+    axum::serve(listener, app.into_make_service_with_connect_info::<AdminConn>())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+/// Every admin endpoint (SPEC §7).
+fn routes() -> Router<AdminState> {
+    Router::new()
         .route("/metrics", get(metrics))
         .route("/server_info", get(server_info))
         .route("/ready", get(ready))
         .route("/logging", post(logging))
         .route("/maintenance", post(maintenance))
-        .with_state(state)
-        // Added last, so it wraps every route and method above.
-        .layer(middleware::from_fn_with_state(guard, admin_guard::enforce));
-    // The guard needs both ends of each connection: the peer, and the local address it was dialled on.
-    axum::serve(listener, app.into_make_service_with_connect_info::<AdminConn>())
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {

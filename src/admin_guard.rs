@@ -279,7 +279,7 @@ pub async fn enforce(
             guard.refused.get_or_create(&ReasonLabel { reason: refusal.reason() }).inc();
             tracing::warn!(
                 peer = %conn.peer,
-                local = ?conn.local,
+                local = %conn.local.map_or_else(|| "unknown".to_string(), |a| a.to_string()),
                 method = %request.method(),
                 path = request.uri().path(),
                 reason = refusal.reason(),
