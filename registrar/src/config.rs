@@ -123,7 +123,9 @@ impl Config {
             return Err(ConfigError::new(
                 "max_routes_per_tool",
                 self.max_routes_per_tool,
-                format!("must be 1-{MAX_ROUTES_PER_TOOL} (the proxy loads at most {MAX_ROUTES_PER_TOOL} routes per tool)"),
+                format!(
+                    "must be 1-{MAX_ROUTES_PER_TOOL} (the proxy loads at most {MAX_ROUTES_PER_TOOL} routes per tool)"
+                ),
             ));
         }
         Ok(())

@@ -114,7 +114,8 @@ mod tests {
     #[tokio::test]
     async fn literal_addresses_are_checked_as_written() {
         let denied = denied();
-        for url in ["http://127.0.0.1:1", "http://[::1]:1", "http://[::ffff:127.0.0.1]:1", "http://169.254.169.254:80"] {
+        for url in ["http://127.0.0.1:1", "http://[::1]:1", "http://[::ffff:127.0.0.1]:1", "http://169.254.169.254:80"]
+        {
             assert!(matches!(denied.check(&backend(url)).await, Verdict::Denied { .. }), "{url}");
         }
         for url in ["http://10.0.0.1:1", "http://[2001:db8::1]:1", "http://172.16.0.5:8000"] {
