@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::{Harness, exchange_from, user};
 use dynamicproxy_registrar::Config;
 use dynamicproxy_registrar::connection::{CLIENT_NOT_ALLOWED, DESTINATION_NOT_ALLOWED, TOO_MANY_ROUTES};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpSocket;
 
 fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
@@ -190,17 +191,21 @@ async fn ipv4_clients_of_a_dual_stack_listener_match_ipv4_networks() {
 #[tokio::test(flavor = "multi_thread")]
 async fn refused_clients_do_not_take_serving_slots() {
     let h = Harness::start(user("tools.foo"), |c| {
-        c.allowed_clients = vec!["10.0.0.0/8".into()];
+        c.allowed_clients = vec!["127.0.0.1/32".into()];
         c.max_connections = 1;
-        c.exchange_timeout = Duration::from_secs(5);
     })
     .await;
-    let mut refused = tokio::task::JoinSet::new();
-    for _ in 0..5 {
-        let addr = h.addr;
-        refused.spawn(async move { common::exchange(addr, b"register\n.*\nhttp://h:1\n", false).await });
-    }
-    while let Some(reply) = refused.join_next().await {
-        assert_eq!(reply.unwrap(), CLIENT_NOT_ALLOWED);
-    }
+    // An outsider (from 127.0.0.2) reads its refusal and keeps the
+    // connection open, so the registrar is still lingering on it.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut outsider = socket.connect(h.addr).await.unwrap();
+    let mut refusal = vec![0u8; CLIENT_NOT_ALLOWED.len()];
+    tokio::time::timeout(common::CLIENT_DEADLINE, outsider.read_exact(&mut refusal)).await.unwrap().unwrap();
+    assert_eq!(refusal, CLIENT_NOT_ALLOWED.as_bytes());
+
+    // The only serving slot is still free for a grid host.
+    assert_eq!(h.send(b"register\n.*\nhttp://h:1\n").await, "ok");
+    assert_eq!(h.ident.queries.lock().unwrap().len(), 1);
+    drop(outsider);
 }
