@@ -1,8 +1,9 @@
 //! One registration exchange, start to end:
 //!
 //! ```text
-//! accept ─► client check ─► ident ─► prefix check ─► read request ─► validate ─► destination check ─► capped write to Redis ─► reply ─► close
-//!                           └──────────── within exchange_timeout ───────────┘
+//! accept ─► client check ─► ident ─► prefix check ─► read request ─► validate
+//!                           └────────── within exchange_timeout ─────────┘
+//!   ─► destination check (may resolve) ─► capped write to Redis ─► reply ─► close
 //! ```
 //!
 //! The client check (`allowed_clients`) runs in the accept loop, so a
