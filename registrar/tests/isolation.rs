@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use common::{Harness, exchange_from, user};
 use dynamicproxy_registrar::Config;
