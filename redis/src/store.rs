@@ -114,6 +114,25 @@ const SET_CANONICAL_SCRIPT: &str = concat!(
     "return 1\n"
 );
 
+/// `HSET KEYS[1] ARGV[1] ARGV[2]` only when the field already exists or the
+/// hash has fewer than `ARGV[3]` fields, and then (when `KEYS[2]` is given)
+/// `HSET KEYS[2] ARGV[1] ARGV[4]`; returns 1 when written, 0 when refused.
+/// Count and write in one script, so concurrent registrations cannot both
+/// see room for one more route.
+const SET_ROUTE_CAPPED_SCRIPT: &str = concat!(
+    check_types!("hash", "hash"),
+    r#"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if KEYS[2] then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+end
+return 1
+"#
+);
+
 /// `HDEL ARGV[1]` from both keys, all or nothing; returns the number of fields removed.
 const DELETE_ROUTE_SCRIPT: &str = concat!(
     check_types!("hash", "hash"),
@@ -217,6 +236,33 @@ impl RouteStore {
                 .await
         })
         .await
+    }
+
+    /// Sets a route unless the tool would then have more than `max_routes`
+    /// routes (the registrar's `register`, and `registerCanonical` when
+    /// `canonical_host` is given, which also marks legacy URLs as redirecting
+    /// there). Replacing an existing route is always allowed. Checked and
+    /// written atomically; returns `false` when refused, with nothing written.
+    pub async fn set_route_capped(
+        &self,
+        tool: &ToolName,
+        pattern: &RoutePattern,
+        backend: &BackendUrl,
+        canonical_host: Option<&str>,
+        max_routes: usize,
+    ) -> Result<bool, RouteTableError> {
+        let script = redis::Script::new(SET_ROUTE_CAPPED_SCRIPT);
+        let written: u64 = self
+            .run(|mut c| async move {
+                let mut invocation = script.key(routes_key(tool.as_str()));
+                invocation.arg(pattern.as_str()).arg(backend.to_string()).arg(max_routes);
+                if let Some(host) = canonical_host {
+                    invocation.key(redirect_key(tool.as_str())).arg(host);
+                }
+                invocation.invoke_async(&mut c).await
+            })
+            .await?;
+        Ok(written == 1)
     }
 
     /// Removes one route from both hashes of a tool (the registrar's

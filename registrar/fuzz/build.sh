@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds (and optionally runs) the registrar's fuzz targets: line_protocol
-# (request decoding and validation) and ident_reply (RFC 1413 replies).
+# (request decoding and validation, the denied-networks check of literal
+# destinations included), ident_reply (RFC 1413 replies) and client_networks
+# (allowed_clients as a configured string, and the client check).
 #
 #   registrar/fuzz/build.sh               # build, as CI does
 #   registrar/fuzz/build.sh run 300       # also fuzz each target for 300 s
@@ -17,7 +19,7 @@ else
 fi
 if [[ "${1:-}" == run ]]; then
     seconds="${2:-300}"
-    for target in line_protocol ident_reply; do
+    for target in line_protocol ident_reply client_networks; do
         cargo +nightly fuzz run "$target" -- -max_total_time="$seconds" -max_len=4096
     done
 fi

@@ -9,7 +9,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serializer};
 
+use dynamicproxy_redis::NetworkList;
+
 use crate::allow::{AllowList, AllowRule};
+use crate::clients::AllowedClients;
+use crate::destination::DeniedDestinations;
 
 /// Settings of the registration server (`[registrar]`).
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -38,7 +42,32 @@ pub struct Config {
     /// addresses, or domain suffixes (`eqiad1.wikimedia.cloud`). Empty = any.
     #[serde(deserialize_with = "deserialize_list")]
     pub allowed_destinations: Vec<String>,
+    /// Networks no destination may be in (SPEC §5): a tool's route must not
+    /// reach the edge host itself (its admin APIs on loopback) or the cloud
+    /// metadata service. Literal addresses are checked as written, names
+    /// after resolving them. Default loopback, link-local and unspecified;
+    /// `[]` allows all (development, tests). The proxy checks again when it
+    /// connects (`[proxy] denied_backend_networks`).
+    #[serde(deserialize_with = "deserialize_list")]
+    pub denied_destination_networks: Vec<String>,
+    /// Most routes one tool may hold; a `register`/`registerCanonical` that
+    /// would add one more is answered `fail: too many routes` (replacing an
+    /// existing route is always allowed). At most [`MAX_ROUTES_PER_TOOL`]:
+    /// the proxy's route table loader keeps only that many routes per tool,
+    /// so a larger value would answer `ok` for routes that never serve.
+    pub max_routes_per_tool: usize,
+    /// Client networks allowed to connect (CIDRs or addresses); others get
+    /// `fail: client not allowed` before any ident query, so outsiders can
+    /// neither register nor make the registrar probe their ident port.
+    /// Empty = any (production keeps a firewall in front as well).
+    #[serde(deserialize_with = "deserialize_list")]
+    pub allowed_clients: Vec<String>,
 }
+
+/// Highest `max_routes_per_tool` accepted, and its default: the proxy's
+/// route table loader caps a tool at 64 routes, so this must never exceed
+/// that cap (real tools hold one or two routes).
+pub const MAX_ROUTES_PER_TOOL: usize = 64;
 
 impl Default for Config {
     fn default() -> Self {
@@ -51,6 +80,9 @@ impl Default for Config {
             exchange_timeout: Duration::from_secs(10),
             max_connections: 1024,
             allowed_destinations: Vec::new(),
+            denied_destination_networks: NetworkList::default_denied_strings(),
+            max_routes_per_tool: MAX_ROUTES_PER_TOOL,
+            allowed_clients: Vec::new(),
         }
     }
 }
@@ -84,7 +116,30 @@ const MAX_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(3600);
 impl Config {
     /// Checks the settings together; the error names the key and its value.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.allow_list().map(|_| ())
+        self.allow_list()?;
+        self.denied_destinations()?;
+        self.allowed_clients()?;
+        if self.max_routes_per_tool == 0 || self.max_routes_per_tool > MAX_ROUTES_PER_TOOL {
+            return Err(ConfigError::new(
+                "max_routes_per_tool",
+                self.max_routes_per_tool,
+                format!(
+                    "must be 1-{MAX_ROUTES_PER_TOOL} (the proxy loads at most {MAX_ROUTES_PER_TOOL} routes per tool)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `denied_destination_networks`, parsed; blank entries are skipped, so
+    /// an empty flag or variable value means `[]`.
+    pub(crate) fn denied_destinations(&self) -> Result<DeniedDestinations, ConfigError> {
+        networks("denied_destination_networks", &self.denied_destination_networks).map(DeniedDestinations::new)
+    }
+
+    /// `allowed_clients`, parsed; blank entries are skipped.
+    pub(crate) fn allowed_clients(&self) -> Result<AllowedClients, ConfigError> {
+        networks("allowed_clients", &self.allowed_clients).map(AllowedClients::new)
     }
 
     /// Validates and compiles the destination allow-list.
@@ -146,6 +201,14 @@ impl Config {
     }
 }
 
+/// Parses a list of networks; the error names the key and the bad entry.
+fn networks(key: &'static str, entries: &[String]) -> Result<NetworkList, ConfigError> {
+    let entries: Vec<&str> = entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()).collect();
+    NetworkList::parse(&entries).map_err(|e| {
+        ConfigError::new(key, format!("{:?}", e.entry), "must be a CIDR such as 10.0.0.0/8, or an IP address")
+    })
+}
+
 /// Command-line flags of `dynamicproxy registrar`, one per `[registrar]` key;
 /// a flag that is given wins over the environment and the file.
 #[derive(Debug, Clone, Default, clap::Args, serde::Serialize)]
@@ -182,6 +245,19 @@ pub struct Flags {
     #[arg(long = "allowed-destinations", value_name = "LIST", value_delimiter = ',', num_args = 1..)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_destinations: Option<Vec<String>>,
+    /// Networks no destination may be in, comma-separated or repeated; "" allows all
+    /// [default: 127.0.0.0/8,::1/128,169.254.0.0/16,fe80::/10,0.0.0.0/8,::/128]
+    #[arg(long = "denied-destination-networks", value_name = "LIST", value_delimiter = ',', num_args = 1..)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub denied_destination_networks: Option<Vec<String>>,
+    /// Most routes one tool may hold, at most 64 [default: 64]
+    #[arg(long = "max-routes-per-tool", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_routes_per_tool: Option<usize>,
+    /// Client networks allowed to connect, comma-separated or repeated [default: any]
+    #[arg(long = "allowed-clients", value_name = "LIST", value_delimiter = ',', num_args = 1..)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_clients: Option<Vec<String>>,
 }
 
 /// Parses `5`, `"5s"`, `"500ms"` or `"2m"`.

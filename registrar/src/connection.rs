@@ -1,9 +1,13 @@
 //! One registration exchange, start to end:
 //!
 //! ```text
-//! accept ─► ident ─► prefix check ─► read request ─► validate ─► write to Redis ─► reply ─► close
-//!           └──────────── within exchange_timeout ───────────┘
+//! accept ─► client check ─► ident ─► prefix check ─► read request ─► validate
+//!                           └────────── within exchange_timeout ─────────┘
+//!   ─► destination check (may resolve) ─► capped write to Redis ─► reply ─► close
 //! ```
+//!
+//! The client check (`allowed_clients`) runs in the accept loop, so a
+//! refused client never holds a connection slot nor causes an ident query.
 //!
 //! The Redis write is not cut by the exchange deadline (the route store has
 //! its own timeouts): cancelling it midway could leave a write that landed
@@ -21,6 +25,7 @@ use tokio::time::Instant;
 
 use crate::allow::AllowList;
 use crate::config::Config;
+use crate::destination::{DeniedDestinations, Verdict};
 use crate::ident;
 use crate::metrics::{Metrics, Outcome};
 use crate::protocol::{self, Command, MAX_LINE_LEN, ProtocolError, Request};
@@ -33,6 +38,12 @@ pub const NOT_TOOL: &str = "This service available only to tool accounts";
 pub const UNAVAILABLE: &str = "fail: route table unavailable";
 /// Answer to connections above `max_connections`.
 pub const BUSY: &str = "fail: busy";
+/// Answer to a client outside `allowed_clients` (SPEC §5, byte for byte).
+pub const CLIENT_NOT_ALLOWED: &str = "fail: client not allowed";
+/// Answer to a destination outside the allow-list or in a denied network (SPEC §5).
+pub const DESTINATION_NOT_ALLOWED: &str = "fail: destination not allowed";
+/// Answer to a registration beyond `max_routes_per_tool` (SPEC §5).
+pub const TOO_MANY_ROUTES: &str = "fail: too many routes";
 
 /// How long writing a reply may take; replies are a few bytes.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -46,6 +57,7 @@ const LINGER_MAX_BYTES: usize = 64 * 1024;
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) allow: AllowList,
+    pub(crate) denied: DeniedDestinations,
     pub(crate) store: Arc<RouteStore>,
     pub(crate) metrics: Arc<Metrics>,
 }
@@ -108,6 +120,16 @@ pub(crate) async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<S
             error = reason,
             "registration failed"
         ),
+        Outcome::NotAllowed | Outcome::DeniedDestination | Outcome::TooManyRoutes => tracing::warn!(
+            client = %peer,
+            tool,
+            command = command.as_str(),
+            route,
+            destination,
+            result = answer.outcome.as_str(),
+            reason,
+            "registration refused"
+        ),
         _ => tracing::info!(
             client = %peer,
             tool,
@@ -128,6 +150,23 @@ pub(crate) async fn refuse_busy(mut stream: TcpStream, peer: SocketAddr, metrics
     metrics.record(Command::None, Outcome::Busy);
     tracing::warn!(client = %peer, result = Outcome::Busy.as_str(), "too many connections, refused");
     finish(&mut stream, BUSY).await;
+}
+
+/// Answers a client outside `allowed_clients`, before anything else
+/// (no ident query, no request read).
+pub(crate) async fn refuse_client(mut stream: TcpStream, peer: SocketAddr, metrics: &Metrics) {
+    metrics.record(Command::None, Outcome::ClientNotAllowed);
+    tracing::warn!(
+        client = %peer,
+        tool = "-",
+        command = Command::None.as_str(),
+        route = "-",
+        destination = "-",
+        result = Outcome::ClientNotAllowed.as_str(),
+        reason = "client address outside [registrar] allowed_clients",
+        "registration refused"
+    );
+    finish(&mut stream, CLIENT_NOT_ALLOWED).await;
 }
 
 async fn handle(
@@ -218,27 +257,36 @@ async fn read_request(stream: &mut TcpStream, command: &mut Option<Command>) -> 
 /// Validates the request and writes it. `Err` carries the refusal.
 async fn execute(tool: &ToolName, request: Request, shared: &Shared) -> Result<Answer, Answer> {
     let store = &shared.store;
-    let written = match request {
+    let (route, destination, canonical) = match request {
         Request::Unknown => return Err(Answer::new(Outcome::UnknownCommand, "fail")),
-        Request::Register { route, destination } => {
-            let (pattern, backend) = validate(&route, &destination, &shared.allow)?;
-            store.set_route(tool, &pattern, &backend).await
-        }
-        Request::RegisterCanonical { route, destination } => {
-            let (pattern, backend) = validate(&route, &destination, &shared.allow)?;
-            let canonical_host = format!("{tool}.{}", shared.config.canonical_domain);
-            store.set_canonical_route(tool, &pattern, &backend, &canonical_host).await
-        }
         Request::Unregister { route } => {
             // Not compiled: a legacy pattern this regex engine refuses must
             // still be removable by its owner.
             if route.is_empty() {
                 return Err(Answer::invalid("empty route"));
             }
-            store.delete_route(tool, &route).await.map(|_removed| ())
+            return store.delete_route(tool, &route).await.map(|_removed| ok()).map_err(store_failure);
         }
+        Request::Register { route, destination } => (route, destination, false),
+        Request::RegisterCanonical { route, destination } => (route, destination, true),
     };
-    written.map(|()| Answer::new(Outcome::Ok, "ok")).map_err(store_failure)
+    let (pattern, backend) = validate(&route, &destination, &shared.allow)?;
+    check_destination(&backend, &shared.denied).await?;
+    let canonical_host = canonical.then(|| format!("{tool}.{}", shared.config.canonical_domain));
+    let max = shared.config.max_routes_per_tool;
+    match store.set_route_capped(tool, &pattern, &backend, canonical_host.as_deref(), max).await {
+        Ok(true) => Ok(ok()),
+        Ok(false) => Err(Answer {
+            outcome: Outcome::TooManyRoutes,
+            reply: TOO_MANY_ROUTES.into(),
+            detail: Some(format!("the tool already has {max} routes ([registrar] max_routes_per_tool)")),
+        }),
+        Err(e) => Err(store_failure(e)),
+    }
+}
+
+fn ok() -> Answer {
+    Answer::new(Outcome::Ok, "ok")
 }
 
 fn validate(route: &str, destination: &str, allow: &AllowList) -> Result<(RoutePattern, BackendUrl), Answer> {
@@ -248,9 +296,33 @@ fn validate(route: &str, destination: &str, allow: &AllowList) -> Result<(RouteP
     let pattern = RoutePattern::parse(route).map_err(Answer::invalid)?;
     let backend = BackendUrl::parse_strict(destination).map_err(Answer::invalid)?;
     if !allow.allows(backend.host()) {
-        return Err(Answer::new(Outcome::NotAllowed, "fail: destination not allowed"));
+        return Err(Answer::new(Outcome::NotAllowed, DESTINATION_NOT_ALLOWED));
     }
     Ok((pattern, backend))
+}
+
+/// Refuses a destination in `denied_destination_networks`; the log says
+/// which address and network, the client only that it is not allowed.
+async fn check_destination(backend: &BackendUrl, denied: &DeniedDestinations) -> Result<(), Answer> {
+    match denied.check(backend).await {
+        Verdict::Allowed => Ok(()),
+        Verdict::Denied { address, network } => Err(Answer {
+            outcome: Outcome::DeniedDestination,
+            reply: DESTINATION_NOT_ALLOWED.into(),
+            detail: Some(format!(
+                "{} ({address}) is in denied network {network} ([registrar] denied_destination_networks)",
+                backend.host()
+            )),
+        }),
+        Verdict::Unresolved(why) => {
+            tracing::warn!(
+                destination = %backend,
+                error = why,
+                "destination name not resolved; accepted, the proxy checks its addresses when it connects"
+            );
+            Ok(())
+        }
+    }
 }
 
 fn store_failure(e: RouteTableError) -> Answer {

@@ -9,6 +9,8 @@
 //! - [`ident`]: the RFC 1413 client and its reply parser.
 //! - [`protocol`]: the line protocol decoder (no I/O).
 //! - [`allow`]: the optional allow-list of destinations.
+//! - [`destination`]: the denied networks no destination may be in.
+//! - [`clients`]: which client addresses may connect at all.
 //! - [`metrics`]: [`Metrics`], commands by result.
 //! - [`error`]: [`Error`], why the registrar cannot run.
 
@@ -16,8 +18,10 @@
 #![warn(missing_docs)]
 
 pub mod allow;
+pub mod clients;
 pub mod config;
 pub mod connection;
+pub mod destination;
 pub mod error;
 pub mod ident;
 pub mod metrics;

@@ -23,6 +23,12 @@ pub enum Outcome {
     Invalid,
     /// The destination is outside the allow-list.
     NotAllowed,
+    /// The destination is (or resolves to) an address in a denied network.
+    DeniedDestination,
+    /// The tool already holds `max_routes_per_tool` routes.
+    TooManyRoutes,
+    /// The client address is outside `allowed_clients`; ident was not asked.
+    ClientNotAllowed,
     /// The client did not finish within the exchange timeout.
     Timeout,
     /// Redis could not be reached; nothing was written.
@@ -43,6 +49,9 @@ impl Outcome {
             Outcome::UnknownCommand => "unknown_command",
             Outcome::Invalid => "invalid",
             Outcome::NotAllowed => "not_allowed",
+            Outcome::DeniedDestination => "denied_destination",
+            Outcome::TooManyRoutes => "too_many_routes",
+            Outcome::ClientNotAllowed => "client_not_allowed",
             Outcome::Timeout => "timeout",
             Outcome::Unavailable => "unavailable",
             Outcome::StoreError => "store_error",

@@ -37,14 +37,17 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    config.validate()?;
     let allow = config.allow_list()?;
+    let denied = config.denied_destinations()?;
+    let clients = config.allowed_clients()?;
     let local = listener.local_addr().map_err(Error::ListenerAddress)?;
     let drain_limit = config.exchange_timeout + DRAIN_EXTRA;
     let slots = Arc::new(Semaphore::new(config.max_connections));
     // Refusing takes a moment too (reply, linger): bound those tasks as well,
     // and past that drop excess connections outright.
     let refusals = Arc::new(Semaphore::new(config.max_connections));
-    let shared = Arc::new(Shared { config, allow, store, metrics });
+    let shared = Arc::new(Shared { config, allow, denied, store, metrics });
     let tracker = TaskTracker::new();
     tracing::info!(listen = %local, "registrar listening");
 
@@ -71,6 +74,27 @@ pub async fn run(
             }
         };
         let span = tracing::info_span!("registrar", client.addr = %peer, server.addr = %local);
+        if !clients.allows(peer.ip()) {
+            // Answered apart from the serving slots: outsiders cannot crowd out grid hosts.
+            match refusals.clone().try_acquire_owned() {
+                Ok(refusal) => {
+                    let shared = shared.clone();
+                    tracker.spawn(
+                        async move {
+                            connection::refuse_client(stream, peer, &shared.metrics).await;
+                            drop(refusal);
+                        }
+                        .instrument(span),
+                    );
+                }
+                Err(_) => {
+                    shared.metrics.record(crate::protocol::Command::None, crate::metrics::Outcome::ClientNotAllowed);
+                    span.in_scope(|| tracing::warn!(client = %peer, "client not allowed, dropped"));
+                    drop(stream);
+                }
+            }
+            continue;
+        }
         match slots.clone().try_acquire_owned() {
             Ok(slot) => {
                 let shared = shared.clone();

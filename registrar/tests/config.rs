@@ -101,3 +101,86 @@ fn unknown_keys_and_bad_values_are_refused() {
     assert!(load("ident_timeout = \"soon\"\n", &[]).unwrap_err().contains("invalid duration \"soon\""));
     assert!(Cli::try_parse_from(["registrar", "--ident-timeout", "5h"]).is_err());
 }
+
+#[test]
+fn isolation_keys_from_the_file() {
+    let config = load(
+        r#"
+        denied_destination_networks = ["127.0.0.0/8", "10.68.0.0/16"]
+        max_routes_per_tool = 8
+        allowed_clients = ["172.16.0.0/21", "2001:db8::/32"]
+        "#,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(config.denied_destination_networks, ["127.0.0.0/8", "10.68.0.0/16"]);
+    assert_eq!(config.max_routes_per_tool, 8);
+    assert_eq!(config.allowed_clients, ["172.16.0.0/21", "2001:db8::/32"]);
+    config.validate().unwrap();
+}
+
+#[test]
+fn isolation_defaults() {
+    let defaults = load("", &[]).unwrap();
+    assert_eq!(
+        defaults.denied_destination_networks,
+        ["127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128"]
+    );
+    assert_eq!(defaults.max_routes_per_tool, 64);
+    assert!(defaults.allowed_clients.is_empty());
+    defaults.validate().unwrap();
+}
+
+#[test]
+fn isolation_flags_win_and_an_empty_list_allows_all() {
+    let config = load(
+        "denied_destination_networks = [\"10.0.0.0/8\"]\nmax_routes_per_tool = 8\n",
+        &[
+            "--denied-destination-networks",
+            "127.0.0.0/8,::1",
+            "--denied-destination-networks",
+            "169.254.169.254",
+            "--max-routes-per-tool",
+            "4",
+            "--allowed-clients",
+            "172.16.0.0/21",
+            "--allowed-clients",
+            "10.0.0.0/8",
+        ],
+    )
+    .unwrap();
+    assert_eq!(config.denied_destination_networks, ["127.0.0.0/8", "::1", "169.254.169.254"]);
+    assert_eq!(config.max_routes_per_tool, 4);
+    assert_eq!(config.allowed_clients, ["172.16.0.0/21", "10.0.0.0/8"]);
+    config.validate().unwrap();
+
+    // `[]` in the file, an empty flag or an empty variable: nothing denied.
+    assert!(load("denied_destination_networks = []\n", &[]).unwrap().denied_destination_networks.is_empty());
+    let from_flag = load("", &["--denied-destination-networks", ""]).unwrap();
+    from_flag.validate().unwrap();
+    let from_env = load("denied_destination_networks = \"\"\n", &[]).unwrap();
+    assert!(from_env.denied_destination_networks.is_empty());
+    let listed = load("allowed_clients = \"172.16.0.0/21, 10.0.0.0/8\"\n", &[]).unwrap();
+    assert_eq!(listed.allowed_clients, ["172.16.0.0/21", "10.0.0.0/8"]);
+}
+
+#[test]
+fn isolation_errors_name_the_key_and_the_value() {
+    let check = |toml: &str| load(toml, &[]).unwrap().validate().unwrap_err().to_string();
+    assert_eq!(
+        check("denied_destination_networks = [\"127.0.0.0/8\", \"10.0.0.0/33\"]\n"),
+        "invalid [registrar] denied_destination_networks = \"10.0.0.0/33\": must be a CIDR such as 10.0.0.0/8, or an IP address"
+    );
+    assert_eq!(
+        check("allowed_clients = [\"grid.example\"]\n"),
+        "invalid [registrar] allowed_clients = \"grid.example\": must be a CIDR such as 10.0.0.0/8, or an IP address"
+    );
+    assert_eq!(
+        check("max_routes_per_tool = 65\n"),
+        "invalid [registrar] max_routes_per_tool = 65: must be 1-64 (the proxy loads at most 64 routes per tool)"
+    );
+    assert!(
+        check("max_routes_per_tool = 0\n").starts_with("invalid [registrar] max_routes_per_tool = 0: must be 1-64")
+    );
+    assert!(load("max_routes_per_tool = -1\n", &[]).unwrap_err().contains("max_routes_per_tool"));
+}

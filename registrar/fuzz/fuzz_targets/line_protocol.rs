@@ -1,12 +1,14 @@
-//! The registrar's line protocol decoder and the validation that follows it.
+//! The registrar's line protocol decoder and the validation that follows it,
+//! including the denied-networks check of a literal destination address.
 //!
 //! The first byte picks where the input is cut, as if it arrived in two
 //! reads: a request seen early must be the request seen at the end.
 
 #![no_main]
 
-use dynamicproxy_redis::{BackendUrl, RoutePattern};
+use dynamicproxy_redis::{BackendUrl, NetworkList, RoutePattern};
 use dynamicproxy_registrar::allow::{AllowList, AllowRule};
+use dynamicproxy_registrar::destination::{DeniedDestinations, Verdict};
 use dynamicproxy_registrar::protocol::{MAX_LINE_LEN, Request, decode};
 use libfuzzer_sys::fuzz_target;
 
@@ -39,6 +41,26 @@ fuzz_target!(|data: &[u8]| {
             );
             let _ = allow.allows(backend.host());
             assert!(backend.port() != 0);
+            check_denied(backend.host());
         }
     }
 });
+
+/// The default denied networks against a destination host as parsed: a
+/// literal loopback, link-local or unspecified address (IPv4-mapped ones
+/// included) is always denied, anything else is never denied by address.
+fn check_denied(host: &str) {
+    let denied = DeniedDestinations::new(NetworkList::default_denied());
+    let Some(address) = DeniedDestinations::literal(host) else { return };
+    assert_eq!(address, address.to_canonical(), "literal addresses are canonical");
+    let must_deny = match address {
+        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.octets()[0] == 0,
+        std::net::IpAddr::V6(v6) => v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xffc0) == 0xfe80,
+    };
+    let verdict = denied.check_addresses([address]);
+    assert_eq!(matches!(verdict, Verdict::Denied { .. }), must_deny, "{host}: {verdict:?}");
+    if let Verdict::Denied { address: seen, network } = verdict {
+        assert_eq!(seen, address);
+        assert!(network.contains(&address));
+    }
+}

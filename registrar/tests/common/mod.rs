@@ -151,6 +151,8 @@ impl Harness {
             ident_timeout: Duration::from_millis(500),
             exchange_timeout: Duration::from_secs(2),
             canonical_domain: "toolforge.example".into(),
+            // Tests register 127.0.0.1 destinations; the denied networks have tests of their own.
+            denied_destination_networks: Vec::new(),
             ..Config::default()
         };
         tweak(&mut config);
