@@ -55,6 +55,10 @@ pub struct Config {
     /// every new backend connection (SPEC §3): a tool's route must not reach the
     /// edge host itself. Default loopback, link-local and unspecified; `[]` allows all.
     pub denied_backend_networks: Vec<String>,
+    /// DNS servers (`IP` or `IP:port`) asked for backend names, through the
+    /// proxy's TTL-respecting cache. Default empty: the name servers of
+    /// `/etc/resolv.conf`.
+    pub dns_servers: Vec<String>,
     /// User-Agent regexes (case-insensitive) that are refused with 403.
     pub blocked_user_agents: Vec<String>,
     /// Referer regexes (case-insensitive) that are refused with 403.
@@ -123,6 +127,7 @@ impl Default for Config {
             error_pages: None,
             banned_cidrs: Vec::new(),
             denied_backend_networks: NetworkList::default_denied_strings(),
+            dns_servers: Vec::new(),
             blocked_user_agents: Vec::new(),
             blocked_referers: Vec::new(),
             require_user_agent: true,
@@ -172,6 +177,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.default_backend()?;
         self.denied_backend_networks()?;
+        self.dns_servers()?;
         if self.event_loops > 1024 {
             return Err(ConfigError::new("event_loops", self.event_loops, "at most 1024"));
         }
@@ -272,6 +278,20 @@ impl Config {
             .map_err(|e| ConfigError::new("denied_backend_networks", &e.entry, e.to_string()))
     }
 
+    /// `dns_servers`, parsed; a server without a port is on port 53.
+    pub fn dns_servers(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+        self.dns_servers
+            .iter()
+            .map(|entry| {
+                let entry = entry.trim();
+                entry
+                    .parse::<SocketAddr>()
+                    .or_else(|_| entry.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .map_err(|_| ConfigError::new("dns_servers", entry, "expected an address such as 10.0.0.1 or 10.0.0.1:53"))
+            })
+            .collect()
+    }
+
     /// True when HTTPS is configured (at least one certificate).
     pub fn tls_enabled(&self) -> bool {
         !self.tls_cert.is_empty()
@@ -330,6 +350,10 @@ pub struct Flags {
     #[arg(long = "denied-backend-network", value_name = "CIDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub denied_backend_networks: Option<Vec<String>>,
+    /// DNS server for backend names, IP or IP:port (repeatable) [default: those of /etc/resolv.conf]
+    #[arg(long = "dns-server", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns_servers: Option<Vec<String>>,
     /// Refused User-Agent regex, case-insensitive (repeatable)
     #[arg(long = "blocked-user-agent", value_name = "REGEX")]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -74,6 +74,16 @@ pub fn normalize_host(raw: &str) -> Result<Cow<'_, str>, BadHost> {
     Ok(Cow::Borrowed(host))
 }
 
+/// True when `a` and `b` name the same host once normalised (HTTP/2's
+/// `host` header against `:authority`); anything unparsable differs.
+pub fn same_host(a: &[u8], b: &str) -> bool {
+    let Ok(a) = std::str::from_utf8(a) else { return false };
+    match (normalize_host(a), normalize_host(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
 /// True when every `%` in `s` starts a two-hex-digit escape.
 pub fn valid_percent_encoding(s: &str) -> bool {
     let bytes = s.as_bytes();
