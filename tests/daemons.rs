@@ -18,6 +18,8 @@ impl Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_dynamicproxy"))
             .args(args)
             .env_remove("DYNAMICPROXY_REDIS_URL")
+            // The test backends listen on loopback, which the proxy refuses by default.
+            .env("DYNAMICPROXY_PROXY_DENIED_BACKEND_NETWORKS", "[]")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
