@@ -287,7 +287,9 @@ impl Config {
                 entry
                     .parse::<SocketAddr>()
                     .or_else(|_| entry.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
-                    .map_err(|_| ConfigError::new("dns_servers", entry, "expected an address such as 10.0.0.1 or 10.0.0.1:53"))
+                    .map_err(|_| {
+                        ConfigError::new("dns_servers", entry, "expected an address such as 10.0.0.1 or 10.0.0.1:53")
+                    })
             })
             .collect()
     }

@@ -129,7 +129,10 @@ impl ProxyError {
     pub fn closes_connection(&self) -> bool {
         matches!(
             self,
-            ProxyError::BadRequest(_) | ProxyError::ClientBody(_) | ProxyError::BodyTooLarge | ProxyError::UnaskedUpgrade
+            ProxyError::BadRequest(_)
+                | ProxyError::ClientBody(_)
+                | ProxyError::BodyTooLarge
+                | ProxyError::UnaskedUpgrade
         )
     }
 

@@ -99,10 +99,10 @@ pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Reques
         Ok(response) => response,
         Err(error) => {
             if error.is_upstream() {
-                shared.metrics.upstream_error(if error.status() == StatusCode::GATEWAY_TIMEOUT {
-                    "timeout"
-                } else {
-                    "unreachable"
+                shared.metrics.upstream_error(match &error {
+                    ProxyError::DeniedBackend(_) => "denied",
+                    _ if error.status() == StatusCode::GATEWAY_TIMEOUT => "timeout",
+                    _ => "unreachable",
                 });
                 warn!(client = %conn.client, upstream = ?ctx.upstream.as_ref().map(|u| u.to_string()),
                     error = %error_chain(&error), "upstream failed");

@@ -60,9 +60,9 @@ pub mod protect;
 pub mod resolver;
 pub mod route;
 mod server;
-pub mod upgrade;
 pub mod sniff;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 mod workers;
 
@@ -213,7 +213,10 @@ pub async fn run(
         read_timeout: Config::secs(config.read_timeout_secs),
         max_idle_per_backend: config.upstream_max_idle_per_backend,
         idle_timeout: Config::secs(config.upstream_idle_timeout_secs),
-        egress: egress::Egress::new(config.denied_backend_networks()?, resolver::BackendResolver::new(&config.dns_servers()?)),
+        egress: egress::Egress::new(
+            config.denied_backend_networks()?,
+            resolver::BackendResolver::new(&config.dns_servers()?),
+        ),
     };
     // One core is left to the kernel's network processing, the accept loops
     // and the Redis sync: on 2 cores, one loop served 39k req/s with p99

@@ -47,7 +47,9 @@ mod tests {
     #[test]
     fn only_websocket_is_tunnelled() {
         assert!(tunnelled_upgrade(&headers(&[("connection", "Upgrade"), ("upgrade", "websocket")])).is_some());
-        assert!(tunnelled_upgrade(&headers(&[("connection", "keep-alive, upgrade"), ("upgrade", "WebSocket")])).is_some());
+        assert!(
+            tunnelled_upgrade(&headers(&[("connection", "keep-alive, upgrade"), ("upgrade", "WebSocket")])).is_some()
+        );
         for refused in [
             &[("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c")][..],
             &[("connection", "upgrade"), ("upgrade", "websocket, h2c")],

@@ -37,10 +37,8 @@ impl CountingBackend {
                 count.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let _ = read_head(&mut stream).await;
-                    let response = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
-                        name.len()
-                    );
+                    let response =
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}", name.len());
                     let _ = stream.write_all(response.as_bytes()).await;
                 });
             }
@@ -69,11 +67,8 @@ async fn read_head(stream: &mut TcpStream) -> String {
 /// Reads one response with a Content-Length body: (status, lower-cased head, body).
 async fn read_response(stream: &mut TcpStream) -> (u16, String, String) {
     let head = read_head(stream).await.to_ascii_lowercase();
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
+    let length: usize =
+        head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
     let mut body = vec![0u8; length];
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut body)).await;
     (status_of(&head), head, String::from_utf8_lossy(&body).into_owned())
@@ -217,6 +212,9 @@ async fn backend_names_follow_ttl_and_survive_a_dns_outage() {
     .await;
     let got = get(proxy.http, "dns.toolforge.org", "/", &[]).await;
     assert_eq!((got.status, got.body.as_str()), (200, "B"));
+    let on_a = a.accepted();
+    let _ = get(proxy.http, "dns.toolforge.org", "/", &[]).await;
+    assert_eq!((a.accepted(), b.accepted() > 1), (on_a, true), "new connections go to the new address only");
 }
 
 #[tokio::test]
@@ -293,7 +291,9 @@ async fn backend_switching_to_h2c_gets_no_tunnel() {
             let seen = seen.clone();
             tokio::spawn(async move {
                 let _ = read_head(&mut s).await;
-                let _ = s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n").await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+                    .await;
                 let mut buf = [0u8; 1024];
                 while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await {
                     if n == 0 {
