@@ -89,6 +89,12 @@ enum Source {
 pub struct BackendResolver {
     source: Source,
     cache: Arc<Mutex<HashMap<Box<str>, Entry>>>,
+    /// One lookup per name at a time: when a popular backend's answer
+    /// expires, the connections opened meanwhile wait for that one query
+    /// instead of each sending their own. (hickory also shares identical
+    /// queries in flight; this holds for the getaddrinfo fallback too, and
+    /// keeps one writer per cache entry.)
+    inflight: Arc<Mutex<HashMap<Box<str>, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl std::fmt::Debug for BackendResolver {
@@ -109,7 +115,7 @@ impl BackendResolver {
                 Ok(builder) => builder,
                 Err(error) => {
                     warn!(%error, "cannot read the system DNS configuration; using getaddrinfo without a TTL");
-                    return BackendResolver { source: Source::System, cache: Arc::default() };
+                    return BackendResolver { source: Source::System, cache: Arc::default(), inflight: Arc::default() };
                 }
             }
         } else {
@@ -132,11 +138,15 @@ impl BackendResolver {
         match builder.build() {
             Ok(resolver) => {
                 info!(servers = ?servers, "backend names resolved through the DNS cache");
-                BackendResolver { source: Source::Dns(Box::new(resolver)), cache: Arc::default() }
+                BackendResolver {
+                    source: Source::Dns(Box::new(resolver)),
+                    cache: Arc::default(),
+                    inflight: Arc::default(),
+                }
             }
             Err(error) => {
                 warn!(%error, "cannot build the DNS resolver; using getaddrinfo without a TTL");
-                BackendResolver { source: Source::System, cache: Arc::default() }
+                BackendResolver { source: Source::System, cache: Arc::default(), inflight: Arc::default() }
             }
         }
     }
@@ -144,23 +154,44 @@ impl BackendResolver {
     /// The addresses of `name`, from the cache when fresh; see the module
     /// docs for failures and stale answers.
     pub async fn resolve(&self, name: &str) -> Result<Arc<[IpAddr]>, ResolveError> {
-        let now = Instant::now();
-        let cached = self.lock().get(name).cloned();
-        if let Some(entry) = &cached {
-            if let Some(addrs) = &entry.addrs
-                && now < entry.fresh_until
-            {
-                return Ok(addrs.clone());
-            }
-            if let Some((until, error)) = &entry.failed
-                && now < *until
-            {
-                return match &entry.addrs {
-                    Some(addrs) if now < entry.stale_until => Ok(addrs.clone()),
-                    _ => Err(error.clone()),
-                };
-            }
+        if let Some(cached) = self.cached(name) {
+            return cached;
         }
+        let turn = self.inflight.lock().unwrap_or_else(|p| p.into_inner()).entry(name.into()).or_default().clone();
+        let _turn = turn.lock().await;
+        // Whoever held the turn before may have answered for us.
+        if let Some(cached) = self.cached(name) {
+            return cached;
+        }
+        let result = self.lookup(name).await;
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        result
+    }
+
+    /// The cached answer (or remembered failure) while it still holds.
+    fn cached(&self, name: &str) -> Option<Result<Arc<[IpAddr]>, ResolveError>> {
+        let now = Instant::now();
+        let cache = self.lock();
+        let entry = cache.get(name)?;
+        if let Some(addrs) = &entry.addrs
+            && now < entry.fresh_until
+        {
+            return Some(Ok(addrs.clone()));
+        }
+        let (until, error) = entry.failed.as_ref()?;
+        if now >= *until {
+            return None;
+        }
+        Some(match &entry.addrs {
+            Some(addrs) if now < entry.stale_until => Ok(addrs.clone()),
+            _ => Err(error.clone()),
+        })
+    }
+
+    /// Asks DNS and records the outcome: a new answer, or a failure that
+    /// keeps the previous answer for the stale window.
+    async fn lookup(&self, name: &str) -> Result<Arc<[IpAddr]>, ResolveError> {
+        let cached = self.lock().get(name).cloned();
         let answer = self.query(name).await;
         let now = Instant::now();
         let mut cache = self.lock();

@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -81,6 +81,8 @@ struct DnsServer {
     addr: SocketAddr,
     answers: Arc<Mutex<HashMap<String, (Ipv4Addr, u32)>>>,
     silent: Arc<AtomicBool>,
+    /// Milliseconds to wait before each answer (a slow DNS server).
+    delay_ms: Arc<AtomicU64>,
     queries: Arc<Mutex<HashMap<String, usize>>>,
 }
 
@@ -91,9 +93,11 @@ impl DnsServer {
             addr: socket.local_addr().unwrap(),
             answers: Arc::default(),
             silent: Arc::default(),
+            delay_ms: Arc::default(),
             queries: Arc::default(),
         };
         let this = server.clone();
+        let socket = Arc::new(socket);
         tokio::spawn(async move {
             let mut buf = [0u8; 1500];
             while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
@@ -102,7 +106,11 @@ impl DnsServer {
                         *this.queries.lock().unwrap().entry(name).or_default() += 1;
                     }
                     if !this.silent.load(Ordering::SeqCst) {
-                        let _ = socket.send_to(&reply, peer).await;
+                        let (socket, delay) = (socket.clone(), this.delay_ms.load(Ordering::SeqCst));
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(delay)).await;
+                            let _ = socket.send_to(&reply, peer).await;
+                        });
                     }
                 }
             }
@@ -356,4 +364,21 @@ async fn service_worker_allowed_is_hidden() {
     let got = get(proxy.http, "foo.toolforge.org", "/sw.js", &[]).await;
     assert_eq!((got.status, got.header("x-kept")), (200, Some("yes")));
     assert_eq!(got.header("service-worker-allowed"), None);
+}
+
+#[tokio::test]
+async fn concurrent_connections_share_one_lookup() {
+    let dns = DnsServer::start().await;
+    let backend = CountingBackend::start("127.0.0.1:0".parse().unwrap(), "ok").await;
+    dns.set("busy.dnstest", Ipv4Addr::LOCALHOST, 60);
+    dns.delay_ms.store(300, Ordering::SeqCst);
+    let config = Config { dns_servers: vec![dns.addr.to_string()], ..Config::default() };
+    let proxy = Proxy::start(config).await;
+    proxy.set_route("busy", ".*", &format!("http://busy.dnstest:{}", backend.addr.port())).await;
+    let requests = (0..20).map(|_| get(proxy.http, "busy.toolforge.org", "/", &[]));
+    for got in futures::future::join_all(requests).await {
+        assert_eq!((got.status, got.body.as_str()), (200, "ok"));
+    }
+    assert_eq!(backend.accepted(), 20, "one backend connection per request");
+    assert_eq!(dns.queries("busy.dnstest"), 1, "one DNS query for 20 new connections");
 }
