@@ -84,6 +84,9 @@ enum Source {
     System,
 }
 
+/// The right to query DNS for one name, held by one lookup at a time.
+type Turn = Arc<tokio::sync::Mutex<()>>;
+
 /// The shared caching resolver; cheap to clone.
 #[derive(Clone)]
 pub struct BackendResolver {
@@ -94,7 +97,7 @@ pub struct BackendResolver {
     /// instead of each sending their own. (hickory also shares identical
     /// queries in flight; this holds for the getaddrinfo fallback too, and
     /// keeps one writer per cache entry.)
-    inflight: Arc<Mutex<HashMap<Box<str>, Arc<tokio::sync::Mutex<()>>>>>,
+    inflight: Arc<Mutex<HashMap<Box<str>, Turn>>>,
 }
 
 impl std::fmt::Debug for BackendResolver {
