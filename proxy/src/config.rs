@@ -175,8 +175,19 @@ pub fn default_extra_headers() -> BTreeMap<String, String> {
 impl Config {
     /// Cross-field checks; the error names the key and the value.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.default_backend()?;
-        self.denied_backend_networks()?;
+        let denied = self.denied_backend_networks()?;
+        // The operator's own fallback in a denied network would make every
+        // unrouted request a 502: say so at start, not per request.
+        if let Some(backend) = self.default_backend()?
+            && let Ok(ip) = backend.host().trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>()
+            && let Some(network) = denied.matching(ip)
+        {
+            return Err(ConfigError::new(
+                "default_backend",
+                backend.to_string(),
+                format!("is in the denied network {network} of denied_backend_networks; the proxy would refuse it"),
+            ));
+        }
         self.dns_servers()?;
         if self.event_loops > 1024 {
             return Err(ConfigError::new("event_loops", self.event_loops, "at most 1024"));
@@ -457,6 +468,23 @@ mod tests {
 
         let config = Config { blocked_user_agents: vec!["(".into()], ..Config::default() };
         assert!(config.validate().unwrap_err().to_string().contains("blocked_user_agents"));
+        let config = Config { dns_servers: vec!["ns1".into()], ..Config::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("dns_servers = \"ns1\""));
+        let config = Config { dns_servers: vec!["10.0.0.1".into(), "[::1]:5353".into()], ..Config::default() };
+        assert_eq!(config.dns_servers().unwrap(), ["10.0.0.1:53".parse().unwrap(), "[::1]:5353".parse().unwrap()]);
+    }
+
+    #[test]
+    fn default_backend_in_a_denied_network_is_refused_at_start() {
+        let config = Config { default_backend: Some("http://127.0.0.1:30000".into()), ..Config::default() };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("default_backend") && err.contains("127.0.0.0/8"), "{err}");
+        let config = Config {
+            default_backend: Some("http://127.0.0.1:30000".into()),
+            denied_backend_networks: Vec::new(),
+            ..Config::default()
+        };
+        config.validate().unwrap();
     }
 
     #[test]

@@ -37,7 +37,8 @@
 //!               ├─ 1 healthz · 2 Host / URI checks · HTTP→HTTPS redirect
 //!               ├─ 3 bans, User-Agent, Referer · 4 rate limit · 5 maintenance · host redirects
 //!               ├─ route (route::Router over RouteCache: tool host, legacy path, admin, default)
-//!               └─ forward (upstream client pool; headers rewritten; body streamed; upgrade tunnelled)
+//!               └─ forward (upstream client pool; headers rewritten; body streamed; WebSocket tunnelled)
+//!                   ├─ new connection: resolve (resolver cache) → drop denied addresses (egress) → connect
 //!                   └─ response policy (hop-by-hop, Location, default files, gzip, extra headers, HSTS)
 //! ```
 
