@@ -252,6 +252,17 @@ async fn every_error_page_names_its_reason() {
     proxy.handle.set_maintenance(true);
     let got = get(proxy.http, "nothing.toolforge.org", "/", &[]).await;
     assert_eq!((got.status, got.header("x-dynamicproxy-reason")), (503, Some("maintenance")));
+
+    let banned = Proxy::start(Config { banned_cidrs: vec!["127.0.0.1".into()], ..Config::default() }).await;
+    let got = get(banned.http, "nothing.toolforge.org", "/", &[]).await;
+    assert_eq!((got.status, got.header("x-dynamicproxy-reason")), (403, Some("banned")));
+    let limited = Proxy::start(Config { rate_limit_per_second: 1, ..Config::default() }).await;
+    let mut reasons = Vec::new();
+    for _ in 0..3 {
+        let got = get(limited.http, "nothing.toolforge.org", "/", &[]).await;
+        reasons.push(got.header("x-dynamicproxy-reason").unwrap_or("").to_string());
+    }
+    assert!(reasons.iter().any(|r| r == "rate-limited"), "{reasons:?}");
 }
 
 /// h2csmuggler's first request: an `Upgrade: h2c` the backend might accept.
