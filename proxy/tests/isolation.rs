@@ -79,7 +79,7 @@ async fn read_response(stream: &mut TcpStream) -> (u16, String, String) {
 #[derive(Clone)]
 struct DnsServer {
     addr: SocketAddr,
-    answers: Arc<Mutex<HashMap<String, (Ipv4Addr, u32)>>>,
+    answers: Arc<Mutex<HashMap<String, (Vec<Ipv4Addr>, u32)>>>,
     silent: Arc<AtomicBool>,
     /// Milliseconds to wait before each answer (a slow DNS server).
     delay_ms: Arc<AtomicU64>,
@@ -119,7 +119,11 @@ impl DnsServer {
     }
 
     fn set(&self, name: &str, ip: Ipv4Addr, ttl: u32) {
-        self.answers.lock().unwrap().insert(name.to_string(), (ip, ttl));
+        self.set_all(name, &[ip], ttl);
+    }
+
+    fn set_all(&self, name: &str, ips: &[Ipv4Addr], ttl: u32) {
+        self.answers.lock().unwrap().insert(name.to_string(), (ips.to_vec(), ttl));
     }
 
     /// A queries received for `name`.
@@ -127,7 +131,7 @@ impl DnsServer {
         self.queries.lock().unwrap().get(name).copied().unwrap_or(0)
     }
 
-    /// The reply to one query: the question copied, then at most one A record.
+    /// The reply to one query: the question copied, then the A records.
     fn answer(&self, query: &[u8]) -> Option<(String, u16, Vec<u8>)> {
         if query.len() < 12 {
             return None;
@@ -146,15 +150,15 @@ impl DnsServer {
         let qtype = u16::from_be_bytes([*query.get(at)?, *query.get(at + 1)?]);
         let question_end = at + 4;
         let name = labels.join(".");
-        let known = self.answers.lock().unwrap().get(&name).copied();
+        let known = self.answers.lock().unwrap().get(&name).cloned();
         let mut reply = Vec::with_capacity(64);
         reply.extend_from_slice(&query[0..2]);
         let rcode = if known.is_some() { 0 } else { 3 };
         reply.extend_from_slice(&[0x81, 0x80 | rcode]);
-        let answer = known.filter(|_| qtype == 1);
-        reply.extend_from_slice(&[0, 1, 0, u8::from(answer.is_some()), 0, 0, 0, 0]);
+        let (ips, ttl) = known.filter(|_| qtype == 1).unwrap_or_default();
+        reply.extend_from_slice(&[0, 1, 0, ips.len() as u8, 0, 0, 0, 0]);
         reply.extend_from_slice(query.get(12..question_end)?);
-        if let Some((ip, ttl)) = answer {
+        for ip in ips {
             reply.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
             reply.extend_from_slice(&ttl.to_be_bytes());
             reply.extend_from_slice(&[0, 4]);
@@ -188,6 +192,27 @@ async fn name_resolving_into_a_denied_network_is_refused() {
     assert_eq!((got.status, got.header("x-dynamicproxy-reason")), (502, Some("denied-backend")));
     assert_eq!(dns.queries("evil.dnstest"), 1, "resolved through the configured DNS server");
     assert_eq!(backend.accepted(), 0, "the backend saw a connection");
+}
+
+#[tokio::test]
+async fn denied_addresses_among_a_names_answers_are_skipped() {
+    let dns = DnsServer::start().await;
+    let denied = CountingBackend::start("127.0.0.1:0".parse().unwrap(), "edge").await;
+    let allowed = CountingBackend::start(SocketAddr::new([127, 0, 0, 2].into(), denied.addr.port()), "tool").await;
+    // The denied address first: a rebinding answer mixing the edge with a real address.
+    dns.set_all("mixed.dnstest", &[Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 2)], 60);
+    let config = Config {
+        dns_servers: vec![dns.addr.to_string()],
+        denied_backend_networks: vec!["127.0.0.1/32".into()],
+        ..Config::default()
+    };
+    let proxy = Proxy::start_enforcing(config, |_| {}).await;
+    proxy.set_route("mixed", ".*", &format!("http://mixed.dnstest:{}", denied.addr.port())).await;
+    for _ in 0..3 {
+        let got = get(proxy.http, "mixed.toolforge.org", "/", &[]).await;
+        assert_eq!((got.status, got.body.as_str()), (200, "tool"));
+    }
+    assert_eq!((denied.accepted(), allowed.accepted()), (0, 3));
 }
 
 #[tokio::test]
