@@ -74,12 +74,15 @@ async fn read_response(stream: &mut TcpStream) -> (u16, String, String) {
     (status_of(&head), head, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// The A records of one name and their TTL.
+type Answer = (Vec<Ipv4Addr>, u32);
+
 /// A small DNS server on UDP: answers A queries for the names it knows with
 /// a chosen TTL, NXDOMAIN for the rest, and can stop answering (an outage).
 #[derive(Clone)]
 struct DnsServer {
     addr: SocketAddr,
-    answers: Arc<Mutex<HashMap<String, (Vec<Ipv4Addr>, u32)>>>,
+    answers: Arc<Mutex<HashMap<String, Answer>>>,
     silent: Arc<AtomicBool>,
     /// Milliseconds to wait before each answer (a slow DNS server).
     delay_ms: Arc<AtomicU64>,
