@@ -59,7 +59,13 @@ TARGETS=("nginx-static-ka $P_STATIC_KA 1")
 port=$((P_STATIC_KA + 1))
 for c in "${CANDS[@]}"; do
   port=$(free_port "$port")
-  DYNAMICPROXY_PROXY_REQUIRE_USER_AGENT=false "${c#*=}" proxy --http-listen "127.0.0.1:$port" \
+  # The backend listens on loopback, which denied_backend_networks refuses by
+  # default; binaries from before that key refuse it as unknown, so ask first.
+  open_env=()
+  if DYNAMICPROXY_PROXY_DENIED_BACKEND_NETWORKS='[]' "${c#*=}" proxy --check >/dev/null 2>&1; then
+    open_env=(DYNAMICPROXY_PROXY_DENIED_BACKEND_NETWORKS='[]')
+  fi
+  env "${open_env[@]}" DYNAMICPROXY_PROXY_REQUIRE_USER_AGENT=false "${c#*=}" proxy --http-listen "127.0.0.1:$port" \
     --list-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --redis-url "redis://127.0.0.1:$REDIS_PORT" \
     --default-backend "http://127.0.0.1:$BACKEND_PORT" > "$RUN/${c%%=*}.log" 2>&1 &
   PIDS+=($!)

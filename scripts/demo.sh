@@ -39,6 +39,9 @@ cat >"$RUN_DIR/dynamicproxy.toml" <<TOML
 http_listen = "127.0.0.1:${HTTP_PORT}"
 list_listen = "127.0.0.1:8081"
 admin_listen = "127.0.0.1:9631"
+# The demo backend listens on loopback, which the proxy refuses by default
+# (a tool's route must never reach the edge host itself). Never in production.
+denied_backend_networks = []
 
 [registrar]
 listen = "127.0.0.1:8282"

@@ -34,16 +34,17 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Routes(command) => {
-            let loaded = settings::load::<()>(&cli.global, &[]).and_then(|(s, _)| s.redis_endpoint());
-            let endpoint = match loaded {
-                Ok(endpoint) => endpoint,
+            let loaded = settings::load::<()>(&cli.global, &[])
+                .and_then(|(s, figment)| Ok((s.redis_endpoint()?, routes_cmd::denied_networks(&figment))));
+            let (endpoint, denied) = match loaded {
+                Ok(loaded) => loaded,
                 Err(e) => return fail(EXIT_CONFIG, e),
             };
             if cli.global.check {
                 println!("configuration ok");
                 return ExitCode::SUCCESS;
             }
-            match routes_cmd::run(command, endpoint).await {
+            match routes_cmd::run(command, endpoint, &denied).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("dynamicproxy routes: {e}");

@@ -3,7 +3,11 @@
 
 use std::process::ExitCode;
 
-use dynamicproxy_redis::{BackendUrl, RedisEndpoint, RoutePattern, RouteStore, RouteTableError, ToolEntry, ToolName};
+use std::time::Duration;
+
+use dynamicproxy_redis::{
+    BackendUrl, NetworkList, RedisEndpoint, RoutePattern, RouteStore, RouteTableError, ToolEntry, ToolName,
+};
 use serde_json::json;
 
 use crate::cli::{RoutesAction, RoutesCommand};
@@ -39,8 +43,53 @@ impl RoutesError {
     }
 }
 
-/// Runs one `routes` command and prints its result on stdout.
-pub async fn run(command: RoutesCommand, endpoint: RedisEndpoint) -> Result<(), RoutesError> {
+/// The networks `routes set` warns about: `[proxy] denied_backend_networks`
+/// from the same layered configuration the proxy reads (file, env), so the
+/// warning matches what the proxy will do; the default list when it is
+/// absent or invalid (the proxy itself reports an invalid list at start).
+pub fn denied_networks(figment: &figment::Figment) -> NetworkList {
+    figment
+        .extract_inner::<Vec<String>>("proxy.denied_backend_networks")
+        .ok()
+        .and_then(|list| NetworkList::parse(&list).ok())
+        .unwrap_or_else(NetworkList::default_denied)
+}
+
+/// How long `routes set` waits for the backend name to resolve before it
+/// gives up on the warning (the route is written either way).
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Warnings (on stderr) for a backend the proxy would refuse: every address
+/// its host resolves to that falls in `denied`. The route is still written:
+/// an operator may be about to change the proxy's list.
+async fn warn_if_denied(backend: &BackendUrl, denied: &NetworkList) -> Vec<String> {
+    let host = backend.host().trim_start_matches('[').trim_end_matches(']');
+    let resolved = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, backend.port()))).await;
+    let addrs: Vec<std::net::IpAddr> = match resolved {
+        Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
+        Ok(Err(error)) => return vec![format!("cannot resolve {host} ({error}); the proxy answers 502 until it does")],
+        Err(_) => return vec![format!("{host} did not resolve within {}s", RESOLVE_TIMEOUT.as_secs())],
+    };
+    let mut warnings = Vec::new();
+    let mut seen = Vec::new();
+    for addr in addrs {
+        if seen.contains(&addr) {
+            continue;
+        }
+        seen.push(addr);
+        if let Some(network) = denied.matching(addr) {
+            warnings.push(format!(
+                "{backend} resolves to {addr}, in the denied network {network}: the proxy will refuse to \
+                 connect (502 denied-backend) unless [proxy] denied_backend_networks allows it"
+            ));
+        }
+    }
+    warnings
+}
+
+/// Runs one `routes` command and prints its result on stdout; `denied` is
+/// what `set` warns about.
+pub async fn run(command: RoutesCommand, endpoint: RedisEndpoint, denied: &NetworkList) -> Result<(), RoutesError> {
     let store = RouteStore::new(endpoint.clone());
     let redis = |source| RoutesError::Redis { endpoint: endpoint.clone(), source };
     let json = command.json;
@@ -72,6 +121,9 @@ pub async fn run(command: RoutesCommand, endpoint: RedisEndpoint) -> Result<(), 
             let pattern = RoutePattern::parse(&pattern)?;
             let backend = BackendUrl::parse(&url)?;
             store.set_route(&tool, &pattern, &backend).await.map_err(redis)?;
+            for warning in warn_if_denied(&backend, denied).await {
+                eprintln!("dynamicproxy routes: warning: {warning}");
+            }
             if json {
                 println!(
                     "{}",

@@ -18,6 +18,8 @@ impl Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_dynamicproxy"))
             .args(args)
             .env_remove("DYNAMICPROXY_REDIS_URL")
+            // The test backends listen on loopback, which the proxy refuses by default.
+            .env("DYNAMICPROXY_PROXY_DENIED_BACKEND_NETWORKS", "[]")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -299,4 +301,37 @@ async fn all_runs_every_daemon_from_flags() {
     let (code, log) = daemon.terminate();
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("kube-sync disabled"), "{log}");
+}
+
+#[tokio::test]
+async fn a_route_to_the_edge_itself_is_refused_and_the_log_names_the_setting() {
+    let redis = RedisServer::start();
+    let (http, list, admin) = (free_port(), free_port(), free_port());
+    // issue 10's reproduction: a tool's route to the proxy's own admin API.
+    let _: () = redis::cmd("HSET")
+        .arg("prefix:evil")
+        .arg(".*")
+        .arg(format!("http://127.0.0.1:{admin}"))
+        .query(&mut redis.client())
+        .unwrap();
+    let mut args = proxy_args(&redis.url(), http, list, admin);
+    // The flag wins over the harness's development environment: back to the default list.
+    for net in ["127.0.0.0/8", "::1/128", "169.254.0.0/16"] {
+        args.extend(["--denied-backend-network".to_string(), net.to_string()]);
+    }
+    let daemon = Daemon::start(&args);
+    let client =
+        reqwest::Client::builder().user_agent("dynamicproxy-tests").timeout(Duration::from_secs(5)).build().unwrap();
+    let attack = format!("http://127.0.0.1:{http}/maintenance?enabled=true");
+    let (status, reason) = eventually(WAIT, "route loaded", || async {
+        let response = client.post(&attack).header("Host", "evil.toolforge.org").send().await.ok()?;
+        let reason = response.headers().get("x-dynamicproxy-reason")?.to_str().ok()?.to_string();
+        (reason != "no-route").then_some((response.status().as_u16(), reason))
+    })
+    .await;
+    assert_eq!((status, reason.as_str()), (502, "denied-backend"));
+    let (code, log) = daemon.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(!log.contains("maintenance mode changed"), "the admin API was reached: {log}");
+    assert!(log.contains("[proxy] denied_backend_networks") && log.contains("127.0.0.0/8"), "{log}");
 }

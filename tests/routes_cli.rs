@@ -176,3 +176,32 @@ fn bad_configuration_names_the_key_and_exits_64() {
     assert_eq!(out.status.code(), Some(64));
     assert!(stderr(&out).contains("cannot read /nonexistent.toml"));
 }
+
+#[test]
+fn set_warns_when_the_proxy_would_refuse_the_backend() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    // The edge's own admin API, by address and by name: written, with a warning.
+    for backend in ["http://127.0.0.1:9631", "http://localhost:9631"] {
+        let out = routes(&url, &["set", "evil", ".*", backend]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("warning:") && err.contains("127.0.0.0/8"), "{backend}: {err}");
+        assert!(err.contains("[proxy] denied_backend_networks"), "{err}");
+        let stored: String = redis.client().hget("prefix:evil", ".*").unwrap();
+        assert_eq!(stored, backend);
+    }
+    // A tool's address: no warning.
+    let out = routes(&url, &["set", "good", ".*", "http://192.0.2.10:8000"]);
+    assert!(out.status.success());
+    assert_eq!(stderr(&out), "");
+    // The configured list is the one that counts.
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamicproxy"))
+        .args(["routes", "set", "dev", ".*", "http://127.0.0.1:8000", "--redis-url", &url])
+        .env_remove("DYNAMICPROXY_REDIS_URL")
+        .env("DYNAMICPROXY_PROXY_DENIED_BACKEND_NETWORKS", "[]")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(stderr(&out), "");
+}

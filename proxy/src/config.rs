@@ -55,6 +55,10 @@ pub struct Config {
     /// every new backend connection (SPEC §3): a tool's route must not reach the
     /// edge host itself. Default loopback, link-local and unspecified; `[]` allows all.
     pub denied_backend_networks: Vec<String>,
+    /// DNS servers (`IP` or `IP:port`) asked for backend names, through the
+    /// proxy's TTL-respecting cache. Default empty: the name servers of
+    /// `/etc/resolv.conf`.
+    pub dns_servers: Vec<String>,
     /// User-Agent regexes (case-insensitive) that are refused with 403.
     pub blocked_user_agents: Vec<String>,
     /// Referer regexes (case-insensitive) that are refused with 403.
@@ -123,6 +127,7 @@ impl Default for Config {
             error_pages: None,
             banned_cidrs: Vec::new(),
             denied_backend_networks: NetworkList::default_denied_strings(),
+            dns_servers: Vec::new(),
             blocked_user_agents: Vec::new(),
             blocked_referers: Vec::new(),
             require_user_agent: true,
@@ -170,8 +175,20 @@ pub fn default_extra_headers() -> BTreeMap<String, String> {
 impl Config {
     /// Cross-field checks; the error names the key and the value.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.default_backend()?;
-        self.denied_backend_networks()?;
+        let denied = self.denied_backend_networks()?;
+        // The operator's own fallback in a denied network would make every
+        // unrouted request a 502: say so at start, not per request.
+        if let Some(backend) = self.default_backend()?
+            && let Ok(ip) = backend.host().trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>()
+            && let Some(network) = denied.matching(ip)
+        {
+            return Err(ConfigError::new(
+                "default_backend",
+                backend.to_string(),
+                format!("is in the denied network {network} of denied_backend_networks; the proxy would refuse it"),
+            ));
+        }
+        self.dns_servers()?;
         if self.event_loops > 1024 {
             return Err(ConfigError::new("event_loops", self.event_loops, "at most 1024"));
         }
@@ -272,6 +289,22 @@ impl Config {
             .map_err(|e| ConfigError::new("denied_backend_networks", &e.entry, e.to_string()))
     }
 
+    /// `dns_servers`, parsed; a server without a port is on port 53.
+    pub fn dns_servers(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+        self.dns_servers
+            .iter()
+            .map(|entry| {
+                let entry = entry.trim();
+                entry
+                    .parse::<SocketAddr>()
+                    .or_else(|_| entry.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .map_err(|_| {
+                        ConfigError::new("dns_servers", entry, "expected an address such as 10.0.0.1 or 10.0.0.1:53")
+                    })
+            })
+            .collect()
+    }
+
     /// True when HTTPS is configured (at least one certificate).
     pub fn tls_enabled(&self) -> bool {
         !self.tls_cert.is_empty()
@@ -330,6 +363,10 @@ pub struct Flags {
     #[arg(long = "denied-backend-network", value_name = "CIDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub denied_backend_networks: Option<Vec<String>>,
+    /// DNS server for backend names, IP or IP:port (repeatable) [default: those of /etc/resolv.conf]
+    #[arg(long = "dns-server", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns_servers: Option<Vec<String>>,
     /// Refused User-Agent regex, case-insensitive (repeatable)
     #[arg(long = "blocked-user-agent", value_name = "REGEX")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -431,6 +468,23 @@ mod tests {
 
         let config = Config { blocked_user_agents: vec!["(".into()], ..Config::default() };
         assert!(config.validate().unwrap_err().to_string().contains("blocked_user_agents"));
+        let config = Config { dns_servers: vec!["ns1".into()], ..Config::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("dns_servers = \"ns1\""));
+        let config = Config { dns_servers: vec!["10.0.0.1".into(), "[::1]:5353".into()], ..Config::default() };
+        assert_eq!(config.dns_servers().unwrap(), ["10.0.0.1:53".parse().unwrap(), "[::1]:5353".parse().unwrap()]);
+    }
+
+    #[test]
+    fn default_backend_in_a_denied_network_is_refused_at_start() {
+        let config = Config { default_backend: Some("http://127.0.0.1:30000".into()), ..Config::default() };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("default_backend") && err.contains("127.0.0.0/8"), "{err}");
+        let config = Config {
+            default_backend: Some("http://127.0.0.1:30000".into()),
+            denied_backend_networks: Vec::new(),
+            ..Config::default()
+        };
+        config.validate().unwrap();
     }
 
     #[test]

@@ -75,6 +75,14 @@ pub enum ProxyError {
     /// The backend did not connect or answer in time.
     #[error("upstream timed out")]
     UpstreamTimeout(#[source] BoxError),
+    /// Every address of the backend is in `[proxy] denied_backend_networks`; nothing was sent.
+    #[error("backend refused by policy")]
+    DeniedBackend(#[source] crate::egress::DeniedBackend),
+    /// The backend answered 101 to a request that was forwarded without an
+    /// upgrade: the connection is closed rather than tunnelled, so nothing
+    /// can follow on it unchecked.
+    #[error("backend switched protocols unasked")]
+    UnaskedUpgrade,
     /// The client went away or its body broke while we forwarded it.
     #[error("client body error")]
     ClientBody(#[source] BoxError),
@@ -93,9 +101,39 @@ impl ProxyError {
             ProxyError::Maintenance => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoWebservice => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamUnreachable(_) | ProxyError::DeniedBackend(_) | ProxyError::UnaskedUpgrade => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
+    }
+
+    /// The `X-Dynamicproxy-Reason` code (SPEC §3) of the page the client gets.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(_) | ProxyError::ClientBody(_) | ProxyError::BodyTooLarge => "bad-request",
+            ProxyError::Banned => "banned",
+            ProxyError::NoUserAgent | ProxyError::Blocked => "blocked",
+            ProxyError::RateLimited => "rate-limited",
+            ProxyError::Maintenance => "maintenance",
+            ProxyError::NoWebservice => "no-route",
+            ProxyError::UpstreamUnreachable(_) | ProxyError::UnaskedUpgrade => "backend-unreachable",
+            ProxyError::UpstreamTimeout(_) => "backend-timeout",
+            ProxyError::DeniedBackend(_) => "denied-backend",
+        }
+    }
+
+    /// True when the client connection must be closed after this answer:
+    /// what follows on it cannot be trusted to be framed right, or the
+    /// backend tried to take it over.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::BadRequest(_)
+                | ProxyError::ClientBody(_)
+                | ProxyError::BodyTooLarge
+                | ProxyError::UnaskedUpgrade
+        )
     }
 
     /// The page shown with the status, if any (plain text otherwise).
@@ -105,8 +143,9 @@ impl ProxyError {
             ProxyError::RateLimited => Some(Page::RateLimit),
             ProxyError::Maintenance => Some(Page::TechnicalIssues),
             ProxyError::NoWebservice => Some(Page::NoWebservice),
-            ProxyError::UpstreamUnreachable(_) => Some(Page::Unreachable),
+            ProxyError::UpstreamUnreachable(_) | ProxyError::UnaskedUpgrade => Some(Page::Unreachable),
             ProxyError::UpstreamTimeout(_) => Some(Page::Timeout),
+            ProxyError::DeniedBackend(_) => Some(Page::DeniedBackend),
             _ => None,
         }
     }
@@ -115,15 +154,21 @@ impl ProxyError {
     pub fn text(&self) -> &'static str {
         match self {
             ProxyError::NoUserAgent => "Requests must have a user agent",
-            ProxyError::Blocked => "Forbidden\n",
-            ProxyError::BodyTooLarge => "Request body too large\n",
-            _ => "Bad request\n",
+            ProxyError::Blocked => "Forbidden: this user agent or referer is blocked\n",
+            ProxyError::BodyTooLarge => "Bad request: request body too large\n",
+            _ => "Bad request: the request is malformed\n",
         }
     }
 
     /// True when the upstream side failed (worth a warning in the log).
     pub fn is_upstream(&self) -> bool {
-        matches!(self, ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamTimeout(_))
+        matches!(
+            self,
+            ProxyError::UpstreamUnreachable(_)
+                | ProxyError::UpstreamTimeout(_)
+                | ProxyError::DeniedBackend(_)
+                | ProxyError::UnaskedUpgrade
+        )
     }
 }
 
@@ -134,22 +179,30 @@ mod tests {
     #[test]
     fn status_mapping_is_pinned() {
         let io = || -> BoxError { Box::new(io::Error::other("x")) };
+        let denied = crate::egress::DeniedBackend {
+            host: "h".into(),
+            addr: "127.0.0.1".parse().unwrap(),
+            network: "127.0.0.0/8".parse().unwrap(),
+        };
         let cases = [
-            (ProxyError::BadRequest("x"), 400, None),
-            (ProxyError::ClientBody(io()), 400, None),
-            (ProxyError::BodyTooLarge, 413, None),
-            (ProxyError::Banned, 403, Some(Page::Banned)),
-            (ProxyError::NoUserAgent, 403, None),
-            (ProxyError::Blocked, 403, None),
-            (ProxyError::RateLimited, 429, Some(Page::RateLimit)),
-            (ProxyError::Maintenance, 503, Some(Page::TechnicalIssues)),
-            (ProxyError::NoWebservice, 503, Some(Page::NoWebservice)),
-            (ProxyError::UpstreamUnreachable(io()), 502, Some(Page::Unreachable)),
-            (ProxyError::UpstreamTimeout(io()), 504, Some(Page::Timeout)),
+            (ProxyError::BadRequest("x"), 400, None, "bad-request"),
+            (ProxyError::ClientBody(io()), 400, None, "bad-request"),
+            (ProxyError::BodyTooLarge, 413, None, "bad-request"),
+            (ProxyError::Banned, 403, Some(Page::Banned), "banned"),
+            (ProxyError::NoUserAgent, 403, None, "blocked"),
+            (ProxyError::Blocked, 403, None, "blocked"),
+            (ProxyError::RateLimited, 429, Some(Page::RateLimit), "rate-limited"),
+            (ProxyError::Maintenance, 503, Some(Page::TechnicalIssues), "maintenance"),
+            (ProxyError::NoWebservice, 503, Some(Page::NoWebservice), "no-route"),
+            (ProxyError::UpstreamUnreachable(io()), 502, Some(Page::Unreachable), "backend-unreachable"),
+            (ProxyError::UnaskedUpgrade, 502, Some(Page::Unreachable), "backend-unreachable"),
+            (ProxyError::UpstreamTimeout(io()), 504, Some(Page::Timeout), "backend-timeout"),
+            (ProxyError::DeniedBackend(denied), 502, Some(Page::DeniedBackend), "denied-backend"),
         ];
-        for (error, status, page) in cases {
+        for (error, status, page, reason) in cases {
             assert_eq!(error.status().as_u16(), status, "{error}");
             assert_eq!(error.page(), page, "{error}");
+            assert_eq!(error.reason(), reason, "{error}");
         }
     }
 }

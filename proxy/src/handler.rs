@@ -28,12 +28,15 @@ use crate::pages::{Page, Pages};
 use crate::protect::{Protection, Verdict};
 use crate::route::{Decision, Router};
 use crate::sniff::SmuggleFlags;
+use crate::upgrade;
 use crate::upstream::{UpstreamClient, classify};
 
 /// The health check path answered on every host.
 const HEALTHZ: &str = "/.well-known/healthz";
 /// ACME HTTP-01 challenges must reach their backend over plain HTTP.
 const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
+/// Names why the proxy itself answered (SPEC §3 reason codes).
+pub(crate) const X_DYNAMICPROXY_REASON: HeaderName = HeaderName::from_static("x-dynamicproxy-reason");
 /// `Strict-Transport-Security` on every HTTPS response.
 const HSTS: HeaderValue = HeaderValue::from_static("max-age=31622400");
 
@@ -96,10 +99,10 @@ pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Reques
         Ok(response) => response,
         Err(error) => {
             if error.is_upstream() {
-                shared.metrics.upstream_error(if error.status() == StatusCode::GATEWAY_TIMEOUT {
-                    "timeout"
-                } else {
-                    "unreachable"
+                shared.metrics.upstream_error(match &error {
+                    ProxyError::DeniedBackend(_) => "denied",
+                    _ if error.status() == StatusCode::GATEWAY_TIMEOUT => "timeout",
+                    _ => "unreachable",
                 });
                 warn!(client = %conn.client, upstream = ?ctx.upstream.as_ref().map(|u| u.to_string()),
                     error = %error_chain(&error), "upstream failed");
@@ -220,11 +223,18 @@ async fn respond(
     }
 }
 
-/// The Host a request names: the `Host` header for HTTP/1, `:authority` for HTTP/2.
+/// The Host a request names: the `Host` header for HTTP/1, `:authority` for
+/// HTTP/2, where a `host` header that names another host is refused (a
+/// backend reading `Host` must not see a different host than we routed).
 fn request_host(req: &Request<Incoming>) -> Result<HeaderValue, ProxyError> {
     if req.version() == Version::HTTP_2
         && let Some(authority) = req.uri().authority()
     {
+        if let Some(host) = req.headers().get(header::HOST)
+            && !crate::host::same_host(host.as_bytes(), authority.as_str())
+        {
+            return Err(ProxyError::BadRequest("host header disagrees with :authority"));
+        }
         return HeaderValue::from_str(authority.as_str()).map_err(|_| ProxyError::BadRequest("bad Host"));
     }
     let mut hosts = req.headers().get_all(header::HOST).iter();
@@ -233,19 +243,6 @@ fn request_host(req: &Request<Incoming>) -> Result<HeaderValue, ProxyError> {
         (None, _) => Err(ProxyError::BadRequest("missing Host")),
         (Some(_), Some(_)) => Err(ProxyError::BadRequest("several Host headers")),
     }
-}
-
-/// The upgrade protocol, when the client asks for one (`Connection: upgrade` + `Upgrade`).
-fn requested_upgrade(req: &Request<Incoming>) -> Option<HeaderValue> {
-    let upgrade = req.headers().get(header::UPGRADE)?;
-    let asks = req
-        .headers()
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| upgrade.clone())
 }
 
 /// Sends the request to `backend` and shapes the response for the client.
@@ -258,7 +255,7 @@ async fn forward(
     (raw_host_value, raw_host): (&HeaderValue, &str),
     ctx: &mut RequestContext,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let upgrade = if req.version() == Version::HTTP_11 { requested_upgrade(&req) } else { None };
+    let upgrade = if req.version() == Version::HTTP_11 { upgrade::tunnelled_upgrade(req.headers()) } else { None };
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let default_file = match req.uri().path() {
         "/favicon.ico" => Some(Page::Favicon),
@@ -275,10 +272,14 @@ async fn forward(
     if parts.version == Version::HTTP_2 {
         headers::join_cookies(&mut parts.headers);
     }
-    if !parts.headers.contains_key(header::HOST) {
-        // HTTP/2 clients send :authority only; HTTP/1.1 backends need Host.
-        parts.headers.insert(header::HOST, raw_host_value.clone());
-    }
+    // The normalised host, as nginx's `proxy_set_header Host $host`: tools
+    // compare it with their own name, and HTTP/2 clients send :authority only.
+    let upstream_host = if raw_host_value.as_bytes() == host.as_bytes() {
+        raw_host_value.clone()
+    } else {
+        HeaderValue::from_str(host).map_err(|_| ProxyError::BadRequest("bad Host"))?
+    };
+    parts.headers.insert(header::HOST, upstream_host);
     parts.uri = upstream_uri(backend, original_uri)?;
     parts.version = Version::HTTP_11;
     let upstream_req = Request::from_parts(parts, LimitedBody::new(body, shared.max_body));
@@ -292,7 +293,7 @@ async fn forward(
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
-            return Err(ProxyError::UpstreamUnreachable("backend switched protocols unasked".into()));
+            return Err(ProxyError::UnaskedUpgrade);
         };
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         let hard_stop = shared.hard_stop.clone();
@@ -324,6 +325,7 @@ async fn forward(
 
     let (mut parts, body) = response.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
+    headers::hide_from_client(&mut parts.headers);
     headers::rewrite_location(&mut parts.headers, raw_host, conn.proto());
     headers::rewrite_location(&mut parts.headers, host, conn.proto());
     if parts.status == StatusCode::NOT_FOUND
@@ -388,19 +390,17 @@ fn apply_policy(shared: &Shared, conn: &ConnInfo, response: &mut Response<ProxyB
     }
 }
 
-/// The response for an error: its page, or a short text.
+/// The response for an error: its page, or a short text, with its reason code.
 pub(crate) fn error_response(pages: &Pages, error: &ProxyError) -> Response<ProxyBody> {
-    match error.page() {
+    let mut response = match error.page() {
         Some(page) => page_response(pages, error.status(), page),
-        None => {
-            let mut response = text_response(error.status(), error.text());
-            if matches!(error, ProxyError::BadRequest(_) | ProxyError::ClientBody(_) | ProxyError::BodyTooLarge) {
-                // Whatever follows on this connection cannot be trusted to be framed right.
-                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            response
-        }
+        None => text_response(error.status(), error.text()),
+    };
+    response.headers_mut().insert(X_DYNAMICPROXY_REASON, HeaderValue::from_static(error.reason()));
+    if error.closes_connection() {
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    response
 }
 
 fn page_response(pages: &Pages, status: StatusCode, page: Page) -> Response<ProxyBody> {

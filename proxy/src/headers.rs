@@ -20,10 +20,20 @@ pub static X_ORIGINAL_URI: HeaderName = HeaderName::from_static("x-original-uri"
 static PROXY: HeaderName = HeaderName::from_static("proxy");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// `HTTP2-Settings`: belongs to an `h2c` upgrade, which is never forwarded.
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+/// `Forwarded` (RFC 7239) from a client: frameworks trust it for the client
+/// address and scheme, so a client could speak for the edge.
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+/// `X-Real-IP` from a client: dropped for the same reason.
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// `Service-Worker-Allowed` from a backend: on the shared legacy domain it
+/// would let one tool register a service worker over every tool's paths.
+static SERVICE_WORKER_ALLOWED: HeaderName = HeaderName::from_static("service-worker-allowed");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 and the usual legacy ones): they
 /// describe one connection and never cross the proxy.
-fn hop_by_hop() -> [&'static HeaderName; 9] {
+fn hop_by_hop() -> [&'static HeaderName; 10] {
     [
         &header::CONNECTION,
         &KEEP_ALIVE,
@@ -34,6 +44,7 @@ fn hop_by_hop() -> [&'static HeaderName; 9] {
         &header::UPGRADE,
         &header::PROXY_AUTHENTICATE,
         &header::PROXY_AUTHORIZATION,
+        &HTTP2_SETTINGS,
     ]
 }
 
@@ -75,10 +86,13 @@ pub struct Forwarded<'a> {
 /// Rewrites a client request's headers for the backend: hop-by-hop and
 /// `Proxy` dropped, `Expect` handled here, `X-Forwarded-*` and
 /// `X-Original-URI` set (client copies replaced, `X-Forwarded-For`
-/// appended), the upgrade kept when `upgrade` is given. Host is kept.
+/// appended), `Forwarded` and `X-Real-IP` dropped, the upgrade kept when
+/// `upgrade` is given. Host is kept.
 pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, upgrade: Option<HeaderValue>) {
     remove_hop_by_hop(headers);
     headers.remove(&PROXY);
+    headers.remove(&FORWARDED);
+    headers.remove(&X_REAL_IP);
     // The 100-continue exchange happens between client and proxy.
     headers.remove(header::EXPECT);
     if let Some(upgrade) = upgrade {
@@ -110,6 +124,11 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, upgrade: Option
     headers.insert(X_FORWARDED_PORT.clone(), fwd.port.clone());
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(fwd.proto));
     set(headers, &X_ORIGINAL_URI, HeaderValue::from_str(fwd.original_uri).ok());
+}
+
+/// Removes what a backend may not tell the client (SPEC §3 "Response to client").
+pub fn hide_from_client(headers: &mut HeaderMap) {
+    headers.remove(&SERVICE_WORKER_ALLOWED);
 }
 
 /// Joins an HTTP/2 request's `Cookie` fields into one with `; ` (RFC 9113
@@ -202,6 +221,8 @@ mod tests {
             ("x-forwarded-proto", "spoofed"),
             ("x-forwarded-port", "1"),
             ("x-original-uri", "/spoofed"),
+            ("forwarded", "for=10.9.9.9;proto=https"),
+            ("x-real-ip", "10.9.9.9"),
             ("user-agent", "ua"),
         ]);
         let port = HeaderValue::from_static("8080");
@@ -220,7 +241,7 @@ mod tests {
         assert_eq!(headers["x-forwarded-port"], "8080");
         assert_eq!(headers["x-original-uri"], "/a?b=c");
         assert_eq!(headers["user-agent"], "ua");
-        for gone in ["connection", "x-private", "keep-alive", "proxy", "te"] {
+        for gone in ["connection", "x-private", "keep-alive", "proxy", "te", "forwarded", "x-real-ip"] {
             assert!(!headers.contains_key(gone), "{gone}");
         }
         assert_eq!(headers.get_all("x-forwarded-host").iter().count(), 1);

@@ -62,7 +62,9 @@ pub fn normalize_host(raw: &str) -> Result<Cow<'_, str>, BadHost> {
                 _ => return Err(BadHost::Character),
             }
         }
-        if host.starts_with('.') || host.contains("..") {
+        // One trailing dot is the root label; a second would survive
+        // normalisation and make it not idempotent.
+        if host.starts_with('.') || host.ends_with('.') || host.contains("..") {
             return Err(BadHost::Character);
         }
         if upper {
@@ -72,6 +74,16 @@ pub fn normalize_host(raw: &str) -> Result<Cow<'_, str>, BadHost> {
         return Ok(Cow::Owned(host.to_ascii_lowercase()));
     }
     Ok(Cow::Borrowed(host))
+}
+
+/// True when `a` and `b` name the same host once normalised (HTTP/2's
+/// `host` header against `:authority`); anything unparsable differs.
+pub fn same_host(a: &[u8], b: &str) -> bool {
+    let Ok(a) = std::str::from_utf8(a) else { return false };
+    match (normalize_host(a), normalize_host(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
 }
 
 /// True when every `%` in `s` starts a two-hex-digit escape.
@@ -108,6 +120,44 @@ mod tests {
             assert!(normalize_host(bad).is_err(), "{bad:?}");
         }
         assert!(normalize_host(&"a".repeat(300)).is_err());
+    }
+
+    #[test]
+    fn refuses_malformed_hosts() {
+        for bad in [
+            "foo.toolforge.org:80:80",
+            "foo.toolforge.org:-1",
+            "foo.toolforge.org:+80",
+            "foo.toolforge.org: 80",
+            " foo.toolforge.org",
+            "foo.toolforge.org\t",
+            "foo\0.toolforge.org",
+            "user@foo.toolforge.org",
+            "foo.toolforge.org/path",
+            "foo.toolforge.org?",
+            "foo%2etoolforge.org",
+            "[::1]x",
+            "[::1]:",
+            "[::1]:99999",
+            "[]",
+            "[foo.toolforge.org]",
+            "::1",
+            ".",
+            "..:80",
+            "foo.toolforge.org..",
+            "fo\u{f6}.toolforge.org",
+        ] {
+            assert!(normalize_host(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn http2_host_header_must_name_the_authority() {
+        assert!(same_host(b"Foo.Toolforge.org:443", "foo.toolforge.org"));
+        assert!(same_host(b"foo.toolforge.org.", "FOO.toolforge.org:8443"));
+        assert!(!same_host(b"other.toolforge.org", "foo.toolforge.org"));
+        assert!(!same_host(b"foo.toolforge.org\xff", "foo.toolforge.org"));
+        assert!(!same_host(b"a b", "a b"), "unparsable hosts never agree");
     }
 
     #[test]

@@ -13,6 +13,9 @@
 //! - [`protect`]: bans, User-Agent/Referer block lists, per-client rate limit.
 //! - [`headers`]: request and response header rewriting.
 //! - [`upstream`]: pooled keep-alive client, timeouts, failure classification.
+//! - [`egress`]: where the proxy may connect: resolution, then `denied_backend_networks`.
+//! - [`resolver`]: backend names through a TTL-respecting DNS cache with a stale window.
+//! - [`upgrade`]: which protocol upgrades are tunnelled (WebSocket only).
 //! - [`body`]: response and request body types (streamed, never buffered whole).
 //! - [`compress`]: on-the-fly gzip.
 //! - [`sniff`]: HTTP/1 request-smuggling guard.
@@ -34,7 +37,8 @@
 //!               ├─ 1 healthz · 2 Host / URI checks · HTTP→HTTPS redirect
 //!               ├─ 3 bans, User-Agent, Referer · 4 rate limit · 5 maintenance · host redirects
 //!               ├─ route (route::Router over RouteCache: tool host, legacy path, admin, default)
-//!               └─ forward (upstream client pool; headers rewritten; body streamed; upgrade tunnelled)
+//!               └─ forward (upstream client pool; headers rewritten; body streamed; WebSocket tunnelled)
+//!                   ├─ new connection: resolve (resolver cache) → drop denied addresses (egress) → connect
 //!                   └─ response policy (hop-by-hop, Location, default files, gzip, extra headers, HSTS)
 //! ```
 
@@ -44,6 +48,7 @@ pub mod access_log;
 pub mod body;
 pub mod compress;
 pub mod config;
+pub mod egress;
 pub mod error;
 mod handler;
 pub mod headers;
@@ -53,10 +58,12 @@ pub mod list;
 pub mod metrics;
 pub mod pages;
 pub mod protect;
+pub mod resolver;
 pub mod route;
 mod server;
 pub mod sniff;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 mod workers;
 
@@ -207,6 +214,10 @@ pub async fn run(
         read_timeout: Config::secs(config.read_timeout_secs),
         max_idle_per_backend: config.upstream_max_idle_per_backend,
         idle_timeout: Config::secs(config.upstream_idle_timeout_secs),
+        egress: egress::Egress::new(
+            config.denied_backend_networks()?,
+            resolver::BackendResolver::new(&config.dns_servers()?),
+        ),
     };
     // One core is left to the kernel's network processing, the accept loops
     // and the Redis sync: on 2 cores, one loop served 39k req/s with p99

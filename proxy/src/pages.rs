@@ -22,6 +22,8 @@ pub enum Page {
     Unreachable,
     /// Backend too slow (504).
     Timeout,
+    /// Backend address in `denied_backend_networks` (502).
+    DeniedBackend,
     /// Served when the backend has no `/favicon.ico`.
     Favicon,
     /// Served when the backend has no `/robots.txt`.
@@ -29,13 +31,14 @@ pub enum Page {
 }
 
 impl Page {
-    const ALL: [Page; 8] = [
+    const ALL: [Page; 9] = [
         Page::Banned,
         Page::RateLimit,
         Page::TechnicalIssues,
         Page::NoWebservice,
         Page::Unreachable,
         Page::Timeout,
+        Page::DeniedBackend,
         Page::Favicon,
         Page::Robots,
     ];
@@ -49,6 +52,7 @@ impl Page {
             Page::NoWebservice => "nowebservice.html",
             Page::Unreachable => "unreachable.html",
             Page::Timeout => "timeout.html",
+            Page::DeniedBackend => "denied.html",
             Page::Favicon => "favicon.ico",
             Page::Robots => "robots.txt",
         }
@@ -94,6 +98,12 @@ impl Page {
                 html("Tool unreachable", "The tool serving this URL is not answering. Please try again later.")
             }
             Page::Timeout => html("Tool timed out", "The tool serving this URL took too long to answer."),
+            Page::DeniedBackend => html(
+                "Tool backend not allowed",
+                "The tool serving this URL points to an address that Toolforge never connects to \
+                 (the edge's own host or a reserved network). If you maintain this tool, register \
+                 your webservice again so that it points to its real address.",
+            ),
             Page::Favicon => Bytes::from_static(FAVICON),
             Page::Robots => Bytes::from_static(b"User-agent: *\nDisallow: /\n"),
         }
@@ -109,13 +119,13 @@ const FAVICON: &[u8] = &[
 /// All pages, loaded once at start.
 #[derive(Debug, Clone)]
 pub struct Pages {
-    bodies: [Bytes; 8],
+    bodies: [Bytes; 9],
 }
 
 impl Pages {
     /// The built-in pages, with any file present in `dir` taking over.
     pub fn load(dir: Option<&Path>) -> Result<Self, Error> {
-        let mut bodies: [Bytes; 8] = Page::ALL.map(Page::builtin);
+        let mut bodies: [Bytes; 9] = Page::ALL.map(Page::builtin);
         if let Some(dir) = dir {
             for (i, page) in Page::ALL.iter().enumerate() {
                 let path = dir.join(page.file_name());

@@ -4,7 +4,6 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -16,6 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::body::{LimitedBody, TooLarge};
+use crate::egress::{Egress, denied_cause};
 use crate::error::{BoxError, ProxyError};
 use crate::idle::IdleIo;
 
@@ -23,7 +23,7 @@ use crate::idle::IdleIo;
 pub type UpstreamClient = Client<Connector, LimitedBody>;
 
 /// Settings of the upstream client.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct UpstreamSettings {
     /// TCP connect timeout.
     pub connect_timeout: Duration,
@@ -33,6 +33,8 @@ pub struct UpstreamSettings {
     pub max_idle_per_backend: usize,
     /// How long an idle keep-alive connection is kept.
     pub idle_timeout: Duration,
+    /// Name resolution and denied networks, checked on every new connection.
+    pub egress: Egress,
 }
 
 /// Builds the pooled client.
@@ -42,14 +44,19 @@ pub fn client(settings: UpstreamSettings) -> UpstreamClient {
         .pool_max_idle_per_host(settings.max_idle_per_backend)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .build(Connector { connect_timeout: settings.connect_timeout, read_timeout: settings.read_timeout })
+        .build(Connector {
+            connect_timeout: settings.connect_timeout,
+            read_timeout: settings.read_timeout,
+            egress: settings.egress,
+        })
 }
 
 /// Opens TCP connections to backends, with timeouts.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Connector {
     connect_timeout: Duration,
     read_timeout: Duration,
+    egress: Egress,
 }
 
 /// A backend connection.
@@ -107,28 +114,16 @@ impl tower_service::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = *self;
+        let this = self.clone();
         Box::pin(async move {
             if uri.scheme() != Some(&http::uri::Scheme::HTTP) {
                 return Err(io::Error::new(io::ErrorKind::Unsupported, "only http:// backends are supported"));
             }
             let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
             let port = uri.port_u16().unwrap_or(80);
-            let connect = async {
-                let addrs: Vec<SocketAddr> = match host.parse::<std::net::IpAddr>() {
-                    Ok(ip) => vec![SocketAddr::new(ip, port)],
-                    Err(_) => tokio::net::lookup_host((host, port)).await?.collect(),
-                };
-                let mut last = io::Error::new(io::ErrorKind::NotFound, "backend name resolves to no address");
-                for addr in addrs {
-                    match TcpStream::connect(addr).await {
-                        Ok(stream) => return Ok(stream),
-                        Err(e) => last = e,
-                    }
-                }
-                Err(last)
-            };
-            let stream = tokio::time::timeout(this.connect_timeout, connect)
+            // Resolution and the denied-network check happen here, on every
+            // new connection: a cached or pooled answer is never trusted past it.
+            let stream = tokio::time::timeout(this.connect_timeout, this.egress.connect(host, port))
                 .await
                 .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
             let _ = stream.set_nodelay(true);
@@ -147,6 +142,9 @@ pub fn classify(error: hyper_util::client::legacy::Error) -> ProxyError {
     while let Some(e) = source {
         if e.is::<TooLarge>() {
             return ProxyError::BodyTooLarge;
+        }
+        if let Some(denied) = e.downcast_ref::<io::Error>().and_then(denied_cause) {
+            return ProxyError::DeniedBackend(denied.clone());
         }
         if let Some(io) = e.downcast_ref::<io::Error>()
             && io.kind() == io::ErrorKind::TimedOut

@@ -60,7 +60,7 @@ impl Workers {
                 }
             };
             let (tx, rx) = mpsc::unbounded_channel();
-            let (shared, settings, stop) = (shared.clone(), settings.clone(), stop.clone());
+            let (shared, settings, stop, upstream) = (shared.clone(), settings.clone(), stop.clone(), upstream.clone());
             let spawned = thread::Builder::new()
                 .name(format!("proxy-loop-{index}"))
                 .spawn(move || event_loop(runtime, rx, shared, settings, upstream, stop));

@@ -164,9 +164,10 @@ async fn sni_picks_certificates_with_a_default_and_h2_is_served() {
     assert!(headers.contains("strict-transport-security: max-age=31622400"));
 
     // Location: http://<host>/... from the backend follows the client to https.
+    // The backend sees the normalised Host (no port), as behind nginx's `Host $host`.
     let (status, _, headers, _) = curl(&pki.ca(), "foo.toolforge.org", port, "/redirect", &["--http2"]).await;
     assert_eq!(status, 302);
-    assert!(headers.contains(&format!("location: https://foo.toolforge.org:{port}/next")), "{headers}");
+    assert!(headers.contains("location: https://foo.toolforge.org/next"), "{headers}");
 
     // TLS 1.2 is accepted, 1.1 is not.
     let (status, ..) = curl(&pki.ca(), "foo.toolforge.org", port, "/", &["--tls-max", "1.2"]).await;
@@ -267,4 +268,64 @@ async fn certificates_reload_without_dropping_connections_and_bad_files_are_refu
         (served_org(port, Some("foo.toolforge.org")).await == "third").then_some(())
     })
     .await;
+}
+
+/// One HTTP/2 request over TLS from hyper's h2 client, with `:authority`
+/// from `authority` and, when given, a separate `host` header: (status,
+/// reason header, body).
+async fn h2_get(ca: &Path, port: u16, authority: &str, host: Option<&str>) -> (u16, String, String) {
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(ca).unwrap();
+    for cert in rustls_pemfile::certs(&mut &ca[..]) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut client_config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    client_config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let tls = connector.connect("foo.toolforge.org".try_into().unwrap(), tcp).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = hyper::Request::get(format!("https://{authority}/h2")).header("user-agent", "h2-test");
+    if let Some(host) = host {
+        req = req.header("host", host);
+    }
+    let response = sender.send_request(req.body(Full::new(Bytes::new())).unwrap()).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let status = response.status().as_u16();
+    let reason = response.headers().get("x-dynamicproxy-reason").map_or("", |v| v.to_str().unwrap()).to_string();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, reason, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn http2_host_comes_from_authority_and_must_agree_with_it() {
+    let pki = Pki::new("h2host");
+    let a = pki.leaf("a", "first", &["*.toolforge.org"]);
+    let backend = Backend::echo("b").await;
+    let config = Config { tls_cert: vec![a.0], tls_key: vec![a.1], ..Config::default() };
+    let proxy = Proxy::start(config).await;
+    proxy.set_route("foo", ".*", &backend.url()).await;
+    let port = proxy.https.unwrap().port();
+
+    // :authority only, mixed case with a port: the backend sees the normalised host.
+    let (status, _, body) = h2_get(&pki.ca(), port, &format!("Foo.Toolforge.org:{port}"), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\nhost: foo.toolforge.org\n"), "{body}");
+    // A host header naming the same host is fine.
+    let (status, _, body) = h2_get(&pki.ca(), port, "foo.toolforge.org", Some("FOO.toolforge.org:443")).await;
+    assert_eq!(status, 200, "{body}");
+    // A host header naming another tool is refused before routing.
+    let hits = backend.hits();
+    let (status, reason, _) = h2_get(&pki.ca(), port, "foo.toolforge.org", Some("other.toolforge.org")).await;
+    assert_eq!((status, reason.as_str()), (400, "bad-request"));
+    assert_eq!(backend.hits(), hits, "the backend saw the request");
 }

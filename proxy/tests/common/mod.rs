@@ -121,7 +121,25 @@ impl Proxy {
     }
 
     /// Starts with the HTTP and HTTPS listeners bound to `bind` (e.g. `[::1]:0`).
+    /// Test backends listen on loopback, which `denied_backend_networks`
+    /// refuses by default: this allows every network (`[]`), as a development
+    /// setup does. Tests of the policy itself use [`Proxy::start_enforcing`].
     pub async fn start_on(
+        bind: &str,
+        redis: RedisServer,
+        mut config: Config,
+        seed: impl FnOnce(&mut redis::Connection),
+    ) -> Proxy {
+        config.denied_backend_networks = Vec::new();
+        Proxy::start_exactly(bind, redis, config, seed).await
+    }
+
+    /// Starts with `config` as given, `denied_backend_networks` included.
+    pub async fn start_enforcing(config: Config, seed: impl FnOnce(&mut redis::Connection)) -> Proxy {
+        Proxy::start_exactly("127.0.0.1:0", RedisServer::start(), config, seed).await
+    }
+
+    async fn start_exactly(
         bind: &str,
         redis: RedisServer,
         mut config: Config,
