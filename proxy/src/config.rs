@@ -108,6 +108,15 @@ pub struct Config {
     /// the measured best on 2 cores (bench/RESULTS.md); measure again on
     /// bigger machines.
     pub event_loops: usize,
+    /// Requests one tool may have in flight to its backends at once, WebSocket
+    /// tunnels included; more get 503 `over-capacity` at once. 0 = off.
+    /// Default 256: far more than a tool's single backend serves at once, so
+    /// only a hung or flooded tool meets it, and small enough that such a tool
+    /// holds a sliver of `max_connections` instead of all of it.
+    pub tool_max_concurrent_requests: u32,
+    /// Per-tool shares replacing `tool_max_concurrent_requests` for the named
+    /// tools (operators raise a busy tool's share): `toolname = 1024`.
+    pub tool_max_concurrent_requests_overrides: BTreeMap<String, u32>,
 }
 
 /// Longest timeout accepted: a year.
@@ -149,6 +158,8 @@ impl Default for Config {
             host_redirects: BTreeMap::from([("ru_monuments".to_string(), "ru-monuments".to_string())]),
             gzip: true,
             event_loops: 0,
+            tool_max_concurrent_requests: 256,
+            tool_max_concurrent_requests_overrides: BTreeMap::new(),
         }
     }
 }
@@ -255,6 +266,18 @@ impl Config {
             }
             if http::HeaderValue::from_str(value).is_err() {
                 return Err(ConfigError::new("extra_headers", value, "not a valid header value"));
+            }
+        }
+        for (tool, limit) in &self.tool_max_concurrent_requests_overrides {
+            if !dynamicproxy_redis::ToolName::is_valid(tool) {
+                return Err(ConfigError::new("tool_max_concurrent_requests_overrides", tool, "not a valid tool name"));
+            }
+            if *limit == 0 {
+                return Err(ConfigError::new(
+                    "tool_max_concurrent_requests_overrides",
+                    format!("{tool} = {limit}"),
+                    "must be at least 1",
+                ));
             }
         }
         for (from, to) in &self.host_redirects {
@@ -443,6 +466,10 @@ pub struct Flags {
     #[arg(long = "event-loops", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event_loops: Option<usize>,
+    /// Requests in flight to one tool at once, WebSocket tunnels included; 0 = off [default: 256]
+    #[arg(long = "tool-max-concurrent-requests", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_max_concurrent_requests: Option<u32>,
 }
 
 #[cfg(test)]
@@ -496,6 +523,19 @@ mod tests {
         Config { client_timeout_secs: MAX_TIMEOUT_SECS, ..Config::default() }.validate().unwrap();
         let config = Config { max_connections: usize::MAX, ..Config::default() };
         assert!(config.validate().unwrap_err().to_string().contains("max_connections"));
+    }
+
+    #[test]
+    fn share_overrides_name_real_tools_and_real_shares() {
+        let with = |tool: &str, limit| Config {
+            tool_max_concurrent_requests_overrides: BTreeMap::from([(tool.to_string(), limit)]),
+            ..Config::default()
+        };
+        with("busy-tool", 1024).validate().unwrap();
+        let err = with("Not A Tool", 10).validate().unwrap_err().to_string();
+        assert!(err.contains("tool_max_concurrent_requests_overrides") && err.contains("Not A Tool"), "{err}");
+        let err = with("busy-tool", 0).validate().unwrap_err().to_string();
+        assert!(err.contains("busy-tool = 0") && err.contains("at least 1"), "{err}");
     }
 }
 

@@ -83,6 +83,10 @@ pub enum ProxyError {
     /// can follow on it unchecked.
     #[error("backend switched protocols unasked")]
     UnaskedUpgrade,
+    /// The tool has `tool_max_concurrent_requests` in flight already (or its
+    /// backend its connection cap): refused at once rather than queued.
+    #[error("over capacity")]
+    OverCapacity,
     /// The client went away or its body broke while we forwarded it.
     #[error("client body error")]
     ClientBody(#[source] BoxError),
@@ -100,7 +104,7 @@ impl ProxyError {
             ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Maintenance => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::NoWebservice => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoWebservice | ProxyError::OverCapacity => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable(_) | ProxyError::DeniedBackend(_) | ProxyError::UnaskedUpgrade => {
                 StatusCode::BAD_GATEWAY
             }
@@ -117,6 +121,7 @@ impl ProxyError {
             ProxyError::RateLimited => "rate-limited",
             ProxyError::Maintenance => "maintenance",
             ProxyError::NoWebservice => "no-route",
+            ProxyError::OverCapacity => "over-capacity",
             ProxyError::UpstreamUnreachable(_) | ProxyError::UnaskedUpgrade => "backend-unreachable",
             ProxyError::UpstreamTimeout(_) => "backend-timeout",
             ProxyError::DeniedBackend(_) => "denied-backend",
@@ -143,6 +148,7 @@ impl ProxyError {
             ProxyError::RateLimited => Some(Page::RateLimit),
             ProxyError::Maintenance => Some(Page::TechnicalIssues),
             ProxyError::NoWebservice => Some(Page::NoWebservice),
+            ProxyError::OverCapacity => Some(Page::OverCapacity),
             ProxyError::UpstreamUnreachable(_) | ProxyError::UnaskedUpgrade => Some(Page::Unreachable),
             ProxyError::UpstreamTimeout(_) => Some(Page::Timeout),
             ProxyError::DeniedBackend(_) => Some(Page::DeniedBackend),
@@ -194,6 +200,7 @@ mod tests {
             (ProxyError::RateLimited, 429, Some(Page::RateLimit), "rate-limited"),
             (ProxyError::Maintenance, 503, Some(Page::TechnicalIssues), "maintenance"),
             (ProxyError::NoWebservice, 503, Some(Page::NoWebservice), "no-route"),
+            (ProxyError::OverCapacity, 503, Some(Page::OverCapacity), "over-capacity"),
             (ProxyError::UpstreamUnreachable(io()), 502, Some(Page::Unreachable), "backend-unreachable"),
             (ProxyError::UnaskedUpgrade, 502, Some(Page::Unreachable), "backend-unreachable"),
             (ProxyError::UpstreamTimeout(io()), 504, Some(Page::Timeout), "backend-timeout"),

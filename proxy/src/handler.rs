@@ -21,6 +21,7 @@ use crate::access_log::{AccessLog, Entry};
 use crate::body::{LimitedBody, ProxyBody};
 use crate::compress::{self, GzipBody};
 use crate::error::ProxyError;
+use crate::fair_share::{FairShare, Slot};
 use crate::headers::{self, Forwarded};
 use crate::host::{normalize_host, valid_percent_encoding};
 use crate::metrics::Metrics;
@@ -57,6 +58,8 @@ pub(crate) struct Shared {
     pub tunnels: TaskTracker,
     /// Cancelled when the shutdown grace period is over.
     pub hard_stop: CancellationToken,
+    /// Requests in flight per tool, against `tool_max_concurrent_requests`.
+    pub fair_share: Arc<FairShare>,
 }
 
 /// The client connection a request arrived on.
@@ -89,11 +92,14 @@ struct RequestContext {
     upstream_time: Option<Duration>,
     /// Normalised Host, kept only when the access log is on.
     host: Option<String>,
+    /// This request's place in its tool's share; a tunnel takes it over.
+    share: Option<Slot>,
 }
 
 /// Handles one request; never fails (errors become pages).
 pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<ProxyBody> {
-    let mut ctx = RequestContext { start: Instant::now(), upstream: None, upstream_time: None, host: None };
+    let mut ctx =
+        RequestContext { start: Instant::now(), upstream: None, upstream_time: None, host: None, share: None };
     let logged = shared.access_log.as_ref().map(|_| (req.method().clone(), req.uri().clone()));
     let mut response = match respond(&shared, &conn, req, &mut ctx).await {
         Ok(response) => response,
@@ -216,6 +222,9 @@ async fn respond(
     match shared.router.route(&host, req.uri().path(), req.uri().query()) {
         Decision::Proxy(backend, _via) => {
             ctx.upstream = Some(backend.clone());
+            if let Some(tool) = shared.router.tool_of(&host, req.uri().path()) {
+                ctx.share = Some(shared.fair_share.try_acquire(tool).ok_or(ProxyError::OverCapacity)?);
+            }
             forward(shared, conn, req, &backend, &host, (&raw_host, raw_host_str), ctx).await
         }
         Decision::Redirect(status, location) => Ok(redirect_response(status, &location)),
@@ -299,8 +308,11 @@ async fn forward(
         let hard_stop = shared.hard_stop.clone();
         let client = conn.client;
         let permit = conn.permit.clone();
+        // The tunnel keeps its tool's place until it closes.
+        let share = ctx.share.take();
         shared.tunnels.spawn(async move {
             let _permit = permit;
+            let _share = share;
             let (client_io, upstream_io) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok(pair) => pair,
                 Err(error) => {

@@ -24,6 +24,7 @@
 //! - [`pages`]: built-in and overridden error pages.
 //! - [`list`]: the `/list` API.
 //! - [`access_log`], [`metrics`]: observability.
+//! - [`fair_share`]: requests in flight per tool, against `tool_max_concurrent_requests`.
 //! - [`error`]: [`Error`] (cannot start) and [`ProxyError`] (one request, mapped to a status).
 //!
 //! # A request's path
@@ -37,6 +38,7 @@
 //!               ├─ 1 healthz · 2 Host / URI checks · HTTP→HTTPS redirect
 //!               ├─ 3 bans, User-Agent, Referer · 4 rate limit · 5 maintenance · host redirects
 //!               ├─ route (route::Router over RouteCache: tool host, legacy path, admin, default)
+//!               ├─ the tool's share (fair_share: over tool_max_concurrent_requests → 503 over-capacity)
 //!               └─ forward (upstream client pool; headers rewritten; body streamed; WebSocket tunnelled)
 //!                   ├─ new connection: resolve (resolver cache) → drop denied addresses (egress) → connect
 //!                   └─ response policy (hop-by-hop, Location, default files, gzip, extra headers, HSTS)
@@ -50,6 +52,7 @@ pub mod compress;
 pub mod config;
 pub mod egress;
 pub mod error;
+pub mod fair_share;
 mod handler;
 pub mod headers;
 pub mod host;
@@ -189,6 +192,10 @@ pub async fn run(
         https_port,
         tunnels: tunnels.clone(),
         hard_stop: hard_stop.clone(),
+        fair_share: fair_share::FairShare::new(
+            config.tool_max_concurrent_requests,
+            &config.tool_max_concurrent_requests_overrides,
+        ),
     });
 
     let tracker = TaskTracker::new();

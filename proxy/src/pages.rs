@@ -24,6 +24,8 @@ pub enum Page {
     Timeout,
     /// Backend address in `denied_backend_networks` (502).
     DeniedBackend,
+    /// The tool has its whole share of requests in flight (503).
+    OverCapacity,
     /// Served when the backend has no `/favicon.ico`.
     Favicon,
     /// Served when the backend has no `/robots.txt`.
@@ -31,7 +33,7 @@ pub enum Page {
 }
 
 impl Page {
-    const ALL: [Page; 9] = [
+    const ALL: [Page; 10] = [
         Page::Banned,
         Page::RateLimit,
         Page::TechnicalIssues,
@@ -39,6 +41,7 @@ impl Page {
         Page::Unreachable,
         Page::Timeout,
         Page::DeniedBackend,
+        Page::OverCapacity,
         Page::Favicon,
         Page::Robots,
     ];
@@ -53,6 +56,7 @@ impl Page {
             Page::Unreachable => "unreachable.html",
             Page::Timeout => "timeout.html",
             Page::DeniedBackend => "denied.html",
+            Page::OverCapacity => "overcapacity.html",
             Page::Favicon => "favicon.ico",
             Page::Robots => "robots.txt",
         }
@@ -104,6 +108,10 @@ impl Page {
                  (the edge's own host or a reserved network). If you maintain this tool, register \
                  your webservice again so that it points to its real address.",
             ),
+            Page::OverCapacity => html(
+                "Tool too busy",
+                "The tool serving this URL has too many requests in progress. Please try again in a little while.",
+            ),
             Page::Favicon => Bytes::from_static(FAVICON),
             Page::Robots => Bytes::from_static(b"User-agent: *\nDisallow: /\n"),
         }
@@ -119,13 +127,13 @@ const FAVICON: &[u8] = &[
 /// All pages, loaded once at start.
 #[derive(Debug, Clone)]
 pub struct Pages {
-    bodies: [Bytes; 9],
+    bodies: [Bytes; 10],
 }
 
 impl Pages {
     /// The built-in pages, with any file present in `dir` taking over.
     pub fn load(dir: Option<&Path>) -> Result<Self, Error> {
-        let mut bodies: [Bytes; 9] = Page::ALL.map(Page::builtin);
+        let mut bodies: [Bytes; 10] = Page::ALL.map(Page::builtin);
         if let Some(dir) = dir {
             for (i, page) in Page::ALL.iter().enumerate() {
                 let path = dir.join(page.file_name());

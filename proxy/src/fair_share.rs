@@ -1,0 +1,125 @@
+//! Fair shares (SPEC §1 `tool_max_concurrent_requests`): how many requests
+//! one tool may have in flight to its backends at once, WebSocket tunnels
+//! included. A tool over its share gets 503 `over-capacity` at once, so a
+//! tool whose backend hangs cannot take every connection and event-loop
+//! slot from the others.
+//!
+//! Counting is one sharded map shared by all event loops: a request touches
+//! one shard's lock for an increment and again for the decrement, and a
+//! tool's entry is removed when its count falls to zero, so the map holds
+//! only tools with requests in flight.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+/// The per-tool in-flight counters and their limits.
+#[derive(Debug)]
+pub struct FairShare {
+    /// The share of a tool without an override; 0 = no limit.
+    default_limit: u32,
+    /// Shares raised (or lowered) for named tools by the operator.
+    overrides: HashMap<Box<str>, u32>,
+    /// Requests in flight per tool; an entry exists only while above zero.
+    in_flight: DashMap<Arc<str>, u32>,
+}
+
+/// One request's place in its tool's share; dropping it frees the place.
+#[derive(Debug)]
+#[must_use = "the place is freed when this is dropped"]
+pub struct Slot {
+    held: Option<(Arc<FairShare>, Arc<str>)>,
+}
+
+impl FairShare {
+    /// Shares of `default_limit` (0 = off) with per-tool `overrides`.
+    pub fn new(default_limit: u32, overrides: &BTreeMap<String, u32>) -> Arc<Self> {
+        Arc::new(FairShare {
+            default_limit,
+            overrides: overrides.iter().map(|(tool, limit)| (tool.as_str().into(), *limit)).collect(),
+            in_flight: DashMap::new(),
+        })
+    }
+
+    /// The share of `tool`; 0 = no limit.
+    pub fn limit(&self, tool: &str) -> u32 {
+        self.overrides.get(tool).copied().unwrap_or(self.default_limit)
+    }
+
+    /// Takes a place for one request to `tool`, or `None` when the tool has
+    /// its whole share in flight already.
+    pub fn try_acquire(self: &Arc<Self>, tool: &str) -> Option<Slot> {
+        let limit = self.limit(tool);
+        if limit == 0 {
+            return Some(Slot { held: None });
+        }
+        // The common case, a tool already in flight, allocates nothing.
+        if let Some(mut count) = self.in_flight.get_mut(tool) {
+            if *count >= limit {
+                return None;
+            }
+            *count += 1;
+            let key = count.key().clone();
+            return Some(Slot { held: Some((self.clone(), key)) });
+        }
+        let mut entry = self.in_flight.entry(Arc::from(tool)).or_insert(0);
+        if *entry >= limit {
+            return None;
+        }
+        *entry += 1;
+        let key = entry.key().clone();
+        Some(Slot { held: Some((self.clone(), key)) })
+    }
+
+    /// Requests in flight to `tool` now.
+    pub fn in_flight(&self, tool: &str) -> u32 {
+        self.in_flight.get(tool).map_or(0, |count| *count)
+    }
+
+    /// Tools with requests in flight now.
+    pub fn tools_in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some((share, tool)) = self.held.take() {
+            share.in_flight.remove_if_mut(&tool, |_, count| {
+                *count = count.saturating_sub(1);
+                *count == 0
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tool_over_its_share_is_refused_and_others_are_not() {
+        let share = FairShare::new(2, &BTreeMap::from([("big".to_string(), 3)]));
+        let a1 = share.try_acquire("a").unwrap();
+        let _a2 = share.try_acquire("a").unwrap();
+        assert!(share.try_acquire("a").is_none());
+        let _b = share.try_acquire("b").unwrap();
+        let big: Vec<Slot> = (0..3).map(|_| share.try_acquire("big").unwrap()).collect();
+        assert!(share.try_acquire("big").is_none());
+        drop(a1);
+        assert_eq!(share.in_flight("a"), 1);
+        let _a3 = share.try_acquire("a").unwrap();
+        drop(big);
+        assert_eq!(share.in_flight("big"), 0);
+        assert_eq!(share.tools_in_flight(), 2, "entries at zero are removed");
+    }
+
+    #[test]
+    fn zero_is_no_limit() {
+        let share = FairShare::new(0, &BTreeMap::new());
+        let slots: Vec<Slot> = (0..1000).map(|_| share.try_acquire("a").unwrap()).collect();
+        assert_eq!(slots.len(), 1000);
+        assert_eq!(share.tools_in_flight(), 0);
+    }
+}

@@ -1,0 +1,143 @@
+//! Fair shares (`tool_max_concurrent_requests`): a flooded tool is refused
+//! with 503 over-capacity at once while other tools keep answering.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use dynamicproxy_proxy::Config;
+use dynamicproxy_test_support::eventually;
+use futures::{SinkExt, StreamExt};
+use http_body_util::Full;
+use hyper::Response;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// A backend that holds every request until `release` is cancelled.
+async fn hanging_backend(release: CancellationToken) -> Backend {
+    Backend::start(Arc::new(move |_req| {
+        let release = release.clone();
+        Box::pin(async move {
+            release.cancelled().await;
+            Response::new(Full::new(Bytes::from_static(b"late\n")))
+        })
+    }))
+    .await
+}
+
+/// Starts `n` requests to `host` that the hanging backend holds, and waits
+/// until the backend has them all.
+async fn flood(proxy: &Proxy, backend: &Backend, host: &'static str, n: usize) -> Vec<tokio::task::JoinHandle<Got>> {
+    let before = backend.hits();
+    let addr = proxy.http;
+    let held: Vec<_> = (0..n).map(|_| tokio::spawn(async move { get(addr, host, "/", &[]).await })).collect();
+    eventually(Duration::from_secs(5), "flood reaches the backend", || {
+        let hits = backend.hits();
+        async move { (hits >= before + n).then_some(()) }
+    })
+    .await;
+    held
+}
+
+/// Asserts that a request to `host` is refused over capacity, quickly.
+async fn assert_over_capacity(proxy: &Proxy, host: &str, path: &str) {
+    let start = Instant::now();
+    let got = get(proxy.http, host, path, &[]).await;
+    assert_eq!(got.status, 503, "{got:?}");
+    assert_eq!(got.header("x-dynamicproxy-reason"), Some("over-capacity"));
+    assert!(start.elapsed() < Duration::from_secs(2), "refused only after {:?}", start.elapsed());
+}
+
+#[tokio::test]
+async fn a_flooded_tool_is_refused_at_once_and_others_keep_answering() {
+    let release = CancellationToken::new();
+    let _release_guard = release.clone().drop_guard();
+    let slow = hanging_backend(release.clone()).await;
+    let fast = Backend::echo("fast").await;
+    let config = Config {
+        tool_max_concurrent_requests: 4,
+        tool_max_concurrent_requests_overrides: BTreeMap::from([("busy".to_string(), 8)]),
+        ..Config::default()
+    };
+    let proxy = Proxy::start(config).await;
+    proxy.set_route("slow", ".*", &slow.url()).await;
+    proxy.set_route("busy", ".*", &slow.url()).await;
+    proxy.set_route("fast", ".*", &fast.url()).await;
+
+    let held = flood(&proxy, &slow, "slow.toolforge.org", 4).await;
+    assert_over_capacity(&proxy, "slow.toolforge.org", "/").await;
+    // Legacy paths count against the same tool.
+    assert_over_capacity(&proxy, "tools.wmflabs.org", "/slow/").await;
+    for _ in 0..20 {
+        let got = get(proxy.http, "fast.toolforge.org", "/", &[]).await;
+        assert_eq!(got.status, 200, "another tool suffered from the flood: {got:?}");
+    }
+
+    // The override raises one tool's share above the default.
+    let busy = flood(&proxy, &slow, "busy.toolforge.org", 8).await;
+    assert_over_capacity(&proxy, "busy.toolforge.org", "/").await;
+
+    // When the held requests finish, their places are free again.
+    release.cancel();
+    for request in held.into_iter().chain(busy) {
+        assert_eq!(request.await.unwrap().status, 200);
+    }
+    let got = get(proxy.http, "slow.toolforge.org", "/", &[]).await;
+    assert_eq!(got.status, 200);
+}
+
+/// A real WebSocket echo backend.
+async fn websocket_echo_backend() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else { return };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_open_websocket_tunnel_holds_its_tools_place() {
+    let addr = websocket_echo_backend().await;
+    let config = Config { tool_max_concurrent_requests: 1, ..Config::default() };
+    let proxy = Proxy::start(config).await;
+    proxy.set_route("ws", ".*", &format!("http://{addr}")).await;
+    let request = http::Request::builder()
+        .uri(format!("ws://{}/socket", proxy.http))
+        .header("host", "ws.toolforge.org")
+        .header("user-agent", "t")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", tokio_tungstenite::tungstenite::handshake::client::generate_key())
+        .body(())
+        .unwrap();
+    let (mut ws, response) = tokio_tungstenite::connect_async(request).await.expect("handshake");
+    assert_eq!(response.status(), 101);
+    ws.send(tokio_tungstenite::tungstenite::Message::text("ping")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+
+    assert_over_capacity(&proxy, "ws.toolforge.org", "/").await;
+
+    drop(ws);
+    eventually(Duration::from_secs(5), "the tunnel's place is given back", || async {
+        // The echo backend is not HTTP: a request that reaches it fails as
+        // unreachable, which still shows the share let it through.
+        let got = get(proxy.http, "ws.toolforge.org", "/", &[]).await;
+        (got.header("x-dynamicproxy-reason") != Some("over-capacity")).then_some(())
+    })
+    .await;
+}
