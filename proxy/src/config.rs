@@ -117,6 +117,18 @@ pub struct Config {
     /// Per-tool shares replacing `tool_max_concurrent_requests` for the named
     /// tools (operators raise a busy tool's share): `toolname = 1024`.
     pub tool_max_concurrent_requests_overrides: BTreeMap<String, u32>,
+    /// Consecutive connect failures or timeouts that mark a backend down
+    /// (fast 502 `backend-down`); 0 = never. Default 5: one or two failures
+    /// happen to healthy backends (a restart, a full accept queue); five in a
+    /// row with none answered is a dead backend.
+    pub backend_down_after_failures: u32,
+    /// Seconds of the first window a backend stays marked down. Default 1:
+    /// a backend back from a restart loses at most a second.
+    pub backend_down_first_secs: u64,
+    /// Longest window, in seconds, as failed trials double it. Default 30:
+    /// a dead backend costs one connect attempt per 30 s, and a revived one
+    /// is found within 30 s even if its tool does not register again.
+    pub backend_down_max_secs: u64,
 }
 
 /// Longest timeout accepted: a year.
@@ -160,6 +172,9 @@ impl Default for Config {
             event_loops: 0,
             tool_max_concurrent_requests: 256,
             tool_max_concurrent_requests_overrides: BTreeMap::new(),
+            backend_down_after_failures: 5,
+            backend_down_first_secs: 1,
+            backend_down_max_secs: 30,
         }
     }
 }
@@ -267,6 +282,16 @@ impl Config {
             if http::HeaderValue::from_str(value).is_err() {
                 return Err(ConfigError::new("extra_headers", value, "not a valid header value"));
             }
+        }
+        if self.backend_down_first_secs == 0 {
+            return Err(ConfigError::new("backend_down_first_secs", 0, "must be at least 1"));
+        }
+        if self.backend_down_max_secs < self.backend_down_first_secs || self.backend_down_max_secs > MAX_TIMEOUT_SECS {
+            return Err(ConfigError::new(
+                "backend_down_max_secs",
+                self.backend_down_max_secs,
+                format!("must be between backend_down_first_secs and {MAX_TIMEOUT_SECS}"),
+            ));
         }
         for (tool, limit) in &self.tool_max_concurrent_requests_overrides {
             if !dynamicproxy_redis::ToolName::is_valid(tool) {

@@ -83,6 +83,10 @@ pub enum ProxyError {
     /// can follow on it unchecked.
     #[error("backend switched protocols unasked")]
     UnaskedUpgrade,
+    /// The backend is marked down after repeated failures: answered at once
+    /// instead of waiting for another connect timeout.
+    #[error("backend marked down")]
+    BackendDown,
     /// The tool has `tool_max_concurrent_requests` in flight already (or its
     /// backend its connection cap): refused at once rather than queued.
     #[error("over capacity")]
@@ -105,9 +109,10 @@ impl ProxyError {
             ProxyError::Maintenance => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoWebservice | ProxyError::OverCapacity => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::UpstreamUnreachable(_) | ProxyError::DeniedBackend(_) | ProxyError::UnaskedUpgrade => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::UpstreamUnreachable(_)
+            | ProxyError::DeniedBackend(_)
+            | ProxyError::UnaskedUpgrade
+            | ProxyError::BackendDown => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -122,6 +127,7 @@ impl ProxyError {
             ProxyError::Maintenance => "maintenance",
             ProxyError::NoWebservice => "no-route",
             ProxyError::OverCapacity => "over-capacity",
+            ProxyError::BackendDown => "backend-down",
             ProxyError::UpstreamUnreachable(_) | ProxyError::UnaskedUpgrade => "backend-unreachable",
             ProxyError::UpstreamTimeout(_) => "backend-timeout",
             ProxyError::DeniedBackend(_) => "denied-backend",
@@ -149,6 +155,7 @@ impl ProxyError {
             ProxyError::Maintenance => Some(Page::TechnicalIssues),
             ProxyError::NoWebservice => Some(Page::NoWebservice),
             ProxyError::OverCapacity => Some(Page::OverCapacity),
+            ProxyError::BackendDown => Some(Page::BackendDown),
             ProxyError::UpstreamUnreachable(_) | ProxyError::UnaskedUpgrade => Some(Page::Unreachable),
             ProxyError::UpstreamTimeout(_) => Some(Page::Timeout),
             ProxyError::DeniedBackend(_) => Some(Page::DeniedBackend),
@@ -201,6 +208,7 @@ mod tests {
             (ProxyError::Maintenance, 503, Some(Page::TechnicalIssues), "maintenance"),
             (ProxyError::NoWebservice, 503, Some(Page::NoWebservice), "no-route"),
             (ProxyError::OverCapacity, 503, Some(Page::OverCapacity), "over-capacity"),
+            (ProxyError::BackendDown, 502, Some(Page::BackendDown), "backend-down"),
             (ProxyError::UpstreamUnreachable(io()), 502, Some(Page::Unreachable), "backend-unreachable"),
             (ProxyError::UnaskedUpgrade, 502, Some(Page::Unreachable), "backend-unreachable"),
             (ProxyError::UpstreamTimeout(io()), 504, Some(Page::Timeout), "backend-timeout"),

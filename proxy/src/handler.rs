@@ -25,6 +25,7 @@ use crate::fair_share::{FairShare, Slot};
 use crate::headers::{self, Forwarded};
 use crate::host::{normalize_host, valid_percent_encoding};
 use crate::metrics::Metrics;
+use crate::outlier::{self, Admission, Outcome, Outliers};
 use crate::pages::{Page, Pages};
 use crate::protect::{Protection, Verdict};
 use crate::route::{Decision, Router};
@@ -58,6 +59,8 @@ pub(crate) struct Shared {
     pub tunnels: TaskTracker,
     /// Cancelled when the shutdown grace period is over.
     pub hard_stop: CancellationToken,
+    /// Backends marked down after repeated failures.
+    pub outliers: Outliers,
     /// Requests in flight per tool, against `tool_max_concurrent_requests`.
     pub fair_share: Arc<FairShare>,
 }
@@ -94,12 +97,20 @@ struct RequestContext {
     host: Option<String>,
     /// This request's place in its tool's share; a tunnel takes it over.
     share: Option<Slot>,
+    /// What the backend exchange showed about the backend's health.
+    outcome: Outcome,
 }
 
 /// Handles one request; never fails (errors become pages).
 pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<ProxyBody> {
-    let mut ctx =
-        RequestContext { start: Instant::now(), upstream: None, upstream_time: None, host: None, share: None };
+    let mut ctx = RequestContext {
+        start: Instant::now(),
+        upstream: None,
+        upstream_time: None,
+        host: None,
+        share: None,
+        outcome: Outcome::Neutral,
+    };
     let logged = shared.access_log.as_ref().map(|_| (req.method().clone(), req.uri().clone()));
     let mut response = match respond(&shared, &conn, req, &mut ctx).await {
         Ok(response) => response,
@@ -220,12 +231,19 @@ async fn respond(
     }
     // 6-8. Routing.
     match shared.router.route(&host, req.uri().path(), req.uri().query()) {
-        Decision::Proxy(backend, _via) => {
+        Decision::Proxy(backend, via) => {
             ctx.upstream = Some(backend.clone());
+            let path = req.uri().path().to_owned();
+            let routes = || outlier::routes_of(&shared.router, &host, &path, via);
+            if shared.outliers.admit(&backend, routes) == Admission::Down {
+                return Err(ProxyError::BackendDown);
+            }
             if let Some(tool) = shared.router.tool_of(&host, req.uri().path()) {
                 ctx.share = Some(shared.fair_share.try_acquire(tool).ok_or(ProxyError::OverCapacity)?);
             }
-            forward(shared, conn, req, &backend, &host, (&raw_host, raw_host_str), ctx).await
+            let result = forward(shared, conn, req, &backend, &host, (&raw_host, raw_host_str), ctx).await;
+            shared.outliers.record(&backend, ctx.outcome, routes);
+            result
         }
         Decision::Redirect(status, location) => Ok(redirect_response(status, &location)),
         Decision::NoWebservice => Err(ProxyError::NoWebservice),
@@ -295,6 +313,7 @@ async fn forward(
 
     let sent = Instant::now();
     let result = conn.pool.request(upstream_req).await;
+    ctx.outcome = outlier::outcome(&result);
     let elapsed = sent.elapsed();
     ctx.upstream_time = Some(elapsed);
     let mut response = result.map_err(classify)?;

@@ -23,6 +23,7 @@
 //! - [`tls`]: certificates by SNI, hot reload.
 //! - [`pages`]: built-in and overridden error pages.
 //! - [`list`]: the `/list` API.
+//! - [`outlier`]: backends marked down after repeated failures, answered fast with `backend-down`.
 //! - [`access_log`], [`metrics`]: observability.
 //! - [`fair_share`]: requests in flight per tool, against `tool_max_concurrent_requests`.
 //! - [`error`]: [`Error`] (cannot start) and [`ProxyError`] (one request, mapped to a status).
@@ -38,6 +39,7 @@
 //!               ├─ 1 healthz · 2 Host / URI checks · HTTP→HTTPS redirect
 //!               ├─ 3 bans, User-Agent, Referer · 4 rate limit · 5 maintenance · host redirects
 //!               ├─ route (route::Router over RouteCache: tool host, legacy path, admin, default)
+//!               ├─ backend marked down? (outlier: fast 502 backend-down; one trial per window)
 //!               ├─ the tool's share (fair_share: over tool_max_concurrent_requests → 503 over-capacity)
 //!               └─ forward (upstream client pool; headers rewritten; body streamed; WebSocket tunnelled)
 //!                   ├─ new connection: resolve (resolver cache) → drop denied addresses (egress) → connect
@@ -59,6 +61,7 @@ pub mod host;
 pub mod idle;
 pub mod list;
 pub mod metrics;
+pub mod outlier;
 pub mod pages;
 pub mod protect;
 pub mod resolver;
@@ -192,6 +195,14 @@ pub async fn run(
         https_port,
         tunnels: tunnels.clone(),
         hard_stop: hard_stop.clone(),
+        outliers: outlier::Outliers::new(
+            outlier::OutlierSettings {
+                after_failures: config.backend_down_after_failures,
+                first: Config::secs(config.backend_down_first_secs),
+                max: Config::secs(config.backend_down_max_secs),
+            },
+            metrics.clone(),
+        ),
         fair_share: fair_share::FairShare::new(
             config.tool_max_concurrent_requests,
             &config.tool_max_concurrent_requests_overrides,

@@ -16,6 +16,11 @@ struct ClassLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -30,6 +35,8 @@ pub struct Metrics {
     routes_in_cache: Gauge,
     cache_age_seconds: Gauge,
     redis_connected: Gauge,
+    backends_down: Gauge,
+    backend_transitions: [Counter; 2],
 }
 
 impl Metrics {
@@ -66,7 +73,19 @@ impl Metrics {
         );
         let redis_connected = Gauge::default();
         registry.register("redis_connected", "1 while the route cache is connected to Redis", redis_connected.clone());
+        let backends_down = Gauge::default();
+        registry.register("backends_down", "Backends marked down after repeated failures, now", backends_down.clone());
+        let transitions = Family::<DirectionLabel, Counter>::default();
+        registry.register(
+            "backend_transitions",
+            "Backends marked down (direction=down) and back up (direction=up)",
+            transitions.clone(),
+        );
+        let backend_transitions =
+            ["down", "up"].map(|direction| transitions.get_or_create(&DirectionLabel { direction }).clone());
         Metrics {
+            backends_down,
+            backend_transitions,
             by_class,
             upstream_seconds,
             upstream_errors,
@@ -104,6 +123,18 @@ impl Metrics {
 
     pub(crate) fn connection_refused(&self) {
         self.connections_refused.inc();
+    }
+
+    /// A backend was marked down.
+    pub fn backend_down(&self) {
+        self.backends_down.inc();
+        self.backend_transitions[0].inc();
+    }
+
+    /// A backend marked down is up again (or its tool registered anew).
+    pub fn backend_up(&self) {
+        self.backends_down.dec();
+        self.backend_transitions[1].inc();
     }
 
     /// Copies the route cache's state into the gauges.

@@ -26,6 +26,8 @@ pub enum Page {
     DeniedBackend,
     /// The tool has its whole share of requests in flight (503).
     OverCapacity,
+    /// The backend is marked down after repeated failures (502).
+    BackendDown,
     /// Served when the backend has no `/favicon.ico`.
     Favicon,
     /// Served when the backend has no `/robots.txt`.
@@ -33,7 +35,7 @@ pub enum Page {
 }
 
 impl Page {
-    const ALL: [Page; 10] = [
+    const ALL: [Page; 11] = [
         Page::Banned,
         Page::RateLimit,
         Page::TechnicalIssues,
@@ -42,6 +44,7 @@ impl Page {
         Page::Timeout,
         Page::DeniedBackend,
         Page::OverCapacity,
+        Page::BackendDown,
         Page::Favicon,
         Page::Robots,
     ];
@@ -57,6 +60,7 @@ impl Page {
             Page::Timeout => "timeout.html",
             Page::DeniedBackend => "denied.html",
             Page::OverCapacity => "overcapacity.html",
+            Page::BackendDown => "backenddown.html",
             Page::Favicon => "favicon.ico",
             Page::Robots => "robots.txt",
         }
@@ -112,6 +116,11 @@ impl Page {
                 "Tool too busy",
                 "The tool serving this URL has too many requests in progress. Please try again in a little while.",
             ),
+            Page::BackendDown => html(
+                "Tool not answering",
+                "The tool serving this URL has not answered several times in a row, so Toolforge stops \
+                 waiting for it for a little while. Please try again later.",
+            ),
             Page::Favicon => Bytes::from_static(FAVICON),
             Page::Robots => Bytes::from_static(b"User-agent: *\nDisallow: /\n"),
         }
@@ -127,13 +136,13 @@ const FAVICON: &[u8] = &[
 /// All pages, loaded once at start.
 #[derive(Debug, Clone)]
 pub struct Pages {
-    bodies: [Bytes; 10],
+    bodies: [Bytes; 11],
 }
 
 impl Pages {
     /// The built-in pages, with any file present in `dir` taking over.
     pub fn load(dir: Option<&Path>) -> Result<Self, Error> {
-        let mut bodies: [Bytes; 10] = Page::ALL.map(Page::builtin);
+        let mut bodies: [Bytes; 11] = Page::ALL.map(Page::builtin);
         if let Some(dir) = dir {
             for (i, page) in Page::ALL.iter().enumerate() {
                 let path = dir.join(page.file_name());

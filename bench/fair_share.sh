@@ -1,0 +1,155 @@
+#!/bin/bash
+# bench/fair_share.sh: does a flooded tool hurt the others? (issue 15, fair shares)
+#
+#   bench/fair_share.sh [--binary target/release/dynamicproxy] [--flood 2000] [--share 256]
+#                       [--duration 10] [--conns 32]
+#
+# Two tools behind one release proxy: `slow`, whose backend sleeps 10 s before
+# every answer, and `fast`, served by nginx. wrk measures `fast`'s p99 alone,
+# then again while --flood clients each keep one request open to `slow`
+# (after a 503 a client waits 1 s and asks again, as people and crawlers do;
+# after a 200 it asks again at once). --share sets tool_max_concurrent_requests
+# (0 = off, to see the flood without fair shares). Prints both p99 figures and
+# their ratio; the goal is within 2x. Outside CI: it takes about a minute.
+# Everything listens on 127.0.0.1 only. Run from the workspace root.
+{
+set -euo pipefail
+. "$(dirname "$0")/peer/lib.sh"
+BINARY=target/release/dynamicproxy FLOOD=2000 SHARE=256 DURATION=10 CONNS=32
+while (($#)); do
+  case $1 in
+    --binary) BINARY=$2; shift 2 ;;
+    --flood) FLOOD=$2; shift 2 ;;
+    --share) SHARE=$2; shift 2 ;;
+    --duration) DURATION=$2; shift 2 ;;
+    --conns) CONNS=$2; shift 2 ;;
+    *) echo "fair_share.sh: unknown argument $1 (see the header)" >&2; exit 64 ;;
+  esac
+done
+[ -x "$BINARY" ] || { echo "fair_share.sh: no binary at $BINARY (cargo build --release)" >&2; exit 64; }
+bench/peer/setup.sh >/dev/null
+ulimit -n 65536
+
+RUN=$(mktemp -d /tmp/proxy-fair.XXXXXX)
+PIDS=()
+cleanup() {
+  set +e
+  local p; for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  [ -s "$RUN/backend/nginx.pid" ] && kill -QUIT "$(cat "$RUN/backend/nginx.pid")"
+  [ -s "$RUN/redis.pid" ] && kill "$(cat "$RUN/redis.pid")"
+  echo "fair_share.sh: stopped; raw output in $RUN"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+REDIS_HOST=127.0.0.1
+REDIS_PORT=$(free_port 6590)
+BACKEND_PORT=$(free_port 18280)
+SLOW_PORT=$(free_port $((BACKEND_PORT + 1)))
+PROXY_PORT=$(free_port $((SLOW_PORT + 1)))
+redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no --daemonize yes \
+  --pidfile "$RUN/redis.pid" --logfile "$RUN/redis.log" --dir "$RUN"
+for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done
+redis-cli -p "$REDIS_PORT" hset prefix:fast '.*' "http://127.0.0.1:$BACKEND_PORT" > /dev/null
+redis-cli -p "$REDIS_PORT" hset prefix:slow '.*' "http://127.0.0.1:$SLOW_PORT" > /dev/null
+mk_nginx "$RUN/backend" "backend:$BACKEND_PORT"
+nginx -p "$RUN/backend" -e "$RUN/backend/logs/error.log" -c "$RUN/backend/nginx.conf"
+
+# The slow backend: every request waits 10 s, keep-alive, thousands at once.
+cat > "$RUN/slow.py" <<'EOF'
+import asyncio, sys
+async def serve(reader, writer):
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head:
+                return
+            await asyncio.sleep(10)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nlate\n")
+            await writer.drain()
+    except Exception:
+        pass
+    finally:
+        writer.close()
+async def main():
+    server = await asyncio.start_server(serve, "127.0.0.1", int(sys.argv[1]), backlog=4096)
+    async with server:
+        await server.serve_forever()
+asyncio.run(main())
+EOF
+python3 "$RUN/slow.py" "$SLOW_PORT" > "$RUN/slow.log" 2>&1 &
+PIDS+=($!)
+
+# The flood: N clients, each with one request to `slow` open at a time.
+cat > "$RUN/flood.py" <<'EOF'
+import asyncio, collections, sys, time
+port, clients, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+counts = collections.Counter()
+REQ = b"GET / HTTP/1.1\r\nHost: slow.toolforge.org\r\nUser-Agent: flood\r\n\r\n"
+async def client(deadline):
+    reader = writer = None
+    while time.monotonic() < deadline:
+        try:
+            if writer is None:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(REQ)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            await reader.readexactly(length)
+            counts[status] += 1
+            if b"connection: close" in head.lower():
+                writer.close(); writer = None
+            if status != 200:
+                await asyncio.sleep(1)
+        except Exception as e:
+            counts[type(e).__name__] += 1
+            if writer is not None:
+                writer.close()
+            writer = None
+            await asyncio.sleep(1)
+async def main():
+    deadline = time.monotonic() + seconds
+    await asyncio.gather(*(client(deadline) for _ in range(clients)))
+    print(dict(counts), flush=True)
+asyncio.run(main())
+EOF
+
+env DYNAMICPROXY_PROXY_DENIED_BACKEND_NETWORKS='[]' DYNAMICPROXY_PROXY_REQUIRE_USER_AGENT=false DYNAMICPROXY_PROXY_TOOL_MAX_CONCURRENT_REQUESTS="$SHARE" \
+  "$BINARY" proxy --http-listen "127.0.0.1:$PROXY_PORT" --list-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
+  --redis-url "redis://127.0.0.1:$REDIS_PORT" > "$RUN/proxy.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do
+  [ "$(curl -s -m 1 -H 'Host: fast.toolforge.org' "http://127.0.0.1:$PROXY_PORT/")" = ok ] && break
+  sleep 0.2
+done
+
+p99_ms() {
+  awk '/^ *99%/ { v = $2; if (v ~ /us$/) v = v / 1000; else if (v ~ /ms$/) v = v + 0; else if (v ~ /s$/) v = v * 1000; print v }' "$1"
+}
+measure() {
+  wrk -t1 -c"$CONNS" -d1s -H 'Host: fast.toolforge.org' "http://127.0.0.1:$PROXY_PORT/" > /dev/null
+  wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H 'Host: fast.toolforge.org' "http://127.0.0.1:$PROXY_PORT/" > "$1"
+}
+
+measure "$RUN/alone.txt"
+python3 "$RUN/flood.py" "$PROXY_PORT" "$FLOOD" $((DURATION + 15)) > "$RUN/flood.txt" 2>&1 &
+FLOOD_PID=$!
+PIDS+=($FLOOD_PID)
+sleep 3 # let the flood connect and fill the slow tool's share
+measure "$RUN/flooded.txt"
+wait "$FLOOD_PID" || true
+
+alone=$(p99_ms "$RUN/alone.txt") flooded=$(p99_ms "$RUN/flooded.txt")
+errs() { awk '/Non-2xx/ { s += $NF } /Socket errors/ { gsub(",", ""); s += $4 + $6 + $8 + $10 } END { print s + 0 }' "$1"; }
+printf 'fast tool alone:      p99 %7.2f ms  %8.0f req/s  errors %d\n' "$alone" \
+  "$(awk '/^Requests\/sec/ { print $2 }' "$RUN/alone.txt")" "$(errs "$RUN/alone.txt")"
+printf 'fast tool in a flood: p99 %7.2f ms  %8.0f req/s  errors %d\n' "$flooded" \
+  "$(awk '/^Requests\/sec/ { print $2 }' "$RUN/flooded.txt")" "$(errs "$RUN/flooded.txt")"
+printf 'ratio %.2fx (goal: within 2x); share %s, flood %s clients; flood answers: %s\n' \
+  "$(echo "$flooded / $alone" | bc -l)" "$SHARE" "$FLOOD" "$(cat "$RUN/flood.txt")"
+exit
+}
