@@ -44,6 +44,8 @@ pub struct Entry<'a> {
     pub total_time: Duration,
     /// The tool the request was about.
     pub tool: Option<&'a str>,
+    /// The request's `X-Request-Id`.
+    pub request_id: &'a str,
 }
 
 impl AccessLog {
@@ -71,7 +73,7 @@ impl AccessLog {
         let mut line = String::with_capacity(160);
         let _ = writeln!(
             line,
-            "{} {} \"{} {}\" {} {} upstream={} upstream_time={} time={:.3} tool={}",
+            "{} {} \"{} {}\" {} {} upstream={} upstream_time={} time={:.3} tool={} request_id={}",
             entry.client.ip(),
             entry.host,
             entry.method,
@@ -82,6 +84,7 @@ impl AccessLog {
             entry.upstream_time.map_or("-".to_string(), |t| format!("{:.3}", t.as_secs_f64())),
             entry.total_time.as_secs_f64(),
             entry.tool.unwrap_or("-"),
+            entry.request_id,
         );
         if self.tx.try_send(line).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);

@@ -26,8 +26,9 @@ use crate::headers::{self, Forwarded};
 use crate::host::{normalize_host, valid_percent_encoding};
 use crate::metrics::Metrics;
 use crate::outlier::{self, Admission, Outcome, Outliers};
-use crate::pages::{Page, Pages};
+use crate::pages::{Page, PageVars, Pages};
 use crate::protect::{Protection, Verdict};
+use crate::request_id::{self, X_REQUEST_ID};
 use crate::route::{Decision, Router};
 use crate::sniff::SmuggleFlags;
 use crate::upgrade;
@@ -99,6 +100,8 @@ struct RequestContext {
     share: Option<Slot>,
     /// What the backend exchange showed about the backend's health.
     outcome: Outcome,
+    /// `X-Request-Id`: sent to the backend, returned, logged, shown on pages.
+    request_id: HeaderValue,
 }
 
 /// Handles one request; never fails (errors become pages).
@@ -110,8 +113,11 @@ pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Reques
         host: None,
         share: None,
         outcome: Outcome::Neutral,
+        request_id: request_id::of(req.headers()),
     };
     let logged = shared.access_log.as_ref().map(|_| (req.method().clone(), req.uri().clone()));
+    // Kept (cheap clones of shared bytes) to name the tool on an error page.
+    let asked = (req.uri().clone(), req.headers().get(header::HOST).cloned());
     let mut response = match respond(&shared, &conn, req, &mut ctx).await {
         Ok(response) => response,
         Err(error) => {
@@ -126,9 +132,17 @@ pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Reques
             } else {
                 debug!(client = %conn.client, error = %error_chain(&error), "request refused");
             }
-            error_response(&shared.pages, &error)
+            let tool = page_tool(&shared.router, &asked.0, asked.1.as_ref());
+            let vars = PageVars {
+                reason: error.reason(),
+                tool: tool.as_deref().unwrap_or("-"),
+                request_id: ctx.request_id.to_str().unwrap_or("-"),
+                hint: crate::reasons::hint(error.reason()),
+            };
+            error_response(&shared.pages, &error, &vars)
         }
     };
+    response.headers_mut().insert(X_REQUEST_ID, ctx.request_id.clone());
     apply_policy(&shared, &conn, &mut response);
     shared.metrics.response(response.status().as_u16());
     if let (Some(log), Some((method, uri))) = (&shared.access_log, logged) {
@@ -145,6 +159,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Reques
             upstream_time: ctx.upstream_time,
             total_time: ctx.start.elapsed(),
             tool,
+            request_id: ctx.request_id.to_str().unwrap_or("-"),
         });
     }
     response
@@ -296,6 +311,7 @@ async fn forward(
     let original_uri = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let fwd = Forwarded { client_ip: conn.client.ip(), host, port: &conn.port, proto: conn.proto(), original_uri };
     headers::to_upstream(&mut parts.headers, &fwd, upgrade);
+    parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
     if parts.version == Version::HTTP_2 {
         headers::join_cookies(&mut parts.headers);
     }
@@ -421,10 +437,26 @@ fn apply_policy(shared: &Shared, conn: &ConnInfo, response: &mut Response<ProxyB
     }
 }
 
-/// The response for an error: its page, or a short text, with its reason code.
-pub(crate) fn error_response(pages: &Pages, error: &ProxyError) -> Response<ProxyBody> {
+/// The tool a failed request was for, to name it on the page: from the Host
+/// (or HTTP/2 `:authority`) and the path, as the access log names it.
+fn page_tool(router: &crate::route::Router, uri: &Uri, host: Option<&HeaderValue>) -> Option<String> {
+    let raw = match uri.authority() {
+        Some(authority) => authority.as_str(),
+        None => host?.to_str().ok()?,
+    };
+    let host = normalize_host(raw).ok()?;
+    router.tool_of(&host, uri.path()).map(str::to_owned)
+}
+
+/// The response for an error: its page (naming the reason, the tool and the
+/// request id), or a short text, with its reason code.
+pub(crate) fn error_response(pages: &Pages, error: &ProxyError, vars: &PageVars<'_>) -> Response<ProxyBody> {
     let mut response = match error.page() {
-        Some(page) => page_response(pages, error.status(), page),
+        Some(page) => {
+            let mut response = page_response(pages, error.status(), page);
+            *response.body_mut() = ProxyBody::full(pages.render(page, vars));
+            response
+        }
         None => text_response(error.status(), error.text()),
     };
     response.headers_mut().insert(X_DYNAMICPROXY_REASON, HeaderValue::from_static(error.reason()));

@@ -24,6 +24,8 @@
 //! - [`pages`]: built-in and overridden error pages.
 //! - [`list`]: the `/list` API.
 //! - [`outlier`]: backends marked down after repeated failures, answered fast with `backend-down`.
+//! - [`request_id`]: `X-Request-Id`, kept from the client or made, on both sides and in the log.
+//! - [`reasons`]: what each reason code means for a tool's maintainers, for the pages.
 //! - [`access_log`], [`metrics`]: observability.
 //! - [`fair_share`]: requests in flight per tool, against `tool_max_concurrent_requests`.
 //! - [`error`]: [`Error`] (cannot start) and [`ProxyError`] (one request, mapped to a status).
@@ -64,6 +66,8 @@ pub mod metrics;
 pub mod outlier;
 pub mod pages;
 pub mod protect;
+pub mod reasons;
+pub mod request_id;
 pub mod resolver;
 pub mod route;
 mod server;

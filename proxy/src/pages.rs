@@ -1,5 +1,10 @@
 //! The proxy's own pages (errors, `favicon.ico`, `robots.txt`): built-in
 //! defaults, each replaceable by a file in `--error-pages DIR`.
+//!
+//! Error pages are templates: `{{reason}}` (the SPEC §3 reason code),
+//! `{{tool}}`, `{{request_id}}` and `{{hint}}` (what the tool's maintainers
+//! can do) are filled in, HTML-escaped, for each answer; other text between
+//! braces is left as it is.
 
 use std::path::Path;
 
@@ -80,7 +85,10 @@ impl Page {
             Bytes::from(format!(
                 "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{title}</title>\n\
                  <style>body{{font-family:sans-serif;max-width:40em;margin:4em auto;padding:0 1em;color:#202122}}</style>\n\
-                 </head>\n<body>\n<h1>{title}</h1>\n<p>{text}</p>\n</body>\n</html>\n"
+                 </head>\n<body>\n<h1>{title}</h1>\n<p>{text}</p>\n\
+                 <p>Tool: <code>{{{{tool}}}}</code> &middot; reason: <code>{{{{reason}}}}</code> &middot; \
+                 request id: <code>{{{{request_id}}}}</code></p>\n\
+                 <p>For the tool's maintainers: {{{{hint}}}}</p>\n</body>\n</html>\n"
             ))
         };
         match self {
@@ -156,6 +164,15 @@ impl Pages {
         Ok(Pages { bodies })
     }
 
+    /// The body of error page `page` with its template variables filled in.
+    pub fn render(&self, page: Page, vars: &PageVars<'_>) -> Bytes {
+        let template = self.body(page);
+        if matches!(page, Page::Favicon | Page::Robots) || !template.windows(2).any(|w| w == b"{{") {
+            return template;
+        }
+        Bytes::from(fill(&String::from_utf8_lossy(&template), vars))
+    }
+
     /// The body of `page` (a cheap clone).
     pub fn body(&self, page: Page) -> Bytes {
         let index = Page::ALL.iter().position(|p| *p == page).unwrap_or(0);
@@ -163,8 +180,84 @@ impl Pages {
     }
 }
 
+/// The values an error page's template variables take.
+#[derive(Debug, Clone, Copy)]
+pub struct PageVars<'a> {
+    /// `{{reason}}`: the reason code.
+    pub reason: &'a str,
+    /// `{{tool}}`: the tool the request was for.
+    pub tool: &'a str,
+    /// `{{request_id}}`: the request's `X-Request-Id`.
+    pub request_id: &'a str,
+    /// `{{hint}}`: what the tool's maintainers can do.
+    pub hint: &'a str,
+}
+
+/// Replaces each known `{{name}}` in `template` with its escaped value.
+fn fill(template: &str, vars: &PageVars<'_>) -> String {
+    let mut out = String::with_capacity(template.len() + 256);
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let value = after.find("}}").and_then(|end| {
+            let value = match after[..end].trim() {
+                "reason" => vars.reason,
+                "tool" => vars.tool,
+                "request_id" => vars.request_id,
+                "hint" => vars.hint,
+                _ => return None,
+            };
+            Some((value, end))
+        });
+        match value {
+            Some((value, end)) => {
+                escape_into(&mut out, value);
+                rest = &after[end + 2..];
+            }
+            None => {
+                out.push_str("{{");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// HTML-escapes `text` (element content and quoted attributes alike).
+fn escape_into(out: &mut String, text: &str) {
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+}
+
 impl Default for Pages {
     fn default() -> Self {
         Pages { bodies: Page::ALL.map(Page::builtin) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variables_are_filled_escaped_and_unknown_ones_kept() {
+        let vars = PageVars { reason: "no-route", tool: "<b>x</b>", request_id: "a\"b", hint: "R&D" };
+        assert_eq!(
+            fill("{{reason}} {{ tool }} {{request_id}} {{hint}} {{other}} {{", &vars),
+            "no-route &lt;b&gt;x&lt;/b&gt; a&quot;b R&amp;D {{other}} {{"
+        );
+        let page = String::from_utf8(Pages::default().render(Page::NoWebservice, &vars).to_vec()).unwrap();
+        assert!(page.contains("reason: <code>no-route</code>") && page.contains("R&amp;D"), "{page}");
+        assert!(!page.contains("{{"), "{page}");
     }
 }

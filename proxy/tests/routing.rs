@@ -163,7 +163,10 @@ async fn metrics_and_access_log() {
     .await;
     let first = line.lines().next().unwrap();
     assert!(first.starts_with("127.0.0.1 foo.toolforge.org \"GET /logged?x=1\" 200 "), "{first}");
-    assert!(first.contains(&format!("upstream={}", backend.url())) && first.ends_with("tool=foo"), "{first}");
+    assert!(
+        first.contains(&format!("upstream={}", backend.url())) && first.contains(" tool=foo request_id="),
+        "{first}"
+    );
     assert!(line.lines().nth(1).unwrap().contains("\" 503 "), "{line}");
 
     let metrics = eventually(Duration::from_secs(5), "cache gauges", || {

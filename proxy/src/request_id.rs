@@ -1,0 +1,62 @@
+//! `X-Request-Id` (SPEC §3): the id that ties a user's error page, the
+//! access log line and the backend's own logs together. The client's id is
+//! kept when it is sane; otherwise a short random one is made.
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::HeaderMap;
+use http::header::{HeaderName, HeaderValue};
+
+/// The header, sent to backends and returned on every response.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Longest client-sent id kept; longer ones are replaced (they end up in
+/// pages and log lines).
+const MAX_LEN: usize = 128;
+
+/// Keys chosen at random once per process, so ids are not guessable from
+/// one another and differ between restarts.
+static KEYS: LazyLock<RandomState> = LazyLock::new(RandomState::new);
+/// Requests numbered in order, hashed into ids: unique within a process.
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// The request's id: the client's `X-Request-Id` when it is printable ASCII
+/// of a sane length, otherwise a new one.
+pub fn of(headers: &HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get(&X_REQUEST_ID)
+        && !id.is_empty()
+        && id.len() <= MAX_LEN
+        && id.as_bytes().iter().all(|b| b.is_ascii_graphic())
+    {
+        return id.clone();
+    }
+    new()
+}
+
+/// A new id: 16 hex digits.
+pub fn new() -> HeaderValue {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let id = format!("{:016x}", KEYS.hash_one(n));
+    HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("0000000000000000"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sane_ids_are_kept_and_others_replaced() {
+        let mut headers = HeaderMap::new();
+        headers.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(of(&headers), "abc-123");
+        headers.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
+        assert_ne!(of(&headers), "has space");
+        headers.insert(X_REQUEST_ID, HeaderValue::from_str(&"x".repeat(200)).unwrap());
+        assert_eq!(of(&headers).len(), 16);
+        let (a, b) = (new(), new());
+        assert_ne!(a, b);
+        assert!(a.to_str().unwrap().bytes().all(|c| c.is_ascii_hexdigit()));
+    }
+}
