@@ -28,7 +28,7 @@ while (($#)); do
 done
 [ -x "$BINARY" ] || { echo "fair_share.sh: no binary at $BINARY (cargo build --release)" >&2; exit 64; }
 bench/peer/setup.sh >/dev/null
-ulimit -n 65536
+ulimit -n "$(ulimit -Hn)" # 2,000 flood clients, their backend connections and the proxy's
 
 RUN=$(mktemp -d /tmp/proxy-fair.XXXXXX)
 PIDS=()
