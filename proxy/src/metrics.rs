@@ -26,7 +26,7 @@ pub struct Metrics {
     upstream_seconds: Histogram,
     upstream_errors: Family<ReasonLabel, Counter>,
     connections_open: Gauge,
-    connections_refused: Counter,
+    connections_refused: Family<ReasonLabel, Counter>,
     routes_in_cache: Gauge,
     cache_age_seconds: Gauge,
     redis_connected: Gauge,
@@ -50,10 +50,10 @@ impl Metrics {
         registry.register("upstream_errors", "Upstream failures, by reason", upstream_errors.clone());
         let connections_open = Gauge::default();
         registry.register("connections_open", "Client connections being served", connections_open.clone());
-        let connections_refused = Counter::default();
+        let connections_refused = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "connections_refused",
-            "Client connections closed at accept because max_connections was reached",
+            "Client connections refused at accept, by reason (max-connections, per-client)",
             connections_refused.clone(),
         );
         let routes_in_cache = Gauge::default();
@@ -102,8 +102,9 @@ impl Metrics {
         self.connections_open.dec();
     }
 
-    pub(crate) fn connection_refused(&self) {
-        self.connections_refused.inc();
+    /// A connection was refused at accept for `reason` (`max-connections`, `per-client`).
+    pub(crate) fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// Copies the route cache's state into the gauges.
