@@ -41,12 +41,12 @@ impl Refusal {
         match self {
             Refusal::MaxConnections => {
                 b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
-                  Content-Length: 40\r\nConnection: close\r\nRetry-After: 5\r\nCache-Control: no-store\r\n\
+                  Content-Length: 41\r\nConnection: close\r\nRetry-After: 5\r\nCache-Control: no-store\r\n\
                   X-Dynamicproxy-Reason: over-capacity\r\n\r\nThe proxy is overloaded; try again soon.\n"
             }
             Refusal::PerClient => {
                 b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain; charset=utf-8\r\n\
-                  Content-Length: 46\r\nConnection: close\r\nRetry-After: 5\r\nCache-Control: no-store\r\n\
+                  Content-Length: 45\r\nConnection: close\r\nRetry-After: 5\r\nCache-Control: no-store\r\n\
                   X-Dynamicproxy-Reason: rate-limited\r\n\r\nToo many open connections from your network.\n"
             }
         }
