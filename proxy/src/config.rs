@@ -266,13 +266,6 @@ impl Config {
                 format!("must be at most {}", tokio::sync::Semaphore::MAX_PERMITS),
             ));
         }
-        if self.max_connections_per_client > self.max_connections {
-            return Err(ConfigError::new(
-                "max_connections_per_client",
-                self.max_connections_per_client,
-                format!("must be at most max_connections ({})", self.max_connections),
-            ));
-        }
         crate::protect::Protection::from_config(self)?;
         for (name, value) in &self.extra_headers {
             if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
@@ -509,13 +502,10 @@ mod tests {
             Config { http2_idle_timeout_secs: u64::MAX, ..Config::default() },
             Config { client_body_timeout_secs: 0, ..Config::default() },
             Config { send_timeout_secs: MAX_TIMEOUT_SECS + 1, ..Config::default() },
-            Config { max_connections_per_client: 50_001, ..Config::default() },
         ] {
             let err = config.validate().unwrap_err().to_string();
             assert!(
-                ["keepalive_timeout", "http2_idle", "client_body", "send_timeout", "per_client"]
-                    .iter()
-                    .any(|k| err.contains(k)),
+                ["keepalive_timeout", "http2_idle", "client_body", "send_timeout"].iter().any(|k| err.contains(k)),
                 "{err}"
             );
         }
