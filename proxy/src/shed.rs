@@ -59,7 +59,8 @@ pub fn refuse(stream: TcpStream, refusal: Refusal, tls: bool, lingering: &Arc<Se
     if tls {
         return;
     }
-    // The answer fits in an empty socket buffer: one non-blocking write.
+    // The answer fits in an empty socket buffer: one non-blocking write
+    // (tokio takes a freshly accepted socket as writable, so it is tried at once).
     if stream.try_write(refusal.answer()).is_err() {
         return;
     }

@@ -137,6 +137,34 @@ async fn connections_past_the_per_client_cap_get_429_and_are_counted() {
     assert!(served, "the closed connection's place was never given back");
 }
 
+#[tokio::test]
+async fn ipv4_clients_of_a_dual_stack_listener_are_counted_apart() {
+    // On `[::]` IPv4 clients arrive as `::ffff:a.b.c.d`; counted by /64 they
+    // would all share one count.
+    let proxy = Proxy::start_on(
+        "[::]:0",
+        dynamicproxy_test_support::RedisServer::start(),
+        Config { max_connections_per_client: 1, ..Config::default() },
+        |_| {},
+    )
+    .await;
+    let port = proxy.http.port();
+    let mut held = Vec::new();
+    for source in ["127.0.0.1", "127.0.0.2"] {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        let mut stream = socket.connect(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await.unwrap();
+        stream.write_all(HEALTHZ).await.unwrap();
+        let answer = read_response(&mut stream, Duration::from_secs(5)).await;
+        assert_eq!(status_of(&answer), 200, "{source}: {answer}");
+        held.push(stream);
+    }
+    // A second connection from 127.0.0.1 is one too many.
+    let mut again = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    again.write_all(HEALTHZ).await.unwrap();
+    assert_eq!(status_of(&read_response(&mut again, Duration::from_secs(5)).await), 429);
+}
+
 // ---- Point 8: load shedding at max_connections ----
 
 #[tokio::test]
