@@ -35,7 +35,12 @@ impl Activity {
 
     /// A request has arrived; it is in flight until the guard is dropped.
     pub fn begin(self: &Arc<Self>) -> InFlight {
-        self.state.send_modify(|s| s.in_flight += 1);
+        // No wake-up: a waiter sleeping toward the idle deadline finds the
+        // request when it wakes, and waits for the end instead.
+        self.state.send_if_modified(|s| {
+            s.in_flight += 1;
+            false
+        });
         InFlight(self.clone())
     }
 
@@ -49,14 +54,21 @@ impl Activity {
         let mut changes = self.state.subscribe();
         loop {
             let state = *changes.borrow_and_update();
-            if state.in_flight == 0 {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(state.idle_since + timeout) => return,
-                    _ = changes.changed() => {}
+            if state.in_flight > 0 {
+                if changes.changed().await.is_err() {
+                    // Cannot happen while `self` holds the sender; never resolve.
+                    std::future::pending::<()>().await;
                 }
-            } else if changes.changed().await.is_err() {
-                // Cannot happen while `self` holds the sender; never resolve.
-                std::future::pending::<()>().await;
+                continue;
+            }
+            // Checked again after the sleep: requests begin without waking us.
+            let deadline = state.idle_since + timeout;
+            if deadline <= Instant::now() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = changes.changed() => {}
             }
         }
     }
@@ -67,11 +79,14 @@ pub struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.state.send_modify(|s| {
+        // Only the last request's end restarts the idle clock: waiters are
+        // woken then and only then.
+        self.0.state.send_if_modified(|s| {
             s.in_flight -= 1;
             if s.in_flight == 0 {
                 s.idle_since = Instant::now();
             }
+            s.in_flight == 0
         });
     }
 }
@@ -125,6 +140,19 @@ mod tests {
         assert_eq!(activity.in_flight(), 0);
         tokio::time::sleep(ms(100)).await;
         assert!(!idle.is_finished(), "idle counted from before the request ended");
+        tokio::time::timeout(ms(2000), idle).await.unwrap().unwrap();
+
+        // A request that begins while the waiter sleeps holds the connection open.
+        drop(activity.begin());
+        let idle = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.idle_for(ms(200)).await }
+        });
+        tokio::time::sleep(ms(50)).await;
+        let request = activity.begin();
+        tokio::time::sleep(ms(400)).await;
+        assert!(!idle.is_finished(), "idle while a request that began later was in flight");
+        drop(request);
         tokio::time::timeout(ms(2000), idle).await.unwrap().unwrap();
     }
 }
