@@ -12,6 +12,36 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+/// Which limit of [`IdleIo`] ended a connection; the source of its `TimedOut` error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IdleTimeout {
+    /// No traffic either way for the idle timeout.
+    #[error("connection idle for too long")]
+    Idle,
+    /// A write waited for the send timeout without progress.
+    #[error("client not reading the response")]
+    Send,
+}
+
+impl IdleTimeout {
+    /// The limit behind `error`, searched along its sources.
+    pub fn find(error: &(dyn std::error::Error + 'static)) -> Option<IdleTimeout> {
+        let mut source = Some(error);
+        while let Some(e) = source {
+            if let Some(found) = e.downcast_ref::<IdleTimeout>() {
+                return Some(*found);
+            }
+            if let Some(found) =
+                e.downcast_ref::<io::Error>().and_then(|io| io.get_ref()?.downcast_ref::<IdleTimeout>())
+            {
+                return Some(*found);
+            }
+            source = e.source();
+        }
+        None
+    }
+}
+
 /// `T` with an idle timeout over reads and writes together, and a stall
 /// timeout over blocked writes.
 pub struct IdleIo<T> {
@@ -88,11 +118,11 @@ impl<T> IdleIo<T> {
             if let Some(since) = self.write_blocked_since
                 && since + self.send_timeout <= now
             {
-                return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "client not reading the response"));
+                return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, IdleTimeout::Send));
             }
             let deadline = self.last_activity + self.timeout;
             if deadline <= now {
-                return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "connection idle for too long"));
+                return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, IdleTimeout::Idle));
             }
             let next = match self.write_blocked_since {
                 Some(since) => deadline.min(since + self.send_timeout),

@@ -20,6 +20,11 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: &'static str,
+}
+
 /// The proxy's metrics, registered under `dynamicproxy_proxy_*`.
 pub struct Metrics {
     by_class: [Counter; 5],
@@ -27,6 +32,7 @@ pub struct Metrics {
     upstream_errors: Family<ReasonLabel, Counter>,
     connections_open: Gauge,
     connections_refused: Family<ReasonLabel, Counter>,
+    connection_timeouts: Family<PhaseLabel, Counter>,
     routes_in_cache: Gauge,
     cache_age_seconds: Gauge,
     redis_connected: Gauge,
@@ -56,6 +62,12 @@ impl Metrics {
             "Client connections refused at accept, by reason (max-connections, per-client)",
             connections_refused.clone(),
         );
+        let connection_timeouts = Family::<PhaseLabel, Counter>::default();
+        registry.register(
+            "connection_timeouts",
+            "Client connections closed by a timeout, by phase (handshake, header, keepalive, http2-idle, send, idle)",
+            connection_timeouts.clone(),
+        );
         let routes_in_cache = Gauge::default();
         registry.register("routes_in_cache", "Tools in the route cache", routes_in_cache.clone());
         let cache_age_seconds = Gauge::default();
@@ -72,6 +84,7 @@ impl Metrics {
             upstream_errors,
             connections_open,
             connections_refused,
+            connection_timeouts,
             routes_in_cache,
             cache_age_seconds,
             redis_connected,
@@ -105,6 +118,11 @@ impl Metrics {
     /// A connection was refused at accept for `reason` (`max-connections`, `per-client`).
     pub(crate) fn connection_refused(&self, reason: &'static str) {
         self.connections_refused.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// A client connection was closed by the timeout of `phase`.
+    pub(crate) fn connection_timeout(&self, phase: &'static str) {
+        self.connection_timeouts.get_or_create(&PhaseLabel { phase }).inc();
     }
 
     /// Copies the route cache's state into the gauges.

@@ -29,8 +29,9 @@ use tracing::{debug, info_span, warn};
 use crate::activity::{Activity, TrackedBody};
 use crate::client_limit::{ClientGuard, ClientLimit};
 use crate::handler::{ConnInfo, Shared, handle};
-use crate::idle::IdleIo;
+use crate::idle::{IdleIo, IdleTimeout};
 use crate::linger::Linger;
+use crate::metrics::Metrics;
 use crate::shed::{self, Refusal};
 use crate::sniff::{SmuggleFlags, SniffIo};
 use crate::tls::TlsAcceptor;
@@ -157,6 +158,7 @@ pub(crate) async fn serve_tcp(
                     }
                     Err(_) => {
                         debug!("TLS handshake timed out");
+                        shared.metrics.connection_timeout("handshake");
                         return;
                     }
                 },
@@ -189,6 +191,7 @@ where
 {
     let activity = Activity::new();
     let requests = activity.clone();
+    let metrics = shared.metrics.clone();
     let service = service_fn(move |req| {
         let in_flight = requests.begin();
         let shared = shared.clone();
@@ -211,20 +214,33 @@ where
     // connection on every core.
     let shutdown = settings.shutdown.child_token();
     tokio::select! {
-        result = connection.as_mut() => {
-            if let Err(error) = result {
-                debug!(%error, "connection ended with an error");
-            }
-            return;
-        }
+        result = connection.as_mut() => return ended(result, &metrics),
         _ = shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
         // Between requests: closed once idle for the keep-alive timeout.
-        _ = activity.idle_for(settings.keepalive_timeout) => connection.as_mut().graceful_shutdown(),
+        _ = activity.idle_for(settings.keepalive_timeout) => {
+            metrics.connection_timeout("keepalive");
+            connection.as_mut().graceful_shutdown();
+        }
     }
     tokio::select! {
         _ = connection.as_mut() => {}
         _ = settings.hard_stop.cancelled() => {}
     }
+}
+
+/// Logs how a connection ended and counts the timeouts among the causes.
+fn ended(result: Result<(), hyper::Error>, metrics: &Metrics) {
+    let Err(error) = result else { return };
+    let phase = match IdleTimeout::find(&error) {
+        Some(IdleTimeout::Send) => Some("send"),
+        Some(IdleTimeout::Idle) => Some("idle"),
+        None if error.is_timeout() => Some("header"),
+        None => None,
+    };
+    if let Some(phase) = phase {
+        metrics.connection_timeout(phase);
+    }
+    debug!(%error, "connection ended with an error");
 }
 
 async fn serve_http2<I>(io: I, conn: Arc<ConnInfo>, shared: Arc<Shared>, settings: &ServeSettings)
@@ -233,6 +249,7 @@ where
 {
     let activity = Activity::new();
     let streams = activity.clone();
+    let metrics = shared.metrics.clone();
     let service = service_fn(move |req| {
         let in_flight = streams.begin();
         let shared = shared.clone();
@@ -248,15 +265,13 @@ where
     tokio::pin!(connection);
     let shutdown = settings.shutdown.child_token();
     tokio::select! {
-        result = connection.as_mut() => {
-            if let Err(error) = result {
-                debug!(%error, "connection ended with an error");
-            }
-            return;
-        }
+        result = connection.as_mut() => return ended(result, &metrics),
         _ = shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
         // No open stream for the idle timeout: GOAWAY, and the client reconnects when it needs to.
-        _ = activity.idle_for(settings.http2_idle_timeout) => connection.as_mut().graceful_shutdown(),
+        _ = activity.idle_for(settings.http2_idle_timeout) => {
+            metrics.connection_timeout("http2-idle");
+            connection.as_mut().graceful_shutdown();
+        }
     }
     tokio::select! {
         _ = connection.as_mut() => {}

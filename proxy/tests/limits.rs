@@ -93,9 +93,16 @@ fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
 }
 
 fn refused_count(proxy: &Proxy, reason: &str) -> u64 {
-    let text = proxy.metrics_text();
-    let prefix = format!("dynamicproxy_proxy_connections_refused_total{{reason=\"{reason}\"}} ");
-    text.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|v| v.parse().ok()).unwrap_or(0)
+    counter(proxy, &format!("dynamicproxy_proxy_connections_refused_total{{reason=\"{reason}\"}}"))
+}
+
+fn timeout_count(proxy: &Proxy, phase: &str) -> u64 {
+    counter(proxy, &format!("dynamicproxy_proxy_connection_timeouts_total{{phase=\"{phase}\"}}"))
+}
+
+fn counter(proxy: &Proxy, series: &str) -> u64 {
+    let prefix = format!("{series} ");
+    proxy.metrics_text().lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 // ---- Point 1: per-client connection cap ----
@@ -215,6 +222,7 @@ async fn idle_keepalive_connection_is_closed_but_a_slow_backend_is_awaited() {
     let closed = closed.expect("idle keep-alive connection still open after 8 s");
     eprintln!("idle keep-alive connection closed after {closed:?}");
     assert!(closed >= Duration::from_millis(900), "closed too early: {closed:?}");
+    assert_eq!(timeout_count(&proxy, "keepalive"), 1);
 }
 
 #[tokio::test]
@@ -280,6 +288,10 @@ async fn a_client_that_stops_reading_is_cut_off() {
     eprintln!("client that stopped reading got {} KiB of {} MiB", received >> 10, SIZE >> 20);
     assert!(ended.is_ok(), "connection still open");
     assert!(received < SIZE, "the whole response was still delivered after the send timeout");
+    eventually(Duration::from_secs(5), "send timeout counted", || async {
+        (timeout_count(&proxy, "send") == 1).then_some(())
+    })
+    .await;
 }
 
 // ---- Point 2: WebSocket tunnels keep the long idle ----
@@ -422,6 +434,7 @@ async fn idle_http2_connection_is_closed_but_an_open_stream_is_awaited() {
     let ended = tokio::time::timeout(Duration::from_secs(8), connection).await;
     assert!(ended.is_ok(), "idle HTTP/2 connection still open after 8 s");
     eprintln!("idle HTTP/2 connection closed after {:?}", started.elapsed());
+    assert_eq!(timeout_count(&proxy, "http2-idle"), 1);
 }
 
 #[tokio::test]
