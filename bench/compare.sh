@@ -10,6 +10,8 @@ bench/peer/setup.sh >/dev/null
 cargo build --release --bin dynamicproxy
 # wrk sends no User-Agent; the proxy refuses such requests by default (SPEC §3), the peer does not check.
 export DYNAMICPROXY_PROXY_REQUIRE_USER_AGENT=false
+# wrk connects from one address: the per-client connection cap would refuse many connections.
+export DYNAMICPROXY_PROXY_MAX_CONNECTIONS_PER_CLIENT=0
 # The candidate's peak RSS (VmHWM) is sampled every 5 s into $BENCH_RUN/candidate-rss.txt;
 # the sampler is in the candidate's process group, so peer.sh's stop ends it too.
 exec bench/peer/peer.sh --candidate \
