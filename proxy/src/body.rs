@@ -4,10 +4,12 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::Sleep;
 
 use crate::compress::GzipBody;
 use crate::error::BoxError;
@@ -68,18 +70,57 @@ impl Body for ProxyBody {
 #[error("request body larger than {0} bytes")]
 pub struct TooLarge(pub u64);
 
+/// The client paused its request body for longer than `client_body_timeout_secs`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body paused for more than {0:?}")]
+pub struct BodyTimeout(pub Duration);
+
 /// A client's request body on its way upstream, cut off with [`TooLarge`]
-/// past the configured limit (for bodies whose length was not announced).
+/// past the configured limit (for bodies whose length was not announced),
+/// and with [`BodyTimeout`] when the client pauses too long between reads.
 pub struct LimitedBody {
     inner: Incoming,
     remaining: u64,
     limit: u64,
+    pause_limit: Option<Duration>,
+    /// Armed while the upstream side waits for the client's next bytes: the
+    /// pause is measured only while someone wants the body, so a backend
+    /// slow to take it is not blamed on the client.
+    pause: Option<Pin<Box<Sleep>>>,
+    waiting: bool,
 }
 
 impl LimitedBody {
     /// Wraps `inner`, allowing at most `limit` bytes.
     pub fn new(inner: Incoming, limit: u64) -> Self {
-        LimitedBody { inner, remaining: limit, limit }
+        LimitedBody { inner, remaining: limit, limit, pause_limit: None, pause: None, waiting: false }
+    }
+
+    /// Fails the body once the client has sent nothing for `pause_limit`
+    /// while its next bytes were wanted (nginx client_body_timeout).
+    pub fn with_pause_limit(mut self, pause_limit: Duration) -> Self {
+        self.pause_limit = Some(pause_limit);
+        self
+    }
+
+    /// Called when the client has nothing to give: starts or checks the pause.
+    fn poll_pause(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Some(limit) = self.pause_limit else { return Poll::Pending };
+        let deadline = tokio::time::Instant::now() + limit;
+        let timer = match &mut self.pause {
+            Some(timer) => {
+                if !self.waiting {
+                    timer.as_mut().reset(deadline);
+                }
+                timer
+            }
+            None => self.pause.insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.waiting = true;
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout(limit))))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -89,7 +130,11 @@ impl Body for LimitedBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if polled.is_ready() {
+            this.waiting = false;
+        }
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
@@ -102,7 +147,7 @@ impl Body for LimitedBody {
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => this.poll_pause(cx),
         }
     }
 

@@ -87,10 +87,32 @@ pub struct Config {
     pub header_timeout_secs: u64,
     /// Seconds a client has to complete a TLS handshake. Default 10.
     pub tls_handshake_timeout_secs: u64,
+    /// Seconds an HTTP/1 connection may wait for its next request once the
+    /// previous response is sent. Default 60: nginx uses 75, but hyper's
+    /// head timer (`header_timeout_secs`, 60) already starts when the
+    /// connection begins waiting for a head, so a longer value would not hold.
+    pub keepalive_timeout_secs: u64,
+    /// Seconds an HTTP/2 connection with no open stream is kept before it is
+    /// closed with GOAWAY. Default 60, as HTTP/1 keep-alive (nginx applies its
+    /// keepalive_timeout to HTTP/2 too): idle h2 connections must not hold
+    /// `max_connections` places for the 3600 s request idle.
+    pub http2_idle_timeout_secs: u64,
+    /// Seconds a request body may pause between two reads while it is being
+    /// sent upstream (nginx client_body_timeout). Default 60, nginx's.
+    pub client_body_timeout_secs: u64,
+    /// Seconds a response may wait on a client that does not read it (no write
+    /// progress at all) before the connection is cut (nginx send_timeout). Default 60, nginx's.
+    pub send_timeout_secs: u64,
     /// Seconds in-flight requests may take to finish after a shutdown signal. Default 30.
     pub shutdown_grace_secs: u64,
     /// Client connections served at once; further connections are closed at accept. Default 50000.
     pub max_connections: usize,
+    /// Concurrent connections from one IPv4 address or one IPv6 /64 (SPEC §1);
+    /// further ones are refused at accept (429 on plain HTTP). 0 = off. Default
+    /// 256: a browser opens at most 6 HTTP/1.1 connections per host, so 256
+    /// leaves room for dozens of busy users behind one university or carrier
+    /// NAT, while a single address can hold at most 0.5% of `max_connections`.
+    pub max_connections_per_client: usize,
     /// Idle keep-alive connections kept per backend. Default 128.
     pub upstream_max_idle_per_backend: usize,
     /// Seconds an idle keep-alive connection to a backend is kept. Default 60.
@@ -140,8 +162,13 @@ impl Default for Config {
             client_timeout_secs: 3600,
             header_timeout_secs: 60,
             tls_handshake_timeout_secs: 10,
+            keepalive_timeout_secs: 60,
+            http2_idle_timeout_secs: 60,
+            client_body_timeout_secs: 60,
+            send_timeout_secs: 60,
             shutdown_grace_secs: 30,
             max_connections: 50_000,
+            max_connections_per_client: 256,
             upstream_max_idle_per_backend: 128,
             upstream_idle_timeout_secs: 60,
             access_log: "off".into(),
@@ -219,6 +246,10 @@ impl Config {
             ("client_timeout_secs", self.client_timeout_secs),
             ("header_timeout_secs", self.header_timeout_secs),
             ("tls_handshake_timeout_secs", self.tls_handshake_timeout_secs),
+            ("keepalive_timeout_secs", self.keepalive_timeout_secs),
+            ("http2_idle_timeout_secs", self.http2_idle_timeout_secs),
+            ("client_body_timeout_secs", self.client_body_timeout_secs),
+            ("send_timeout_secs", self.send_timeout_secs),
         ] {
             if value == 0 {
                 return Err(ConfigError::new(key, value, "must be at least 1"));
@@ -231,6 +262,10 @@ impl Config {
             ("client_timeout_secs", self.client_timeout_secs),
             ("header_timeout_secs", self.header_timeout_secs),
             ("tls_handshake_timeout_secs", self.tls_handshake_timeout_secs),
+            ("keepalive_timeout_secs", self.keepalive_timeout_secs),
+            ("http2_idle_timeout_secs", self.http2_idle_timeout_secs),
+            ("client_body_timeout_secs", self.client_body_timeout_secs),
+            ("send_timeout_secs", self.send_timeout_secs),
             ("shutdown_grace_secs", self.shutdown_grace_secs),
             ("upstream_idle_timeout_secs", self.upstream_idle_timeout_secs),
         ] {
@@ -415,6 +450,22 @@ pub struct Flags {
     #[arg(long = "tls-handshake-timeout-secs", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_handshake_timeout_secs: Option<u64>,
+    /// Seconds an HTTP/1 connection may wait for its next request [default: 60]
+    #[arg(long = "keepalive-timeout-secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keepalive_timeout_secs: Option<u64>,
+    /// Seconds an HTTP/2 connection with no open stream is kept [default: 60]
+    #[arg(long = "http2-idle-timeout-secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http2_idle_timeout_secs: Option<u64>,
+    /// Seconds a request body may pause between two reads [default: 60]
+    #[arg(long = "client-body-timeout-secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_body_timeout_secs: Option<u64>,
+    /// Seconds a response may wait on a client that does not read it [default: 60]
+    #[arg(long = "send-timeout-secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_timeout_secs: Option<u64>,
     /// Grace period for in-flight requests at shutdown, in seconds [default: 30]
     #[arg(long = "shutdown-grace-secs", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -423,6 +474,10 @@ pub struct Flags {
     #[arg(long = "max-connections", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
+    /// Connections at once from one IPv4 address or IPv6 /64, 0 = off [default: 256]
+    #[arg(long = "max-connections-per-client", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_client: Option<usize>,
     /// Idle keep-alive connections kept per backend [default: 128]
     #[arg(long = "upstream-max-idle-per-backend", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -496,6 +551,18 @@ mod tests {
         Config { client_timeout_secs: MAX_TIMEOUT_SECS, ..Config::default() }.validate().unwrap();
         let config = Config { max_connections: usize::MAX, ..Config::default() };
         assert!(config.validate().unwrap_err().to_string().contains("max_connections"));
+        for config in [
+            Config { keepalive_timeout_secs: 0, ..Config::default() },
+            Config { http2_idle_timeout_secs: u64::MAX, ..Config::default() },
+            Config { client_body_timeout_secs: 0, ..Config::default() },
+            Config { send_timeout_secs: MAX_TIMEOUT_SECS + 1, ..Config::default() },
+        ] {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(
+                ["keepalive_timeout", "http2_idle", "client_body", "send_timeout"].iter().any(|k| err.contains(k)),
+                "{err}"
+            );
+        }
     }
 }
 

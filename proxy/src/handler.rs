@@ -12,7 +12,6 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -27,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::pages::{Page, Pages};
 use crate::protect::{Protection, Verdict};
 use crate::route::{Decision, Router};
+use crate::server::Slot;
 use crate::sniff::SmuggleFlags;
 use crate::upgrade;
 use crate::upstream::{UpstreamClient, classify};
@@ -49,6 +49,8 @@ pub(crate) struct Shared {
     pub metrics: Arc<Metrics>,
     pub access_log: Option<AccessLog>,
     pub max_body: u64,
+    /// Longest pause in a request body (`client_body_timeout_secs`).
+    pub body_timeout: Duration,
     pub extra_headers: Vec<(HeaderName, HeaderValue)>,
     pub gzip: bool,
     /// Set when HTTPS is configured: plain HTTP redirects to this port.
@@ -70,9 +72,10 @@ pub(crate) struct ConnInfo {
     /// The upstream pool of the event loop serving this connection: one pool
     /// per loop, so a request never waits on another thread's connections.
     pub pool: UpstreamClient,
-    /// This connection's place under `max_connections`, shared with any
-    /// tunnel the connection becomes: an upgraded connection still counts.
-    pub permit: Arc<OwnedSemaphorePermit>,
+    /// This connection's place under `max_connections` and its client's
+    /// count, shared with any tunnel the connection becomes: an upgraded
+    /// connection still counts.
+    pub permit: Arc<Slot>,
 }
 
 impl ConnInfo {
@@ -282,7 +285,8 @@ async fn forward(
     parts.headers.insert(header::HOST, upstream_host);
     parts.uri = upstream_uri(backend, original_uri)?;
     parts.version = Version::HTTP_11;
-    let upstream_req = Request::from_parts(parts, LimitedBody::new(body, shared.max_body));
+    let upstream_req =
+        Request::from_parts(parts, LimitedBody::new(body, shared.max_body).with_pause_limit(shared.body_timeout));
 
     let sent = Instant::now();
     let result = conn.pool.request(upstream_req).await;

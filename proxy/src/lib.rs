@@ -5,7 +5,11 @@
 //! # Layout
 //!
 //! - [`config`]: [`Config`] (`[proxy]`) and its command-line [`Flags`].
-//! - [`server`] (private): accept loop, connection limit, TLS handshake, HTTP/1.1 and HTTP/2 serving, drain.
+//! - [`server`] (private): accept loop, connection limits, TLS handshake, HTTP/1.1 and HTTP/2 serving, drain.
+//! - [`shed`]: refusals at accept (`max_connections`, `max_connections_per_client`) and their short answers.
+//! - [`client_limit`]: open connections per IPv4 address / IPv6 /64.
+//! - [`activity`]: requests in flight per connection; keep-alive and HTTP/2 idle closes.
+//! - [`linger`]: lingering close, so early answers are not lost to a RST.
 //! - [`workers`] (private): single-threaded event loops (one per core but one), each with its own upstream pool.
 //! - [`handler`] (private): one request's life, in SPEC §3 order; errors become pages there.
 //! - [`route`]: the routing rules over the route cache.
@@ -19,7 +23,7 @@
 //! - [`body`]: response and request body types (streamed, never buffered whole).
 //! - [`compress`]: on-the-fly gzip.
 //! - [`sniff`]: HTTP/1 request-smuggling guard.
-//! - [`idle`]: idle timeout for connections.
+//! - [`idle`]: idle and send timeouts for connections.
 //! - [`tls`]: certificates by SNI, hot reload.
 //! - [`pages`]: built-in and overridden error pages.
 //! - [`list`]: the `/list` API.
@@ -29,10 +33,10 @@
 //! # A request's path
 //!
 //! ```text
-//! accept (server::accept_loop: connection limit, span per connection)
+//! accept (server::accept_loop: connection limits, refusals answered at once, span per connection)
 //!  └─ hand over (workers: next event loop in turn; the connection stays on its thread)
 //!   └─ TLS handshake with timeout (tls::TlsAcceptor; ALPN picks h2 or http/1.1)
-//!       └─ serve connection (hyper http1 + upgrades / http2; idle + header timeouts; smuggling guard)
+//!       └─ serve connection (hyper http1 + upgrades / http2; per-phase timeouts; smuggling guard; lingering close)
 //!           └─ handle request (handler::handle: context, metrics, access log, error → page)
 //!               ├─ 1 healthz · 2 Host / URI checks · HTTP→HTTPS redirect
 //!               ├─ 3 bans, User-Agent, Referer · 4 rate limit · 5 maintenance · host redirects
@@ -45,7 +49,9 @@
 #![forbid(unsafe_code)]
 
 pub mod access_log;
+pub mod activity;
 pub mod body;
+pub mod client_limit;
 pub mod compress;
 pub mod config;
 pub mod egress;
@@ -54,6 +60,7 @@ mod handler;
 pub mod headers;
 pub mod host;
 pub mod idle;
+pub mod linger;
 pub mod list;
 pub mod metrics;
 pub mod pages;
@@ -61,6 +68,7 @@ pub mod protect;
 pub mod resolver;
 pub mod route;
 mod server;
+pub mod shed;
 pub mod sniff;
 pub mod tls;
 pub mod upgrade;
@@ -184,6 +192,7 @@ pub async fn run(
         metrics: metrics.clone(),
         access_log,
         max_body: config.max_body_size,
+        body_timeout: Config::secs(config.client_body_timeout_secs),
         extra_headers,
         gzip: config.gzip,
         https_port,
@@ -196,7 +205,12 @@ pub async fn run(
         header_timeout: Config::secs(config.header_timeout_secs),
         client_timeout: Config::secs(config.client_timeout_secs),
         handshake_timeout: Config::secs(config.tls_handshake_timeout_secs),
+        keepalive_timeout: Config::secs(config.keepalive_timeout_secs),
+        http2_idle_timeout: Config::secs(config.http2_idle_timeout_secs),
+        send_timeout: Config::secs(config.send_timeout_secs),
         limit: Arc::new(Semaphore::new(config.max_connections)),
+        per_client: client_limit::ClientLimit::new(config.max_connections_per_client),
+        lingering_refusals: Arc::new(Semaphore::new(shed::MAX_LINGERING_REFUSALS)),
         tracker: tracker.clone(),
         shutdown: shutdown.clone(),
         hard_stop: hard_stop.clone(),

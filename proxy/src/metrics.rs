@@ -20,13 +20,19 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: &'static str,
+}
+
 /// The proxy's metrics, registered under `dynamicproxy_proxy_*`.
 pub struct Metrics {
     by_class: [Counter; 5],
     upstream_seconds: Histogram,
     upstream_errors: Family<ReasonLabel, Counter>,
     connections_open: Gauge,
-    connections_refused: Counter,
+    connections_refused: Family<ReasonLabel, Counter>,
+    connection_timeouts: Family<PhaseLabel, Counter>,
     routes_in_cache: Gauge,
     cache_age_seconds: Gauge,
     redis_connected: Gauge,
@@ -50,11 +56,17 @@ impl Metrics {
         registry.register("upstream_errors", "Upstream failures, by reason", upstream_errors.clone());
         let connections_open = Gauge::default();
         registry.register("connections_open", "Client connections being served", connections_open.clone());
-        let connections_refused = Counter::default();
+        let connections_refused = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "connections_refused",
-            "Client connections closed at accept because max_connections was reached",
+            "Client connections refused at accept, by reason (max-connections, per-client)",
             connections_refused.clone(),
+        );
+        let connection_timeouts = Family::<PhaseLabel, Counter>::default();
+        registry.register(
+            "connection_timeouts",
+            "Client connections closed by a timeout, by phase (handshake, header, keepalive, http2-idle, send, idle)",
+            connection_timeouts.clone(),
         );
         let routes_in_cache = Gauge::default();
         registry.register("routes_in_cache", "Tools in the route cache", routes_in_cache.clone());
@@ -72,6 +84,7 @@ impl Metrics {
             upstream_errors,
             connections_open,
             connections_refused,
+            connection_timeouts,
             routes_in_cache,
             cache_age_seconds,
             redis_connected,
@@ -102,8 +115,14 @@ impl Metrics {
         self.connections_open.dec();
     }
 
-    pub(crate) fn connection_refused(&self) {
-        self.connections_refused.inc();
+    /// A connection was refused at accept for `reason` (`max-connections`, `per-client`).
+    pub(crate) fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// A client connection was closed by the timeout of `phase`.
+    pub(crate) fn connection_timeout(&self, phase: &'static str) {
+        self.connection_timeouts.get_or_create(&PhaseLabel { phase }).inc();
     }
 
     /// Copies the route cache's state into the gauges.
