@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::backend_limit::BackendPermit;
 use crate::compress::GzipBody;
 use crate::error::BoxError;
 
@@ -22,12 +23,20 @@ pub enum ProxyBody {
     Upstream(Incoming),
     /// The backend's body, gzip-compressed on the fly.
     Gzip(Box<GzipBody>),
+    /// A backend's response holding its place under the backend caps until
+    /// the body is sent or dropped: the backend connection is busy until then.
+    Held(Box<ProxyBody>, BackendPermit),
 }
 
 impl ProxyBody {
     /// A body holding `bytes`.
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         ProxyBody::Full(Some(bytes.into()))
+    }
+
+    /// This body, keeping `permit` until it is sent or dropped.
+    pub fn holding(self, permit: BackendPermit) -> Self {
+        ProxyBody::Held(Box::new(self), permit)
     }
 }
 
@@ -41,6 +50,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Upstream(incoming) => Pin::new(incoming).poll_frame(cx).map_err(Into::into),
             ProxyBody::Gzip(gzip) => Pin::new(gzip.as_mut()).poll_frame(cx),
+            ProxyBody::Held(body, _) => Pin::new(body.as_mut()).poll_frame(cx),
         }
     }
 
@@ -50,6 +60,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => bytes.is_none(),
             ProxyBody::Upstream(incoming) => incoming.is_end_stream(),
             ProxyBody::Gzip(gzip) => gzip.is_end_stream(),
+            ProxyBody::Held(body, _) => body.is_end_stream(),
         }
     }
 
@@ -59,6 +70,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             ProxyBody::Upstream(incoming) => incoming.size_hint(),
             ProxyBody::Gzip(_) => SizeHint::default(),
+            ProxyBody::Held(body, _) => body.size_hint(),
         }
     }
 }

@@ -78,6 +78,10 @@ pub enum ProxyError {
     /// The client went away or its body broke while we forwarded it.
     #[error("client body error")]
     ClientBody(#[source] BoxError),
+    /// The backend already has `max_connections_per_backend` requests in
+    /// flight and no slot freed within `backend_queue_timeout_ms`.
+    #[error("backend over capacity")]
+    OverCapacity,
 }
 
 /// A boxed error source.
@@ -90,7 +94,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::Banned | ProxyError::NoUserAgent | ProxyError::Blocked => StatusCode::FORBIDDEN,
             ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            ProxyError::Maintenance => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Maintenance | ProxyError::OverCapacity => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoWebservice => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
@@ -103,7 +107,7 @@ impl ProxyError {
         match self {
             ProxyError::Banned => Some(Page::Banned),
             ProxyError::RateLimited => Some(Page::RateLimit),
-            ProxyError::Maintenance => Some(Page::TechnicalIssues),
+            ProxyError::Maintenance | ProxyError::OverCapacity => Some(Page::TechnicalIssues),
             ProxyError::NoWebservice => Some(Page::NoWebservice),
             ProxyError::UpstreamUnreachable(_) => Some(Page::Unreachable),
             ProxyError::UpstreamTimeout(_) => Some(Page::Timeout),
@@ -144,6 +148,7 @@ mod tests {
             (ProxyError::RateLimited, 429, Some(Page::RateLimit)),
             (ProxyError::Maintenance, 503, Some(Page::TechnicalIssues)),
             (ProxyError::NoWebservice, 503, Some(Page::NoWebservice)),
+            (ProxyError::OverCapacity, 503, Some(Page::TechnicalIssues)),
             (ProxyError::UpstreamUnreachable(io()), 502, Some(Page::Unreachable)),
             (ProxyError::UpstreamTimeout(io()), 504, Some(Page::Timeout)),
         ];

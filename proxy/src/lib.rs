@@ -13,6 +13,8 @@
 //! - [`protect`]: bans, User-Agent/Referer block lists, per-client rate limit.
 //! - [`headers`]: request and response header rewriting.
 //! - [`upstream`]: pooled keep-alive client, timeouts, failure classification.
+//! - [`backend_limit`]: requests in flight per backend and per client connection.
+//! - [`buffers`]: buffer, window and stream limits (memory per connection).
 //! - [`body`]: response and request body types (streamed, never buffered whole).
 //! - [`compress`]: on-the-fly gzip.
 //! - [`sniff`]: HTTP/1 request-smuggling guard.
@@ -41,7 +43,9 @@
 #![forbid(unsafe_code)]
 
 pub mod access_log;
+pub mod backend_limit;
 pub mod body;
+pub mod buffers;
 pub mod compress;
 pub mod config;
 pub mod error;
@@ -182,6 +186,10 @@ pub async fn run(
         https_port,
         tunnels: tunnels.clone(),
         hard_stop: hard_stop.clone(),
+        backend_limits: backend_limit::BackendLimits::new(backend_limit::BackendLimitSettings {
+            max_per_backend: config.max_connections_per_backend,
+            queue_timeout: Duration::from_millis(config.backend_queue_timeout_ms),
+        }),
     });
 
     let tracker = TaskTracker::new();
