@@ -228,11 +228,17 @@ impl Config {
             ("tls_handshake_timeout_secs", self.tls_handshake_timeout_secs),
             ("shutdown_grace_secs", self.shutdown_grace_secs),
             ("upstream_idle_timeout_secs", self.upstream_idle_timeout_secs),
-            ("backend_queue_timeout_ms", self.backend_queue_timeout_ms / 1000),
         ] {
             if value > MAX_TIMEOUT_SECS {
                 return Err(ConfigError::new(key, value, format!("must be at most {MAX_TIMEOUT_SECS} (a year)")));
             }
+        }
+        if self.backend_queue_timeout_ms > MAX_TIMEOUT_SECS * 1000 {
+            return Err(ConfigError::new(
+                "backend_queue_timeout_ms",
+                self.backend_queue_timeout_ms,
+                format!("must be at most {} (a year)", MAX_TIMEOUT_SECS * 1000),
+            ));
         }
         if self.max_connections_per_backend > tokio::sync::Semaphore::MAX_PERMITS {
             return Err(ConfigError::new(
@@ -470,6 +476,10 @@ mod tests {
         Config { client_timeout_secs: MAX_TIMEOUT_SECS, ..Config::default() }.validate().unwrap();
         let config = Config { max_connections: usize::MAX, ..Config::default() };
         assert!(config.validate().unwrap_err().to_string().contains("max_connections"));
+        let config = Config { max_connections_per_backend: usize::MAX, ..Config::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("max_connections_per_backend"));
+        let config = Config { backend_queue_timeout_ms: u64::MAX, ..Config::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("backend_queue_timeout_ms"));
     }
 }
 
