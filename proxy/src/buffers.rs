@@ -1,7 +1,7 @@
 //! Buffer, window and stream limits of the client and backend connections:
 //! what one connection may hold in memory, whatever its peer does.
 //!
-//! The budget is about 64 KiB per busy connection (1,000 slow readers add at
+//! The budget is under 64 KiB per busy connection (1,000 slow readers add at
 //! most 64 MiB) and a few KiB per idle one. Data moves through the proxy
 //! without being copied into growing buffers: a backend's body is read in
 //! chunks of at most [`UPSTREAM_MAX_BUF`], queued for the client (writev,
@@ -10,9 +10,10 @@
 //! backend read (backpressure) instead of filling memory.
 
 /// Largest HTTP/1 request head accepted (431 beyond), and the HTTP/2 header
-/// list size: as nginx's large_client_header_buffers budget (4 x 8k) times two,
-/// for the long cookies and referers some tools see.
-pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// list size: nginx's default budget (`large_client_header_buffers 4 8k`),
+/// which the nginx edge this proxy replaces enforced. It also sizes the
+/// HTTP/1 write buffer (see [`CLIENT_WRITE_BUF`]), so it is kept small.
+pub const MAX_HEAD_BYTES: usize = 32 * 1024;
 
 /// hyper's HTTP/1 server `max_buf_size`: it bounds the request head (so it is
 /// [`MAX_HEAD_BYTES`]) and also how much response data is queued for a client
@@ -24,6 +25,11 @@ pub const CLIENT_WRITE_BUF: usize = MAX_HEAD_BYTES;
 /// about 1 MiB. 16 KiB still reads a response head twice nginx's default
 /// `proxy_buffer_size` (8k), and keeps a body chunk to one TLS record's size.
 pub const UPSTREAM_MAX_BUF: usize = 16 * 1024;
+
+/// rustls' buffer of encrypted bytes not yet taken by the socket (rustls'
+/// default: 64 KiB). One TLS record's worth: a client that does not read
+/// stops the proxy after 16 KiB instead of 64.
+pub const TLS_SEND_BUF: usize = 16 * 1024;
 
 /// HTTP/2 streams a client may open at once (hyper's default is 200; RFC
 /// 9113 suggests at least 100, as nginx's `http2_max_concurrent_streams`).
