@@ -42,8 +42,6 @@ if [ "$build" = 1 ]; then
   echo "building release binaries (a few minutes)..." >&2
   cargo build --release --bin dynamicproxy >&2
 fi
-cargo build --release -p dynamicproxy-proxy --example bench_backend >&2
-backend_bin=target/release/examples/bench_backend
 clients=bench/abuse_clients.py
 
 run=$(mktemp -d /tmp/dynamicproxy-abuse.XXXXXX)
@@ -70,9 +68,9 @@ redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >"$
 pids+=($!)
 for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.05; done
 # The default backend answers 4 MiB (the slow readers' target); the probe's tool a few bytes.
-"$backend_bin" "127.0.0.1:$big_port" 1 $((4 << 20)) >"$run/big.log" 2>&1 &
+python3 "$clients" backend "$big_port" $((4 << 20)) >"$run/big.log" 2>&1 &
 pids+=($!)
-"$backend_bin" "127.0.0.1:$small_port" 1 >"$run/small.log" 2>&1 &
+python3 "$clients" backend "$small_port" 3 >"$run/small.log" 2>&1 &
 pids+=($!)
 wait_http "http://127.0.0.1:$small_port/"
 redis-cli -p "$redis_port" hset prefix:probe '.*' "http://127.0.0.1:$small_port" >/dev/null

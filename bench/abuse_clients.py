@@ -5,6 +5,9 @@
       opens COUNT connections (TLS for h1tls and h2, ALPN h2 for h2), sends one
       request on each, reads its answer, then keeps every connection open and
       silent; writes READY_FILE once all are open, and holds until killed.
+  abuse_clients.py backend PORT BODY_BYTES
+      an HTTP/1.1 keep-alive backend answering every request with BODY_BYTES
+      bytes, writing as fast as its client reads (slow readers stay slow).
   abuse_clients.py probe PORT HOST SECONDS
       one keep-alive HTTPS client, a request every 50 ms for SECONDS; prints
       "requests failures p50_ms p99_ms max_ms" (a failure is an error or non-200).
@@ -56,6 +59,32 @@ async def idle(kind, port, count, ready):
         f.write(f"{len(held)}\n")
     await asyncio.sleep(3600)
 
+async def backend(port, size):
+    body = b"x" * size
+    head = (f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    async def serve(reader, writer):
+        try:
+            while True:
+                request = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in request.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                if length:
+                    await reader.readexactly(length)
+                writer.write(head)
+                view = memoryview(body)
+                for at in range(0, size, 65536):
+                    writer.write(view[at:at + 65536])
+                    await writer.drain()
+        except Exception:
+            pass
+        writer.close()
+    server = await asyncio.start_server(serve, "127.0.0.1", port, backlog=4096)
+    async with server:
+        await server.serve_forever()
+
 def probe(port, host, seconds):
     latencies, failures, conn = [], 0, None
     end = time.monotonic() + seconds
@@ -79,7 +108,9 @@ def probe(port, host, seconds):
     print(f"{len(latencies)} {failures} {pick(0.5):.1f} {pick(0.99):.1f} {latencies[-1]:.1f}")
 
 if __name__ == "__main__":
-    if sys.argv[1] == "idle":
+    if sys.argv[1] == "backend":
+        asyncio.run(backend(int(sys.argv[2]), int(sys.argv[3])))
+    elif sys.argv[1] == "idle":
         asyncio.run(idle(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]))
     else:
         probe(int(sys.argv[2]), sys.argv[3], float(sys.argv[4]))
