@@ -135,7 +135,7 @@ slow_phase() { # NAME slowhttptest-mode-args...
   wait "$probe" || true
   kill "$slow" 2>/dev/null || true; wait "$slow" 2>/dev/null || true
   local connected
-  connected=$(grep -a "connected:" "$run/slowhttptest-$name.txt" | tail -1 | tr -s ' ' | sed 's/^ //' || true)
+  connected=$(sed 's/\x1b\[[0-9;]*m//g' "$run/slowhttptest-$name.txt" | grep -a "connected:" | tail -1 | tr -s ' ' | sed 's/^ //' || true)
   report "$name" "$base" "$peak" "$(cat "$run/probe-$name.txt")" "slowhttptest last $connected"
   stop_proxy
 }
@@ -150,7 +150,7 @@ idle_phase() { # NAME KIND [h2load]
   local holder=$!
   pids+=($holder)
   for _ in $(seq 1 1200); do [ -s "$run/ready-$name" ] && break; sleep 0.25; done
-  local opened; opened=$(cat "$run/ready-$name" 2>/dev/null || echo 0)
+  local opened; opened=$(cat "$run/ready-$name" 2>/dev/null || echo "only $(cat "$run/ready-$name.count" 2>/dev/null || echo 0) of $idle (timed out)")
   python3 "$clients" probe "$https_port" probe.toolforge.org "$seconds" >"$run/probe-$name.txt" &
   local probe=$!
   local note="$opened idle connections open"

@@ -54,7 +54,14 @@ async def idle(kind, port, count, ready):
                 await one_idle(kind, port, "probe.toolforge.org", held)
             except Exception as e:  # counted below
                 pass
+    async def progress():
+        while True:
+            with open(ready + ".count", "w") as f:
+                f.write(f"{len(held)}\n")
+            await asyncio.sleep(1)
+    counter = asyncio.create_task(progress())
     await asyncio.gather(*(guarded() for _ in range(count)))
+    counter.cancel()
     with open(ready, "w") as f:
         f.write(f"{len(held)}\n")
     await asyncio.sleep(3600)
