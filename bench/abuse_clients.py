@@ -52,8 +52,8 @@ async def idle(kind, port, count, ready):
         async with sem:
             try:
                 await one_idle(kind, port, "probe.toolforge.org", held)
-            except Exception as e:  # counted below
-                pass
+            except Exception as e:  # counted: only the open ones are held
+                print(f"connection failed: {e!r}", file=sys.stderr)
     async def progress():
         while True:
             with open(ready + ".count", "w") as f:
