@@ -10,8 +10,8 @@
 #   slowloris   slowhttptest -H, 1,000 connections
 #   slow-body   slowhttptest -B, 1,000 connections
 #   idle-h1     10,000 idle HTTP/1.1 keep-alive connections, plain (goal <= 100 MiB)
-#   idle-h1tls  10,000 idle HTTP/1.1 keep-alive connections over TLS (goal <= 100 MiB)
 #   idle-h2     10,000 idle HTTP/2 connections (goal <= 100 MiB), then an h2load burst
+#   idle-h1tls  10,000 idle HTTP/1.1 keep-alive connections over TLS
 # Meanwhile a keep-alive HTTPS client asks every 50 ms: its p99 must stay
 # under 50 ms with no failure.
 #
@@ -171,8 +171,8 @@ slow_phase slow-read -X -w 512 -y 1024 -n 5 -z 32 -k 3 -p 3
 slow_phase slowloris -H -i 10 -p 3
 slow_phase slow-body -B -i 10 -s 8192 -p 3
 idle_phase idle-h1 h1
-idle_phase idle-h1tls h1tls
 idle_phase idle-h2 h2 h2load
+idle_phase idle-h1tls h1tls
 
 printf "\n%-11s %9s %9s %9s %8s %8s %8s %s\n" phase "base MiB" "peak MiB" "added" "p99 ms" failures requests notes
 printf "%s\n" "${results[@]}"
