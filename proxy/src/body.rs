@@ -11,6 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
+use crate::backend_limit::BackendPermit;
 use crate::compress::GzipBody;
 use crate::error::BoxError;
 
@@ -24,12 +25,20 @@ pub enum ProxyBody {
     Upstream(Incoming),
     /// The backend's body, gzip-compressed on the fly.
     Gzip(Box<GzipBody>),
+    /// A backend's response holding its place under the backend caps until
+    /// the body is sent or dropped: the backend connection is busy until then.
+    Held(Box<ProxyBody>, BackendPermit),
 }
 
 impl ProxyBody {
     /// A body holding `bytes`.
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         ProxyBody::Full(Some(bytes.into()))
+    }
+
+    /// This body, keeping `permit` until it is sent or dropped.
+    pub fn holding(self, permit: BackendPermit) -> Self {
+        ProxyBody::Held(Box::new(self), permit)
     }
 }
 
@@ -43,6 +52,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Upstream(incoming) => Pin::new(incoming).poll_frame(cx).map_err(Into::into),
             ProxyBody::Gzip(gzip) => Pin::new(gzip.as_mut()).poll_frame(cx),
+            ProxyBody::Held(body, _) => Pin::new(body.as_mut()).poll_frame(cx),
         }
     }
 
@@ -52,6 +62,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => bytes.is_none(),
             ProxyBody::Upstream(incoming) => incoming.is_end_stream(),
             ProxyBody::Gzip(gzip) => gzip.is_end_stream(),
+            ProxyBody::Held(body, _) => body.is_end_stream(),
         }
     }
 
@@ -61,6 +72,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             ProxyBody::Upstream(incoming) => incoming.size_hint(),
             ProxyBody::Gzip(_) => SizeHint::default(),
+            ProxyBody::Held(body, _) => body.size_hint(),
         }
     }
 }

@@ -115,6 +115,16 @@ pub struct Config {
     pub max_connections_per_client: usize,
     /// Idle keep-alive connections kept per backend. Default 128.
     pub upstream_max_idle_per_backend: usize,
+    /// Requests in flight to one backend address at once, across all event
+    /// loops; 0 = off. Default 512: well above what one tool's webservice
+    /// serves at once (a grid lighttpd has a few dozen workers), low enough
+    /// that a flood to one tool cannot take thousands of sockets and file
+    /// descriptors from the others.
+    pub max_connections_per_backend: usize,
+    /// Milliseconds a request waits for a slot under `max_connections_per_backend`
+    /// before its 503 (`over-capacity`). Default 1000: rides out a burst
+    /// without leaving clients hanging on a saturated backend.
+    pub backend_queue_timeout_ms: u64,
     /// Seconds an idle keep-alive connection to a backend is kept. Default 60.
     pub upstream_idle_timeout_secs: u64,
     /// Access log: `off`, `stdout`, or a file path to append to. Default `off`.
@@ -170,6 +180,8 @@ impl Default for Config {
             max_connections: 50_000,
             max_connections_per_client: 256,
             upstream_max_idle_per_backend: 128,
+            max_connections_per_backend: 512,
+            backend_queue_timeout_ms: 1000,
             upstream_idle_timeout_secs: 60,
             access_log: "off".into(),
             extra_headers: default_extra_headers(),
@@ -272,6 +284,20 @@ impl Config {
             if value > MAX_TIMEOUT_SECS {
                 return Err(ConfigError::new(key, value, format!("must be at most {MAX_TIMEOUT_SECS} (a year)")));
             }
+        }
+        if self.backend_queue_timeout_ms > MAX_TIMEOUT_SECS * 1000 {
+            return Err(ConfigError::new(
+                "backend_queue_timeout_ms",
+                self.backend_queue_timeout_ms,
+                format!("must be at most {} (a year)", MAX_TIMEOUT_SECS * 1000),
+            ));
+        }
+        if self.max_connections_per_backend > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(ConfigError::new(
+                "max_connections_per_backend",
+                self.max_connections_per_backend,
+                format!("must be at most {}", tokio::sync::Semaphore::MAX_PERMITS),
+            ));
         }
         if self.max_connections == 0 {
             return Err(ConfigError::new("max_connections", self.max_connections, "must be at least 1"));
@@ -482,6 +508,14 @@ pub struct Flags {
     #[arg(long = "upstream-max-idle-per-backend", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_max_idle_per_backend: Option<usize>,
+    /// Requests in flight per backend address, 0 = off [default: 512]
+    #[arg(long = "max-connections-per-backend", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_backend: Option<usize>,
+    /// Milliseconds a request waits for a backend slot before 503 [default: 1000]
+    #[arg(long = "backend-queue-timeout-ms", value_name = "MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_queue_timeout_ms: Option<u64>,
     /// Seconds an idle backend connection is kept [default: 60]
     #[arg(long = "upstream-idle-timeout-secs", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -563,6 +597,10 @@ mod tests {
                 "{err}"
             );
         }
+        let config = Config { max_connections_per_backend: usize::MAX, ..Config::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("max_connections_per_backend"));
+        let config = Config { backend_queue_timeout_ms: u64::MAX, ..Config::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("backend_queue_timeout_ms"));
     }
 }
 

@@ -86,6 +86,10 @@ pub enum ProxyError {
     /// The client went away or its body broke while we forwarded it.
     #[error("client body error")]
     ClientBody(#[source] BoxError),
+    /// The backend already has `max_connections_per_backend` requests in
+    /// flight and no slot freed within `backend_queue_timeout_ms`.
+    #[error("backend over capacity")]
+    OverCapacity,
 }
 
 /// A boxed error source.
@@ -98,7 +102,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::Banned | ProxyError::NoUserAgent | ProxyError::Blocked => StatusCode::FORBIDDEN,
             ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            ProxyError::Maintenance => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Maintenance | ProxyError::OverCapacity => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoWebservice => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable(_) | ProxyError::DeniedBackend(_) | ProxyError::UnaskedUpgrade => {
@@ -116,6 +120,7 @@ impl ProxyError {
             ProxyError::NoUserAgent | ProxyError::Blocked => "blocked",
             ProxyError::RateLimited => "rate-limited",
             ProxyError::Maintenance => "maintenance",
+            ProxyError::OverCapacity => "over-capacity",
             ProxyError::NoWebservice => "no-route",
             ProxyError::UpstreamUnreachable(_) | ProxyError::UnaskedUpgrade => "backend-unreachable",
             ProxyError::UpstreamTimeout(_) => "backend-timeout",
@@ -141,7 +146,7 @@ impl ProxyError {
         match self {
             ProxyError::Banned => Some(Page::Banned),
             ProxyError::RateLimited => Some(Page::RateLimit),
-            ProxyError::Maintenance => Some(Page::TechnicalIssues),
+            ProxyError::Maintenance | ProxyError::OverCapacity => Some(Page::TechnicalIssues),
             ProxyError::NoWebservice => Some(Page::NoWebservice),
             ProxyError::UpstreamUnreachable(_) | ProxyError::UnaskedUpgrade => Some(Page::Unreachable),
             ProxyError::UpstreamTimeout(_) => Some(Page::Timeout),
@@ -194,6 +199,7 @@ mod tests {
             (ProxyError::RateLimited, 429, Some(Page::RateLimit), "rate-limited"),
             (ProxyError::Maintenance, 503, Some(Page::TechnicalIssues), "maintenance"),
             (ProxyError::NoWebservice, 503, Some(Page::NoWebservice), "no-route"),
+            (ProxyError::OverCapacity, 503, Some(Page::TechnicalIssues), "over-capacity"),
             (ProxyError::UpstreamUnreachable(io()), 502, Some(Page::Unreachable), "backend-unreachable"),
             (ProxyError::UnaskedUpgrade, 502, Some(Page::Unreachable), "backend-unreachable"),
             (ProxyError::UpstreamTimeout(io()), 504, Some(Page::Timeout), "backend-timeout"),

@@ -12,11 +12,13 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::access_log::{AccessLog, Entry};
+use crate::backend_limit::BackendLimits;
 use crate::body::{LimitedBody, ProxyBody};
 use crate::compress::{self, GzipBody};
 use crate::error::ProxyError;
@@ -59,6 +61,8 @@ pub(crate) struct Shared {
     pub tunnels: TaskTracker,
     /// Cancelled when the shutdown grace period is over.
     pub hard_stop: CancellationToken,
+    /// Requests in flight per backend, across all event loops.
+    pub backend_limits: Arc<BackendLimits>,
 }
 
 /// The client connection a request arrived on.
@@ -76,6 +80,9 @@ pub(crate) struct ConnInfo {
     /// count, shared with any tunnel the connection becomes: an upgraded
     /// connection still counts.
     pub permit: Arc<Slot>,
+    /// Backend requests this connection may have in flight
+    /// ([`crate::backend_limit::PER_CONNECTION`]).
+    pub upstream_slots: Arc<Semaphore>,
 }
 
 impl ConnInfo {
@@ -219,7 +226,9 @@ async fn respond(
     match shared.router.route(&host, req.uri().path(), req.uri().query()) {
         Decision::Proxy(backend, _via) => {
             ctx.upstream = Some(backend.clone());
-            forward(shared, conn, req, &backend, &host, (&raw_host, raw_host_str), ctx).await
+            let permit = shared.backend_limits.acquire(&conn.upstream_slots, backend.host(), backend.port()).await?;
+            let response = forward(shared, conn, req, &backend, &host, (&raw_host, raw_host_str), ctx).await?;
+            Ok(response.map(|body| body.holding(permit)))
         }
         Decision::Redirect(status, location) => Ok(redirect_response(status, &location)),
         Decision::NoWebservice => Err(ProxyError::NoWebservice),

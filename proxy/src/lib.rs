@@ -20,6 +20,8 @@
 //! - [`egress`]: where the proxy may connect: resolution, then `denied_backend_networks`.
 //! - [`resolver`]: backend names through a TTL-respecting DNS cache with a stale window.
 //! - [`upgrade`]: which protocol upgrades are tunnelled (WebSocket only).
+//! - [`backend_limit`]: requests in flight per backend and per client connection.
+//! - [`buffers`]: buffer, window and stream limits (memory per connection).
 //! - [`body`]: response and request body types (streamed, never buffered whole).
 //! - [`compress`]: on-the-fly gzip.
 //! - [`sniff`]: HTTP/1 request-smuggling guard.
@@ -50,7 +52,9 @@
 
 pub mod access_log;
 pub mod activity;
+pub mod backend_limit;
 pub mod body;
+pub mod buffers;
 pub mod client_limit;
 pub mod compress;
 pub mod config;
@@ -198,6 +202,10 @@ pub async fn run(
         https_port,
         tunnels: tunnels.clone(),
         hard_stop: hard_stop.clone(),
+        backend_limits: backend_limit::BackendLimits::new(backend_limit::BackendLimitSettings {
+            max_per_backend: config.max_connections_per_backend,
+            queue_timeout: Duration::from_millis(config.backend_queue_timeout_ms),
+        }),
     });
 
     let tracker = TaskTracker::new();

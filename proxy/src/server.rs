@@ -27,6 +27,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn};
 
 use crate::activity::{Activity, TrackedBody};
+use crate::backend_limit::connection_slots;
+use crate::buffers;
 use crate::client_limit::{ClientGuard, ClientLimit};
 use crate::handler::{ConnInfo, Shared, handle};
 use crate::idle::{IdleIo, IdleTimeout};
@@ -37,9 +39,6 @@ use crate::sniff::{SmuggleFlags, SniffIo};
 use crate::tls::TlsAcceptor;
 use crate::upstream::UpstreamClient;
 use crate::workers::{Accepted, Workers};
-
-/// Largest request head hyper buffers; larger heads get 431.
-const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// Connection-level settings shared by the listeners.
 #[derive(Clone)]
@@ -144,7 +143,15 @@ pub(crate) async fn serve_tcp(
         None => {
             let flags = Arc::new(SmuggleFlags::default());
             let io = idle_io(SniffIo::new(Linger::new(stream), flags.clone()), &settings);
-            let conn = Arc::new(ConnInfo { client, port, tls: false, smuggle: Some(flags), pool, permit });
+            let conn = Arc::new(ConnInfo {
+                client,
+                port,
+                tls: false,
+                smuggle: Some(flags),
+                pool,
+                permit,
+                upstream_slots: connection_slots(),
+            });
             serve_http1(io, conn, shared, &settings).await;
         }
         Some(acceptor) => {
@@ -167,12 +174,28 @@ pub(crate) async fn serve_tcp(
             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
             if h2 {
                 let io = idle_io(Linger::new(tls_stream), &settings);
-                let conn = Arc::new(ConnInfo { client, port, tls: true, smuggle: None, pool, permit });
+                let conn = Arc::new(ConnInfo {
+                    client,
+                    port,
+                    tls: true,
+                    smuggle: None,
+                    pool,
+                    permit,
+                    upstream_slots: connection_slots(),
+                });
                 serve_http2(io, conn, shared, &settings).await;
             } else {
                 let flags = Arc::new(SmuggleFlags::default());
                 let io = idle_io(SniffIo::new(Linger::new(tls_stream), flags.clone()), &settings);
-                let conn = Arc::new(ConnInfo { client, port, tls: true, smuggle: Some(flags), pool, permit });
+                let conn = Arc::new(ConnInfo {
+                    client,
+                    port,
+                    tls: true,
+                    smuggle: Some(flags),
+                    pool,
+                    permit,
+                    upstream_slots: connection_slots(),
+                });
                 serve_http1(io, conn, shared, &settings).await;
             }
         }
@@ -205,7 +228,8 @@ where
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_timeout)
-        .max_buf_size(MAX_HEAD_BYTES)
+        .max_buf_size(buffers::CLIENT_WRITE_BUF)
+        .writev(true)
         .keep_alive(true);
     let connection = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
     tokio::pin!(connection);
@@ -260,7 +284,15 @@ where
         }
     });
     let mut builder = http2::Builder::new(TokioExecutor::new());
-    builder.timer(TokioTimer::new()).max_concurrent_streams(256).max_header_list_size(MAX_HEAD_BYTES as u32);
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(buffers::H2_MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(buffers::MAX_HEAD_BYTES as u32)
+        .initial_stream_window_size(buffers::H2_STREAM_WINDOW)
+        .initial_connection_window_size(buffers::H2_CONNECTION_WINDOW)
+        .max_send_buf_size(buffers::H2_MAX_SEND_BUF)
+        .max_pending_accept_reset_streams(buffers::H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(buffers::H2_MAX_LOCAL_ERROR_RESET_STREAMS);
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     let shutdown = settings.shutdown.child_token();

@@ -156,7 +156,8 @@ impl TlsAcceptor {
 
     /// Runs the handshake.
     pub async fn accept(&self, stream: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
-        self.inner.accept(stream).await
+        // Bounds what a client that stops reading can make the proxy hold.
+        self.inner.accept_with(stream, |conn| conn.set_buffer_limit(Some(crate::buffers::TLS_SEND_BUF))).await
     }
 }
 
