@@ -222,7 +222,11 @@ fn script_status(reply: Vec<redis::Value>) -> Result<(i64, Option<String>), Rout
 }
 
 fn unexpected_reply(what: String) -> RouteTableError {
-    RouteTableError::Redis(redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "unexpected script reply", what)))
+    RouteTableError::Redis(redis::RedisError::from((
+        redis::ErrorKind::UnexpectedReturnType,
+        "unexpected script reply",
+        what,
+    )))
 }
 
 impl RouteStore {

@@ -228,7 +228,10 @@ impl RegexMemo {
             let bytes = Self::estimate(pattern, &compiled);
             if self.bytes + bytes <= MEMO_BUDGET_BYTES {
                 self.bytes += bytes;
-                self.entries.insert(pattern.to_string(), MemoEntry { compiled: compiled.clone(), bytes, used_in: self.generation });
+                self.entries.insert(
+                    pattern.to_string(),
+                    MemoEntry { compiled: compiled.clone(), bytes, used_in: self.generation },
+                );
             }
         }
         compiled

@@ -100,7 +100,8 @@ mod tests {
 
     #[test]
     fn routes_beyond_the_cap_are_dropped_in_match_order() {
-        let routes: Vec<Route> = (0..100).map(|i| route(&format!("/p{i:03}.*"), 1000 + i)).chain([route(".*", 1)]).collect();
+        let routes: Vec<Route> =
+            (0..100).map(|i| route(&format!("/p{i:03}.*"), 1000 + i)).chain([route(".*", 1)]).collect();
         let tool = ToolRoutes::new(routes, true, false);
         assert_eq!(tool.routes().len(), MAX_ROUTES_PER_TOOL);
         // All `/pNNN.*` have one length, so byte order decides: 000..063 stay, `.*` (shortest) goes.

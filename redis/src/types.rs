@@ -17,10 +17,11 @@ pub const MAX_TOOL_NAME_LEN: usize = 255;
 /// 64 KiB request path short (see `benches/lookup.rs`).
 pub const MAX_PATTERN_LEN: usize = 256;
 /// Compiled-size limit of a pattern's automaton (the regex crate's
-/// `size_limit`), in bytes. A literal path compiles to a few hundred bytes
-/// and each Unicode `.` to about 1 KiB, so 16 KiB leaves room for any real
-/// pattern while a hostile one (`\w{200}`, `(a|b|...){50}`) is refused at
-/// load instead of costing the cache its compiled size for every tool.
+/// `size_limit`), in bytes. A literal path compiles to a few hundred bytes,
+/// a Unicode `.` to about 2 KiB, a Unicode class such as `\w` to about
+/// 40 KiB: 16 KiB admits `/<path>.*` with a handful of `.` and ASCII classes
+/// (`[a-z0-9_]`), while a hostile pattern (`\w{20}`, `[^x]{200}`) is refused at
+/// load instead of costing every proxy its automaton.
 pub const PATTERN_SIZE_LIMIT: usize = 16 << 10;
 /// Lazy-DFA cache limit per pattern and thread (the regex crate's
 /// `dfa_size_limit`; its default is 2 MiB). Real patterns need a few dozen
@@ -98,7 +99,7 @@ enum Matcher {
     /// A literal, optionally followed by `.*` (the usual `/<path>.*`):
     /// a substring search (SIMD, with a worst case linear in the path),
     /// without the memory of a compiled regex.
-    Contains(memmem::Finder<'static>),
+    Contains(Box<memmem::Finder<'static>>),
     /// An unanchored regex search.
     Regex(Regex),
 }
@@ -125,7 +126,7 @@ impl RoutePattern {
         let matcher = if literal.is_empty() {
             Matcher::Everything
         } else if literal.bytes().all(is_plain_literal_byte) {
-            Matcher::Contains(memmem::Finder::new(literal.as_bytes()).into_owned())
+            Matcher::Contains(Box::new(memmem::Finder::new(literal.as_bytes()).into_owned()))
         } else {
             let regex = RegexBuilder::new(pattern)
                 .size_limit(PATTERN_SIZE_LIMIT)
