@@ -37,9 +37,9 @@ const FETCH_BATCH: usize = 1000;
 /// Distinct malformed entries remembered so each is logged once; beyond this, they are only debug-logged.
 const MAX_WARNED: usize = 10_000;
 /// Budget of the compiled-regex memo, in estimated bytes (pattern text plus
-/// [`RoutePattern::estimated_size`]). Real tables have a few dozen distinct
-/// regexes; 16 MiB holds about 600 of the largest allowed, so churn of
-/// distinct hostile patterns cannot grow the proxy past it.
+/// [`RoutePattern::estimated_size`], an upper bound). Real tables have a few
+/// dozen distinct regexes; 16 MiB holds about 340 at the compiled-size limit,
+/// so churn of distinct hostile patterns cannot grow the proxy past it.
 const MEMO_BUDGET_BYTES: usize = 16 << 20;
 
 /// Settings of the cache sync task.

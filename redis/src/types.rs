@@ -143,14 +143,15 @@ impl RoutePattern {
         matches!(self.matcher, Matcher::Regex(_))
     }
 
-    /// Approximate heap bytes this compiled pattern holds, for memory budgets:
-    /// a regex costs a fixed ~16 KiB of engine structures (measured with
-    /// regex 1.13) plus about 40 bytes per pattern byte; literals cost their text.
+    /// Heap bytes this compiled pattern may hold, for memory budgets. A
+    /// regex is counted at its upper bound, as the regex crate does not report
+    /// its size: fixed engine structures plus forward and reverse automata at
+    /// the compiled-size limit. Literals cost about their text.
     pub fn estimated_size(&self) -> usize {
         match &self.matcher {
             Matcher::Everything => self.source.len(),
             Matcher::Contains(_) => 2 * self.source.len() + 64,
-            Matcher::Regex(_) => REGEX_BASE_COST + 40 * self.source.len(),
+            Matcher::Regex(_) => REGEX_BASE_COST + 2 * PATTERN_SIZE_LIMIT + self.source.len(),
         }
     }
 
@@ -184,7 +185,8 @@ impl fmt::Display for RoutePattern {
     }
 }
 
-/// Fixed heap cost of one compiled regex (NFAs both ways, engine caches' pools).
+/// Fixed heap cost of one compiled regex besides its automata (engine
+/// structures, cache pools), measured with regex 1.13.
 const REGEX_BASE_COST: usize = 16 << 10;
 
 /// Bytes that stand for themselves in a regex; anything else goes to the regex engine.
