@@ -1,6 +1,12 @@
 //! The applier: drains the work in [`SyncState`] into Redis. Redis being
 //! unreachable never loses work: the desired state stays in memory and the
 //! whole table is reconciled once Redis answers again.
+//!
+//! Routes of other writers (grid registrations, operators) are never taken:
+//! the store's scripts write a field only when it is absent or still holds
+//! what kube-sync wrote, and delete it only in the latter case. Refusals are
+//! counted in `kube_sync_takeovers_refused_total` and logged with the tool,
+//! the route and the Service.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -142,7 +142,9 @@ if current then
     return {0, current}
   end
   if current == ARGV[2] then
-    redis.call('HSET', KEYS[3], ARGV[3], ARGV[2])
+    if not written then
+      redis.call('HSET', KEYS[3], ARGV[3], ARGV[2])
+    end
     return {2}
   end
 end
