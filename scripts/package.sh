@@ -26,7 +26,9 @@ cargo build --release --locked -p dynamicproxy
 rm -rf "$target/release/generated"
 "$target/release/dynamicproxy" generate-docs "$target/release/generated"
 mkdir -p "$target/debian"
-deb=$(cargo deb --no-build --locked -p dynamicproxy --output "$target/debian/" | tail -n 1)
+# Stripped: the release profile keeps debug info for local profiling, which would
+# make the package ten times larger and take minutes to compress.
+deb=$(cargo deb --no-build --strip --locked -p dynamicproxy --output "$target/debian/" | tail -n 1)
 [ -f "$deb" ] || { echo "package.sh: cargo deb gave no package ($deb)" >&2; exit 1; }
 echo "built $deb ($(du -h "$deb" | cut -f1))"
 
