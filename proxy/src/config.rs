@@ -140,6 +140,8 @@ pub struct Config {
     /// the measured best on 2 cores (bench/RESULTS.md); measure again on
     /// bigger machines.
     pub event_loops: usize,
+    /// Shape of access log lines: `text` (default, for people) or `json` (for log shippers).
+    pub access_log_format: crate::access_log::Format,
 }
 
 /// Longest timeout accepted: a year.
@@ -188,6 +190,7 @@ impl Default for Config {
             host_redirects: BTreeMap::from([("ru_monuments".to_string(), "ru-monuments".to_string())]),
             gzip: true,
             event_loops: 0,
+            access_log_format: crate::access_log::Format::Text,
         }
     }
 }
@@ -532,6 +535,10 @@ pub struct Flags {
     #[arg(long = "event-loops", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event_loops: Option<usize>,
+    /// Access log line format [default: text]
+    #[arg(long = "access-log-format", value_enum, value_name = "FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_log_format: Option<crate::access_log::Format>,
 }
 
 #[cfg(test)]

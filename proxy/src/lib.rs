@@ -27,6 +27,7 @@
 //! - [`sniff`]: HTTP/1 request-smuggling guard.
 //! - [`idle`]: idle and send timeouts for connections.
 //! - [`tls`]: certificates by SNI, hot reload.
+//! - [`cert_expiry`]: a certificate's expiry, for the metrics.
 //! - [`pages`]: built-in and overridden error pages.
 //! - [`list`]: the `/list` API.
 //! - [`access_log`], [`metrics`]: observability.
@@ -55,6 +56,7 @@ pub mod activity;
 pub mod backend_limit;
 pub mod body;
 pub mod buffers;
+pub mod cert_expiry;
 pub mod client_limit;
 pub mod compress;
 pub mod config;
@@ -112,6 +114,8 @@ pub struct ProxyHandle {
     reload: Arc<Notify>,
     /// Certificate reloads that succeeded and failed, for the admin API.
     reloads: Arc<[AtomicU64; 2]>,
+    /// Wakes the access log writer to reopen its file (SIGUSR1, logrotate).
+    reopen_log: Arc<Notify>,
 }
 
 impl ProxyHandle {
@@ -121,6 +125,7 @@ impl ProxyHandle {
             maintenance: Arc::new(AtomicBool::new(config.maintenance)),
             reload: Arc::new(Notify::new()),
             reloads: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
+            reopen_log: Arc::new(Notify::new()),
         }
     }
 
@@ -137,6 +142,11 @@ impl ProxyHandle {
     /// Asks the proxy to re-read its TLS certificates (as SIGHUP does).
     pub fn reload_certificates(&self) {
         self.reload.notify_one();
+    }
+
+    /// Asks the access log to reopen its file by name (as SIGUSR1 does), after logrotate moved it.
+    pub fn reopen_access_log(&self) {
+        self.reopen_log.notify_one();
     }
 
     /// Certificate reloads so far: (succeeded, failed and kept the old certificates).
@@ -160,7 +170,12 @@ pub async fn run(
     let default_backend = config.default_backend()?;
     let protection = protect::Protection::from_config(&config)?;
     let pages = pages::Pages::load(config.error_pages.as_deref())?;
-    let access_log = access_log::AccessLog::open(&config.access_log)?;
+    let access_log = access_log::AccessLog::open(
+        &config.access_log,
+        config.access_log_format,
+        metrics.access_log_lost_lines(),
+        handle.reopen_log.clone(),
+    )?;
     let extra_headers = config
         .extra_headers
         .iter()
@@ -172,6 +187,7 @@ pub async fn run(
             let provider = tls::provider();
             let pairs = config.tls_cert.iter().cloned().zip(config.tls_key.iter().cloned()).collect();
             let store = Arc::new(tls::CertStore::load(pairs, provider.clone())?);
+            metrics.certificates(&store.not_after());
             Some((tls::TlsAcceptor::new(store.clone(), provider)?, store))
         }
         _ => None,
@@ -252,7 +268,7 @@ pub async fn run(
     tracker.spawn(server::accept_loop(listeners.http, shared.clone(), settings.clone(), None, workers.clone()));
     if let (Some((acceptor, store)), Some(listener)) = (tls, listeners.https) {
         tracker.spawn(server::accept_loop(listener, shared.clone(), settings.clone(), Some(acceptor), workers.clone()));
-        tokio::spawn(watch_certificates(store, handle.clone(), background.clone()));
+        tokio::spawn(watch_certificates(store, handle.clone(), metrics.clone(), background.clone()));
     }
     tracker.spawn(list::serve(
         listeners.list,
@@ -262,6 +278,7 @@ pub async fn run(
         Config::secs(config.client_timeout_secs),
         list::MAX_LIST_CONNECTIONS,
     ));
+    tokio::spawn(access_log::reopen_on_sigusr1(handle.reopen_log.clone(), background.clone()));
     tokio::spawn(housekeeping(shared.clone(), cache, metrics, background.clone()));
 
     shutdown.cancelled().await;
@@ -307,7 +324,12 @@ async fn housekeeping(shared: Arc<handler::Shared>, cache: RouteCache, metrics: 
 
 /// Reloads certificates when their files change (checked every second), on
 /// SIGHUP, and when asked through [`ProxyHandle::reload_certificates`].
-async fn watch_certificates(store: Arc<tls::CertStore>, handle: ProxyHandle, stop: CancellationToken) {
+async fn watch_certificates(
+    store: Arc<tls::CertStore>,
+    handle: ProxyHandle,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
     let mut poll = tokio::time::interval(Duration::from_millis(500));
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
@@ -330,6 +352,7 @@ async fn watch_certificates(store: Arc<tls::CertStore>, handle: ProxyHandle, sto
         match store.reload() {
             Ok(()) => {
                 handle.reloads[0].fetch_add(1, Ordering::Relaxed);
+                metrics.certificates(&store.not_after());
                 info!(reason = why, "TLS certificates reloaded");
             }
             Err(error) => {

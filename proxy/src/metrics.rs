@@ -16,6 +16,11 @@ struct ClassLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabel {
+    path: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -36,6 +41,8 @@ pub struct Metrics {
     routes_in_cache: Gauge,
     cache_age_seconds: Gauge,
     redis_connected: Gauge,
+    access_log_lost_lines: Counter,
+    certificate_not_after: Family<PathLabel, Gauge>,
 }
 
 impl Metrics {
@@ -78,7 +85,21 @@ impl Metrics {
         );
         let redis_connected = Gauge::default();
         registry.register("redis_connected", "1 while the route cache is connected to Redis", redis_connected.clone());
+        let access_log_lost_lines = Counter::default();
+        registry.register(
+            "access_log_lost_lines",
+            "Access log lines dropped: queue full, disk full or file unwritable",
+            access_log_lost_lines.clone(),
+        );
+        let certificate_not_after = Family::<PathLabel, Gauge>::default();
+        registry.register(
+            "certificate_not_after_seconds",
+            "Unix time at which each served certificate (by file) expires",
+            certificate_not_after.clone(),
+        );
         Metrics {
+            access_log_lost_lines,
+            certificate_not_after,
             by_class,
             upstream_seconds,
             upstream_errors,
@@ -130,5 +151,18 @@ impl Metrics {
         self.routes_in_cache.set(status.tools as i64);
         self.cache_age_seconds.set(status.age.map_or(-1, |a| a.as_secs() as i64));
         self.redis_connected.set(i64::from(status.redis_connected));
+    }
+
+    /// The counter of lost access log lines, for the access log writer.
+    pub fn access_log_lost_lines(&self) -> Counter {
+        self.access_log_lost_lines.clone()
+    }
+
+    /// Replaces the certificate expiry gauges with `expiries` (file, Unix time).
+    pub fn certificates(&self, expiries: &[(std::path::PathBuf, i64)]) {
+        self.certificate_not_after.clear();
+        for (path, not_after) in expiries {
+            self.certificate_not_after.get_or_create(&PathLabel { path: path.display().to_string() }).set(*not_after);
+        }
     }
 }
