@@ -71,7 +71,8 @@ pub struct TooLarge(pub u64);
 /// A client's request body on its way upstream, cut off with [`TooLarge`]
 /// past the configured limit (for bodies whose length was not announced).
 pub struct LimitedBody {
-    inner: Incoming,
+    /// `None` for a request sent again without a body (see [`LimitedBody::empty`]).
+    inner: Option<Incoming>,
     remaining: u64,
     limit: u64,
 }
@@ -79,7 +80,13 @@ pub struct LimitedBody {
 impl LimitedBody {
     /// Wraps `inner`, allowing at most `limit` bytes.
     pub fn new(inner: Incoming, limit: u64) -> Self {
-        LimitedBody { inner, remaining: limit, limit }
+        LimitedBody { inner: Some(inner), remaining: limit, limit }
+    }
+
+    /// No body: a bodiless request sent again after its first connection
+    /// was refused (the client's empty body went with the first attempt).
+    pub fn empty() -> Self {
+        LimitedBody { inner: None, remaining: 0, limit: 0 }
     }
 }
 
@@ -89,7 +96,8 @@ impl Body for LimitedBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
@@ -107,10 +115,10 @@ impl Body for LimitedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner.as_ref().map_or(SizeHint::with_exact(0), Incoming::size_hint)
     }
 }

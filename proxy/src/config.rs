@@ -108,7 +108,14 @@ pub struct Config {
     /// the measured best on 2 cores (bench/RESULTS.md); measure again on
     /// bigger machines.
     pub event_loops: usize,
+    /// Seconds a request for a tool that just lost its route, or whose
+    /// backend refused a bodiless request, waits for the route to come
+    /// (back) before its error page (see the `hold` module). 0 (default) = off.
+    pub hold_secs: u64,
 }
+
+/// Longest hold accepted: a held request keeps its client waiting and its slot taken.
+const MAX_HOLD_SECS: u64 = 300;
 
 /// Longest timeout accepted: a year.
 const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
@@ -149,6 +156,7 @@ impl Default for Config {
             host_redirects: BTreeMap::from([("ru_monuments".to_string(), "ru-monuments".to_string())]),
             gzip: true,
             event_loops: 0,
+            hold_secs: 0,
         }
     }
 }
@@ -189,6 +197,9 @@ impl Config {
             ));
         }
         self.dns_servers()?;
+        if self.hold_secs > MAX_HOLD_SECS {
+            return Err(ConfigError::new("hold_secs", self.hold_secs, format!("at most {MAX_HOLD_SECS}")));
+        }
         if self.event_loops > 1024 {
             return Err(ConfigError::new("event_loops", self.event_loops, "at most 1024"));
         }
@@ -443,6 +454,10 @@ pub struct Flags {
     #[arg(long = "event-loops", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event_loops: Option<usize>,
+    /// Seconds a request waits for its tool's route to come back, 0 = off [default: 0]
+    #[arg(long = "hold-secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_secs: Option<u64>,
 }
 
 #[cfg(test)]

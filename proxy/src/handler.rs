@@ -22,6 +22,7 @@ use crate::body::{LimitedBody, ProxyBody};
 use crate::compress::{self, GzipBody};
 use crate::error::ProxyError;
 use crate::headers::{self, Forwarded};
+use crate::hold::{self, Hold};
 use crate::host::{normalize_host, valid_percent_encoding};
 use crate::metrics::Metrics;
 use crate::pages::{Page, Pages};
@@ -43,6 +44,8 @@ const HSTS: HeaderValue = HeaderValue::from_static("max-age=31622400");
 /// Everything requests share, built once by `run`.
 pub(crate) struct Shared {
     pub router: Router,
+    /// Waits for a tool's route to come back (`hold_secs`).
+    pub hold: Hold,
     pub pages: Pages,
     pub protection: Protection,
     pub maintenance: Arc<AtomicBool>,
@@ -213,7 +216,9 @@ async fn respond(
         return Err(ProxyError::BodyTooLarge);
     }
     // 6-8. Routing.
-    match shared.router.route(&host, req.uri().path(), req.uri().query()) {
+    let decision = shared.router.route(&host, req.uri().path(), req.uri().query());
+    let request = (&*host, req.uri().path(), req.uri().query());
+    match shared.hold.route(&shared.router, request, decision, &shared.hard_stop).await {
         Decision::Proxy(backend, _via) => {
             ctx.upstream = Some(backend.clone());
             forward(shared, conn, req, &backend, &host, (&raw_host, raw_host_str), ctx).await
@@ -280,12 +285,30 @@ async fn forward(
         HeaderValue::from_str(host).map_err(|_| ProxyError::BadRequest("bad Host"))?
     };
     parts.headers.insert(header::HOST, upstream_host);
+    // A bodiless request can be sent again if its backend refuses (hold_secs).
+    let replay_uri = (shared.hold.enabled() && http_body::Body::is_end_stream(&body)).then(|| original_uri.to_owned());
     parts.uri = upstream_uri(backend, original_uri)?;
     parts.version = Version::HTTP_11;
+    let replay = replay_uri.map(|uri| (uri, parts.method.clone(), parts.headers.clone()));
     let upstream_req = Request::from_parts(parts, LimitedBody::new(body, shared.max_body));
 
     let sent = Instant::now();
-    let result = conn.pool.request(upstream_req).await;
+    let mut result = conn.pool.request(upstream_req).await;
+    if let Some((uri, method, headers)) = replay
+        && result.as_ref().is_err_and(hold::refused)
+    {
+        let (path, query) = uri.split_once('?').map_or((uri.as_str(), None), |(p, q)| (p, Some(q)));
+        if let Some(next) =
+            shared.hold.after_refusal(&shared.router, (host, path, query), backend, &shared.hard_stop).await
+        {
+            let mut again = Request::new(LimitedBody::empty());
+            *again.method_mut() = method;
+            *again.headers_mut() = headers;
+            *again.uri_mut() = upstream_uri(&next, &uri)?;
+            ctx.upstream = Some(next);
+            result = conn.pool.request(again).await;
+        }
+    }
     let elapsed = sent.elapsed();
     ctx.upstream_time = Some(elapsed);
     let mut response = result.map_err(classify)?;

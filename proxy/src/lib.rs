@@ -9,6 +9,7 @@
 //! - [`workers`] (private): single-threaded event loops (one per core but one), each with its own upstream pool.
 //! - [`handler`] (private): one request's life, in SPEC §3 order; errors become pages there.
 //! - [`route`]: the routing rules over the route cache.
+//! - [`hold`]: hold-and-wake: requests wait for a tool's route to come back (`hold_secs`).
 //! - [`host`]: Host normalisation and URI checks.
 //! - [`protect`]: bans, User-Agent/Referer block lists, per-client rate limit.
 //! - [`headers`]: request and response header rewriting.
@@ -52,6 +53,7 @@ pub mod egress;
 pub mod error;
 mod handler;
 pub mod headers;
+pub mod hold;
 pub mod host;
 pub mod idle;
 pub mod list;
@@ -171,7 +173,9 @@ pub async fn run(
 
     let hard_stop = CancellationToken::new();
     let tunnels = TaskTracker::new();
+    let hold = hold::Hold::new(config.hold_secs, &cache, metrics.hold.clone());
     let shared = Arc::new(handler::Shared {
+        hold,
         router: route::Router::new(
             cache.clone(),
             &config.canonical_domain,

@@ -30,6 +30,8 @@ pub struct Metrics {
     routes_in_cache: Gauge,
     cache_age_seconds: Gauge,
     redis_connected: Gauge,
+    /// Held requests (`hold_secs`), kept with the hold logic.
+    pub(crate) hold: crate::hold::HoldMetrics,
 }
 
 impl Metrics {
@@ -66,7 +68,9 @@ impl Metrics {
         );
         let redis_connected = Gauge::default();
         registry.register("redis_connected", "1 while the route cache is connected to Redis", redis_connected.clone());
+        let hold = crate::hold::HoldMetrics::register(registry);
         Metrics {
+            hold,
             by_class,
             upstream_seconds,
             upstream_errors,
