@@ -44,6 +44,8 @@ pub struct Entry<'a> {
     pub total_time: Duration,
     /// The tool the request was about.
     pub tool: Option<&'a str>,
+    /// The W3C trace id sent to the backend in `traceparent`.
+    pub trace_id: Option<&'a str>,
 }
 
 impl AccessLog {
@@ -71,7 +73,7 @@ impl AccessLog {
         let mut line = String::with_capacity(160);
         let _ = writeln!(
             line,
-            "{} {} \"{} {}\" {} {} upstream={} upstream_time={} time={:.3} tool={}",
+            "{} {} \"{} {}\" {} {} upstream={} upstream_time={} time={:.3} trace_id={} tool={}",
             entry.client.ip(),
             entry.host,
             entry.method,
@@ -81,6 +83,7 @@ impl AccessLog {
             entry.upstream.map_or("-".to_string(), |u| u.to_string()),
             entry.upstream_time.map_or("-".to_string(), |t| format!("{:.3}", t.as_secs_f64())),
             entry.total_time.as_secs_f64(),
+            entry.trace_id.unwrap_or("-"),
             entry.tool.unwrap_or("-"),
         );
         if self.tx.try_send(line).is_err() {

@@ -29,6 +29,7 @@ use crate::pages::{Page, Pages};
 use crate::protect::{Protection, Verdict};
 use crate::route::{Decision, Router};
 use crate::sniff::SmuggleFlags;
+use crate::trace_context::TraceContext;
 use crate::upgrade;
 use crate::upstream::{UpstreamClient, classify};
 
@@ -92,11 +93,14 @@ struct RequestContext {
     upstream_time: Option<Duration>,
     /// Normalised Host, kept only when the access log is on.
     host: Option<String>,
+    /// The W3C trace the request belongs to.
+    trace: TraceContext,
 }
 
 /// Handles one request; never fails (errors become pages).
 pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<ProxyBody> {
-    let mut ctx = RequestContext { start: Instant::now(), upstream: None, upstream_time: None, host: None };
+    let trace = TraceContext::from_headers(req.headers());
+    let mut ctx = RequestContext { start: Instant::now(), upstream: None, upstream_time: None, host: None, trace };
     let logged = shared.access_log.as_ref().map(|_| (req.method().clone(), req.uri().clone()));
     let mut response = match respond(&shared, &conn, req, &mut ctx).await {
         Ok(response) => response,
@@ -131,6 +135,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Reques
             upstream_time: ctx.upstream_time,
             total_time: ctx.start.elapsed(),
             tool,
+            trace_id: Some(&ctx.trace.trace_id()),
         });
     }
     response
@@ -274,6 +279,7 @@ async fn forward(
     let original_uri = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let fwd = Forwarded { client_ip: conn.client.ip(), host, port: &conn.port, proto: conn.proto(), original_uri };
     headers::to_upstream(&mut parts.headers, &fwd, upgrade);
+    ctx.trace.to_upstream(&mut parts.headers);
     if parts.version == Version::HTTP_2 {
         headers::join_cookies(&mut parts.headers);
     }

@@ -121,12 +121,12 @@ struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         let now = Instant::now();
-        if let Ok(mut tools) = self.inner.tools.lock() {
-            if let Some(state) = tools.get_mut(&self.tool) {
-                state.held = state.held.saturating_sub(1);
-                if state.idle(now, self.inner.hold_for) {
-                    tools.remove(&self.tool);
-                }
+        if let Ok(mut tools) = self.inner.tools.lock()
+            && let Some(state) = tools.get_mut(&self.tool)
+        {
+            state.held = state.held.saturating_sub(1);
+            if state.idle(now, self.inner.hold_for) {
+                tools.remove(&self.tool);
             }
         }
         self.inner.held.fetch_sub(1, Ordering::AcqRel);

@@ -25,6 +25,7 @@
 //! - [`pages`]: built-in and overridden error pages.
 //! - [`list`]: the `/list` API.
 //! - [`access_log`], [`metrics`]: observability.
+//! - [`trace_context`]: W3C `traceparent` continued or started, passed to backends.
 //! - [`error`]: [`Error`] (cannot start) and [`ProxyError`] (one request, mapped to a status).
 //!
 //! # A request's path
@@ -65,6 +66,7 @@ pub mod route;
 mod server;
 pub mod sniff;
 pub mod tls;
+pub mod trace_context;
 pub mod upgrade;
 pub mod upstream;
 mod workers;
