@@ -187,3 +187,18 @@ async fn refused_bodiless_request_waits_for_the_new_registration() {
     assert!(got.body.contains("backend=new\nmethod=GET\nuri=/page\n"), "{}", got.body);
     assert_eq!(got.echoed("host"), Some(HOST));
 }
+
+#[tokio::test]
+async fn a_tool_that_lost_no_route_is_not_held() {
+    let proxy = Proxy::start(Config { hold_secs: 5, ..Config::default() }).await;
+    let backend = Backend::echo("back").await;
+    proxy.set_route(TOOL, "/api.*", &backend.url()).await;
+    // Never registered, and registered but for other paths: the page at once.
+    for (host, path) in [("unknown.toolforge.org", "/"), (HOST, "/elsewhere")] {
+        let started = std::time::Instant::now();
+        let got = get(proxy.http, host, path, &[]).await;
+        assert_eq!((got.status, got.header("x-dynamicproxy-reason")), (503, Some("no-route")), "{host}{path}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{host}{path} took {:?}", started.elapsed());
+    }
+    assert_eq!(metric(&proxy, "dynamicproxy_proxy_held_requests"), 0.0);
+}
