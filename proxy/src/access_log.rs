@@ -70,6 +70,8 @@ pub struct Entry<'a> {
     pub total_time: Duration,
     /// The tool the request was about.
     pub tool: Option<&'a str>,
+    /// The W3C trace id sent to the backend in `traceparent`.
+    pub trace_id: Option<&'a str>,
 }
 
 /// The JSON form of an [`Entry`].
@@ -85,6 +87,7 @@ struct JsonLine<'a> {
     upstream: Option<String>,
     upstream_time: Option<f64>,
     total_time: f64,
+    trace_id: Option<&'a str>,
     tool: Option<&'a str>,
 }
 
@@ -123,7 +126,7 @@ fn text_line(entry: &Entry<'_>) -> String {
     let mut line = String::with_capacity(160);
     let _ = writeln!(
         line,
-        "{} {} \"{} {}\" {} {} upstream={} upstream_time={} time={:.3} tool={}",
+        "{} {} \"{} {}\" {} {} upstream={} upstream_time={} time={:.3} trace_id={} tool={}",
         entry.client.ip(),
         entry.host,
         entry.method,
@@ -133,6 +136,7 @@ fn text_line(entry: &Entry<'_>) -> String {
         entry.upstream.map_or("-".to_string(), |u| u.to_string()),
         entry.upstream_time.map_or("-".to_string(), |t| format!("{:.3}", t.as_secs_f64())),
         entry.total_time.as_secs_f64(),
+        entry.trace_id.unwrap_or("-"),
         entry.tool.unwrap_or("-"),
     );
     line
@@ -150,6 +154,7 @@ fn json_line(entry: &Entry<'_>) -> String {
         upstream: entry.upstream.map(|u| u.to_string()),
         upstream_time: entry.upstream_time.map(|t| t.as_secs_f64()),
         total_time: entry.total_time.as_secs_f64(),
+        trace_id: entry.trace_id,
         tool: entry.tool,
     };
     // Serialising plain strings and numbers cannot fail; an empty object keeps the line count right if it did.

@@ -91,7 +91,8 @@ pub struct BodyTimeout(pub Duration);
 /// past the configured limit (for bodies whose length was not announced),
 /// and with [`BodyTimeout`] when the client pauses too long between reads.
 pub struct LimitedBody {
-    inner: Incoming,
+    /// `None` for a request sent again without a body (see [`LimitedBody::empty`]).
+    inner: Option<Incoming>,
     remaining: u64,
     limit: u64,
     pause_limit: Option<Duration>,
@@ -105,7 +106,7 @@ pub struct LimitedBody {
 impl LimitedBody {
     /// Wraps `inner`, allowing at most `limit` bytes.
     pub fn new(inner: Incoming, limit: u64) -> Self {
-        LimitedBody { inner, remaining: limit, limit, pause_limit: None, pause: None, waiting: false }
+        LimitedBody { inner: Some(inner), remaining: limit, limit, pause_limit: None, pause: None, waiting: false }
     }
 
     /// Fails the body once the client has sent nothing for `pause_limit`
@@ -134,6 +135,12 @@ impl LimitedBody {
             Poll::Pending => Poll::Pending,
         }
     }
+
+    /// No body: a bodiless request sent again after its first connection
+    /// was refused (the client's empty body went with the first attempt).
+    pub fn empty() -> Self {
+        LimitedBody { inner: None, remaining: 0, limit: 0, pause_limit: None, pause: None, waiting: false }
+    }
 }
 
 impl Body for LimitedBody {
@@ -142,7 +149,8 @@ impl Body for LimitedBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+        let polled = Pin::new(inner).poll_frame(cx);
         if polled.is_ready() {
             this.waiting = false;
         }
@@ -164,10 +172,10 @@ impl Body for LimitedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner.as_ref().map_or(SizeHint::with_exact(0), Incoming::size_hint)
     }
 }

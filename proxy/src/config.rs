@@ -142,7 +142,14 @@ pub struct Config {
     pub event_loops: usize,
     /// Shape of access log lines: `text` (default, for people) or `json` (for log shippers).
     pub access_log_format: crate::access_log::Format,
+    /// Seconds a request for a tool that just lost its route, or whose
+    /// backend refused a bodiless request, waits for the route to come
+    /// (back) before its error page (see the `hold` module). 0 (default) = off.
+    pub hold_secs: u64,
 }
+
+/// Longest hold accepted: a held request keeps its client waiting and its slot taken.
+const MAX_HOLD_SECS: u64 = 300;
 
 /// Longest timeout accepted: a year.
 const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
@@ -191,6 +198,7 @@ impl Default for Config {
             gzip: true,
             event_loops: 0,
             access_log_format: crate::access_log::Format::Text,
+            hold_secs: 0,
         }
     }
 }
@@ -231,6 +239,9 @@ impl Config {
             ));
         }
         self.dns_servers()?;
+        if self.hold_secs > MAX_HOLD_SECS {
+            return Err(ConfigError::new("hold_secs", self.hold_secs, format!("at most {MAX_HOLD_SECS}")));
+        }
         if self.event_loops > 1024 {
             return Err(ConfigError::new("event_loops", self.event_loops, "at most 1024"));
         }
@@ -539,6 +550,10 @@ pub struct Flags {
     #[arg(long = "access-log-format", value_enum, value_name = "FORMAT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub access_log_format: Option<crate::access_log::Format>,
+    /// Seconds a request waits for its tool's route to come back, 0 = off [default: 0]
+    #[arg(long = "hold-secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_secs: Option<u64>,
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ use crate::body::{LimitedBody, ProxyBody};
 use crate::compress::{self, GzipBody};
 use crate::error::ProxyError;
 use crate::headers::{self, Forwarded};
+use crate::hold::{self, Hold};
 use crate::host::{normalize_host, valid_percent_encoding};
 use crate::metrics::Metrics;
 use crate::pages::{Page, Pages};
@@ -30,6 +31,7 @@ use crate::protect::{Protection, Verdict};
 use crate::route::{Decision, Router};
 use crate::server::Slot;
 use crate::sniff::SmuggleFlags;
+use crate::trace_context::TraceContext;
 use crate::upgrade;
 use crate::upstream::{UpstreamClient, classify};
 
@@ -45,6 +47,8 @@ const HSTS: HeaderValue = HeaderValue::from_static("max-age=31622400");
 /// Everything requests share, built once by `run`.
 pub(crate) struct Shared {
     pub router: Router,
+    /// Waits for a tool's route to come back (`hold_secs`).
+    pub hold: Hold,
     pub pages: Pages,
     pub protection: Protection,
     pub maintenance: Arc<AtomicBool>,
@@ -99,11 +103,14 @@ struct RequestContext {
     upstream_time: Option<Duration>,
     /// Normalised Host, kept only when the access log is on.
     host: Option<String>,
+    /// The W3C trace the request belongs to.
+    trace: TraceContext,
 }
 
 /// Handles one request; never fails (errors become pages).
 pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<ProxyBody> {
-    let mut ctx = RequestContext { start: Instant::now(), upstream: None, upstream_time: None, host: None };
+    let trace = TraceContext::from_headers(req.headers());
+    let mut ctx = RequestContext { start: Instant::now(), upstream: None, upstream_time: None, host: None, trace };
     let logged = shared.access_log.as_ref().map(|_| (req.method().clone(), req.uri().clone()));
     let mut response = match respond(&shared, &conn, req, &mut ctx).await {
         Ok(response) => response,
@@ -138,6 +145,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Reques
             upstream_time: ctx.upstream_time,
             total_time: ctx.start.elapsed(),
             tool,
+            trace_id: Some(&ctx.trace.trace_id()),
         });
     }
     response
@@ -223,7 +231,9 @@ async fn respond(
         return Err(ProxyError::BodyTooLarge);
     }
     // 6-8. Routing.
-    match shared.router.route(&host, req.uri().path(), req.uri().query()) {
+    let decision = shared.router.route(&host, req.uri().path(), req.uri().query());
+    let request = (&*host, req.uri().path(), req.uri().query());
+    match shared.hold.route(&shared.router, request, decision, &shared.hard_stop).await {
         Decision::Proxy(backend, _via) => {
             ctx.upstream = Some(backend.clone());
             let permit = shared.backend_limits.acquire(&conn.upstream_slots, backend.host(), backend.port()).await?;
@@ -281,6 +291,7 @@ async fn forward(
     let original_uri = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let fwd = Forwarded { client_ip: conn.client.ip(), host, port: &conn.port, proto: conn.proto(), original_uri };
     headers::to_upstream(&mut parts.headers, &fwd, upgrade);
+    ctx.trace.to_upstream(&mut parts.headers);
     if parts.version == Version::HTTP_2 {
         headers::join_cookies(&mut parts.headers);
     }
@@ -292,13 +303,31 @@ async fn forward(
         HeaderValue::from_str(host).map_err(|_| ProxyError::BadRequest("bad Host"))?
     };
     parts.headers.insert(header::HOST, upstream_host);
+    // A bodiless request can be sent again if its backend refuses (hold_secs).
+    let replay_uri = (shared.hold.enabled() && http_body::Body::is_end_stream(&body)).then(|| original_uri.to_owned());
     parts.uri = upstream_uri(backend, original_uri)?;
     parts.version = Version::HTTP_11;
+    let replay = replay_uri.map(|uri| (uri, parts.method.clone(), parts.headers.clone()));
     let upstream_req =
         Request::from_parts(parts, LimitedBody::new(body, shared.max_body).with_pause_limit(shared.body_timeout));
 
     let sent = Instant::now();
-    let result = conn.pool.request(upstream_req).await;
+    let mut result = conn.pool.request(upstream_req).await;
+    if let Some((uri, method, headers)) = replay
+        && result.as_ref().is_err_and(hold::refused)
+    {
+        let (path, query) = uri.split_once('?').map_or((uri.as_str(), None), |(p, q)| (p, Some(q)));
+        if let Some(next) =
+            shared.hold.after_refusal(&shared.router, (host, path, query), backend, &shared.hard_stop).await
+        {
+            let mut again = Request::new(LimitedBody::empty());
+            *again.method_mut() = method;
+            *again.headers_mut() = headers;
+            *again.uri_mut() = upstream_uri(&next, &uri)?;
+            ctx.upstream = Some(next);
+            result = conn.pool.request(again).await;
+        }
+    }
     let elapsed = sent.elapsed();
     ctx.upstream_time = Some(elapsed);
     let mut response = result.map_err(classify)?;

@@ -13,6 +13,7 @@
 //! - [`workers`] (private): single-threaded event loops (one per core but one), each with its own upstream pool.
 //! - [`handler`] (private): one request's life, in SPEC §3 order; errors become pages there.
 //! - [`route`]: the routing rules over the route cache.
+//! - [`hold`]: hold-and-wake: requests wait for a tool's route to come back (`hold_secs`).
 //! - [`host`]: Host normalisation and URI checks.
 //! - [`protect`]: bans, User-Agent/Referer block lists, per-client rate limit.
 //! - [`headers`]: request and response header rewriting.
@@ -31,6 +32,7 @@
 //! - [`pages`]: built-in and overridden error pages.
 //! - [`list`]: the `/list` API.
 //! - [`access_log`], [`metrics`]: observability.
+//! - [`trace_context`]: W3C `traceparent` continued or started, passed to backends.
 //! - [`error`]: [`Error`] (cannot start) and [`ProxyError`] (one request, mapped to a status).
 //!
 //! # A request's path
@@ -64,6 +66,7 @@ pub mod egress;
 pub mod error;
 mod handler;
 pub mod headers;
+pub mod hold;
 pub mod host;
 pub mod idle;
 pub mod linger;
@@ -77,6 +80,7 @@ mod server;
 pub mod shed;
 pub mod sniff;
 pub mod tls;
+pub mod trace_context;
 pub mod upgrade;
 pub mod upstream;
 mod workers;
@@ -199,7 +203,9 @@ pub async fn run(
 
     let hard_stop = CancellationToken::new();
     let tunnels = TaskTracker::new();
+    let hold = hold::Hold::new(config.hold_secs, &cache, metrics.hold.clone());
     let shared = Arc::new(handler::Shared {
+        hold,
         router: route::Router::new(
             cache.clone(),
             &config.canonical_domain,

@@ -43,6 +43,8 @@ pub struct Metrics {
     redis_connected: Gauge,
     access_log_lost_lines: Counter,
     certificate_not_after: Family<PathLabel, Gauge>,
+    /// Held requests (`hold_secs`), kept with the hold logic.
+    pub(crate) hold: crate::hold::HoldMetrics,
 }
 
 impl Metrics {
@@ -97,7 +99,9 @@ impl Metrics {
             "Unix time at which each served certificate (by file) expires",
             certificate_not_after.clone(),
         );
+        let hold = crate::hold::HoldMetrics::register(registry);
         Metrics {
+            hold,
             access_log_lost_lines,
             certificate_not_after,
             by_class,
