@@ -12,6 +12,8 @@ cargo build --release --bin dynamicproxy
 export DYNAMICPROXY_PROXY_REQUIRE_USER_AGENT=false
 # The benchmark backends listen on loopback, which the proxy refuses by default.
 export DYNAMICPROXY_PROXY_DENIED_BACKEND_NETWORKS='[]'
+# wrk connects from one address: the per-client connection cap would refuse many connections.
+export DYNAMICPROXY_PROXY_MAX_CONNECTIONS_PER_CLIENT=0
 # The candidate's peak RSS (VmHWM) is sampled every 5 s into $BENCH_RUN/candidate-rss.txt;
 # the sampler is in the candidate's process group, so peer.sh's stop ends it too.
 exec bench/peer/peer.sh --candidate \

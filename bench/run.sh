@@ -58,9 +58,11 @@ if [ "$build" = 1 ]; then
 fi
 backend_bin=target/release/examples/bench_backend
 # wrk sends no User-Agent; the proxy refuses such requests by default (SPEC §3), hence the flag.
-# The backend listens on loopback, which denied_backend_networks refuses by default.
+# The backend listens on loopback, which denied_backend_networks refuses by default; wrk
+# connects from one address, and the per-client connection cap would refuse --conns above it.
 proxy_cmd=(env DYNAMICPROXY_PROXY_DENIED_BACKEND_NETWORKS='[]'
-  target/release/dynamicproxy proxy --require-user-agent false --admin-listen 127.0.0.1:0)
+  target/release/dynamicproxy proxy --require-user-agent false --max-connections-per-client 0
+  --admin-listen 127.0.0.1:0)
 
 redis_port=$(free_port) backend_port=$(free_port) http_port=$(free_port) https_port=$(free_port) list_port=$(free_port)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >"$run/redis.log" 2>&1 &

@@ -75,12 +75,17 @@ fn routes() -> Router<AdminState> {
         .route("/maintenance", post(maintenance))
 }
 
-async fn metrics(State(state): State<AdminState>) -> Response {
+async fn metrics(State(state): State<AdminState>, headers: axum::http::HeaderMap) -> Response {
+    use crate::metrics_format::{OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, to_text_0_0_4, wants_openmetrics};
     let mut body = String::new();
     if let Err(e) = encode(&mut body, &state.registry) {
         return (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode metrics: {e}\n")).into_response();
     }
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
+    // Plain text unless the scraper asks for OpenMetrics (SPEC §7): text consumers reject OpenMetrics.
+    if wants_openmetrics(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok())) {
+        return ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response();
+    }
+    ([(header::CONTENT_TYPE, TEXT_CONTENT_TYPE)], to_text_0_0_4(&body)).into_response()
 }
 
 async fn server_info(State(state): State<AdminState>) -> Response {

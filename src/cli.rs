@@ -65,6 +65,16 @@ pub enum Command {
     All(Box<AllCommand>),
     /// Operator commands over the route table in Redis.
     Routes(RoutesCommand),
+    /// Writes the man pages and shell completions into a directory (packaging).
+    #[command(hide = true)]
+    GenerateDocs(GenerateDocsCommand),
+}
+
+/// `dynamicproxy generate-docs DIR`.
+#[derive(Debug, Args)]
+pub struct GenerateDocsCommand {
+    /// Directory to write into; `man/` and `completions/` are created in it.
+    pub dir: PathBuf,
 }
 
 /// `dynamicproxy proxy`.

@@ -7,6 +7,8 @@ mod admin;
 mod admin_guard;
 mod cli;
 mod daemons;
+mod manpage;
+mod metrics_format;
 mod routes_cmd;
 mod settings;
 mod shutdown;
@@ -33,6 +35,10 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> ExitCode {
     match cli.command {
+        Command::GenerateDocs(c) => match manpage::generate(&c.dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(1, format_args!("cannot write the man pages and completions into {}: {e}", c.dir.display())),
+        },
         Command::Routes(command) => {
             let loaded = settings::load::<()>(&cli.global, &[])
                 .and_then(|(s, figment)| Ok((s.redis_endpoint()?, routes_cmd::denied_networks(&figment))));

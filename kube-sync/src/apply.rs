@@ -1,12 +1,20 @@
 //! The applier: drains the work in [`SyncState`] into Redis. Redis being
 //! unreachable never loses work: the desired state stays in memory and the
 //! whole table is reconciled once Redis answers again.
+//!
+//! Routes of other writers (grid registrations, operators) are never taken:
+//! the store's scripts write a field only when it is absent or still holds
+//! what kube-sync wrote, and delete it only in the latter case. Refusals are
+//! counted in `kube_sync_takeovers_refused_total` and logged with the tool,
+//! the route and the Service.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use dynamicproxy_redis::{BackendUrl, OwnedServiceRoute, RouteStore, RouteTableError, ToolName};
+use dynamicproxy_redis::{
+    BackendUrl, OwnedDelete, OwnedServiceRoute, OwnedWrite, RouteStore, RouteTableError, ToolName,
+};
 use futures::StreamExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +39,9 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// the last-sync metric meaningful for alerting on a quiet cluster. A check
 /// that finds nothing to fix only reads.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(600);
+/// Refused takeovers remembered so each is logged as a warning once (then at
+/// debug level on every resync); forgotten all at once beyond this.
+const MAX_REFUSALS_REMEMBERED: usize = 10_000;
 
 /// Writes the desired state to Redis.
 pub(crate) struct Applier {
@@ -46,6 +57,8 @@ pub(crate) struct Applier {
     owned: BTreeMap<OwnedServiceRoute, Option<BackendUrl>>,
     /// Redis failed last time; the recovery is worth a log line.
     redis_failing: bool,
+    /// Refused takeovers already logged, by member and the value found.
+    refusals_logged: HashSet<(String, String)>,
 }
 
 /// Counts of one full reconcile, for the log.
@@ -55,6 +68,8 @@ struct Reconciled {
     unchanged: usize,
     removed: usize,
     refused: usize,
+    /// Routes left alone because another writer holds them.
+    not_ours: usize,
 }
 
 impl Applier {
@@ -66,7 +81,16 @@ impl Applier {
         metrics: Arc<Metrics>,
         scope: Option<String>,
     ) -> Self {
-        Applier { store, state, notify, metrics, scope, owned: BTreeMap::new(), redis_failing: false }
+        Applier {
+            store,
+            state,
+            notify,
+            metrics,
+            scope,
+            owned: BTreeMap::new(),
+            redis_failing: false,
+            refusals_logged: HashSet::new(),
+        }
     }
 
     /// Applies work as it comes until `shutdown`, then writes what is still
@@ -189,9 +213,11 @@ impl Applier {
             .buffer_unordered(CONCURRENCY);
         while let Some((route, result)) = removals.next().await {
             match result {
-                Ok(()) => {
+                Ok(outcome) => {
                     counts.removed += 1;
-                    info!(route = %route, "removed route of a Service that no longer exists");
+                    if !self.removed(&route, outcome) {
+                        counts.not_ours += 1;
+                    }
                 }
                 Err(e) if e.is_unavailable() => return Err(e),
                 Err(e) => {
@@ -207,21 +233,25 @@ impl Applier {
             .map(|(route, was_owned)| {
                 let store = store.clone();
                 async move {
-                    let result = write_if_changed(&store, &route, was_owned).await;
+                    let result = store.set_owned_route(&route.owned, &route.backend).await;
                     (route, was_owned, result)
                 }
             })
             .buffer_unordered(CONCURRENCY);
         while let Some((route, was_owned, result)) = writes.next().await {
             match result {
-                Ok(changed) => {
-                    if changed {
-                        counts.set += 1;
-                        debug!(route = %route.owned, backend = %route.backend, "route set");
-                    } else {
-                        counts.unchanged += 1;
-                    }
+                Ok(OwnedWrite::Written) => {
+                    counts.set += 1;
+                    debug!(route = %route.owned, backend = %route.backend, "route set");
                     still_owned.insert(route.owned, Some(route.backend));
+                }
+                Ok(OwnedWrite::Unchanged) => {
+                    counts.unchanged += 1;
+                    still_owned.insert(route.owned, Some(route.backend));
+                }
+                Ok(OwnedWrite::Refused { current }) => {
+                    counts.not_ours += 1;
+                    self.refused(&route, &current);
                 }
                 Err(e) if e.is_unavailable() => return Err(e),
                 Err(e) => {
@@ -241,6 +271,7 @@ impl Applier {
             unchanged = counts.unchanged,
             removed = counts.removed,
             refused = counts.refused,
+            not_ours = counts.not_ours,
             "route table reconciled with the Services listed"
         );
         Ok(())
@@ -255,9 +286,9 @@ impl Applier {
             let previous = self.routes_of(&key);
             for old in previous.iter().filter(|o| wanted.as_ref().map(|w| &w.owned) != Some(*o)) {
                 match self.store.delete_owned_route(old).await {
-                    Ok(()) => {
+                    Ok(outcome) => {
                         self.owned.remove(old);
-                        info!(service = %key, route = %old, "route removed");
+                        self.removed(old, outcome);
                     }
                     Err(e) if e.is_unavailable() => return Err(e),
                     Err(e) => {
@@ -283,9 +314,14 @@ impl Applier {
 
     async fn set(&mut self, key: &ServiceKey, route: &ServiceRoute) -> Result<(), RouteTableError> {
         match self.store.set_owned_route(&route.owned, &route.backend).await {
-            Ok(()) => {
+            Ok(OwnedWrite::Written | OwnedWrite::Unchanged) => {
                 self.owned.insert(route.owned.clone(), Some(route.backend.clone()));
                 info!(service = %key, route = %route.owned, backend = %route.backend, "route set");
+                Ok(())
+            }
+            Ok(OwnedWrite::Refused { current }) => {
+                self.owned.remove(&route.owned);
+                self.refused(route, &current);
                 Ok(())
             }
             Err(e) if e.is_unavailable() => Err(e),
@@ -293,6 +329,47 @@ impl Applier {
                 self.metrics.redis_error();
                 error!(service = %key, route = %route.owned, error = %e, "redis refused to set a route");
                 Ok(())
+            }
+        }
+    }
+
+    /// Counts and logs a write refused because the field holds another
+    /// writer's value: typically a grid registration next to the Service
+    /// webservice-runner creates for it.
+    fn refused(&mut self, route: &ServiceRoute, current: &str) {
+        self.metrics.takeover_refused();
+        let owned = &route.owned;
+        let service = format!("{}/{}", owned.namespace, owned.tool);
+        if self.refusals_logged.len() >= MAX_REFUSALS_REMEMBERED {
+            self.refusals_logged.clear();
+        }
+        if self.refusals_logged.insert((owned.member(), current.to_string())) {
+            warn!(tool = %owned.tool, route = %owned.pattern, service = %service, current, wanted = %route.backend,
+                "route holds another writer's backend; not taking it over");
+        } else {
+            debug!(tool = %owned.tool, route = %owned.pattern, service = %service, current,
+                "route still holds another writer's backend");
+        }
+    }
+
+    /// Logs the outcome of removing an owned route; false when the field was
+    /// left alone because another writer holds it (counted as a refused takeover).
+    fn removed(&mut self, owned: &OwnedServiceRoute, outcome: OwnedDelete) -> bool {
+        let service = format!("{}/{}", owned.namespace, owned.tool);
+        match outcome {
+            OwnedDelete::Deleted => {
+                info!(tool = %owned.tool, route = %owned.pattern, service = %service, "route removed");
+                true
+            }
+            OwnedDelete::Absent => {
+                debug!(tool = %owned.tool, route = %owned.pattern, service = %service, "route already gone");
+                true
+            }
+            OwnedDelete::Kept { current } => {
+                self.metrics.takeover_refused();
+                warn!(tool = %owned.tool, route = %owned.pattern, service = %service, current,
+                    "route holds another writer's backend; left in place, only kube-sync's claim dropped");
+                false
             }
         }
     }
@@ -316,19 +393,6 @@ impl Applier {
     fn lock_state(&self) -> MutexGuard<'_, SyncState> {
         state::lock(&self.state)
     }
-}
-
-/// Writes `route` unless Redis already holds exactly it; true when written.
-async fn write_if_changed(store: &RouteStore, route: &ServiceRoute, owned: bool) -> Result<bool, RouteTableError> {
-    if owned {
-        let entry = store.tool(&route.owned.tool).await?;
-        let current = entry.routes.get(&route.owned.pattern).and_then(|v| BackendUrl::parse(v).ok());
-        if current.as_ref() == Some(&route.backend) {
-            return Ok(false);
-        }
-    }
-    store.set_owned_route(&route.owned, &route.backend).await?;
-    Ok(true)
 }
 
 /// When Services in two namespaces claim the same tool and pattern, only

@@ -1,5 +1,5 @@
 //! What kube-sync reports to Prometheus: events seen, sync freshness, owned
-//! routes and the health of its two dependencies.
+//! routes, refused takeovers and the health of its two dependencies.
 
 use std::sync::atomic::AtomicU64;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -63,6 +63,7 @@ pub struct Metrics {
     last_sync: Gauge<f64, AtomicU64>,
     owned_routes: Gauge,
     skipped_services: Gauge,
+    takeovers_refused: Counter,
 }
 
 impl Metrics {
@@ -76,6 +77,7 @@ impl Metrics {
             last_sync: Gauge::default(),
             owned_routes: Gauge::default(),
             skipped_services: Gauge::default(),
+            takeovers_refused: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("kube_sync");
         r.register("events", "Service events by type", metrics.events.clone());
@@ -97,7 +99,17 @@ impl Metrics {
             "Services that match the selector but get no route (headless, no ports, bad name)",
             metrics.skipped_services.clone(),
         );
+        r.register(
+            "takeovers_refused",
+            "Writes or deletes of a route that holds another writer's value (a grid registration), left alone",
+            metrics.takeovers_refused.clone(),
+        );
         metrics
+    }
+
+    /// Refused takeovers counted so far.
+    pub fn takeovers_refused(&self) -> u64 {
+        self.takeovers_refused.get()
     }
 
     /// Unix time of the last complete sync, `None` before the first.
@@ -126,6 +138,10 @@ impl Metrics {
     pub(crate) fn redis_error(&self) {
         self.redis_errors.inc();
         self.redis_connected.set(0);
+    }
+
+    pub(crate) fn takeover_refused(&self) {
+        self.takeovers_refused.inc();
     }
 
     pub(crate) fn redis_ok(&self) {

@@ -17,6 +17,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
+/// Where kube-sync records the backend it wrote for each `k8s_services` member.
+const WRITTEN: &str = "k8s_services_written";
 
 /// kube-sync running in the test's runtime.
 struct KubeSync {
@@ -248,6 +250,7 @@ async fn a_service_deleted_while_down_is_removed_and_others_are_left_alone() {
         // Left by an earlier run: a Service that has since been deleted.
         let _: () = c.hset("prefix:gone", ".*", "http://10.0.0.99:8000").unwrap();
         let _: () = c.sadd("k8s_services", "tool-gone/gone/.*").unwrap();
+        let _: () = c.hset(WRITTEN, "tool-gone/gone/.*", "http://10.0.0.99:8000").unwrap();
         // A grid registration of the same tool, and of another tool: not ours.
         let _: () = c.hset("prefix:gone", "/grid.*", "http://tools-webgrid-1:33555").unwrap();
         let _: () = c.hset("prefix:gridtool", ".*", "http://tools-webgrid-2:41000").unwrap();
@@ -256,10 +259,11 @@ async fn a_service_deleted_while_down_is_removed_and_others_are_left_alone() {
         let _: () = c.hset("prefix:admin", "/.*", "http://admin.example:80").unwrap();
         // A member in an unknown format: not understood, never deleted.
         let _: () = c.sadd("k8s_services", "garbage").unwrap();
-        // A route of a live Service, owned from before, with a stale backend.
+        // A route of a live Service, written by an earlier run, with a stale backend.
         let _: () = c.hset("prefix:foo", ".*", "http://10.0.0.50:8000").unwrap();
         let _: () = c.hset("prefix:foo", "/legacy.*", "http://tools-webgrid-1:33556").unwrap();
         let _: () = c.sadd("k8s_services", "tool-foo/foo/.*").unwrap();
+        let _: () = c.hset(WRITTEN, "tool-foo/foo/.*", "http://10.0.0.50:8000").unwrap();
     }
     api.apply(service("tool-foo", "foo", "10.0.0.1", &[("", 8000)]));
     let kube_sync = KubeSync::start(&api, &redis, Config::default());
@@ -368,6 +372,7 @@ async fn a_list_cut_short_deletes_nothing() {
         let mut c = redis.client();
         let _: () = c.hset("prefix:stale", ".*", "http://10.0.0.99:8000").unwrap();
         let _: () = c.sadd("k8s_services", "tool-stale/stale/.*").unwrap();
+        let _: () = c.hset(WRITTEN, "tool-stale/stale/.*", "http://10.0.0.99:8000").unwrap();
     }
     api.set_fail_continue(true);
     let kube_sync = KubeSync::start(&api, &redis, Config::default());
@@ -562,4 +567,117 @@ async fn invalid_configuration_is_refused_at_start() {
     let err = result.expect_err("invalid namespace refused").to_string();
     assert!(err.contains("[kube_sync] namespace = \"Not A Namespace\""), "{err}");
     assert!(api.requests().is_empty());
+}
+
+/// The Service webservice-runner creates for a grid webservice: exactly these two labels.
+fn grid_service(namespace: &str, name: &str, cluster_ip: &str) -> serde_json::Value {
+    let mut svc = service(namespace, name, cluster_ip, &[("http", 8000)]);
+    svc["metadata"]["labels"] = serde_json::json!({"toolforge": "tool", "webservice.toolforge.org/gridengine": "true"});
+    svc
+}
+
+const GRID: &str = "http://172.16.1.2:33555";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grid_registration_is_never_taken_over_by_its_service() {
+    let api = FakeApiServer::start().await;
+    let redis = RedisServer::start();
+    {
+        let mut c = redis.client();
+        // webservice-runner's registration (registerCanonical).
+        let _: () = c.hset("prefix:gridtool", ".*", GRID).unwrap();
+        let _: () = c.hset("redirect:gridtool", ".*", "gridtool.toolforge.org").unwrap();
+    }
+    api.apply(grid_service("tool-gridtool", "gridtool", "10.0.0.5"));
+    api.apply(service("tool-foo", "foo", "10.0.0.1", &[("", 8000)]));
+    let kube_sync = KubeSync::start(&api, &redis, Config::default());
+    wait_routes(&redis, "prefix:foo", &[(".*", "http://10.0.0.1:8000")]).await;
+    wait_synced(&kube_sync).await;
+    wait_metrics(&kube_sync, &["kube_sync_takeovers_refused_total 1"]).await;
+    assert_eq!(hgetall(&redis, "prefix:gridtool"), routes(&[(".*", GRID)]));
+    assert_eq!(members(&redis), set(&["tool-foo/foo/.*"]), "kube-sync claimed the grid route");
+
+    // The Service changes: still not ours. Then it goes: the grid route stays.
+    api.apply(grid_service("tool-gridtool", "gridtool", "10.0.0.6"));
+    eventually(WAIT, "the modified grid Service refused again", || {
+        let n = kube_sync.metrics.takeovers_refused();
+        async move { (n >= 2).then_some(()) }
+    })
+    .await;
+    assert!(api.delete("tool-gridtool", "gridtool"));
+    eventually(WAIT, "the deletion seen", || {
+        let n = kube_sync.metrics.events(dynamicproxy_kube_sync::metrics::EventType::Deleted);
+        async move { (n >= 1).then_some(()) }
+    })
+    .await;
+    // Its own route still follows the Service: a new cluster IP, then deletion.
+    api.apply(service("tool-foo", "foo", "10.0.0.2", &[("", 8000)]));
+    wait_routes(&redis, "prefix:foo", &[(".*", "http://10.0.0.2:8000")]).await;
+    api.delete("tool-foo", "foo");
+    wait_routes(&redis, "prefix:foo", &[]).await;
+    wait_members(&redis, &[]).await;
+    assert_eq!(hgetall(&redis, "prefix:gridtool"), routes(&[(".*", GRID)]));
+    assert_eq!(hgetall(&redis, "redirect:gridtool"), routes(&[(".*", "gridtool.toolforge.org")]));
+    kube_sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_rewritten_by_the_grid_is_neither_taken_back_nor_deleted() {
+    let api = FakeApiServer::start().await;
+    let redis = RedisServer::start();
+    api.apply(service("tool-foo", "foo", "10.0.0.1", &[("", 8000)]));
+    let kube_sync = KubeSync::start(&api, &redis, Config::default());
+    wait_routes(&redis, "prefix:foo", &[(".*", "http://10.0.0.1:8000")]).await;
+    wait_synced(&kube_sync).await;
+
+    // The tool moves to the grid: webservice-runner registers over kube-sync's route.
+    let _: () = redis.client().hset("prefix:foo", ".*", GRID).unwrap();
+    api.apply(service("tool-foo", "foo", "10.0.0.2", &[("", 8000)]));
+    wait_metrics(&kube_sync, &["kube_sync_takeovers_refused_total 1"]).await;
+    assert_eq!(hgetall(&redis, "prefix:foo"), routes(&[(".*", GRID)]));
+    assert_eq!(members(&redis), set(&[]), "a stale claim on the grid's route is kept");
+
+    // A restarted kube-sync does not take it back either.
+    kube_sync.stop().await;
+    let kube_sync = KubeSync::start(&api, &redis, Config::default());
+    wait_synced(&kube_sync).await;
+    wait_metrics(&kube_sync, &["kube_sync_takeovers_refused_total 1"]).await;
+    assert_eq!(hgetall(&redis, "prefix:foo"), routes(&[(".*", GRID)]));
+
+    // The Service goes: the grid's route stays.
+    api.delete("tool-foo", "foo");
+    eventually(WAIT, "the deletion seen", || {
+        let n = kube_sync.metrics.events(dynamicproxy_kube_sync::metrics::EventType::Deleted);
+        async move { (n >= 1).then_some(()) }
+    })
+    .await;
+    assert_eq!(hgetall(&redis, "prefix:foo"), routes(&[(".*", GRID)]));
+    kube_sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_from_before_the_record_is_adopted_only_when_it_holds_the_services_backend() {
+    let api = FakeApiServer::start().await;
+    let redis = RedisServer::start();
+    {
+        let mut c = redis.client();
+        // Claimed in k8s_services by an earlier version, which kept no record of values.
+        let _: () = c.hset("prefix:same", ".*", "http://10.0.0.1:8000").unwrap();
+        let _: () = c.sadd("k8s_services", "tool-same/same/.*").unwrap();
+        let _: () = c.hset("prefix:grid", ".*", GRID).unwrap();
+        let _: () = c.sadd("k8s_services", "tool-grid/grid/.*").unwrap();
+    }
+    api.apply(service("tool-same", "same", "10.0.0.1", &[("", 8000)]));
+    api.apply(service("tool-grid", "grid", "10.0.0.2", &[("", 8000)]));
+    let kube_sync = KubeSync::start(&api, &redis, Config::default());
+    wait_synced(&kube_sync).await;
+    wait_metrics(&kube_sync, &["kube_sync_takeovers_refused_total 1"]).await;
+    assert_eq!(hgetall(&redis, "prefix:grid"), routes(&[(".*", GRID)]));
+
+    // The adopted route is kube-sync's from now on: it follows the Service.
+    api.apply(service("tool-same", "same", "10.0.0.3", &[("", 8000)]));
+    wait_routes(&redis, "prefix:same", &[(".*", "http://10.0.0.3:8000")]).await;
+    api.delete("tool-same", "same");
+    wait_routes(&redis, "prefix:same", &[]).await;
+    kube_sync.stop().await;
 }

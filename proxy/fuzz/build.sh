@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds (and optionally runs) the proxy's fuzz target: host (Host and
-# HTTP/2 :authority normalisation, and their comparison).
+# Builds (and optionally runs) the proxy's fuzz targets: host (Host and
+# HTTP/2 :authority normalisation, and their comparison) and traceparent
+# (W3C Trace Context parsing).
 #
 #   proxy/fuzz/build.sh               # build, as CI does
 #   proxy/fuzz/build.sh run 300       # also fuzz for 300 s
@@ -20,4 +21,5 @@ fi
 if [[ "${1:-}" == run ]]; then
     seconds="${2:-300}"
     cargo +nightly fuzz run host -- -max_total_time="$seconds" -max_len=512
+    cargo +nightly fuzz run traceparent -- -max_total_time="$seconds" -max_len=128
 fi

@@ -1,25 +1,51 @@
 //! The access log (SPEC §8): one line per request, written by a background
 //! task so a slow disk never stalls requests (lines are dropped instead).
+//!
+//! Fit for logrotate: SIGUSR1 (or [`crate::ProxyHandle::reopen_access_log`])
+//! reopens the file by name, so a rotated file is let go of without a
+//! restart. Lines that never reach the file (queue full, disk full,
+//! unwritable file) are counted in
+//! `dynamicproxy_proxy_access_log_lost_lines_total`, since on a full disk
+//! there is nowhere else to tell.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::mpsc;
+use prometheus_client::metrics::counter::Counter;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 use crate::error::Error;
 
 /// Lines buffered before new ones are dropped.
 const QUEUE: usize = 16 * 1024;
+/// Lines written with one system call at most, so a burst is not one huge write.
+const BATCH: usize = 512;
+
+/// The shape of access log lines (`[proxy] access_log_format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// `client host "METHOD URI" status bytes upstream=… upstream_time=… time=… tool=…`.
+    #[default]
+    Text,
+    /// One JSON object per line, with an RFC 3339 `time`, for log shippers.
+    Json,
+}
 
 /// A handle to the access log writer.
 #[derive(Clone)]
 pub struct AccessLog {
     tx: mpsc::Sender<String>,
-    dropped: Arc<AtomicU64>,
+    format: Format,
+    lost: Counter,
 }
 
 /// One request, as logged.
@@ -46,63 +72,219 @@ pub struct Entry<'a> {
     pub tool: Option<&'a str>,
     /// The request's `X-Request-Id`.
     pub request_id: &'a str,
+    /// The W3C trace id sent to the backend in `traceparent`.
+    pub trace_id: Option<&'a str>,
+}
+
+/// The JSON form of an [`Entry`].
+#[derive(Serialize)]
+struct JsonLine<'a> {
+    time: String,
+    client: String,
+    host: &'a str,
+    method: &'a str,
+    uri: &'a str,
+    status: u16,
+    bytes: Option<u64>,
+    upstream: Option<String>,
+    upstream_time: Option<f64>,
+    total_time: f64,
+    trace_id: Option<&'a str>,
+    tool: Option<&'a str>,
+    request_id: &'a str,
 }
 
 impl AccessLog {
-    /// Opens the log named by `spec` (`off`, `stdout` or a path) and spawns its writer.
-    pub fn open(spec: &str) -> Result<Option<AccessLog>, Error> {
-        let writer: Box<dyn AsyncWrite + Send + Unpin> = match spec.trim() {
+    /// Opens the log named by `spec` (`off`, `stdout` or a path) and spawns
+    /// its writer. The writer reopens the file whenever `reopen` is notified;
+    /// lines that cannot be written are counted in `lost`.
+    pub fn open(spec: &str, format: Format, lost: Counter, reopen: Arc<Notify>) -> Result<Option<AccessLog>, Error> {
+        let sink = match spec.trim() {
             "" | "off" => return Ok(None),
-            "stdout" | "-" => Box::new(tokio::io::stdout()),
+            "stdout" | "-" => Sink::Stdout(tokio::io::stdout()),
             path => {
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| Error::AccessLog { path: path.into(), source })?;
-                Box::new(tokio::fs::File::from_std(file))
+                let path = PathBuf::from(path);
+                let file = open_append(&path).map_err(|source| Error::AccessLog { path: spec.into(), source })?;
+                Sink::File { path, file: Arc::new(file) }
             }
         };
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_lines(rx, BufWriter::new(writer)));
-        Ok(Some(AccessLog { tx, dropped: Arc::new(AtomicU64::new(0)) }))
+        tokio::spawn(write_lines(rx, sink, reopen, lost.clone()));
+        Ok(Some(AccessLog { tx, format, lost }))
     }
 
-    /// Queues one line.
+    /// Queues one line; counts it as lost when the queue is full.
     pub fn log(&self, entry: &Entry<'_>) {
-        let mut line = String::with_capacity(160);
-        let _ = writeln!(
-            line,
-            "{} {} \"{} {}\" {} {} upstream={} upstream_time={} time={:.3} tool={} request_id={}",
-            entry.client.ip(),
-            entry.host,
-            entry.method,
-            entry.uri.escape_debug(),
-            entry.status,
-            entry.bytes.map_or("-".to_string(), |b| b.to_string()),
-            entry.upstream.map_or("-".to_string(), |u| u.to_string()),
-            entry.upstream_time.map_or("-".to_string(), |t| format!("{:.3}", t.as_secs_f64())),
-            entry.total_time.as_secs_f64(),
-            entry.tool.unwrap_or("-"),
-            entry.request_id,
-        );
+        let line = match self.format {
+            Format::Text => text_line(entry),
+            Format::Json => json_line(entry),
+        };
         if self.tx.try_send(line).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.lost.inc();
         }
     }
 }
 
-async fn write_lines(mut rx: mpsc::Receiver<String>, mut out: BufWriter<Box<dyn AsyncWrite + Send + Unpin>>) {
-    while let Some(line) = rx.recv().await {
-        if out.write_all(line.as_bytes()).await.is_err() {
-            continue;
-        }
-        while let Ok(line) = rx.try_recv() {
-            let _ = out.write_all(line.as_bytes()).await;
-        }
-        if let Err(error) = out.flush().await {
-            tracing::warn!(%error, "cannot write the access log");
+fn text_line(entry: &Entry<'_>) -> String {
+    let mut line = String::with_capacity(160);
+    let _ = writeln!(
+        line,
+        "{} {} \"{} {}\" {} {} upstream={} upstream_time={} time={:.3} trace_id={} tool={} request_id={}",
+        entry.client.ip(),
+        entry.host,
+        entry.method,
+        entry.uri.escape_debug(),
+        entry.status,
+        entry.bytes.map_or("-".to_string(), |b| b.to_string()),
+        entry.upstream.map_or("-".to_string(), |u| u.to_string()),
+        entry.upstream_time.map_or("-".to_string(), |t| format!("{:.3}", t.as_secs_f64())),
+        entry.total_time.as_secs_f64(),
+        entry.trace_id.unwrap_or("-"),
+        entry.tool.unwrap_or("-"),
+        entry.request_id,
+    );
+    line
+}
+
+fn json_line(entry: &Entry<'_>) -> String {
+    let json = JsonLine {
+        time: jiff::Timestamp::now().to_string(),
+        client: entry.client.ip().to_string(),
+        host: entry.host,
+        method: entry.method,
+        uri: entry.uri,
+        status: entry.status,
+        bytes: entry.bytes,
+        upstream: entry.upstream.map(|u| u.to_string()),
+        upstream_time: entry.upstream_time.map(|t| t.as_secs_f64()),
+        total_time: entry.total_time.as_secs_f64(),
+        trace_id: entry.trace_id,
+        tool: entry.tool,
+        request_id: entry.request_id,
+    };
+    // Serialising plain strings and numbers cannot fail; an empty object keeps the line count right if it did.
+    let mut line = serde_json::to_string(&json).unwrap_or_else(|_| "{}".into());
+    line.push('\n');
+    line
+}
+
+/// Where lines go.
+enum Sink {
+    Stdout(tokio::io::Stdout),
+    /// A file opened for appending, reopened by name on request.
+    File {
+        path: PathBuf,
+        file: Arc<std::fs::File>,
+    },
+}
+
+impl Sink {
+    /// Writes `batch` whole; a file is written on the blocking pool.
+    async fn write(&mut self, batch: Vec<u8>) -> (Vec<u8>, std::io::Result<()>) {
+        match self {
+            Sink::Stdout(out) => {
+                let result = async { out.write_all(&batch).await.and(out.flush().await) }.await;
+                (batch, result)
+            }
+            Sink::File { file, .. } => {
+                let file = file.clone();
+                let written = tokio::task::spawn_blocking(move || {
+                    let result = (&*file).write_all(&batch);
+                    (batch, result)
+                })
+                .await;
+                written.unwrap_or_else(|e| (Vec::new(), Err(std::io::Error::other(e))))
+            }
         }
     }
-    let _ = out.flush().await;
+
+    /// Opens the file again by name (after logrotate moved it); on failure
+    /// the old file keeps receiving lines, so nothing is lost.
+    fn reopen(&mut self) {
+        let Sink::File { path, file } = self else { return };
+        match open_append(path) {
+            Ok(new) => {
+                *file = Arc::new(new);
+                info!(path = %path.display(), "access log reopened");
+            }
+            Err(error) => {
+                warn!(path = %path.display(), %error, "cannot reopen the access log; still writing to the old file")
+            }
+        }
+    }
+}
+
+fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().create(true).append(true).open(path)
+}
+
+async fn write_lines(mut rx: mpsc::Receiver<String>, mut sink: Sink, reopen: Arc<Notify>, lost: Counter) {
+    let mut batch = Vec::with_capacity(64 * 1024);
+    // Whether the last write failed: the failure is logged once, not per line, on a full disk.
+    let mut failing = false;
+    loop {
+        let first = tokio::select! {
+            // A reopen goes before lines queued after it, so they land in the new file.
+            biased;
+            _ = reopen.notified() => {
+                sink.reopen();
+                continue;
+            }
+            line = rx.recv() => match line {
+                Some(line) => line,
+                None => return,
+            },
+        };
+        batch.extend_from_slice(first.as_bytes());
+        let mut lines: u64 = 1;
+        while lines < BATCH as u64
+            && let Ok(line) = rx.try_recv()
+        {
+            batch.extend_from_slice(line.as_bytes());
+            lines += 1;
+        }
+        let (returned, result) = sink.write(std::mem::take(&mut batch)).await;
+        batch = returned;
+        batch.clear();
+        match result {
+            Ok(()) if failing => {
+                failing = false;
+                info!("access log writable again");
+            }
+            Ok(()) => {}
+            Err(error) => {
+                // A partial write may have landed some of them; all are counted, as none can be trusted.
+                lost.inc_by(lines);
+                if !failing {
+                    failing = true;
+                    warn!(%error, "cannot write the access log; counting lost lines in access_log_lost_lines_total");
+                }
+            }
+        }
+    }
+}
+
+/// Turns SIGUSR1 into access log reopen requests until `stop`. Installed
+/// whether or not a log file is configured, so a stray logrotate signal
+/// never kills the proxy (SIGUSR1's default action).
+pub(crate) async fn reopen_on_sigusr1(reopen: Arc<Notify>, stop: CancellationToken) {
+    let mut usr1 = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) {
+        Ok(signal) => signal,
+        Err(error) => {
+            warn!(%error, "cannot listen for SIGUSR1; the access log reopens only through the handle");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            got = usr1.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                info!("SIGUSR1: reopening the access log");
+                reopen.notify_one();
+            }
+        }
+    }
 }

@@ -87,12 +87,44 @@ pub struct Config {
     pub header_timeout_secs: u64,
     /// Seconds a client has to complete a TLS handshake. Default 10.
     pub tls_handshake_timeout_secs: u64,
+    /// Seconds an HTTP/1 connection may wait for its next request once the
+    /// previous response is sent. Default 60: nginx uses 75, but hyper's
+    /// head timer (`header_timeout_secs`, 60) already starts when the
+    /// connection begins waiting for a head, so a longer value would not hold.
+    pub keepalive_timeout_secs: u64,
+    /// Seconds an HTTP/2 connection with no open stream is kept before it is
+    /// closed with GOAWAY. Default 60, as HTTP/1 keep-alive (nginx applies its
+    /// keepalive_timeout to HTTP/2 too): idle h2 connections must not hold
+    /// `max_connections` places for the 3600 s request idle.
+    pub http2_idle_timeout_secs: u64,
+    /// Seconds a request body may pause between two reads while it is being
+    /// sent upstream (nginx client_body_timeout). Default 60, nginx's.
+    pub client_body_timeout_secs: u64,
+    /// Seconds a response may wait on a client that does not read it (no write
+    /// progress at all) before the connection is cut (nginx send_timeout). Default 60, nginx's.
+    pub send_timeout_secs: u64,
     /// Seconds in-flight requests may take to finish after a shutdown signal. Default 30.
     pub shutdown_grace_secs: u64,
     /// Client connections served at once; further connections are closed at accept. Default 50000.
     pub max_connections: usize,
+    /// Concurrent connections from one IPv4 address or one IPv6 /64 (SPEC §1);
+    /// further ones are refused at accept (429 on plain HTTP). 0 = off. Default
+    /// 256: a browser opens at most 6 HTTP/1.1 connections per host, so 256
+    /// leaves room for dozens of busy users behind one university or carrier
+    /// NAT, while a single address can hold at most 0.5% of `max_connections`.
+    pub max_connections_per_client: usize,
     /// Idle keep-alive connections kept per backend. Default 128.
     pub upstream_max_idle_per_backend: usize,
+    /// Requests in flight to one backend address at once, across all event
+    /// loops; 0 = off. Default 512: well above what one tool's webservice
+    /// serves at once (a grid lighttpd has a few dozen workers), low enough
+    /// that a flood to one tool cannot take thousands of sockets and file
+    /// descriptors from the others.
+    pub max_connections_per_backend: usize,
+    /// Milliseconds a request waits for a slot under `max_connections_per_backend`
+    /// before its 503 (`over-capacity`). Default 1000: rides out a burst
+    /// without leaving clients hanging on a saturated backend.
+    pub backend_queue_timeout_ms: u64,
     /// Seconds an idle keep-alive connection to a backend is kept. Default 60.
     pub upstream_idle_timeout_secs: u64,
     /// Access log: `off`, `stdout`, or a file path to append to. Default `off`.
@@ -129,7 +161,16 @@ pub struct Config {
     /// a dead backend costs one connect attempt per 30 s, and a revived one
     /// is found within 30 s even if its tool does not register again.
     pub backend_down_max_secs: u64,
+    /// Shape of access log lines: `text` (default, for people) or `json` (for log shippers).
+    pub access_log_format: crate::access_log::Format,
+    /// Seconds a request for a tool that just lost its route, or whose
+    /// backend refused a bodiless request, waits for the route to come
+    /// (back) before its error page (see the `hold` module). 0 (default) = off.
+    pub hold_secs: u64,
 }
+
+/// Longest hold accepted: a held request keeps its client waiting and its slot taken.
+const MAX_HOLD_SECS: u64 = 300;
 
 /// Longest timeout accepted: a year.
 const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
@@ -161,9 +202,16 @@ impl Default for Config {
             client_timeout_secs: 3600,
             header_timeout_secs: 60,
             tls_handshake_timeout_secs: 10,
+            keepalive_timeout_secs: 60,
+            http2_idle_timeout_secs: 60,
+            client_body_timeout_secs: 60,
+            send_timeout_secs: 60,
             shutdown_grace_secs: 30,
             max_connections: 50_000,
+            max_connections_per_client: 256,
             upstream_max_idle_per_backend: 128,
+            max_connections_per_backend: 512,
+            backend_queue_timeout_ms: 1000,
             upstream_idle_timeout_secs: 60,
             access_log: "off".into(),
             extra_headers: default_extra_headers(),
@@ -175,6 +223,8 @@ impl Default for Config {
             backend_down_after_failures: 5,
             backend_down_first_secs: 1,
             backend_down_max_secs: 30,
+            access_log_format: crate::access_log::Format::Text,
+            hold_secs: 0,
         }
     }
 }
@@ -215,6 +265,9 @@ impl Config {
             ));
         }
         self.dns_servers()?;
+        if self.hold_secs > MAX_HOLD_SECS {
+            return Err(ConfigError::new("hold_secs", self.hold_secs, format!("at most {MAX_HOLD_SECS}")));
+        }
         if self.event_loops > 1024 {
             return Err(ConfigError::new("event_loops", self.event_loops, "at most 1024"));
         }
@@ -245,6 +298,10 @@ impl Config {
             ("client_timeout_secs", self.client_timeout_secs),
             ("header_timeout_secs", self.header_timeout_secs),
             ("tls_handshake_timeout_secs", self.tls_handshake_timeout_secs),
+            ("keepalive_timeout_secs", self.keepalive_timeout_secs),
+            ("http2_idle_timeout_secs", self.http2_idle_timeout_secs),
+            ("client_body_timeout_secs", self.client_body_timeout_secs),
+            ("send_timeout_secs", self.send_timeout_secs),
         ] {
             if value == 0 {
                 return Err(ConfigError::new(key, value, "must be at least 1"));
@@ -257,12 +314,30 @@ impl Config {
             ("client_timeout_secs", self.client_timeout_secs),
             ("header_timeout_secs", self.header_timeout_secs),
             ("tls_handshake_timeout_secs", self.tls_handshake_timeout_secs),
+            ("keepalive_timeout_secs", self.keepalive_timeout_secs),
+            ("http2_idle_timeout_secs", self.http2_idle_timeout_secs),
+            ("client_body_timeout_secs", self.client_body_timeout_secs),
+            ("send_timeout_secs", self.send_timeout_secs),
             ("shutdown_grace_secs", self.shutdown_grace_secs),
             ("upstream_idle_timeout_secs", self.upstream_idle_timeout_secs),
         ] {
             if value > MAX_TIMEOUT_SECS {
                 return Err(ConfigError::new(key, value, format!("must be at most {MAX_TIMEOUT_SECS} (a year)")));
             }
+        }
+        if self.backend_queue_timeout_ms > MAX_TIMEOUT_SECS * 1000 {
+            return Err(ConfigError::new(
+                "backend_queue_timeout_ms",
+                self.backend_queue_timeout_ms,
+                format!("must be at most {} (a year)", MAX_TIMEOUT_SECS * 1000),
+            ));
+        }
+        if self.max_connections_per_backend > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(ConfigError::new(
+                "max_connections_per_backend",
+                self.max_connections_per_backend,
+                format!("must be at most {}", tokio::sync::Semaphore::MAX_PERMITS),
+            ));
         }
         if self.max_connections == 0 {
             return Err(ConfigError::new("max_connections", self.max_connections, "must be at least 1"));
@@ -463,6 +538,22 @@ pub struct Flags {
     #[arg(long = "tls-handshake-timeout-secs", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_handshake_timeout_secs: Option<u64>,
+    /// Seconds an HTTP/1 connection may wait for its next request [default: 60]
+    #[arg(long = "keepalive-timeout-secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keepalive_timeout_secs: Option<u64>,
+    /// Seconds an HTTP/2 connection with no open stream is kept [default: 60]
+    #[arg(long = "http2-idle-timeout-secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http2_idle_timeout_secs: Option<u64>,
+    /// Seconds a request body may pause between two reads [default: 60]
+    #[arg(long = "client-body-timeout-secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_body_timeout_secs: Option<u64>,
+    /// Seconds a response may wait on a client that does not read it [default: 60]
+    #[arg(long = "send-timeout-secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_timeout_secs: Option<u64>,
     /// Grace period for in-flight requests at shutdown, in seconds [default: 30]
     #[arg(long = "shutdown-grace-secs", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -471,10 +562,22 @@ pub struct Flags {
     #[arg(long = "max-connections", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
+    /// Connections at once from one IPv4 address or IPv6 /64, 0 = off [default: 256]
+    #[arg(long = "max-connections-per-client", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_client: Option<usize>,
     /// Idle keep-alive connections kept per backend [default: 128]
     #[arg(long = "upstream-max-idle-per-backend", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_max_idle_per_backend: Option<usize>,
+    /// Requests in flight per backend address, 0 = off [default: 512]
+    #[arg(long = "max-connections-per-backend", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_backend: Option<usize>,
+    /// Milliseconds a request waits for a backend slot before 503 [default: 1000]
+    #[arg(long = "backend-queue-timeout-ms", value_name = "MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_queue_timeout_ms: Option<u64>,
     /// Seconds an idle backend connection is kept [default: 60]
     #[arg(long = "upstream-idle-timeout-secs", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -495,6 +598,14 @@ pub struct Flags {
     #[arg(long = "tool-max-concurrent-requests", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_max_concurrent_requests: Option<u32>,
+    /// Access log line format [default: text]
+    #[arg(long = "access-log-format", value_enum, value_name = "FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_log_format: Option<crate::access_log::Format>,
+    /// Seconds a request waits for its tool's route to come back, 0 = off [default: 0]
+    #[arg(long = "hold-secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_secs: Option<u64>,
 }
 
 #[cfg(test)]
@@ -548,6 +659,22 @@ mod tests {
         Config { client_timeout_secs: MAX_TIMEOUT_SECS, ..Config::default() }.validate().unwrap();
         let config = Config { max_connections: usize::MAX, ..Config::default() };
         assert!(config.validate().unwrap_err().to_string().contains("max_connections"));
+        for config in [
+            Config { keepalive_timeout_secs: 0, ..Config::default() },
+            Config { http2_idle_timeout_secs: u64::MAX, ..Config::default() },
+            Config { client_body_timeout_secs: 0, ..Config::default() },
+            Config { send_timeout_secs: MAX_TIMEOUT_SECS + 1, ..Config::default() },
+        ] {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(
+                ["keepalive_timeout", "http2_idle", "client_body", "send_timeout"].iter().any(|k| err.contains(k)),
+                "{err}"
+            );
+        }
+        let config = Config { max_connections_per_backend: usize::MAX, ..Config::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("max_connections_per_backend"));
+        let config = Config { backend_queue_timeout_ms: u64::MAX, ..Config::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("backend_queue_timeout_ms"));
     }
 
     #[test]

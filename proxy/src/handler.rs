@@ -12,17 +12,19 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::access_log::{AccessLog, Entry};
+use crate::backend_limit::BackendLimits;
 use crate::body::{LimitedBody, ProxyBody};
 use crate::compress::{self, GzipBody};
 use crate::error::ProxyError;
-use crate::fair_share::{FairShare, Slot};
+use crate::fair_share::{FairShare, Slot as ShareSlot};
 use crate::headers::{self, Forwarded};
+use crate::hold::{self, Hold};
 use crate::host::{normalize_host, valid_percent_encoding};
 use crate::metrics::Metrics;
 use crate::outlier::{self, Admission, Outcome, Outliers};
@@ -30,7 +32,9 @@ use crate::pages::{Page, PageVars, Pages};
 use crate::protect::{Protection, Verdict};
 use crate::request_id::{self, X_REQUEST_ID};
 use crate::route::{Decision, Router};
+use crate::server::Slot;
 use crate::sniff::SmuggleFlags;
+use crate::trace_context::TraceContext;
 use crate::upgrade;
 use crate::upstream::{UpstreamClient, classify};
 
@@ -46,12 +50,16 @@ const HSTS: HeaderValue = HeaderValue::from_static("max-age=31622400");
 /// Everything requests share, built once by `run`.
 pub(crate) struct Shared {
     pub router: Router,
+    /// Waits for a tool's route to come back (`hold_secs`).
+    pub hold: Hold,
     pub pages: Pages,
     pub protection: Protection,
     pub maintenance: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
     pub access_log: Option<AccessLog>,
     pub max_body: u64,
+    /// Longest pause in a request body (`client_body_timeout_secs`).
+    pub body_timeout: Duration,
     pub extra_headers: Vec<(HeaderName, HeaderValue)>,
     pub gzip: bool,
     /// Set when HTTPS is configured: plain HTTP redirects to this port.
@@ -64,6 +72,8 @@ pub(crate) struct Shared {
     pub outliers: Outliers,
     /// Requests in flight per tool, against `tool_max_concurrent_requests`.
     pub fair_share: Arc<FairShare>,
+    /// Requests in flight per backend, across all event loops.
+    pub backend_limits: Arc<BackendLimits>,
 }
 
 /// The client connection a request arrived on.
@@ -77,9 +87,13 @@ pub(crate) struct ConnInfo {
     /// The upstream pool of the event loop serving this connection: one pool
     /// per loop, so a request never waits on another thread's connections.
     pub pool: UpstreamClient,
-    /// This connection's place under `max_connections`, shared with any
-    /// tunnel the connection becomes: an upgraded connection still counts.
-    pub permit: Arc<OwnedSemaphorePermit>,
+    /// This connection's place under `max_connections` and its client's
+    /// count, shared with any tunnel the connection becomes: an upgraded
+    /// connection still counts.
+    pub permit: Arc<Slot>,
+    /// Backend requests this connection may have in flight
+    /// ([`crate::backend_limit::PER_CONNECTION`]).
+    pub upstream_slots: Arc<Semaphore>,
 }
 
 impl ConnInfo {
@@ -97,11 +111,13 @@ struct RequestContext {
     /// Normalised Host, kept only when the access log is on.
     host: Option<String>,
     /// This request's place in its tool's share; a tunnel takes it over.
-    share: Option<Slot>,
+    share: Option<ShareSlot>,
     /// What the backend exchange showed about the backend's health.
     outcome: Outcome,
     /// `X-Request-Id`: sent to the backend, returned, logged, shown on pages.
     request_id: HeaderValue,
+    /// The W3C trace the request belongs to.
+    trace: TraceContext,
 }
 
 /// Handles one request; never fails (errors become pages).
@@ -114,6 +130,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Reques
         share: None,
         outcome: Outcome::Neutral,
         request_id: request_id::of(req.headers()),
+        trace: TraceContext::from_headers(req.headers()),
     };
     let logged = shared.access_log.as_ref().map(|_| (req.method().clone(), req.uri().clone()));
     // Kept (cheap clones of shared bytes) to name the tool on an error page.
@@ -160,6 +177,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Reques
             total_time: ctx.start.elapsed(),
             tool,
             request_id: ctx.request_id.to_str().unwrap_or("-"),
+            trace_id: Some(&ctx.trace.trace_id()),
         });
     }
     response
@@ -245,7 +263,9 @@ async fn respond(
         return Err(ProxyError::BodyTooLarge);
     }
     // 6-8. Routing.
-    match shared.router.route(&host, req.uri().path(), req.uri().query()) {
+    let decision = shared.router.route(&host, req.uri().path(), req.uri().query());
+    let request = (&*host, req.uri().path(), req.uri().query());
+    match shared.hold.route(&shared.router, request, decision, &shared.hard_stop).await {
         Decision::Proxy(backend, via) => {
             ctx.upstream = Some(backend.clone());
             let path = req.uri().path().to_owned();
@@ -256,9 +276,10 @@ async fn respond(
             if let Some(tool) = shared.router.tool_of(&host, req.uri().path()) {
                 ctx.share = Some(shared.fair_share.try_acquire(tool).ok_or(ProxyError::OverCapacity)?);
             }
+            let permit = shared.backend_limits.acquire(&conn.upstream_slots, backend.host(), backend.port()).await?;
             let result = forward(shared, conn, req, &backend, &host, (&raw_host, raw_host_str), ctx).await;
             shared.outliers.record(&backend, ctx.outcome, routes);
-            result
+            Ok(result?.map(|body| body.holding(permit)))
         }
         Decision::Redirect(status, location) => Ok(redirect_response(status, &location)),
         Decision::NoWebservice => Err(ProxyError::NoWebservice),
@@ -312,6 +333,7 @@ async fn forward(
     let fwd = Forwarded { client_ip: conn.client.ip(), host, port: &conn.port, proto: conn.proto(), original_uri };
     headers::to_upstream(&mut parts.headers, &fwd, upgrade);
     parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
+    ctx.trace.to_upstream(&mut parts.headers);
     if parts.version == Version::HTTP_2 {
         headers::join_cookies(&mut parts.headers);
     }
@@ -323,12 +345,31 @@ async fn forward(
         HeaderValue::from_str(host).map_err(|_| ProxyError::BadRequest("bad Host"))?
     };
     parts.headers.insert(header::HOST, upstream_host);
+    // A bodiless request can be sent again if its backend refuses (hold_secs).
+    let replay_uri = (shared.hold.enabled() && http_body::Body::is_end_stream(&body)).then(|| original_uri.to_owned());
     parts.uri = upstream_uri(backend, original_uri)?;
     parts.version = Version::HTTP_11;
-    let upstream_req = Request::from_parts(parts, LimitedBody::new(body, shared.max_body));
+    let replay = replay_uri.map(|uri| (uri, parts.method.clone(), parts.headers.clone()));
+    let upstream_req =
+        Request::from_parts(parts, LimitedBody::new(body, shared.max_body).with_pause_limit(shared.body_timeout));
 
     let sent = Instant::now();
-    let result = conn.pool.request(upstream_req).await;
+    let mut result = conn.pool.request(upstream_req).await;
+    if let Some((uri, method, headers)) = replay
+        && result.as_ref().is_err_and(hold::refused)
+    {
+        let (path, query) = uri.split_once('?').map_or((uri.as_str(), None), |(p, q)| (p, Some(q)));
+        if let Some(next) =
+            shared.hold.after_refusal(&shared.router, (host, path, query), backend, &shared.hard_stop).await
+        {
+            let mut again = Request::new(LimitedBody::empty());
+            *again.method_mut() = method;
+            *again.headers_mut() = headers;
+            *again.uri_mut() = upstream_uri(&next, &uri)?;
+            ctx.upstream = Some(next);
+            result = conn.pool.request(again).await;
+        }
+    }
     ctx.outcome = outlier::outcome(&result);
     let elapsed = sent.elapsed();
     ctx.upstream_time = Some(elapsed);

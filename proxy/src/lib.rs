@@ -5,10 +5,15 @@
 //! # Layout
 //!
 //! - [`config`]: [`Config`] (`[proxy]`) and its command-line [`Flags`].
-//! - [`server`] (private): accept loop, connection limit, TLS handshake, HTTP/1.1 and HTTP/2 serving, drain.
+//! - [`server`] (private): accept loop, connection limits, TLS handshake, HTTP/1.1 and HTTP/2 serving, drain.
+//! - [`shed`]: refusals at accept (`max_connections`, `max_connections_per_client`) and their short answers.
+//! - [`client_limit`]: open connections per IPv4 address / IPv6 /64.
+//! - [`activity`]: requests in flight per connection; keep-alive and HTTP/2 idle closes.
+//! - [`linger`]: lingering close, so early answers are not lost to a RST.
 //! - [`workers`] (private): single-threaded event loops (one per core but one), each with its own upstream pool.
 //! - [`handler`] (private): one request's life, in SPEC §3 order; errors become pages there.
 //! - [`route`]: the routing rules over the route cache.
+//! - [`hold`]: hold-and-wake: requests wait for a tool's route to come back (`hold_secs`).
 //! - [`host`]: Host normalisation and URI checks.
 //! - [`protect`]: bans, User-Agent/Referer block lists, per-client rate limit.
 //! - [`headers`]: request and response header rewriting.
@@ -16,11 +21,14 @@
 //! - [`egress`]: where the proxy may connect: resolution, then `denied_backend_networks`.
 //! - [`resolver`]: backend names through a TTL-respecting DNS cache with a stale window.
 //! - [`upgrade`]: which protocol upgrades are tunnelled (WebSocket only).
+//! - [`backend_limit`]: requests in flight per backend and per client connection.
+//! - [`buffers`]: buffer, window and stream limits (memory per connection).
 //! - [`body`]: response and request body types (streamed, never buffered whole).
 //! - [`compress`]: on-the-fly gzip.
 //! - [`sniff`]: HTTP/1 request-smuggling guard.
-//! - [`idle`]: idle timeout for connections.
+//! - [`idle`]: idle and send timeouts for connections.
 //! - [`tls`]: certificates by SNI, hot reload.
+//! - [`cert_expiry`]: a certificate's expiry, for the metrics.
 //! - [`pages`]: built-in and overridden error pages.
 //! - [`list`]: the `/list` API.
 //! - [`outlier`]: backends marked down after repeated failures, answered fast with `backend-down`.
@@ -28,15 +36,16 @@
 //! - [`reasons`]: what each reason code means for a tool's maintainers, for the pages.
 //! - [`access_log`], [`metrics`]: observability.
 //! - [`fair_share`]: requests in flight per tool, against `tool_max_concurrent_requests`.
+//! - [`trace_context`]: W3C `traceparent` continued or started, passed to backends.
 //! - [`error`]: [`Error`] (cannot start) and [`ProxyError`] (one request, mapped to a status).
 //!
 //! # A request's path
 //!
 //! ```text
-//! accept (server::accept_loop: connection limit, span per connection)
+//! accept (server::accept_loop: connection limits, refusals answered at once, span per connection)
 //!  └─ hand over (workers: next event loop in turn; the connection stays on its thread)
 //!   └─ TLS handshake with timeout (tls::TlsAcceptor; ALPN picks h2 or http/1.1)
-//!       └─ serve connection (hyper http1 + upgrades / http2; idle + header timeouts; smuggling guard)
+//!       └─ serve connection (hyper http1 + upgrades / http2; per-phase timeouts; smuggling guard; lingering close)
 //!           └─ handle request (handler::handle: context, metrics, access log, error → page)
 //!               ├─ 1 healthz · 2 Host / URI checks · HTTP→HTTPS redirect
 //!               ├─ 3 bans, User-Agent, Referer · 4 rate limit · 5 maintenance · host redirects
@@ -51,7 +60,12 @@
 #![forbid(unsafe_code)]
 
 pub mod access_log;
+pub mod activity;
+pub mod backend_limit;
 pub mod body;
+pub mod buffers;
+pub mod cert_expiry;
+pub mod client_limit;
 pub mod compress;
 pub mod config;
 pub mod egress;
@@ -59,8 +73,10 @@ pub mod error;
 pub mod fair_share;
 mod handler;
 pub mod headers;
+pub mod hold;
 pub mod host;
 pub mod idle;
+pub mod linger;
 pub mod list;
 pub mod metrics;
 pub mod outlier;
@@ -71,8 +87,10 @@ pub mod request_id;
 pub mod resolver;
 pub mod route;
 mod server;
+pub mod shed;
 pub mod sniff;
 pub mod tls;
+pub mod trace_context;
 pub mod upgrade;
 pub mod upstream;
 mod workers;
@@ -110,6 +128,8 @@ pub struct ProxyHandle {
     reload: Arc<Notify>,
     /// Certificate reloads that succeeded and failed, for the admin API.
     reloads: Arc<[AtomicU64; 2]>,
+    /// Wakes the access log writer to reopen its file (SIGUSR1, logrotate).
+    reopen_log: Arc<Notify>,
 }
 
 impl ProxyHandle {
@@ -119,6 +139,7 @@ impl ProxyHandle {
             maintenance: Arc::new(AtomicBool::new(config.maintenance)),
             reload: Arc::new(Notify::new()),
             reloads: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
+            reopen_log: Arc::new(Notify::new()),
         }
     }
 
@@ -135,6 +156,11 @@ impl ProxyHandle {
     /// Asks the proxy to re-read its TLS certificates (as SIGHUP does).
     pub fn reload_certificates(&self) {
         self.reload.notify_one();
+    }
+
+    /// Asks the access log to reopen its file by name (as SIGUSR1 does), after logrotate moved it.
+    pub fn reopen_access_log(&self) {
+        self.reopen_log.notify_one();
     }
 
     /// Certificate reloads so far: (succeeded, failed and kept the old certificates).
@@ -158,7 +184,12 @@ pub async fn run(
     let default_backend = config.default_backend()?;
     let protection = protect::Protection::from_config(&config)?;
     let pages = pages::Pages::load(config.error_pages.as_deref())?;
-    let access_log = access_log::AccessLog::open(&config.access_log)?;
+    let access_log = access_log::AccessLog::open(
+        &config.access_log,
+        config.access_log_format,
+        metrics.access_log_lost_lines(),
+        handle.reopen_log.clone(),
+    )?;
     let extra_headers = config
         .extra_headers
         .iter()
@@ -170,6 +201,7 @@ pub async fn run(
             let provider = tls::provider();
             let pairs = config.tls_cert.iter().cloned().zip(config.tls_key.iter().cloned()).collect();
             let store = Arc::new(tls::CertStore::load(pairs, provider.clone())?);
+            metrics.certificates(&store.not_after());
             Some((tls::TlsAcceptor::new(store.clone(), provider)?, store))
         }
         _ => None,
@@ -181,7 +213,9 @@ pub async fn run(
 
     let hard_stop = CancellationToken::new();
     let tunnels = TaskTracker::new();
+    let hold = hold::Hold::new(config.hold_secs, &cache, metrics.hold.clone());
     let shared = Arc::new(handler::Shared {
+        hold,
         router: route::Router::new(
             cache.clone(),
             &config.canonical_domain,
@@ -194,6 +228,7 @@ pub async fn run(
         metrics: metrics.clone(),
         access_log,
         max_body: config.max_body_size,
+        body_timeout: Config::secs(config.client_body_timeout_secs),
         extra_headers,
         gzip: config.gzip,
         https_port,
@@ -211,6 +246,10 @@ pub async fn run(
             config.tool_max_concurrent_requests,
             &config.tool_max_concurrent_requests_overrides,
         ),
+        backend_limits: backend_limit::BackendLimits::new(backend_limit::BackendLimitSettings {
+            max_per_backend: config.max_connections_per_backend,
+            queue_timeout: Duration::from_millis(config.backend_queue_timeout_ms),
+        }),
     });
 
     let tracker = TaskTracker::new();
@@ -218,7 +257,12 @@ pub async fn run(
         header_timeout: Config::secs(config.header_timeout_secs),
         client_timeout: Config::secs(config.client_timeout_secs),
         handshake_timeout: Config::secs(config.tls_handshake_timeout_secs),
+        keepalive_timeout: Config::secs(config.keepalive_timeout_secs),
+        http2_idle_timeout: Config::secs(config.http2_idle_timeout_secs),
+        send_timeout: Config::secs(config.send_timeout_secs),
         limit: Arc::new(Semaphore::new(config.max_connections)),
+        per_client: client_limit::ClientLimit::new(config.max_connections_per_client),
+        lingering_refusals: Arc::new(Semaphore::new(shed::MAX_LINGERING_REFUSALS)),
         tracker: tracker.clone(),
         shutdown: shutdown.clone(),
         hard_stop: hard_stop.clone(),
@@ -252,7 +296,7 @@ pub async fn run(
     tracker.spawn(server::accept_loop(listeners.http, shared.clone(), settings.clone(), None, workers.clone()));
     if let (Some((acceptor, store)), Some(listener)) = (tls, listeners.https) {
         tracker.spawn(server::accept_loop(listener, shared.clone(), settings.clone(), Some(acceptor), workers.clone()));
-        tokio::spawn(watch_certificates(store, handle.clone(), background.clone()));
+        tokio::spawn(watch_certificates(store, handle.clone(), metrics.clone(), background.clone()));
     }
     tracker.spawn(list::serve(
         listeners.list,
@@ -262,6 +306,7 @@ pub async fn run(
         Config::secs(config.client_timeout_secs),
         list::MAX_LIST_CONNECTIONS,
     ));
+    tokio::spawn(access_log::reopen_on_sigusr1(handle.reopen_log.clone(), background.clone()));
     tokio::spawn(housekeeping(shared.clone(), cache, metrics, background.clone()));
 
     shutdown.cancelled().await;
@@ -307,7 +352,12 @@ async fn housekeeping(shared: Arc<handler::Shared>, cache: RouteCache, metrics: 
 
 /// Reloads certificates when their files change (checked every second), on
 /// SIGHUP, and when asked through [`ProxyHandle::reload_certificates`].
-async fn watch_certificates(store: Arc<tls::CertStore>, handle: ProxyHandle, stop: CancellationToken) {
+async fn watch_certificates(
+    store: Arc<tls::CertStore>,
+    handle: ProxyHandle,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
     let mut poll = tokio::time::interval(Duration::from_millis(500));
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
@@ -330,6 +380,7 @@ async fn watch_certificates(store: Arc<tls::CertStore>, handle: ProxyHandle, sto
         match store.reload() {
             Ok(()) => {
                 handle.reloads[0].fetch_add(1, Ordering::Relaxed);
+                metrics.certificates(&store.not_after());
                 info!(reason = why, "TLS certificates reloaded");
             }
             Err(error) => {

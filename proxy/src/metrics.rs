@@ -21,8 +21,18 @@ struct DirectionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabel {
+    path: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: &'static str,
 }
 
 /// The proxy's metrics, registered under `dynamicproxy_proxy_*`.
@@ -31,12 +41,17 @@ pub struct Metrics {
     upstream_seconds: Histogram,
     upstream_errors: Family<ReasonLabel, Counter>,
     connections_open: Gauge,
-    connections_refused: Counter,
+    connections_refused: Family<ReasonLabel, Counter>,
+    connection_timeouts: Family<PhaseLabel, Counter>,
     routes_in_cache: Gauge,
     cache_age_seconds: Gauge,
     redis_connected: Gauge,
     backends_down: Gauge,
     backend_transitions: [Counter; 2],
+    access_log_lost_lines: Counter,
+    certificate_not_after: Family<PathLabel, Gauge>,
+    /// Held requests (`hold_secs`), kept with the hold logic.
+    pub(crate) hold: crate::hold::HoldMetrics,
 }
 
 impl Metrics {
@@ -57,11 +72,17 @@ impl Metrics {
         registry.register("upstream_errors", "Upstream failures, by reason", upstream_errors.clone());
         let connections_open = Gauge::default();
         registry.register("connections_open", "Client connections being served", connections_open.clone());
-        let connections_refused = Counter::default();
+        let connections_refused = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "connections_refused",
-            "Client connections closed at accept because max_connections was reached",
+            "Client connections refused at accept, by reason (max-connections, per-client)",
             connections_refused.clone(),
+        );
+        let connection_timeouts = Family::<PhaseLabel, Counter>::default();
+        registry.register(
+            "connection_timeouts",
+            "Client connections closed by a timeout, by phase (handshake, header, keepalive, http2-idle, send, idle)",
+            connection_timeouts.clone(),
         );
         let routes_in_cache = Gauge::default();
         registry.register("routes_in_cache", "Tools in the route cache", routes_in_cache.clone());
@@ -83,14 +104,31 @@ impl Metrics {
         );
         let backend_transitions =
             ["down", "up"].map(|direction| transitions.get_or_create(&DirectionLabel { direction }).clone());
+        let access_log_lost_lines = Counter::default();
+        registry.register(
+            "access_log_lost_lines",
+            "Access log lines dropped: queue full, disk full or file unwritable",
+            access_log_lost_lines.clone(),
+        );
+        let certificate_not_after = Family::<PathLabel, Gauge>::default();
+        registry.register(
+            "certificate_not_after_seconds",
+            "Unix time at which each served certificate (by file) expires",
+            certificate_not_after.clone(),
+        );
+        let hold = crate::hold::HoldMetrics::register(registry);
         Metrics {
             backends_down,
             backend_transitions,
+            hold,
+            access_log_lost_lines,
+            certificate_not_after,
             by_class,
             upstream_seconds,
             upstream_errors,
             connections_open,
             connections_refused,
+            connection_timeouts,
             routes_in_cache,
             cache_age_seconds,
             redis_connected,
@@ -121,8 +159,14 @@ impl Metrics {
         self.connections_open.dec();
     }
 
-    pub(crate) fn connection_refused(&self) {
-        self.connections_refused.inc();
+    /// A connection was refused at accept for `reason` (`max-connections`, `per-client`).
+    pub(crate) fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// A client connection was closed by the timeout of `phase`.
+    pub(crate) fn connection_timeout(&self, phase: &'static str) {
+        self.connection_timeouts.get_or_create(&PhaseLabel { phase }).inc();
     }
 
     /// A backend was marked down.
@@ -142,5 +186,18 @@ impl Metrics {
         self.routes_in_cache.set(status.tools as i64);
         self.cache_age_seconds.set(status.age.map_or(-1, |a| a.as_secs() as i64));
         self.redis_connected.set(i64::from(status.redis_connected));
+    }
+
+    /// The counter of lost access log lines, for the access log writer.
+    pub fn access_log_lost_lines(&self) -> Counter {
+        self.access_log_lost_lines.clone()
+    }
+
+    /// Replaces the certificate expiry gauges with `expiries` (file, Unix time).
+    pub fn certificates(&self, expiries: &[(std::path::PathBuf, i64)]) {
+        self.certificate_not_after.clear();
+        for (path, not_after) in expiries {
+            self.certificate_not_after.get_or_create(&PathLabel { path: path.display().to_string() }).set(*not_after);
+        }
     }
 }

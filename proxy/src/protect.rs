@@ -126,10 +126,34 @@ const SHARDS: usize = 32;
 
 /// Clients tracked per shard (about 260,000 in all, a few tens of MB at
 /// most). Each entry lives `burst + 1` intervals after its client's last
-/// request, up to the next sweep: with a low rate, a client cycling through
-/// IPv6 addresses could otherwise grow the table without limit. When a shard
-/// is full, clients it does not know yet pass untracked until the next sweep.
+/// request, up to the next sweep. When a shard is full even after dropping
+/// its expired entries, clients it does not know share the shard's overflow
+/// bucket: newcomers are limited together (as one client per shard) rather
+/// than not at all, and tracked clients keep their own buckets. Evicting the
+/// stalest entry instead would hand a flooding client a fresh burst each
+/// time the table turns over, and finding it costs a scan per request.
 const MAX_CLIENTS_PER_SHARD: usize = 8192;
+
+/// A full shard drops its expired entries at most this often: under a flood
+/// of newcomers the scan must not run for every request.
+const PURGE_EVERY: Duration = Duration::from_secs(1);
+
+/// What the limiter counts as one client: an IPv4 address, or an IPv6 /64
+/// (the smallest network an end site gets; one host can use all of it).
+/// IPv4-mapped IPv6 addresses count as their IPv4 address.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match canonical_ip(ip) {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        v4 => v4,
+    }
+}
+
+/// One shard: tracked clients, and the bucket of the clients that did not fit.
+struct Shard {
+    clients: HashMap<IpAddr, Duration>,
+    overflow: Duration,
+    last_purge: Duration,
+}
 
 /// GCRA (a token bucket without a refill task): each client has a
 /// "theoretical arrival time"; a request is allowed while that time is less
@@ -139,7 +163,7 @@ pub struct RateLimiter {
     tolerance: Duration,
     epoch: Instant,
     hasher: std::collections::hash_map::RandomState,
-    shards: Vec<Mutex<HashMap<IpAddr, Duration>>>,
+    shards: Vec<Mutex<Shard>>,
     max_per_shard: usize,
 }
 
@@ -152,25 +176,41 @@ impl RateLimiter {
             tolerance: interval * burst,
             epoch: Instant::now(),
             hasher: Default::default(),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Shard { clients: HashMap::new(), overflow: Duration::ZERO, last_purge: Duration::ZERO })
+                })
+                .collect(),
             max_per_shard: MAX_CLIENTS_PER_SHARD,
         }
     }
 
     /// Clients currently tracked.
     pub fn tracked(&self) -> usize {
-        self.shards.iter().map(|shard| shard.lock().map_or(0, |map| map.len())).sum()
+        self.shards.iter().map(|shard| shard.lock().map_or(0, |s| s.clients.len())).sum()
     }
 
     /// Records a request from `client` at `now`; false when over the limit.
     pub fn allow(&self, client: IpAddr, now: Instant) -> bool {
+        let client = client_key(client);
         let t = now.saturating_duration_since(self.epoch);
         let shard = &self.shards[self.hasher.hash_one(client) as usize % SHARDS];
-        let Ok(mut map) = shard.lock() else { return true };
-        if map.len() >= self.max_per_shard && !map.contains_key(&client) {
-            return true;
+        // A poisoned lock only means another request panicked mid-update;
+        // the table is still usable and must keep limiting.
+        let mut shard = shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let shard = &mut *shard;
+        if shard.clients.len() >= self.max_per_shard
+            && !shard.clients.contains_key(&client)
+            && t.saturating_sub(shard.last_purge) >= PURGE_EVERY
+        {
+            shard.last_purge = t;
+            shard.clients.retain(|_, tat| *tat > t);
         }
-        let tat = map.entry(client).or_insert(t);
+        let tat = if shard.clients.len() < self.max_per_shard || shard.clients.contains_key(&client) {
+            shard.clients.entry(client).or_insert(t)
+        } else {
+            &mut shard.overflow
+        };
         let next = (*tat).max(t);
         if next - t > self.tolerance {
             return false;
@@ -182,8 +222,8 @@ impl RateLimiter {
     fn sweep(&self, now: Instant) {
         let t = now.saturating_duration_since(self.epoch);
         for shard in &self.shards {
-            if let Ok(mut map) = shard.lock() {
-                map.retain(|_, tat| *tat > t);
+            if let Ok(mut shard) = shard.lock() {
+                shard.clients.retain(|_, tat| *tat > t);
             }
         }
     }
@@ -226,20 +266,51 @@ mod tests {
     }
 
     #[test]
-    fn client_table_is_bounded() {
+    fn client_table_is_bounded_and_newcomers_are_still_limited() {
         let mut limiter = RateLimiter::new(1, 100);
         limiter.max_per_shard = 4;
         let t0 = Instant::now();
+        // 10,000 clients in distinct /64s: the table stops growing.
         for i in 0..10_000u32 {
-            let ip = IpAddr::V6(std::net::Ipv6Addr::from(u128::from(i) + (0x2001_0db8u128 << 96)));
-            assert!(limiter.allow(ip, t0));
+            let ip = IpAddr::V6(std::net::Ipv6Addr::from((u128::from(i) << 64) + (0x2001_0db8u128 << 96)));
+            limiter.allow(ip, t0);
         }
         assert_eq!(limiter.tracked(), 4 * SHARDS);
         // Clients already tracked are still limited.
-        let known = limiter.shards.iter().find_map(|s| s.lock().unwrap().keys().next().copied()).unwrap();
+        let known = limiter.shards.iter().find_map(|s| s.lock().unwrap().clients.keys().next().copied()).unwrap();
         assert_eq!((0..200).filter(|_| limiter.allow(known, t0)).count(), 100);
-        limiter.sweep(t0 + Duration::from_secs(200));
+        // A newcomer, with the table full, is limited too (main let it pass).
+        let newcomer: IpAddr = "2001:db8:ffff:ffff::1".parse().unwrap();
+        assert!((0..200).filter(|_| limiter.allow(newcomer, t0)).count() <= 101);
+        // Expired entries make room again.
+        let later = t0 + Duration::from_secs(200);
+        let fresh: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!((0..200).filter(|_| limiter.allow(fresh, later)).count(), 101);
+        limiter.sweep(later + Duration::from_secs(200));
         assert_eq!(limiter.tracked(), 0);
+    }
+
+    #[test]
+    fn one_ipv6_slash_64_is_one_client() {
+        let limiter = RateLimiter::new(1, 10);
+        let t0 = Instant::now();
+        let base = u128::from("2001:db8:1:2::".parse::<std::net::Ipv6Addr>().unwrap());
+        let allowed = (0..100_000u128)
+            .filter(|i| limiter.allow(IpAddr::V6(std::net::Ipv6Addr::from(base + i * 0x1_0001_0001)), t0))
+            .count();
+        assert_eq!(allowed, 11, "100,000 addresses of one /64 share one bucket");
+        assert_eq!(limiter.tracked(), 1);
+        // The next /64 is another client.
+        assert!(limiter.allow("2001:db8:1:3::1".parse().unwrap(), t0));
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_their_ipv4_client() {
+        let limiter = RateLimiter::new(1, 0);
+        let t0 = Instant::now();
+        assert!(limiter.allow("192.0.2.7".parse().unwrap(), t0));
+        assert!(!limiter.allow("::ffff:192.0.2.7".parse().unwrap(), t0));
+        assert_eq!(client_key("::ffff:192.0.2.7".parse().unwrap()), "192.0.2.7".parse::<IpAddr>().unwrap());
     }
 
     #[test]

@@ -26,6 +26,8 @@ struct Loaded {
     key: Arc<CertifiedKey>,
     /// The leaf certificate, to match SNI names against.
     leaf: CertificateDer<'static>,
+    /// The certificate file and the leaf's expiry (Unix time), for the metrics.
+    expiry: (PathBuf, Option<i64>),
 }
 
 /// The certificate set, swapped whole on reload.
@@ -77,6 +79,12 @@ impl CertStore {
         self.stamps.read().map(|seen| *seen != now).unwrap_or(false)
     }
 
+    /// Each serving certificate's file and expiry (Unix time), for the metrics.
+    pub fn not_after(&self) -> Vec<(PathBuf, i64)> {
+        let set = self.snapshot();
+        set.iter().flat_map(|s| &s.entries).filter_map(|e| Some((e.expiry.0.clone(), e.expiry.1?))).collect()
+    }
+
     fn snapshot(&self) -> Option<Arc<CertSet>> {
         self.current.read().ok().map(|c| c.clone())
     }
@@ -106,7 +114,8 @@ fn load_set(pairs: &[(PathBuf, PathBuf)], provider: &CryptoProvider) -> Result<C
             provider.key_provider.load_private_key(key).map_err(|e| tls_err(key_path, format!("bad key: {e}")))?;
         let certified = CertifiedKey::new(chain, signing_key);
         certified.keys_match().map_err(|e| tls_err(key_path, format!("key does not match certificate: {e}")))?;
-        entries.push(Loaded { key: Arc::new(certified), leaf });
+        let expiry = (cert_path.clone(), crate::cert_expiry::not_after(&leaf));
+        entries.push(Loaded { key: Arc::new(certified), leaf, expiry });
     }
     if entries.is_empty() {
         return Err(Error::Tls { path: "-".into(), reason: "no certificate configured".into() });
@@ -156,7 +165,8 @@ impl TlsAcceptor {
 
     /// Runs the handshake.
     pub async fn accept(&self, stream: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
-        self.inner.accept(stream).await
+        // Bounds what a client that stops reading can make the proxy hold.
+        self.inner.accept_with(stream, |conn| conn.set_buffer_limit(Some(crate::buffers::TLS_SEND_BUF))).await
     }
 }
 

@@ -44,6 +44,9 @@ pub fn client(settings: UpstreamSettings) -> UpstreamClient {
         .pool_max_idle_per_host(settings.max_idle_per_backend)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
+        .http1_max_buf_size(crate::buffers::UPSTREAM_MAX_BUF)
+        // Body chunks are queued, not copied into a growing buffer.
+        .http1_writev(true)
         .build(Connector {
             connect_timeout: settings.connect_timeout,
             read_timeout: settings.read_timeout,

@@ -12,12 +12,12 @@ use std::thread;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, warn};
 
 use crate::handler::Shared;
-use crate::server::{ServeSettings, serve_tcp};
+use crate::server::{ServeSettings, Slot, serve_tcp};
 use crate::tls::TlsAcceptor;
 use crate::upstream::{self, UpstreamClient, UpstreamSettings};
 
@@ -26,8 +26,8 @@ pub(crate) struct Accepted {
     pub stream: std::net::TcpStream,
     pub client: SocketAddr,
     pub tls: Option<TlsAcceptor>,
-    /// Held for the connection's life (`max_connections`).
-    pub permit: OwnedSemaphorePermit,
+    /// Held for the connection's life (`max_connections`, `max_connections_per_client`).
+    pub slot: Slot,
     pub span: Span,
 }
 
@@ -90,7 +90,7 @@ impl Workers {
                 let (shared, settings, pool) = (self.shared.clone(), self.settings.clone(), self.fallback.clone());
                 self.settings
                     .tracker
-                    .spawn(serve(stream, job.client, job.tls, job.permit, shared, settings, pool).instrument(job.span));
+                    .spawn(serve(stream, job.client, job.tls, job.slot, shared, settings, pool).instrument(job.span));
             }
             Err(error) => debug!(%error, "cannot register the connection"),
         }
@@ -123,7 +123,7 @@ fn event_loop(
                     continue;
                 }
             };
-            let task = serve(stream, job.client, job.tls, job.permit, shared.clone(), settings.clone(), pool.clone());
+            let task = serve(stream, job.client, job.tls, job.slot, shared.clone(), settings.clone(), pool.clone());
             settings.tracker.spawn(task.instrument(job.span));
         }
         stop.cancelled().await;
@@ -136,12 +136,12 @@ async fn serve(
     stream: TcpStream,
     client: SocketAddr,
     tls: Option<TlsAcceptor>,
-    permit: OwnedSemaphorePermit,
+    slot: Slot,
     shared: Arc<Shared>,
     settings: ServeSettings,
     pool: UpstreamClient,
 ) {
     shared.metrics.connection_opened();
-    serve_tcp(stream, client, shared.clone(), settings, tls, pool, permit).await;
+    serve_tcp(stream, client, shared.clone(), settings, tls, pool, slot).await;
     shared.metrics.connection_closed();
 }

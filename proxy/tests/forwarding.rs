@@ -304,9 +304,10 @@ async fn open_tunnels_count_against_the_connection_limit() {
     assert_eq!(response.status(), 101);
     ws.send(tokio_tungstenite::tungstenite::Message::text("ping")).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
-    // The tunnel holds the only place: another client is turned away.
+    // The tunnel holds the only place: another client is turned away, with a status.
     let refused = raw(proxy.http, b"GET /.well-known/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
-    assert_eq!(refused, "", "a connection past the limit was served");
+    assert_eq!(status_of(&refused), 503, "a connection past the limit was served: {refused}");
+    assert!(refused.contains("X-Dynamicproxy-Reason: over-capacity"), "{refused}");
     // Once the tunnel is closed, its place is free again.
     drop(ws);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

@@ -1,8 +1,8 @@
 //! The in-memory route table the proxy serves from, shared between the
 //! request path (reads) and the sync task (writes), with its freshness.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -27,7 +27,13 @@ struct CacheInner {
     connected: AtomicBool,
     /// Full loads completed since start.
     full_loads: AtomicU64,
+    /// Called after a tool's entry really changed (see [`RouteCache::on_change`]).
+    hooks: RwLock<Vec<ChangeHook>>,
 }
+
+/// Told the tool, its entry before and its entry after (`None` = absent),
+/// once the new entry is visible to readers.
+pub type ChangeHook = Arc<dyn Fn(&str, Option<&ToolRoutes>, Option<&ToolRoutes>) + Send + Sync>;
 
 /// A snapshot of the cache's freshness, for health endpoints, metrics and `/list`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +64,7 @@ impl RouteCache {
                 confirmed_at_ms: AtomicU64::new(0),
                 connected: AtomicBool::new(false),
                 full_loads: AtomicU64::new(0),
+                hooks: RwLock::new(Vec::new()),
             }),
         }
     }
@@ -97,18 +104,52 @@ impl RouteCache {
         self.inner.full_loads.load(Ordering::Acquire) > 0
     }
 
+    /// Registers `hook`, called from the sync task each time a tool's entry
+    /// changes (not when a reload finds it unchanged), after readers can see
+    /// the new entry: requests waiting for a route are woken by it instead
+    /// of polling. Hooks must be quick and must not block.
+    pub fn on_change(&self, hook: ChangeHook) {
+        if let Ok(mut hooks) = self.inner.hooks.write() {
+            hooks.push(hook);
+        }
+    }
+
+    fn changed(&self, tool: &str, old: Option<&ToolRoutes>, new: Option<&ToolRoutes>) {
+        if let Ok(hooks) = self.inner.hooks.read() {
+            for hook in hooks.iter() {
+                hook(tool, old, new);
+            }
+        }
+    }
+
     /// Sets or removes one tool's entry.
     pub(crate) fn put(&self, tool: ToolName, routes: ToolRoutes) {
         if routes.is_absent() {
-            self.inner.tools.remove(tool.as_str());
+            if let Some((name, old)) = self.inner.tools.remove(tool.as_str()) {
+                self.changed(name.as_str(), Some(&old), None);
+            }
         } else {
-            self.inner.tools.insert(tool, Arc::new(routes));
+            let routes = Arc::new(routes);
+            let old = self.inner.tools.insert(tool.clone(), Arc::clone(&routes));
+            if old.as_deref() != Some(&*routes) {
+                self.changed(tool.as_str(), old.as_deref(), Some(&routes));
+            }
         }
     }
 
     /// Ends a full load: drops tools the load did not see and counts the load.
     pub(crate) fn finish_full_load(&self, seen: &std::collections::HashSet<ToolName>) {
-        self.inner.tools.retain(|name, _| seen.contains(name));
+        let mut dropped = Vec::new();
+        self.inner.tools.retain(|name, routes| {
+            let keep = seen.contains(name);
+            if !keep {
+                dropped.push((name.clone(), Arc::clone(routes)));
+            }
+            keep
+        });
+        for (name, old) in dropped {
+            self.changed(name.as_str(), Some(&old), None);
+        }
         self.inner.full_loads.fetch_add(1, Ordering::AcqRel);
     }
 

@@ -6,6 +6,10 @@ pub(crate) const ROUTES_PREFIX: &str = "prefix:";
 pub(crate) const REDIRECT_PREFIX: &str = "redirect:";
 /// Set of `namespace/name/route` members owned by kube-sync.
 pub(crate) const K8S_SERVICES: &str = "k8s_services";
+/// Hash of `k8s_services` member → the backend kube-sync last wrote for it:
+/// a field is kube-sync's own only while it still holds that value, so a
+/// grid registration written over it is never taken back or deleted.
+pub(crate) const K8S_WRITTEN: &str = "k8s_services_written";
 
 /// The routes hash of a tool.
 pub(crate) fn routes_key(tool: &str) -> String {

@@ -11,7 +11,7 @@ use redis::aio::MultiplexedConnection;
 
 use crate::endpoint::{RESPONSE_TIMEOUT, RedisEndpoint};
 use crate::error::RouteTableError;
-use crate::keys::{K8S_SERVICES, ROUTES_PREFIX, redirect_key, routes_key};
+use crate::keys::{K8S_SERVICES, K8S_WRITTEN, ROUTES_PREFIX, redirect_key, routes_key};
 use crate::types::{BackendUrl, RoutePattern, ToolName};
 
 /// A handle on the route table in Redis. Cheap to share behind an `Arc`;
@@ -139,21 +139,116 @@ const DELETE_ROUTE_SCRIPT: &str = concat!(
     "return redis.call('HDEL', KEYS[1], ARGV[1]) + redis.call('HDEL', KEYS[2], ARGV[1])\n"
 );
 
-/// `HSET KEYS[1] ARGV[1] ARGV[2]` and `SADD KEYS[2] ARGV[3]`, all or nothing.
+/// kube-sync's write of `KEYS[1]` field `ARGV[1]` = `ARGV[2]` for the
+/// `k8s_services` (`KEYS[2]`) member `ARGV[3]`, recording the value in
+/// `KEYS[3]`. The ownership check and the write are one script, so no other
+/// writer can slip in between. The field is kube-sync's own when the member is
+/// in the set and the field holds the value recorded for it (or, for a member
+/// from before the record existed, already the value being written). A
+/// refusal also drops a stale claim, so the Service going away later has
+/// nothing to delete. Returns `{1}` written, `{2}` already so, `{0, current}` refused.
 const SET_OWNED_SCRIPT: &str = concat!(
-    check_types!("hash", "set"),
-    "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])\n",
-    "redis.call('SADD', KEYS[2], ARGV[3])\n",
-    "return 1\n"
+    check_types!("hash", "set", "hash"),
+    r#"
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current then
+  local member = redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 1
+  local written = redis.call('HGET', KEYS[3], ARGV[3])
+  local own = member and ((written and written == current) or (not written and current == ARGV[2]))
+  if not own then
+    redis.call('SREM', KEYS[2], ARGV[3])
+    redis.call('HDEL', KEYS[3], ARGV[3])
+    return {0, current}
+  end
+  if current == ARGV[2] then
+    if not written then
+      redis.call('HSET', KEYS[3], ARGV[3], ARGV[2])
+    end
+    return {2}
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[3], ARGV[2])
+return {1}
+"#
 );
 
-/// `HDEL KEYS[1] ARGV[1]` and `SREM KEYS[2] ARGV[2]`, all or nothing.
+/// kube-sync's removal of member `ARGV[2]`: drops it from `k8s_services` and
+/// its record, and deletes field `ARGV[1]` of `KEYS[1]` only while the field
+/// still holds the recorded value, compared and deleted in one script.
+/// Returns `{1}` deleted, `{2}` the field was already gone, `{0, current}`
+/// left alone because it holds someone else's value.
 const DELETE_OWNED_SCRIPT: &str = concat!(
-    check_types!("hash", "set"),
-    "redis.call('HDEL', KEYS[1], ARGV[1])\n",
-    "redis.call('SREM', KEYS[2], ARGV[2])\n",
-    "return 1\n"
+    check_types!("hash", "set", "hash"),
+    r#"
+local written = redis.call('HGET', KEYS[3], ARGV[2])
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[2], ARGV[2])
+redis.call('HDEL', KEYS[3], ARGV[2])
+if not current then
+  return {2}
+end
+if written and current == written then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return {1}
+end
+return {0, current}
+"#
 );
+
+/// What became of kube-sync's write of one of its routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnedWrite {
+    /// The field now holds the backend.
+    Written,
+    /// The field already held the backend; nothing changed.
+    Unchanged,
+    /// The field holds another writer's value (a grid registration, an
+    /// operator's edit) and was left alone; a stale claim on it was dropped.
+    Refused {
+        /// The value found in the field.
+        current: String,
+    },
+}
+
+/// What became of kube-sync's removal of one of its routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnedDelete {
+    /// The field held kube-sync's value and is gone.
+    Deleted,
+    /// The field was already gone.
+    Absent,
+    /// The field holds another writer's value and was left alone; only the
+    /// ownership record was dropped.
+    Kept {
+        /// The value found in the field.
+        current: String,
+    },
+}
+
+/// Splits a script's `{status[, current]}` reply.
+fn script_status(reply: Vec<redis::Value>) -> Result<(i64, Option<String>), RouteTableError> {
+    let mut items = reply.into_iter();
+    let status = match items.next() {
+        Some(redis::Value::Int(n)) => n,
+        other => return Err(unexpected_reply(format!("{other:?}"))),
+    };
+    let current = match items.next() {
+        Some(redis::Value::BulkString(bytes)) => Some(String::from_utf8_lossy(&bytes).into_owned()),
+        Some(redis::Value::SimpleString(s)) => Some(s),
+        _ => None,
+    };
+    Ok((status, current))
+}
+
+fn unexpected_reply(what: String) -> RouteTableError {
+    RouteTableError::Redis(redis::RedisError::from((
+        redis::ErrorKind::UnexpectedReturnType,
+        "unexpected script reply",
+        what,
+    )))
+}
 
 impl RouteStore {
     /// A store for `endpoint`. Does not connect yet: the first command does,
@@ -315,39 +410,57 @@ impl RouteStore {
         Ok((owned, bad))
     }
 
-    /// Sets a kube-sync route and records its ownership, all or nothing.
+    /// Sets a kube-sync route and records its ownership and value, unless the
+    /// field holds another writer's value (see [`OwnedWrite`]).
     pub async fn set_owned_route(
         &self,
         owned: &OwnedServiceRoute,
         backend: &BackendUrl,
-    ) -> Result<(), RouteTableError> {
+    ) -> Result<OwnedWrite, RouteTableError> {
         let script = redis::Script::new(SET_OWNED_SCRIPT);
-        self.run(|mut c| async move {
-            script
-                .key(routes_key(owned.tool.as_str()))
-                .key(K8S_SERVICES)
-                .arg(&owned.pattern)
-                .arg(backend.to_string())
-                .arg(owned.member())
-                .invoke_async::<()>(&mut c)
-                .await
-        })
-        .await
+        let reply: Vec<redis::Value> = self
+            .run(|mut c| async move {
+                script
+                    .key(routes_key(owned.tool.as_str()))
+                    .key(K8S_SERVICES)
+                    .key(K8S_WRITTEN)
+                    .arg(&owned.pattern)
+                    .arg(backend.to_string())
+                    .arg(owned.member())
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        match script_status(reply)? {
+            (1, _) => Ok(OwnedWrite::Written),
+            (2, _) => Ok(OwnedWrite::Unchanged),
+            (0, Some(current)) => Ok(OwnedWrite::Refused { current }),
+            other => Err(unexpected_reply(format!("{other:?}"))),
+        }
     }
 
-    /// Removes a kube-sync route and its ownership record, all or nothing.
-    pub async fn delete_owned_route(&self, owned: &OwnedServiceRoute) -> Result<(), RouteTableError> {
+    /// Drops a kube-sync route's ownership record, and the route itself while
+    /// it still holds the value kube-sync wrote (see [`OwnedDelete`]).
+    pub async fn delete_owned_route(&self, owned: &OwnedServiceRoute) -> Result<OwnedDelete, RouteTableError> {
         let script = redis::Script::new(DELETE_OWNED_SCRIPT);
-        self.run(|mut c| async move {
-            script
-                .key(routes_key(owned.tool.as_str()))
-                .key(K8S_SERVICES)
-                .arg(&owned.pattern)
-                .arg(owned.member())
-                .invoke_async::<()>(&mut c)
-                .await
-        })
-        .await
+        let reply: Vec<redis::Value> = self
+            .run(|mut c| async move {
+                script
+                    .key(routes_key(owned.tool.as_str()))
+                    .key(K8S_SERVICES)
+                    .key(K8S_WRITTEN)
+                    .arg(&owned.pattern)
+                    .arg(owned.member())
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        match script_status(reply)? {
+            (1, _) => Ok(OwnedDelete::Deleted),
+            (2, _) => Ok(OwnedDelete::Absent),
+            (0, Some(current)) => Ok(OwnedDelete::Kept { current }),
+            other => Err(unexpected_reply(format!("{other:?}"))),
+        }
     }
 
     async fn scan(&self, pattern: &str) -> Result<Vec<String>, RouteTableError> {

@@ -29,15 +29,18 @@ use crate::endpoint::RedisEndpoint;
 use crate::error::RouteTableError;
 use crate::keys::{REDIRECT_PREFIX, ROUTES_PREFIX, TableKey, redirect_key, routes_key};
 use crate::store::scan_keys;
-use crate::table::{Route, ToolRoutes};
+use crate::table::{MAX_ROUTES_PER_TOOL, Route, ToolRoutes, match_order};
 use crate::types::{BackendUrl, InvalidInput, RoutePattern, ToolName};
 
 /// Tools fetched per pipelined round trip.
 const FETCH_BATCH: usize = 1000;
 /// Distinct malformed entries remembered so each is logged once; beyond this, they are only debug-logged.
 const MAX_WARNED: usize = 10_000;
-/// Distinct compiled regexes kept for reuse across loads.
-const MAX_MEMO: usize = 200_000;
+/// Budget of the compiled-regex memo, in estimated bytes (pattern text plus
+/// [`RoutePattern::estimated_size`], an upper bound). Real tables have a few
+/// dozen distinct regexes; 16 MiB holds about 340 at the compiled-size limit,
+/// so churn of distinct hostile patterns cannot grow the proxy past it.
+const MEMO_BUDGET_BYTES: usize = 16 << 20;
 
 /// Settings of the cache sync task.
 #[derive(Debug, Clone)]
@@ -193,25 +196,87 @@ impl Changes {
     }
 }
 
+/// Compiled patterns that need the regex engine, by source: compiling is the
+/// costly part of a load, and many tools share patterns. Bounded by
+/// [`MEMO_BUDGET_BYTES`]; every full load drops what the table no longer uses.
+#[derive(Default)]
+struct RegexMemo {
+    entries: HashMap<String, MemoEntry>,
+    /// Sum of the entries' estimated sizes.
+    bytes: usize,
+    /// Full loads started; entries not used by the last one are dropped.
+    generation: u64,
+}
+
+struct MemoEntry {
+    compiled: Result<RoutePattern, InvalidInput>,
+    bytes: usize,
+    used_in: u64,
+}
+
+impl RegexMemo {
+    /// The compiled form of `pattern`, from the memo or freshly compiled
+    /// (and remembered when the budget allows).
+    fn get_or_compile(&mut self, pattern: &str) -> Result<RoutePattern, InvalidInput> {
+        if let Some(entry) = self.entries.get_mut(pattern) {
+            entry.used_in = self.generation;
+            return entry.compiled.clone();
+        }
+        let compiled = RoutePattern::parse(pattern);
+        // Literals and `.*` cost less to rebuild than to remember.
+        if compiled.as_ref().map_or(true, RoutePattern::is_regex) {
+            let bytes = Self::estimate(pattern, &compiled);
+            if self.bytes + bytes <= MEMO_BUDGET_BYTES {
+                self.bytes += bytes;
+                self.entries.insert(
+                    pattern.to_string(),
+                    MemoEntry { compiled: compiled.clone(), bytes, used_in: self.generation },
+                );
+            }
+        }
+        compiled
+    }
+
+    fn estimate(pattern: &str, compiled: &Result<RoutePattern, InvalidInput>) -> usize {
+        let key = pattern.len() + 64;
+        match compiled {
+            Ok(p) => key + p.estimated_size(),
+            Err(e) => key + e.to_string().len(),
+        }
+    }
+
+    /// Called as a full load starts: what it does not use is dropped at its end.
+    fn start_full_load(&mut self) {
+        self.generation += 1;
+    }
+
+    /// Drops every entry the full load that just ended did not use.
+    fn finish_full_load(&mut self) {
+        let generation = self.generation;
+        self.entries.retain(|_, e| e.used_in == generation);
+        self.bytes = self.entries.values().map(|e| e.bytes).sum();
+        self.entries.shrink_to_fit();
+    }
+}
+
 /// Reads tools from Redis into the cache, remembering compiled regexes and
 /// which malformed entries were already logged.
 struct Loader {
     cache: RouteCache,
-    /// Patterns that need the regex engine, by source: compiling is the
-    /// costly part of a load, and many tools share patterns.
-    regexes: HashMap<String, Result<RoutePattern, InvalidInput>>,
+    regexes: RegexMemo,
     warned: HashSet<String>,
 }
 
 impl Loader {
     fn new(cache: RouteCache) -> Self {
-        Loader { cache, regexes: HashMap::new(), warned: HashSet::new() }
+        Loader { cache, regexes: RegexMemo::default(), warned: HashSet::new() }
     }
 
     /// Loads every tool into the cache and drops tools that are gone. Entries
     /// are replaced batch by batch, so memory never holds two full tables.
     /// Returns the tool count.
     async fn full_load(&mut self, conn: &mut MultiplexedConnection) -> Result<usize, RouteTableError> {
+        self.regexes.start_full_load();
         let mut names: BTreeSet<String> = BTreeSet::new();
         for (prefix, pattern) in [(ROUTES_PREFIX, "prefix:*"), (REDIRECT_PREFIX, "redirect:*")] {
             for key in scan_keys(conn, pattern).await? {
@@ -231,9 +296,7 @@ impl Loader {
             }
         }
         self.cache.finish_full_load(&seen);
-        if self.regexes.len() > MAX_MEMO {
-            self.regexes.clear();
-        }
+        self.regexes.finish_full_load();
         Ok(seen.len())
     }
 
@@ -287,26 +350,32 @@ impl Loader {
         Ok(fetched)
     }
 
-    /// Turns one `HGETALL` reply into valid routes, logging each bad field once.
+    /// Turns one `HGETALL` reply into valid routes, logging each bad field
+    /// once. Fields are taken in match order and only the first
+    /// [`MAX_ROUTES_PER_TOOL`] valid ones are kept: the rest are never compiled.
     fn parse_routes(&mut self, tool: &ToolName, value: &Value) -> (Vec<Route>, bool) {
         let fields = hash_fields(value);
         let has_key = !fields.is_empty();
-        let mut routes = Vec::with_capacity(fields.len());
+        let mut text = Vec::with_capacity(fields.len());
         for (field, target) in fields {
-            let (Some(field), Some(target)) = (value_to_str(field), value_to_str(target)) else {
-                self.warn_once(format!("{tool}:utf8"), || warn!(tool = %tool, "skipping route that is not UTF-8"));
-                continue;
-            };
-            let pattern = match self.regexes.get(field) {
-                Some(compiled) => compiled.clone(),
-                None => {
-                    let parsed = RoutePattern::parse(field);
-                    if parsed.as_ref().map_or(true, RoutePattern::is_regex) {
-                        self.regexes.insert(field.to_string(), parsed.clone());
-                    }
-                    parsed
-                }
-            };
+            match (value_to_str(field), value_to_str(target)) {
+                (Some(field), Some(target)) => text.push((field, target)),
+                _ => self.warn_once(format!("{tool}:utf8"), || warn!(tool = %tool, "skipping route that is not UTF-8")),
+            }
+        }
+        text.sort_by(|a, b| match_order(a.0, b.0));
+        let mut routes = Vec::with_capacity(text.len().min(MAX_ROUTES_PER_TOOL));
+        for (index, &(field, target)) in text.iter().enumerate() {
+            if routes.len() == MAX_ROUTES_PER_TOOL {
+                let dropped = text.len() - index;
+                let first_dropped = field;
+                self.warn_once(format!("{tool}\0over cap\0{}", text.len()), || {
+                    warn!(tool = %tool, kept = MAX_ROUTES_PER_TOOL, dropped, first_dropped,
+                        "tool has more routes than the cap; the shortest patterns are ignored")
+                });
+                break;
+            }
+            let pattern = self.regexes.get_or_compile(field);
             match (pattern, BackendUrl::parse(target)) {
                 (Ok(pattern), Ok(backend)) => routes.push(Route { pattern, backend }),
                 (Err(error), _) | (_, Err(error)) => {
@@ -368,5 +437,54 @@ fn value_to_string(value: Value) -> Option<String> {
         Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
         Value::SimpleString(s) => Some(s),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A distinct regex of the largest allowed length.
+    fn big_regex(i: usize) -> String {
+        let head = format!("^/{i}/[a-z]+/");
+        format!("{head}{}", "x".repeat(crate::types::MAX_PATTERN_LEN - head.len()))
+    }
+
+    #[test]
+    fn memo_stays_within_its_byte_budget() {
+        let mut memo = RegexMemo::default();
+        memo.start_full_load();
+        let mut compiled = 0;
+        for i in 0..2_000 {
+            let pattern = big_regex(i);
+            assert!(memo.get_or_compile(&pattern).is_ok());
+            compiled += 1;
+            assert!(memo.bytes <= MEMO_BUDGET_BYTES, "memo at {} bytes", memo.bytes);
+        }
+        assert!(memo.entries.len() < compiled, "the budget never bound: {} entries", memo.entries.len());
+        assert!(memo.entries.len() > 100, "the budget holds a useful number of regexes: {}", memo.entries.len());
+        // Literals are never memoised; errors are, within the budget.
+        memo.finish_full_load();
+        memo.start_full_load();
+        assert!(memo.get_or_compile("/api.*").is_ok());
+        assert!(!memo.entries.contains_key("/api.*"));
+    }
+
+    #[test]
+    fn a_full_load_drops_what_it_did_not_use() {
+        let mut memo = RegexMemo::default();
+        memo.start_full_load();
+        for i in 0..10 {
+            let _ = memo.get_or_compile(&big_regex(i));
+        }
+        let _ = memo.get_or_compile("(?!bad)");
+        memo.finish_full_load();
+        assert_eq!(memo.entries.len(), 11);
+
+        memo.start_full_load();
+        let _ = memo.get_or_compile(&big_regex(3));
+        memo.finish_full_load();
+        assert_eq!(memo.entries.keys().collect::<Vec<_>>(), [&big_regex(3)]);
+        assert_eq!(memo.bytes, memo.entries.values().map(|e| e.bytes).sum::<usize>());
     }
 }

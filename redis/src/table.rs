@@ -4,6 +4,12 @@ use std::cmp::Ordering;
 
 use crate::types::{BackendUrl, RoutePattern};
 
+/// Most routes one tool may hold. A real tool has one (`.*`) or a handful
+/// (`/<path>.*`); the cap bounds both a lookup (every pattern may be searched
+/// in a 64 KiB path) and a tool's share of memory. The loader keeps the first
+/// routes in match order and logs the rest; the registrar refuses more.
+pub const MAX_ROUTES_PER_TOOL: usize = 64;
+
 /// One route: a pattern and where matching requests go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
@@ -25,9 +31,12 @@ pub struct ToolRoutes {
 }
 
 impl ToolRoutes {
-    /// Builds a tool entry; sorts the routes into match order.
+    /// Builds a tool entry; sorts the routes into match order and keeps the
+    /// first [`MAX_ROUTES_PER_TOOL`].
     pub fn new(mut routes: Vec<Route>, has_routes_key: bool, canonical_redirect: bool) -> Self {
         routes.sort_by(|a, b| match_order(a.pattern.as_str(), b.pattern.as_str()));
+        routes.truncate(MAX_ROUTES_PER_TOOL);
+        routes.shrink_to_fit();
         ToolRoutes { routes, has_routes_key, canonical_redirect }
     }
 
@@ -87,6 +96,19 @@ mod tests {
         assert_eq!(tool.find("/api/v1").unwrap().port(), 2);
         assert_eq!(tool.find("/ab").unwrap().port(), 4);
         assert_eq!(tool.find("/").unwrap().port(), 1);
+    }
+
+    #[test]
+    fn routes_beyond_the_cap_are_dropped_in_match_order() {
+        let routes: Vec<Route> =
+            (0..100).map(|i| route(&format!("/p{i:03}.*"), 1000 + i)).chain([route(".*", 1)]).collect();
+        let tool = ToolRoutes::new(routes, true, false);
+        assert_eq!(tool.routes().len(), MAX_ROUTES_PER_TOOL);
+        // All `/pNNN.*` have one length, so byte order decides: 000..063 stay, `.*` (shortest) goes.
+        let kept: Vec<_> = tool.routes().iter().map(|r| r.pattern.as_str().to_string()).collect();
+        let expected: Vec<_> = (0..64).map(|i| format!("/p{i:03}.*")).collect();
+        assert_eq!(kept, expected);
+        assert!(tool.find("/p099").is_none());
     }
 
     #[test]

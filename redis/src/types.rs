@@ -5,14 +5,29 @@ use std::borrow::Borrow;
 use std::fmt;
 use std::sync::Arc;
 
+use memchr::memmem;
 use regex::{Regex, RegexBuilder};
 
 /// Longest tool name accepted; far above any real tool, it bounds keys and log lines.
 pub const MAX_TOOL_NAME_LEN: usize = 255;
-/// Longest route pattern accepted, in bytes (the registrar's line limit).
-pub const MAX_PATTERN_LEN: usize = 1024;
-/// Compiled-size limit per pattern, so a hostile pattern cannot eat memory.
-const PATTERN_SIZE_LIMIT: usize = 1 << 20;
+/// Longest route pattern accepted, in bytes. Real patterns are `.*` and
+/// `/<path>.*`, where the path comes from a Kubernetes label value (at most
+/// 63 bytes) or a hand-registered prefix of a tool's URL space: 256 bytes is
+/// four times the longest label-made pattern, yet keeps every search of a
+/// 64 KiB request path short (see `benches/lookup.rs`).
+pub const MAX_PATTERN_LEN: usize = 256;
+/// Compiled-size limit of a pattern's automaton (the regex crate's
+/// `size_limit`), in bytes. A literal path compiles to a few hundred bytes,
+/// a Unicode `.` to about 2 KiB, a Unicode class such as `\w` to about
+/// 40 KiB: 16 KiB admits `/<path>.*` with a handful of `.` and ASCII classes
+/// (`[a-z0-9_]`), while a hostile pattern (`\w{20}`, `[^x]{200}`) is refused at
+/// load instead of costing every proxy its automaton.
+pub const PATTERN_SIZE_LIMIT: usize = 16 << 10;
+/// Lazy-DFA cache limit per pattern and thread (the regex crate's
+/// `dfa_size_limit`; its default is 2 MiB). Real patterns need a few dozen
+/// states; beyond this the engine falls back to a slower search that uses no
+/// more memory, so a pattern built to blow up the DFA costs CPU, not RAM.
+pub const PATTERN_DFA_SIZE_LIMIT: usize = 64 << 10;
 
 /// Why a tool name, pattern or backend URL was refused. The message is fit
 /// for an operator or a registrar client.
@@ -82,8 +97,9 @@ enum Matcher {
     /// Matches every path (`.*` and the empty pattern).
     Everything,
     /// A literal, optionally followed by `.*` (the usual `/<path>.*`):
-    /// a substring search, without the memory of a compiled regex.
-    Contains(Box<str>),
+    /// a substring search (SIMD, with a worst case linear in the path),
+    /// without the memory of a compiled regex.
+    Contains(Box<memmem::Finder<'static>>),
     /// An unanchored regex search.
     Regex(Regex),
 }
@@ -96,8 +112,9 @@ pub struct RoutePattern {
 }
 
 impl RoutePattern {
-    /// Compiles a pattern; refuses what does not compile (e.g. PCRE lookaround)
-    /// and patterns longer than [`MAX_PATTERN_LEN`].
+    /// Compiles a pattern; refuses what does not compile (e.g. PCRE lookaround),
+    /// patterns longer than [`MAX_PATTERN_LEN`] and patterns whose automaton
+    /// would exceed [`PATTERN_SIZE_LIMIT`].
     pub fn parse(pattern: &str) -> Result<Self, InvalidInput> {
         if pattern.len() > MAX_PATTERN_LEN {
             return Err(InvalidInput::Pattern {
@@ -109,10 +126,11 @@ impl RoutePattern {
         let matcher = if literal.is_empty() {
             Matcher::Everything
         } else if literal.bytes().all(is_plain_literal_byte) {
-            Matcher::Contains(literal.into())
+            Matcher::Contains(Box::new(memmem::Finder::new(literal.as_bytes()).into_owned()))
         } else {
             let regex = RegexBuilder::new(pattern)
                 .size_limit(PATTERN_SIZE_LIMIT)
+                .dfa_size_limit(PATTERN_DFA_SIZE_LIMIT)
                 .build()
                 .map_err(|e| InvalidInput::Pattern { pattern: pattern.into(), reason: first_line(&e.to_string()) })?;
             Matcher::Regex(regex)
@@ -125,6 +143,18 @@ impl RoutePattern {
         matches!(self.matcher, Matcher::Regex(_))
     }
 
+    /// Heap bytes this compiled pattern may hold, for memory budgets. A
+    /// regex is counted at its upper bound, as the regex crate does not report
+    /// its size: fixed engine structures plus forward and reverse automata at
+    /// the compiled-size limit. Literals cost about their text.
+    pub fn estimated_size(&self) -> usize {
+        match &self.matcher {
+            Matcher::Everything => self.source.len(),
+            Matcher::Contains(_) => 2 * self.source.len() + 64,
+            Matcher::Regex(_) => REGEX_BASE_COST + 2 * PATTERN_SIZE_LIMIT + self.source.len(),
+        }
+    }
+
     /// The pattern as written in Redis.
     pub fn as_str(&self) -> &str {
         &self.source
@@ -135,7 +165,7 @@ impl RoutePattern {
     pub fn is_match(&self, path: &str) -> bool {
         match &self.matcher {
             Matcher::Everything => true,
-            Matcher::Contains(literal) => path.contains(&**literal),
+            Matcher::Contains(literal) => literal.find(path.as_bytes()).is_some(),
             Matcher::Regex(regex) => regex.is_match(path),
         }
     }
@@ -154,6 +184,10 @@ impl fmt::Display for RoutePattern {
         f.write_str(&self.source)
     }
 }
+
+/// Fixed heap cost of one compiled regex besides its automata (engine
+/// structures, cache pools), measured with regex 1.13.
+const REGEX_BASE_COST: usize = 16 << 10;
 
 /// Bytes that stand for themselves in a regex; anything else goes to the regex engine.
 fn is_plain_literal_byte(b: u8) -> bool {
@@ -336,6 +370,27 @@ mod tests {
         assert!(RoutePattern::parse("(").is_err());
         assert!(RoutePattern::parse(&"a".repeat(2000)).is_err());
         assert!(RoutePattern::parse("a{1000}{1000}").is_err());
+    }
+
+    #[test]
+    fn pattern_limits() {
+        // The longest allowed pattern loads, one byte more is refused.
+        let longest = format!("/{}.*", "p".repeat(MAX_PATTERN_LEN - 3));
+        assert_eq!(longest.len(), MAX_PATTERN_LEN);
+        assert!(RoutePattern::parse(&longest).is_ok());
+        let err = RoutePattern::parse(&format!("/{}.*", "p".repeat(MAX_PATTERN_LEN - 2))).unwrap_err();
+        assert!(err.to_string().contains("longer than 256 bytes"), "{err}");
+        // Real regexes, with a few Unicode dots, stay under the compiled-size limit.
+        for real in ["/index.php.*", "^/[a-z]+/v[0-9]+/", "/a.b.c.d.e.f.*", "(?i)/API/.*"] {
+            assert!(RoutePattern::parse(real).is_ok(), "{real}");
+        }
+        // Short patterns with a huge automaton are refused by compiled size.
+        for hostile in [r"\w{100}", "[^x]{200}", "(a|bc|def|ghij){40}"] {
+            let err = RoutePattern::parse(hostile).unwrap_err();
+            assert!(err.to_string().contains("size limit"), "{hostile}: {err}");
+        }
+        // Literal paths stay literals, whatever their length.
+        assert!(!RoutePattern::parse(&longest).unwrap().is_regex());
     }
 
     #[test]

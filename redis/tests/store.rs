@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use dynamicproxy_redis::{BackendUrl, OwnedServiceRoute, RoutePattern, RouteStore, ToolName};
+use dynamicproxy_redis::{BackendUrl, OwnedDelete, OwnedServiceRoute, OwnedWrite, RoutePattern, RouteStore, ToolName};
 use dynamicproxy_test_support::RedisServer;
 use redis::Commands;
 
@@ -44,7 +44,8 @@ async fn owned_routes_keep_the_ownership_set() {
         tool: ToolName::parse("foo").unwrap(),
         pattern: "/api.*".into(),
     };
-    store.set_owned_route(&owned, &BackendUrl::parse("http://10.96.0.5:8000").unwrap()).await.unwrap();
+    let written = store.set_owned_route(&owned, &BackendUrl::parse("http://10.96.0.5:8000").unwrap()).await.unwrap();
+    assert_eq!(written, OwnedWrite::Written);
     let mut c = redis.client();
     let members: Vec<String> = c.smembers("k8s_services").unwrap();
     assert_eq!(members, ["tool-foo/foo/api.*"]);
@@ -54,9 +55,47 @@ async fn owned_routes_keep_the_ownership_set() {
     let (set, bad) = store.owned_service_routes().await.unwrap();
     assert_eq!(set.into_iter().collect::<Vec<_>>(), std::slice::from_ref(&owned));
     assert_eq!(bad, ["garbage"]);
-    store.delete_owned_route(&owned).await.unwrap();
+    assert_eq!(store.delete_owned_route(&owned).await.unwrap(), OwnedDelete::Deleted);
     let exists: bool = c.exists("prefix:foo").unwrap();
     assert!(!exists);
+}
+
+#[tokio::test]
+async fn owned_routes_never_take_another_writers_value() {
+    let redis = RedisServer::start();
+    let store = store(&redis);
+    let mut c = redis.client();
+    let owned =
+        OwnedServiceRoute { namespace: "tool-foo".into(), tool: ToolName::parse("foo").unwrap(), pattern: ".*".into() };
+    let k8s = BackendUrl::parse("http://10.96.0.5:8000").unwrap();
+    let grid = "http://172.16.1.2:33555";
+
+    // A grid registration is there first: refused, nothing claimed.
+    let _: () = c.hset("prefix:foo", ".*", grid).unwrap();
+    let refused = store.set_owned_route(&owned, &k8s).await.unwrap();
+    assert_eq!(refused, OwnedWrite::Refused { current: grid.into() });
+    let url: String = c.hget("prefix:foo", ".*").unwrap();
+    assert_eq!(url, grid);
+    let members: Vec<String> = c.smembers("k8s_services").unwrap();
+    assert!(members.is_empty(), "{members:?}");
+
+    // Once the field is free it is ours; writing the same value again changes nothing.
+    let _: () = c.hdel("prefix:foo", ".*").unwrap();
+    assert_eq!(store.set_owned_route(&owned, &k8s).await.unwrap(), OwnedWrite::Written);
+    assert_eq!(store.set_owned_route(&owned, &k8s).await.unwrap(), OwnedWrite::Unchanged);
+    let moved = BackendUrl::parse("http://10.96.0.6:8000").unwrap();
+    assert_eq!(store.set_owned_route(&owned, &moved).await.unwrap(), OwnedWrite::Written);
+
+    // The grid writes over it: not taken back, and not deleted with the Service.
+    let _: () = c.hset("prefix:foo", ".*", grid).unwrap();
+    assert_eq!(store.set_owned_route(&owned, &k8s).await.unwrap(), OwnedWrite::Refused { current: grid.into() });
+    let _: () = c.sadd("k8s_services", owned.member()).unwrap();
+    assert_eq!(store.delete_owned_route(&owned).await.unwrap(), OwnedDelete::Kept { current: grid.into() });
+    let url: String = c.hget("prefix:foo", ".*").unwrap();
+    assert_eq!(url, grid);
+    assert_eq!(store.delete_owned_route(&owned).await.unwrap(), OwnedDelete::Kept { current: grid.into() });
+    let _: () = c.hdel("prefix:foo", ".*").unwrap();
+    assert_eq!(store.delete_owned_route(&owned).await.unwrap(), OwnedDelete::Absent);
 }
 
 #[tokio::test]

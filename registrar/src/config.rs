@@ -64,10 +64,10 @@ pub struct Config {
     pub allowed_clients: Vec<String>,
 }
 
-/// Highest `max_routes_per_tool` accepted, and its default: the proxy's
-/// route table loader caps a tool at 64 routes, so this must never exceed
-/// that cap (real tools hold one or two routes).
-pub const MAX_ROUTES_PER_TOOL: usize = 64;
+/// Highest `max_routes_per_tool` accepted, and its default: the route table
+/// loader's cap per tool, which this must never exceed (real tools hold one
+/// or two routes).
+pub const MAX_ROUTES_PER_TOOL: usize = dynamicproxy_redis::MAX_ROUTES_PER_TOOL;
 
 impl Default for Config {
     fn default() -> Self {

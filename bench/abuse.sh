@@ -1,0 +1,179 @@
+#!/bin/bash
+# bench/abuse.sh — the edge under abuse: memory per connection and service to
+# a normal client while slowhttptest, idle keep-alive connections and an
+# h2load burst hit the proxy (release build; not part of CI).
+#
+# Each phase starts a fresh proxy (HTTPS with a self-signed certificate), so
+# the allocator's retained memory of one phase cannot hide the next one's,
+# and reports the RSS it added over the idle proxy:
+#   slow-read   slowhttptest -X, 1,000 readers of a 4 MiB body   (goal <= 64 MiB)
+#   slowloris   slowhttptest -H, 1,000 connections
+#   slow-body   slowhttptest -B, 1,000 connections
+#   idle-h1     10,000 idle HTTP/1.1 keep-alive connections, plain (goal <= 100 MiB)
+#   idle-h2     10,000 idle HTTP/2 connections (goal <= 100 MiB), then an h2load burst
+#   idle-h1tls  10,000 idle HTTP/1.1 keep-alive connections over TLS
+# Meanwhile a keep-alive HTTPS client asks every 50 ms: its p99 must stay
+# under 50 ms with no failure.
+#
+# Usage: bench/abuse.sh [--binary PATH] [--seconds 30] [--conns 1000] [--idle 10000] [--no-build]
+# Needs: slowhttptest nghttp2-client (h2load) redis-server python3 openssl curl.
+set -euo pipefail
+
+binary=target/release/dynamicproxy seconds=30 conns=1000 idle=10000 build=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --binary) binary=$2; build=0; shift 2 ;;
+    --seconds) seconds=$2; shift 2 ;;
+    --conns) conns=$2; shift 2 ;;
+    --idle) idle=$2; shift 2 ;;
+    --no-build) build=0; shift ;;
+    *) echo "unknown option $1" >&2; exit 64 ;;
+  esac
+done
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+for cmd in slowhttptest h2load redis-server redis-cli python3 openssl curl; do
+  command -v "$cmd" >/dev/null || { echo "missing $cmd (apt-get install -y slowhttptest nghttp2-client redis-server openssl curl)" >&2; exit 1; }
+done
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+if [ "$build" = 1 ]; then
+  echo "building release binaries (a few minutes)..." >&2
+  cargo build --release --bin dynamicproxy >&2
+fi
+clients=bench/abuse_clients.py
+
+run=$(mktemp -d /tmp/dynamicproxy-abuse.XXXXXX)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() {
+  local url=$1; shift
+  for _ in $(seq 1 300); do
+    curl -s -o /dev/null -m 1 "$@" "$url" && return 0
+    sleep 0.1
+  done
+  echo "nothing answers at $url" >&2; exit 1
+}
+
+redis_port=$(free_port) big_port=$(free_port) small_port=$(free_port)
+http_port=$(free_port) https_port=$(free_port) list_port=$(free_port)
+redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >"$run/redis.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.05; done
+# The default backend answers 4 MiB (the slow readers' target); the probe's tool a few bytes.
+python3 "$clients" backend "$big_port" $((4 << 20)) >"$run/big.log" 2>&1 &
+pids+=($!)
+python3 "$clients" backend "$small_port" 3 >"$run/small.log" 2>&1 &
+pids+=($!)
+wait_http "http://127.0.0.1:$small_port/"
+redis-cli -p "$redis_port" hset prefix:probe '.*' "http://127.0.0.1:$small_port" >/dev/null
+
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj "/CN=*.toolforge.org" \
+  -addext "subjectAltName=DNS:*.toolforge.org,DNS:toolforge.org" \
+  -keyout "$run/key.pem" -out "$run/cert.pem" >/dev/null 2>&1
+
+# Backends on 127.0.0.1 are denied by default; this run needs them. Keys the
+# binary does not know are left out (it refuses unknown keys).
+proxy_env=(DYNAMICPROXY_PROXY_DENIED_BACKEND_NETWORKS='[]')
+if env DYNAMICPROXY_PROXY_MAX_CONNECTIONS_PER_CLIENT=0 "$binary" proxy --check >/dev/null 2>&1; then
+  proxy_env+=(DYNAMICPROXY_PROXY_MAX_CONNECTIONS_PER_CLIENT=0)
+fi
+
+proxy_pid=
+start_proxy() {
+  env "${proxy_env[@]}" RUST_LOG=error "$binary" proxy --admin-listen 127.0.0.1:0 \
+    --http-listen "127.0.0.1:$http_port" --https-listen "127.0.0.1:$https_port" \
+    --tls-cert "$run/cert.pem" --tls-key "$run/key.pem" --list-listen "127.0.0.1:$list_port" \
+    --redis-url "redis://127.0.0.1:$redis_port/0" --default-backend "http://127.0.0.1:$big_port" \
+    >>"$run/proxy.log" 2>&1 &
+  proxy_pid=$!
+  pids+=($proxy_pid)
+  wait_http "http://127.0.0.1:$list_port/list"
+  wait_http "https://127.0.0.1:$https_port/probe" -k -H "Host: probe.toolforge.org" -A warm-up
+}
+stop_proxy() { kill "$proxy_pid" 2>/dev/null || true; wait "$proxy_pid" 2>/dev/null || true; }
+rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$proxy_pid/status" 2>/dev/null || echo 0; }
+
+# sample_peak SECONDS: highest RSS (KiB) seen over SECONDS.
+sample_peak() {
+  local peak=0 now end=$((SECONDS + $1))
+  while [ $SECONDS -lt $end ]; do
+    now=$(rss_kib); [ "$now" -gt "$peak" ] && peak=$now
+    sleep 0.5
+  done
+  echo "$peak"
+}
+
+results=()
+# report NAME BASE_KIB PEAK_KIB PROBE_LINE [NOTE]
+report() {
+  local name=$1 base=$2 peak=$3 note=${5:-}
+  read -r requests failures p50 p99 max <<<"$4"
+  results+=("$(printf "%-11s %9.1f %9.1f %9.1f %8s %8s %8s %s" "$name" "$(echo "$base/1024" | bc -l)" \
+    "$(echo "$peak/1024" | bc -l)" "$(echo "($peak-$base)/1024" | bc -l)" "$p99" "$failures" "$requests" "$note")")
+  echo "${results[-1]}" >&2
+}
+
+url="https://127.0.0.1:$https_port/"
+slow_phase() { # NAME slowhttptest-mode-args...
+  local name=$1; shift
+  start_proxy
+  local base; base=$(rss_kib)
+  python3 "$clients" probe "$https_port" probe.toolforge.org "$seconds" >"$run/probe-$name.txt" &
+  local probe=$!
+  slowhttptest "$@" -c "$conns" -r 200 -l "$seconds" -u "$url" >"$run/slowhttptest-$name.txt" 2>&1 &
+  local slow=$!
+  pids+=($slow)
+  local peak; peak=$(sample_peak "$seconds")
+  wait "$probe" || true
+  kill "$slow" 2>/dev/null || true; wait "$slow" 2>/dev/null || true
+  local connected
+  connected=$(sed 's/\x1b\[[0-9;]*m//g' "$run/slowhttptest-$name.txt" | grep -a "connected:" | tail -1 | tr -s ' ' | sed 's/^ //' || true)
+  report "$name" "$base" "$peak" "$(cat "$run/probe-$name.txt")" "slowhttptest last $connected"
+  stop_proxy
+}
+
+idle_phase() { # NAME KIND [h2load]
+  local name=$1 kind=$2 port=$https_port
+  [ "$kind" = h1 ] && port=$http_port
+  start_proxy
+  local base; base=$(rss_kib)
+  rm -f "$run/ready-$name"
+  python3 "$clients" idle "$kind" "$port" "$idle" "$run/ready-$name" 2>"$run/idle-$name.err" &
+  local holder=$!
+  pids+=($holder)
+  for _ in $(seq 1 1200); do [ -s "$run/ready-$name" ] && break; sleep 0.25; done
+  local opened; opened=$(cat "$run/ready-$name" 2>/dev/null || echo "only $(cat "$run/ready-$name.count" 2>/dev/null || echo 0) of $idle (timed out)")
+  python3 "$clients" probe "$https_port" probe.toolforge.org "$seconds" >"$run/probe-$name.txt" &
+  local probe=$!
+  local note="$opened idle connections open"
+  if [ "${3:-}" = h2load ]; then
+    h2load -n 20000 -c 20 -m 10 -H 'user-agent: h2load' -H 'host: probe.toolforge.org' \
+      "https://127.0.0.1:$https_port/probe" >"$run/h2load-$name.txt" 2>&1 || true
+    note="$note; h2load: $(grep -a -E '^requests:' "$run/h2load-$name.txt" | head -1) $(grep -a -E 'finished in' "$run/h2load-$name.txt" | head -1)"
+  fi
+  local peak; peak=$(sample_peak 3)
+  wait "$probe" || true
+  kill "$holder" 2>/dev/null || true; wait "$holder" 2>/dev/null || true
+  report "$name" "$base" "$peak" "$(cat "$run/probe-$name.txt")" "$note"
+  stop_proxy
+}
+
+echo "binary $binary; $conns slowhttptest connections, $idle idle connections, ${seconds}s per phase" >&2
+slow_phase slow-read -X -w 512 -y 1024 -n 5 -z 32 -k 3 -p 3
+slow_phase slowloris -H -i 10 -p 3
+slow_phase slow-body -B -i 10 -s 8192 -p 3
+idle_phase idle-h1 h1
+idle_phase idle-h2 h2 h2load
+idle_phase idle-h1tls h1tls
+
+printf "\n%-11s %9s %9s %9s %8s %8s %8s %s\n" phase "base MiB" "peak MiB" "added" "p99 ms" failures requests notes
+printf "%s\n" "${results[@]}"
+echo "raw output in $run" >&2

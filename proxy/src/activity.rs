@@ -1,0 +1,158 @@
+//! Which phase a client connection is in, as far as its idle timeout goes:
+//! the requests in flight on it (from the head's arrival until the response
+//! body is sent or dropped) and since when it has had none. A connection with
+//! a request in flight is bounded by the per-phase timeouts (body, send,
+//! request idle); one without is merely kept alive, and is closed
+//! gracefully after `keepalive_timeout_secs` (HTTP/1) or
+//! `http2_idle_timeout_secs` (HTTP/2, no open stream).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+#[derive(Clone, Copy)]
+struct State {
+    in_flight: usize,
+    idle_since: Instant,
+}
+
+/// The requests in flight on one connection.
+pub struct Activity {
+    state: watch::Sender<State>,
+}
+
+impl Activity {
+    /// A connection that has just been accepted: idle from now.
+    pub fn new() -> Arc<Self> {
+        let (state, _) = watch::channel(State { in_flight: 0, idle_since: Instant::now() });
+        Arc::new(Activity { state })
+    }
+
+    /// A request has arrived; it is in flight until the guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        // No wake-up: a waiter sleeping toward the idle deadline finds the
+        // request when it wakes, and waits for the end instead.
+        self.state.send_if_modified(|s| {
+            s.in_flight += 1;
+            false
+        });
+        InFlight(self.clone())
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.state.borrow().in_flight
+    }
+
+    /// Resolves once the connection has had no request in flight for `timeout`.
+    pub async fn idle_for(&self, timeout: Duration) {
+        let mut changes = self.state.subscribe();
+        loop {
+            let state = *changes.borrow_and_update();
+            if state.in_flight > 0 {
+                if changes.changed().await.is_err() {
+                    // Cannot happen while `self` holds the sender; never resolve.
+                    std::future::pending::<()>().await;
+                }
+                continue;
+            }
+            // Checked again after the sleep: requests begin without waking us.
+            let deadline = state.idle_since + timeout;
+            if deadline <= Instant::now() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = changes.changed() => {}
+            }
+        }
+    }
+}
+
+/// One request's place in [`Activity`].
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // Only the last request's end restarts the idle clock: waiters are
+        // woken then and only then.
+        self.0.state.send_if_modified(|s| {
+            s.in_flight -= 1;
+            if s.in_flight == 0 {
+                s.idle_since = Instant::now();
+            }
+            s.in_flight == 0
+        });
+    }
+}
+
+/// A response body that keeps its request in flight until it is sent.
+pub struct TrackedBody<B> {
+    inner: B,
+    _in_flight: InFlight,
+}
+
+impl<B> TrackedBody<B> {
+    /// `inner`, keeping `in_flight` until this body is dropped.
+    pub fn new(inner: B, in_flight: InFlight) -> Self {
+        TrackedBody { inner, _in_flight: in_flight }
+    }
+}
+
+impl<B: Body + Unpin> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn idle_only_counts_time_without_requests() {
+        let ms = Duration::from_millis;
+        let activity = Activity::new();
+        let request = activity.begin();
+        let idle = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.idle_for(ms(200)).await }
+        });
+        tokio::time::sleep(ms(400)).await;
+        assert!(!idle.is_finished(), "idle while a request was in flight");
+        drop(request);
+        assert_eq!(activity.in_flight(), 0);
+        tokio::time::sleep(ms(100)).await;
+        assert!(!idle.is_finished(), "idle counted from before the request ended");
+        tokio::time::timeout(ms(2000), idle).await.unwrap().unwrap();
+
+        // A request that begins while the waiter sleeps holds the connection open.
+        drop(activity.begin());
+        let idle = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.idle_for(ms(200)).await }
+        });
+        tokio::time::sleep(ms(50)).await;
+        let request = activity.begin();
+        tokio::time::sleep(ms(400)).await;
+        assert!(!idle.is_finished(), "idle while a request that began later was in flight");
+        drop(request);
+        tokio::time::timeout(ms(2000), idle).await.unwrap().unwrap();
+    }
+}

@@ -1,0 +1,201 @@
+//! Caps on requests in flight to backends: per backend address, shared by
+//! every event loop (each loop has its own pool, so no pool can enforce it),
+//! and per client connection (one HTTP/2 connection must not fan out into
+//! hundreds of backend connections).
+//!
+//! A request takes its connection's slot first (waiting as long as it must:
+//! the connection only queues behind itself), then its backend's slot,
+//! waiting at most `backend_queue_timeout` before `over-capacity`. The permit
+//! lives as long as the response body or tunnel, because the backend
+//! connection is busy until then.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::ProxyError;
+
+/// Shards of the per-backend map: requests to different backends rarely
+/// contend on one lock.
+const SHARDS: usize = 16;
+
+/// Backend requests one client connection may have in flight at once.
+///
+/// An HTTP/1 connection has at most one; an HTTP/2 connection may open 100
+/// streams, and without this cap each stream took its own backend
+/// connection. 32 is five times what a browser spends on one HTTP/1 host
+/// (6 connections), so a page load over HTTP/2 is not slowed; further
+/// streams wait for a slot instead of opening more backend connections.
+pub const PER_CONNECTION: usize = 32;
+
+/// Settings of the per-backend cap.
+#[derive(Debug, Clone, Copy)]
+pub struct BackendLimitSettings {
+    /// Requests in flight to one backend address at once; 0 = off.
+    pub max_per_backend: usize,
+    /// How long a request waits for a slot before `over-capacity`.
+    pub queue_timeout: Duration,
+}
+
+/// The per-backend caps, shared by all event loops.
+pub struct BackendLimits {
+    settings: BackendLimitSettings,
+    hasher: std::collections::hash_map::RandomState,
+    shards: Vec<Mutex<HashMap<String, Arc<Semaphore>>>>,
+}
+
+/// A request's place under both caps; dropping it frees both.
+pub struct BackendPermit {
+    // Field order matters: the slot is released before the idle check.
+    backend: Option<OwnedSemaphorePermit>,
+    _connection: OwnedSemaphorePermit,
+    entry: Option<(Arc<BackendLimits>, String, Arc<Semaphore>)>,
+}
+
+impl std::fmt::Debug for BackendPermit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendPermit").field("backend", &self.entry.as_ref().map(|e| &e.1)).finish()
+    }
+}
+
+/// A fresh per-connection semaphore of [`PER_CONNECTION`] slots.
+pub fn connection_slots() -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(PER_CONNECTION))
+}
+
+impl BackendLimits {
+    /// Empty caps with `settings`.
+    pub fn new(settings: BackendLimitSettings) -> Arc<Self> {
+        Arc::new(BackendLimits {
+            settings,
+            hasher: Default::default(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        })
+    }
+
+    /// Backends with a request in flight or waiting (entries are removed when idle).
+    pub fn tracked(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().map_or(0, |m| m.len())).sum()
+    }
+
+    /// Waits for a slot on `connection`, then on the backend `host:port`.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        connection: &Arc<Semaphore>,
+        host: &str,
+        port: u16,
+    ) -> Result<BackendPermit, ProxyError> {
+        // The connection's semaphore is never closed; a closed one would mean
+        // the connection is gone, and the request with it.
+        let connection = connection.clone().acquire_owned().await.map_err(|_| ProxyError::OverCapacity)?;
+        if self.settings.max_per_backend == 0 {
+            return Ok(BackendPermit { backend: None, _connection: connection, entry: None });
+        }
+        let backend = format!("{host}:{port}");
+        let backend = backend.as_str();
+        let semaphore = self.semaphore(backend);
+        // Built before waiting, so a cancelled request (client gone, stream
+        // reset) still removes an entry it was the last user of.
+        let mut permit = BackendPermit {
+            backend: None,
+            _connection: connection,
+            entry: Some((self.clone(), backend.to_string(), semaphore.clone())),
+        };
+        match tokio::time::timeout(self.settings.queue_timeout, semaphore.acquire_owned()).await {
+            Ok(Ok(slot)) => {
+                permit.backend = Some(slot);
+                Ok(permit)
+            }
+            _ => Err(ProxyError::OverCapacity),
+        }
+    }
+
+    fn shard(&self, backend: &str) -> &Mutex<HashMap<String, Arc<Semaphore>>> {
+        &self.shards[self.hasher.hash_one(backend) as usize % SHARDS]
+    }
+
+    fn semaphore(&self, backend: &str) -> Arc<Semaphore> {
+        let Ok(mut map) = self.shard(backend).lock() else {
+            // A poisoned shard still caps: this request gets its own full
+            // semaphore, so the cap is at worst per request, never absent.
+            return Arc::new(Semaphore::new(self.settings.max_per_backend));
+        };
+        if let Some(semaphore) = map.get(backend) {
+            return semaphore.clone();
+        }
+        let semaphore = Arc::new(Semaphore::new(self.settings.max_per_backend));
+        map.insert(backend.to_string(), semaphore.clone());
+        semaphore
+    }
+
+    /// Removes `backend`'s entry when nobody holds or waits for it. Clones
+    /// are only made under the shard lock, so the count read here is exact.
+    fn release(&self, backend: &str, semaphore: Arc<Semaphore>) {
+        let Ok(mut map) = self.shard(backend).lock() else { return };
+        let idle = map.get(backend).is_some_and(|s| Arc::ptr_eq(s, &semaphore))
+            && Arc::strong_count(&semaphore) == 2
+            && semaphore.available_permits() == self.settings.max_per_backend;
+        if idle {
+            map.remove(backend);
+        }
+    }
+}
+
+impl Drop for BackendPermit {
+    fn drop(&mut self) {
+        drop(self.backend.take());
+        if let Some((limits, backend, semaphore)) = self.entry.take() {
+            limits.release(&backend, semaphore);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max: usize) -> Arc<BackendLimits> {
+        BackendLimits::new(BackendLimitSettings { max_per_backend: max, queue_timeout: Duration::from_millis(50) })
+    }
+
+    #[tokio::test]
+    async fn caps_per_backend_and_forgets_idle_backends() {
+        let limits = limits(2);
+        let conn = Arc::new(Semaphore::new(100));
+        let a = limits.acquire(&conn, "a", 1).await.unwrap();
+        let b = limits.acquire(&conn, "a", 1).await.unwrap();
+        assert!(matches!(limits.acquire(&conn, "a", 1).await, Err(ProxyError::OverCapacity)));
+        let other = limits.acquire(&conn, "b", 1).await.unwrap();
+        assert_eq!(limits.tracked(), 2);
+        drop(a);
+        let c = limits.acquire(&conn, "a", 1).await.unwrap();
+        drop((b, c, other));
+        assert_eq!(limits.tracked(), 0);
+    }
+
+    #[tokio::test]
+    async fn cancelled_waiters_leave_no_entry() {
+        let limits = limits(1);
+        let conn = Arc::new(Semaphore::new(100));
+        let held = limits.acquire(&conn, "a", 1).await.unwrap();
+        let waiting = limits.acquire(&conn, "a", 1);
+        assert!(tokio::time::timeout(Duration::from_millis(5), waiting).await.is_err());
+        drop(held);
+        assert_eq!(limits.tracked(), 0);
+    }
+
+    #[tokio::test]
+    async fn connection_slots_queue_instead_of_failing() {
+        let limits = limits(0);
+        let conn = Arc::new(Semaphore::new(1));
+        let first = limits.acquire(&conn, "a", 1).await.unwrap();
+        let second = limits.acquire(&conn, "a", 1);
+        tokio::pin!(second);
+        assert!(tokio::time::timeout(Duration::from_millis(20), second.as_mut()).await.is_err());
+        drop(first);
+        second.await.unwrap();
+    }
+}
