@@ -80,7 +80,7 @@ impl Metrics {
         );
         // Exported at 0 from the start, so alerts on their rate see a series before the first refusal.
         for reason in ["max-connections", "per-client"] {
-            connections_refused.get_or_create(&ReasonLabel { reason });
+            let _ = connections_refused.get_or_create(&ReasonLabel { reason });
         }
         let connection_timeouts = Family::<PhaseLabel, Counter>::default();
         registry.register(
