@@ -22,7 +22,9 @@ if ! cargo deb --version >/dev/null 2>&1; then
 fi
 
 target="${CARGO_TARGET_DIR:-target}"
-cargo build --release --locked -p dynamicproxy
+# The package ships a stripped binary, so the release profile's debug info
+# (kept for local profiling) would only cost compile time here.
+CARGO_PROFILE_RELEASE_DEBUG=0 cargo build --release --locked -p dynamicproxy
 rm -rf "$target/release/generated"
 "$target/release/dynamicproxy" generate-docs "$target/release/generated"
 mkdir -p "$target/debian"

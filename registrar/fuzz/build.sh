@@ -8,14 +8,15 @@
 #   registrar/fuzz/build.sh run 300       # also fuzz each target for 300 s
 #
 # `cargo fuzz` needs a nightly toolchain (for the sanitizer); without one
-# the targets are still compiled, with stable and no instrumentation.
+# the targets are still compiled, with stable and no instrumentation (a debug
+# build: in CI they only have to keep compiling).
 set -euo pipefail
 cd "$(dirname "$0")"
 if cargo +nightly fuzz --version >/dev/null 2>&1; then
     cargo +nightly fuzz build
 else
     echo "no nightly cargo-fuzz: building the targets with stable, uninstrumented" >&2
-    cargo build --release --bins
+    cargo build --bins
 fi
 if [[ "${1:-}" == run ]]; then
     seconds="${2:-300}"
