@@ -14,7 +14,6 @@ use dynamicproxy_test_support::eventually;
 use futures::{SinkExt, StreamExt};
 use http_body_util::Full;
 use hyper::Response;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// A backend that holds every request until `release` is cancelled.
@@ -88,25 +87,6 @@ async fn a_flooded_tool_is_refused_at_once_and_others_keep_answering() {
     }
     let got = get(proxy.http, "slow.toolforge.org", "/", &[]).await;
     assert_eq!(got.status, 200);
-}
-
-/// A real WebSocket echo backend.
-async fn websocket_echo_backend() -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else { return };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
 }
 
 #[tokio::test]

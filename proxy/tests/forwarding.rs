@@ -242,25 +242,6 @@ async fn large_upload_streams_and_oversize_is_413() {
     assert_eq!(response.status(), 413);
 }
 
-/// A real WebSocket echo backend.
-async fn websocket_echo_backend() -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else { return };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 fn websocket_request(proxy: &Proxy) -> http::Request<()> {
     http::Request::builder()
         .uri(format!("ws://{}/socket", proxy.http))

@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::Response;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 
 const HEALTHZ: &[u8] = b"GET /.well-known/healthz HTTP/1.1\r\nHost: x\r\nUser-Agent: t\r\n\r\n";
 
@@ -295,24 +295,6 @@ async fn a_client_that_stops_reading_is_cut_off() {
 }
 
 // ---- Point 2: WebSocket tunnels keep the long idle ----
-
-async fn websocket_echo_backend() -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else { return };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
 
 #[tokio::test]
 async fn an_idle_websocket_outlives_the_keepalive_timeout() {

@@ -308,3 +308,22 @@ pub fn rss_bytes() -> u64 {
         .unwrap();
     kb * 1024
 }
+
+/// A real WebSocket echo backend on 127.0.0.1.
+pub async fn websocket_echo_backend() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else { return };
+                while let Some(Ok(msg)) = futures::StreamExt::next(&mut ws).await {
+                    if (msg.is_text() || msg.is_binary()) && futures::SinkExt::send(&mut ws, msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
