@@ -7,7 +7,10 @@ use serde::Serialize;
 
 /// `dynamicproxy`: the Toolforge dynamic edge proxy and its companions.
 #[derive(Debug, Parser)]
-#[command(name = "dynamicproxy", version, about, propagate_version = true)]
+// A flag given twice takes its last value (SPEC §1): wrapper scripts and
+// unit drop-ins append flags to a command line they do not own. clap
+// propagates the setting to every subcommand.
+#[command(name = "dynamicproxy", version, about, propagate_version = true, args_override_self = true)]
 pub struct Cli {
     /// Flags every subcommand accepts, before or after its own arguments.
     #[command(flatten)]

@@ -53,6 +53,11 @@ pub fn should_compress(status: http::StatusCode, response: &HeaderMap) -> bool {
     {
         return false;
     }
+    is_compressible_type(response)
+}
+
+/// True when the response's content type is one the proxy gzips.
+pub fn is_compressible_type(response: &HeaderMap) -> bool {
     let Some(content_type) = response.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return false;
     };
@@ -60,12 +65,32 @@ pub fn should_compress(status: http::StatusCode, response: &HeaderMap) -> bool {
     GZIP_TYPES.iter().any(|t| essence.eq_ignore_ascii_case(t))
 }
 
+/// Adds `Vary: Accept-Encoding` to a response of a compressible type,
+/// compressed or not (SPEC §3): the same URL is answered gzipped to one
+/// client and plain to another, so a shared cache that stored the plain copy
+/// without `Vary` would serve it to everyone (and REDbot flags it). A `Vary`
+/// the backend sent is kept; `Accept-Encoding` is not added twice, nor next
+/// to `*`.
+pub fn vary_on_encoding(response: &mut HeaderMap) {
+    if !is_compressible_type(response) {
+        return;
+    }
+    let covered =
+        response.get_all(header::VARY).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|item| {
+            let item = item.trim();
+            item == "*" || item.eq_ignore_ascii_case("accept-encoding")
+        });
+    if !covered {
+        response.append(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+    }
+}
+
 /// Adjusts response headers for a gzipped body.
 pub fn mark_compressed(response: &mut HeaderMap) {
+    vary_on_encoding(response);
     response.remove(header::CONTENT_LENGTH);
     response.remove(header::ACCEPT_RANGES);
     response.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-    response.append(header::VARY, HeaderValue::from_static("Accept-Encoding"));
     if let Some(etag) = response.get(header::ETAG).and_then(|v| v.to_str().ok())
         && !etag.starts_with("W/")
         && let Ok(weak) = HeaderValue::from_str(&format!("W/{etag}"))
@@ -160,5 +185,30 @@ mod tests {
         assert!(!should_compress(ok, &h(&[("content-type", "text/html"), ("content-encoding", "br")])));
         assert!(!should_compress(ok, &h(&[("content-type", "text/html"), ("content-length", "10")])));
         assert!(!should_compress(http::StatusCode::PARTIAL_CONTENT, &h(&[("content-type", "text/html")])));
+    }
+
+    #[test]
+    fn vary_is_added_once_to_compressible_types_only() {
+        let vary = |pairs: &[(&str, &str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            }
+            vary_on_encoding(&mut m);
+            m.get_all(header::VARY).iter().map(|v| v.to_str().unwrap().to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(vary(&[("content-type", "text/html")]), ["Accept-Encoding"]);
+        assert!(vary(&[("content-type", "image/png")]).is_empty());
+        assert_eq!(vary(&[("content-type", "text/css"), ("vary", "Cookie")]), ["Cookie", "Accept-Encoding"]);
+        assert_eq!(
+            vary(&[("content-type", "text/css"), ("vary", "Cookie, accept-encoding")]),
+            ["Cookie, accept-encoding"]
+        );
+        assert_eq!(vary(&[("content-type", "text/css"), ("vary", "*")]), ["*"]);
+        let mut m = HeaderMap::new();
+        m.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        vary_on_encoding(&mut m);
+        mark_compressed(&mut m);
+        assert_eq!(m.get_all(header::VARY).iter().count(), 1, "gzipped responses carry it once");
     }
 }

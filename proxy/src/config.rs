@@ -167,6 +167,12 @@ pub struct Config {
     /// backend refused a bodiless request, waits for the route to come
     /// (back) before its error page (see the `hold` module). 0 (default) = off.
     pub hold_secs: u64,
+
+    // https backends.
+    /// PEM file of CA certificates trusted for `https://` backends, in
+    /// addition to the system roots (a private CA that signs tools'
+    /// certificates). Unset (default): the system roots only.
+    pub backend_ca_file: Option<PathBuf>,
 }
 
 /// Longest hold accepted: a held request keeps its client waiting and its slot taken.
@@ -225,6 +231,7 @@ impl Default for Config {
             backend_down_max_secs: 30,
             access_log_format: crate::access_log::Format::Text,
             hold_secs: 0,
+            backend_ca_file: None,
         }
     }
 }
@@ -606,6 +613,12 @@ pub struct Flags {
     #[arg(long = "hold-secs", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hold_secs: Option<u64>,
+
+    // https backends.
+    /// PEM CA certificates trusted for https:// backends besides the system roots [default: none]
+    #[arg(long = "backend-ca-file", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_ca_file: Option<PathBuf>,
 }
 
 #[cfg(test)]

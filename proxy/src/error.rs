@@ -21,6 +21,14 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// The CA file trusted for https backends could not be used.
+    #[error("cannot load [proxy] backend_ca_file {}: {reason}", path.display())]
+    BackendCa {
+        /// The file that failed.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// An error page file could not be read.
     #[error("cannot read error page {path}")]
     ErrorPage {
@@ -75,6 +83,10 @@ pub enum ProxyError {
     /// The backend did not connect or answer in time.
     #[error("upstream timed out")]
     UpstreamTimeout(#[source] BoxError),
+    /// An `https://` backend's certificate does not verify against the system
+    /// roots and `[proxy] backend_ca_file`; nothing was sent.
+    #[error("backend certificate not trusted")]
+    UntrustedBackend(#[source] crate::backend_tls::UntrustedCertificate),
     /// Every address of the backend is in `[proxy] denied_backend_networks`; nothing was sent.
     #[error("backend refused by policy")]
     DeniedBackend(#[source] crate::egress::DeniedBackend),
@@ -110,6 +122,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoWebservice | ProxyError::OverCapacity => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable(_)
+            | ProxyError::UntrustedBackend(_)
             | ProxyError::DeniedBackend(_)
             | ProxyError::UnaskedUpgrade
             | ProxyError::BackendDown => StatusCode::BAD_GATEWAY,
@@ -128,7 +141,12 @@ impl ProxyError {
             ProxyError::NoWebservice => "no-route",
             ProxyError::OverCapacity => "over-capacity",
             ProxyError::BackendDown => "backend-down",
-            ProxyError::UpstreamUnreachable(_) | ProxyError::UnaskedUpgrade => "backend-unreachable",
+            // SPEC §3 has no code of its own for a certificate that does not
+            // verify: the backend could not be reached safely. The page's
+            // hint says what exactly ([`ProxyError::hint`]).
+            ProxyError::UpstreamUnreachable(_) | ProxyError::UntrustedBackend(_) | ProxyError::UnaskedUpgrade => {
+                "backend-unreachable"
+            }
             ProxyError::UpstreamTimeout(_) => "backend-timeout",
             ProxyError::DeniedBackend(_) => "denied-backend",
         }
@@ -156,10 +174,22 @@ impl ProxyError {
             ProxyError::NoWebservice => Some(Page::NoWebservice),
             ProxyError::OverCapacity => Some(Page::OverCapacity),
             ProxyError::BackendDown => Some(Page::BackendDown),
-            ProxyError::UpstreamUnreachable(_) | ProxyError::UnaskedUpgrade => Some(Page::Unreachable),
+            ProxyError::UpstreamUnreachable(_) | ProxyError::UntrustedBackend(_) | ProxyError::UnaskedUpgrade => {
+                Some(Page::Unreachable)
+            }
             ProxyError::UpstreamTimeout(_) => Some(Page::Timeout),
             ProxyError::DeniedBackend(_) => Some(Page::DeniedBackend),
             _ => None,
+        }
+    }
+
+    /// What the tool's maintainers can do, shown on the page: the hint of the
+    /// reason code, or a more precise one when the code is shared by causes
+    /// they fix differently.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            ProxyError::UntrustedBackend(_) => crate::reasons::UNTRUSTED_CERTIFICATE_HINT,
+            _ => crate::reasons::hint(self.reason()),
         }
     }
 
@@ -179,6 +209,7 @@ impl ProxyError {
             self,
             ProxyError::UpstreamUnreachable(_)
                 | ProxyError::UpstreamTimeout(_)
+                | ProxyError::UntrustedBackend(_)
                 | ProxyError::DeniedBackend(_)
                 | ProxyError::UnaskedUpgrade
         )
@@ -197,6 +228,10 @@ mod tests {
             addr: "127.0.0.1".parse().unwrap(),
             network: "127.0.0.0/8".parse().unwrap(),
         };
+        let untrusted = crate::backend_tls::UntrustedCertificate {
+            host: "h".into(),
+            cause: rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        };
         let cases = [
             (ProxyError::BadRequest("x"), 400, None, "bad-request"),
             (ProxyError::ClientBody(io()), 400, None, "bad-request"),
@@ -213,6 +248,7 @@ mod tests {
             (ProxyError::UnaskedUpgrade, 502, Some(Page::Unreachable), "backend-unreachable"),
             (ProxyError::UpstreamTimeout(io()), 504, Some(Page::Timeout), "backend-timeout"),
             (ProxyError::DeniedBackend(denied), 502, Some(Page::DeniedBackend), "denied-backend"),
+            (ProxyError::UntrustedBackend(untrusted), 502, Some(Page::Unreachable), "backend-unreachable"),
         ];
         for (error, status, page, reason) in cases {
             assert_eq!(error.status().as_u16(), status, "{error}");

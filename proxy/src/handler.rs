@@ -154,7 +154,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Reques
                 reason: error.reason(),
                 tool: tool.as_deref().unwrap_or("-"),
                 request_id: ctx.request_id.to_str().unwrap_or("-"),
-                hint: crate::reasons::hint(error.reason()),
+                hint: error.hint(),
             };
             error_response(&shared.pages, &error, &vars)
         }
@@ -424,6 +424,9 @@ async fn forward(
             *response.body_mut() = ProxyBody::Empty;
         }
         return Ok(response);
+    }
+    if shared.gzip {
+        compress::vary_on_encoding(&mut parts.headers);
     }
     if gzip_ok && !is_head && compress::should_compress(parts.status, &parts.headers) {
         compress::mark_compressed(&mut parts.headers);

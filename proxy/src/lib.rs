@@ -19,6 +19,7 @@
 //! - [`headers`]: request and response header rewriting.
 //! - [`upstream`]: pooled keep-alive client, timeouts, failure classification.
 //! - [`egress`]: where the proxy may connect: resolution, then `denied_backend_networks`.
+//! - [`backend_tls`]: TLS to `https://` backends: system roots plus `backend_ca_file`, SNI.
 //! - [`resolver`]: backend names through a TTL-respecting DNS cache with a stale window.
 //! - [`upgrade`]: which protocol upgrades are tunnelled (WebSocket only).
 //! - [`backend_limit`]: requests in flight per backend and per client connection.
@@ -54,6 +55,7 @@
 //!               ├─ the tool's share (fair_share: over tool_max_concurrent_requests → 503 over-capacity)
 //!               └─ forward (upstream client pool; headers rewritten; body streamed; WebSocket tunnelled)
 //!                   ├─ new connection: resolve (resolver cache) → drop denied addresses (egress) → connect
+//!                   │   └─ https:// backend: TLS handshake, SNI from the host, certificate verified (backend_tls)
 //!                   └─ response policy (hop-by-hop, Location, default files, gzip, extra headers, HSTS)
 //! ```
 
@@ -62,6 +64,7 @@
 pub mod access_log;
 pub mod activity;
 pub mod backend_limit;
+pub mod backend_tls;
 pub mod body;
 pub mod buffers;
 pub mod cert_expiry;
@@ -284,6 +287,7 @@ pub async fn run(
             config.denied_backend_networks()?,
             resolver::BackendResolver::new(&config.dns_servers()?),
         ),
+        tls: backend_tls::BackendTls::load(config.backend_ca_file.as_deref(), tls::provider())?,
     };
     // One core is left to the kernel's network processing, the accept loops
     // and the Redis sync: on 2 cores, one loop served 39k req/s with p99

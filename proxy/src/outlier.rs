@@ -181,7 +181,10 @@ pub fn outcome(result: &Result<Response<Incoming>, hyper_util::client::legacy::E
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<io::Error>() {
-            if denied_cause(io).is_some() {
+            // A policy refusal or a certificate that does not verify says
+            // nothing about the backend's health, and marking it down would
+            // replace the page that names the cause with `backend-down`.
+            if denied_cause(io).is_some() || crate::backend_tls::untrusted_cause(io).is_some() {
                 return Outcome::Neutral;
             }
             if io.kind() == io::ErrorKind::TimedOut {

@@ -1,6 +1,12 @@
 //! What each reason code (SPEC §3) means for a tool's maintainer: the hint
 //! shown on the error page, so that whoever reads it knows who can fix it.
 
+/// The hint on a `backend-unreachable` page when the tool's `https://`
+/// backend answered with a certificate the proxy cannot verify.
+pub const UNTRUSTED_CERTIFICATE_HINT: &str = "the tool's webservice is registered with an https:// address, but \
+     the certificate it presents could not be verified (unknown issuer, expired, or not issued for the \
+     registered name or address): its maintainers can fix the certificate, or register an http:// address.";
+
 /// The hint for the tool's maintainers on the page of `reason`.
 pub fn hint(reason: &str) -> &'static str {
     match reason {

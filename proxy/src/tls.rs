@@ -2,10 +2,15 @@
 //! several certificates chosen by SNI (the first is the default), and
 //! reloads that swap certificates for new handshakes only, so open
 //! connections are never dropped. A reload that fails keeps the old set.
+//!
+//! OCSP stapling: a DER OCSP response in `<certificate file>.ocsp` (e.g.
+//! `tools.pem.ocsp`, as fetched by `openssl ocsp -respout` or certbot hooks)
+//! is stapled to that certificate for clients that ask for status, and
+//! re-read with it: a changed `.ocsp` file triggers a reload too.
 
 use std::fmt;
 use std::io::BufReader;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
@@ -91,7 +96,39 @@ impl CertStore {
 }
 
 fn stamps(pairs: &[(PathBuf, PathBuf)]) -> Vec<Option<SystemTime>> {
-    pairs.iter().flat_map(|(c, k)| [c, k]).map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok()).collect()
+    pairs
+        .iter()
+        .flat_map(|(c, k)| [c.clone(), k.clone(), ocsp_path(c)])
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+/// Where the stapled OCSP response of certificate file `cert` is looked for.
+pub fn ocsp_path(cert: &Path) -> PathBuf {
+    let mut name = cert.as_os_str().to_owned();
+    name.push(".ocsp");
+    PathBuf::from(name)
+}
+
+/// The OCSP response next to certificate `cert`, if there is one. Only its
+/// outer shape is checked (a DER SEQUENCE): clients verify its content, and
+/// the responder is the authority on it. An empty file means none, so a
+/// fetch script can truncate it to stop stapling a response gone stale.
+fn load_ocsp(cert: &Path) -> Result<Option<Vec<u8>>, Error> {
+    let path = ocsp_path(cert);
+    let der = match std::fs::read(&path) {
+        Ok(der) => der,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::Tls { path: path.display().to_string(), reason: e.to_string() }),
+    };
+    if der.is_empty() {
+        return Ok(None);
+    }
+    if der[0] != 0x30 {
+        let reason = "not a DER OCSP response (openssl ocsp -respout writes one)".to_string();
+        return Err(Error::Tls { path: path.display().to_string(), reason });
+    }
+    Ok(Some(der))
 }
 
 fn load_set(pairs: &[(PathBuf, PathBuf)], provider: &CryptoProvider) -> Result<CertSet, Error> {
@@ -112,7 +149,8 @@ fn load_set(pairs: &[(PathBuf, PathBuf)], provider: &CryptoProvider) -> Result<C
             .ok_or_else(|| tls_err(key_path, "no PEM private key in file".into()))?;
         let signing_key =
             provider.key_provider.load_private_key(key).map_err(|e| tls_err(key_path, format!("bad key: {e}")))?;
-        let certified = CertifiedKey::new(chain, signing_key);
+        let mut certified = CertifiedKey::new(chain, signing_key);
+        certified.ocsp = load_ocsp(cert_path)?;
         certified.keys_match().map_err(|e| tls_err(key_path, format!("key does not match certificate: {e}")))?;
         let expiry = (cert_path.clone(), crate::cert_expiry::not_after(&leaf));
         entries.push(Loaded { key: Arc::new(certified), leaf, expiry });

@@ -1,6 +1,7 @@
 //! The client side: keep-alive connection pools per backend (hyper-util's
-//! pooled client, keyed by scheme and authority), connect and idle timeouts,
-//! and the classification of upstream failures into 502 and 504.
+//! pooled client, keyed by scheme and authority, so `http://` and `https://`
+//! backends are pooled alike), connect and idle timeouts, TLS to `https://`
+//! backends, and the classification of upstream failures into 502 and 504.
 
 use std::future::Future;
 use std::io;
@@ -14,6 +15,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use crate::backend_tls::{BackendTls, untrusted_cause};
 use crate::body::{LimitedBody, TooLarge};
 use crate::egress::{Egress, denied_cause};
 use crate::error::{BoxError, ProxyError};
@@ -25,7 +27,8 @@ pub type UpstreamClient = Client<Connector, LimitedBody>;
 /// Settings of the upstream client.
 #[derive(Debug, Clone)]
 pub struct UpstreamSettings {
-    /// TCP connect timeout.
+    /// TCP connect timeout; for `https://` backends the TLS handshake has
+    /// as long again.
     pub connect_timeout: Duration,
     /// Idle read/write timeout of a backend connection.
     pub read_timeout: Duration,
@@ -35,6 +38,8 @@ pub struct UpstreamSettings {
     pub idle_timeout: Duration,
     /// Name resolution and denied networks, checked on every new connection.
     pub egress: Egress,
+    /// Certificate verification and SNI for `https://` backends.
+    pub tls: BackendTls,
 }
 
 /// Builds the pooled client.
@@ -51,19 +56,43 @@ pub fn client(settings: UpstreamSettings) -> UpstreamClient {
             connect_timeout: settings.connect_timeout,
             read_timeout: settings.read_timeout,
             egress: settings.egress,
+            tls: settings.tls,
         })
 }
 
-/// Opens TCP connections to backends, with timeouts.
+/// Opens TCP (and for `https://`, TLS) connections to backends, with timeouts.
 #[derive(Debug, Clone)]
 pub struct Connector {
     connect_timeout: Duration,
     read_timeout: Duration,
     egress: Egress,
+    tls: BackendTls,
 }
 
-/// A backend connection.
-pub struct UpstreamIo(TokioIo<IdleIo<TcpStream>>);
+/// A backend connection. The idle timer sits under TLS, on the socket, so
+/// it sees the same traffic for both schemes.
+pub struct UpstreamIo(Inner);
+
+/// The two kinds of backend connection.
+enum Inner {
+    /// `http://`.
+    Plain(TokioIo<IdleIo<TcpStream>>),
+    /// `https://` (boxed: the TLS state is large and the plain case is the common one).
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<IdleIo<TcpStream>>>>),
+}
+
+/// Forwards a hyper I/O call to whichever connection `$io` (`&mut Inner`) holds.
+macro_rules! each {
+    ($io:expr, $inner:ident => $call:expr) => {
+        match $io {
+            Inner::Plain($inner) => $call,
+            Inner::Tls(boxed) => {
+                let $inner = boxed.as_mut();
+                $call
+            }
+        }
+    };
+}
 
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
@@ -77,25 +106,28 @@ impl hyper::rt::Read for UpstreamIo {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+        each!(&mut self.get_mut().0, io => Pin::new(io).poll_read(cx, buf))
     }
 }
 
 impl hyper::rt::Write for UpstreamIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        each!(&mut self.get_mut().0, io => Pin::new(io).poll_write(cx, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        each!(&mut self.get_mut().0, io => Pin::new(io).poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        each!(&mut self.get_mut().0, io => Pin::new(io).poll_shutdown(cx))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        match &self.0 {
+            Inner::Plain(io) => io.is_write_vectored(),
+            Inner::Tls(io) => io.is_write_vectored(),
+        }
     }
 
     fn poll_write_vectored(
@@ -103,7 +135,7 @@ impl hyper::rt::Write for UpstreamIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+        each!(&mut self.get_mut().0, io => Pin::new(io).poll_write_vectored(cx, bufs))
     }
 }
 
@@ -119,18 +151,27 @@ impl tower_service::Service<Uri> for Connector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            if uri.scheme() != Some(&http::uri::Scheme::HTTP) {
-                return Err(io::Error::new(io::ErrorKind::Unsupported, "only http:// backends are supported"));
-            }
+            let https = match uri.scheme_str() {
+                Some("http") => false,
+                Some("https") => true,
+                _ => return Err(io::Error::new(io::ErrorKind::Unsupported, "only http:// and https:// backends")),
+            };
             let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
-            let port = uri.port_u16().unwrap_or(80);
+            let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
             // Resolution and the denied-network check happen here, on every
             // new connection: a cached or pooled answer is never trusted past it.
             let stream = tokio::time::timeout(this.connect_timeout, this.egress.connect(host, port))
                 .await
                 .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
             let _ = stream.set_nodelay(true);
-            Ok(UpstreamIo(TokioIo::new(IdleIo::new(stream, this.read_timeout))))
+            let stream = IdleIo::new(stream, this.read_timeout);
+            if !https {
+                return Ok(UpstreamIo(Inner::Plain(TokioIo::new(stream))));
+            }
+            let tls = tokio::time::timeout(this.connect_timeout, this.tls.handshake(host, stream))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+            Ok(UpstreamIo(Inner::Tls(Box::new(TokioIo::new(tls)))))
         })
     }
 }
@@ -148,6 +189,9 @@ pub fn classify(error: hyper_util::client::legacy::Error) -> ProxyError {
         }
         if let Some(denied) = e.downcast_ref::<io::Error>().and_then(denied_cause) {
             return ProxyError::DeniedBackend(denied.clone());
+        }
+        if let Some(untrusted) = e.downcast_ref::<io::Error>().and_then(untrusted_cause) {
+            return ProxyError::UntrustedBackend(untrusted.clone());
         }
         if let Some(io) = e.downcast_ref::<io::Error>()
             && io.kind() == io::ErrorKind::TimedOut
