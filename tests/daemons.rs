@@ -235,6 +235,34 @@ fn check_flag_validates_without_serving() {
 }
 
 #[test]
+fn a_flag_given_twice_takes_the_last_value() {
+    let (a, b) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let (code, err) = run_to_exit(&["proxy", "--check", "--http-listen", &a, "--http-listen", &b]);
+    assert_eq!(code, Some(0), "{err}");
+    // Which one counts shows where validation depends on it: the last one.
+    let (code, err) =
+        run_to_exit(&["proxy", "--check", "--canonical-domain", "not a domain", "--canonical-domain", "toolforge.org"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) =
+        run_to_exit(&["proxy", "--check", "--canonical-domain", "toolforge.org", "--canonical-domain", "not a domain"]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("canonical_domain") && err.contains("not a domain"), "{err}");
+    // Every subcommand, global flags included, before and after the subcommand.
+    let redis = format!("redis://127.0.0.1:{}/0", free_port());
+    let (c, d) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    for args in [
+        vec!["registrar", "--check", "--listen", &a, "--listen", &b],
+        vec!["kube-sync", "--check", "--namespace", "a", "--namespace", "b"],
+        vec!["all", "--check", "--listen", &a, "--listen", &b, "--http-listen", &c, "--http-listen", &d],
+        vec!["--log-format", "text", "proxy", "--check", "--log-format", "json", "--log-format", "text"],
+        vec!["--redis-url", &redis, "routes", "--check", "--redis-url", &redis, "list"],
+    ] {
+        let (code, err) = run_to_exit(&args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+    }
+}
+
+#[test]
 fn example_configuration_is_valid_for_every_daemon() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/dynamicproxy.example.toml");
     for sub in ["proxy", "registrar", "kube-sync", "all"] {

@@ -202,6 +202,49 @@ async fn gzip_only_for_text_when_accepted_and_not_already_encoded() {
     assert_eq!(got.body.len(), page.len());
 }
 
+#[tokio::test]
+async fn vary_accept_encoding_on_every_compressible_response_compressed_or_not() {
+    let page = Bytes::from("<p>".to_string() + &"hello world ".repeat(100));
+    let backend = Backend::start(Arc::new(move |req| {
+        let body = page.clone();
+        Box::pin(async move {
+            let mut r = Response::builder();
+            r = match req.uri().path() {
+                "/png" => r.header("content-type", "image/png"),
+                "/small" => r.header("content-type", "text/css"),
+                "/cookie" => r.header("content-type", "text/html").header("vary", "Cookie"),
+                "/already" => r.header("content-type", "text/html").header("vary", "accept-encoding"),
+                _ => r.header("content-type", "text/html; charset=utf-8"),
+            };
+            let body = if req.uri().path() == "/small" { Bytes::from_static(b"a{}") } else { body };
+            r.body(Full::new(body)).unwrap()
+        })
+    }))
+    .await;
+    let proxy = Proxy::start(Config::default()).await;
+    proxy.set_route("foo", ".*", &backend.url()).await;
+    let vary =
+        |got: &Got| got.headers.get_all("vary").iter().map(|v| v.to_str().unwrap().to_string()).collect::<Vec<_>>();
+    let gz = [("accept-encoding", "gzip")];
+
+    // Gzipped for a client that accepts it, plain for one that does not: both say so.
+    let got = get(proxy.http, "foo.toolforge.org", "/html", &gz).await;
+    assert_eq!((got.header("content-encoding"), vary(&got)), (Some("gzip"), vec!["Accept-Encoding".to_string()]));
+    let got = get(proxy.http, "foo.toolforge.org", "/html", &[]).await;
+    assert_eq!((got.header("content-encoding"), vary(&got)), (None, vec!["Accept-Encoding".to_string()]));
+    // A compressible type left plain because it is small still varies.
+    let got = get(proxy.http, "foo.toolforge.org", "/small", &gz).await;
+    assert_eq!((got.header("content-encoding"), vary(&got)), (None, vec!["Accept-Encoding".to_string()]));
+    // The backend's own Vary is kept, and Accept-Encoding is not repeated.
+    let got = get(proxy.http, "foo.toolforge.org", "/cookie", &[]).await;
+    assert_eq!(vary(&got), ["Cookie", "Accept-Encoding"]);
+    let got = get(proxy.http, "foo.toolforge.org", "/already", &gz).await;
+    assert_eq!((got.header("content-encoding"), vary(&got)), (Some("gzip"), vec!["accept-encoding".to_string()]));
+    // Types the proxy never compresses do not vary on it.
+    let got = get(proxy.http, "foo.toolforge.org", "/png", &gz).await;
+    assert!(vary(&got).is_empty(), "{:?}", vary(&got));
+}
+
 /// GET through the proxy, returning lower-cased headers and the raw body bytes.
 async fn raw_bytes(
     addr: std::net::SocketAddr,

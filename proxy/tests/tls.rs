@@ -9,61 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::pki::Pki;
 use common::*;
 use dynamicproxy_proxy::Config;
 use dynamicproxy_test_support::eventually;
 use http_body_util::{BodyExt, Full};
 use hyper::Response;
-
-/// A scratch directory with a CA and leaf certificates made by openssl.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let dir = std::env::temp_dir().join(format!("proxy-tls-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        run_in(
-            &dir,
-            "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=TestCA",
-        );
-        Pki { dir }
-    }
-
-    /// Issues `<file>.pem`/`<file>.key` for `names`, with organisation `org` to tell certificates apart.
-    fn leaf(&self, file: &str, org: &str, names: &[&str]) -> (PathBuf, PathBuf) {
-        let san: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
-        std::fs::write(self.dir.join(format!("{file}.ext")), format!("subjectAltName={}\n", san.join(","))).unwrap();
-        run_in(
-            &self.dir,
-            &format!(
-                "openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout {file}.new.key -out {file}.csr -subj /CN={}/O={org} && \
-                 openssl x509 -req -in {file}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out {file}.new.pem -days 2 -extfile {file}.ext && \
-                 mv {file}.new.key {file}.key && mv {file}.new.pem {file}.pem",
-                names[0]
-            ),
-        );
-        (self.dir.join(format!("{file}.pem")), self.dir.join(format!("{file}.key")))
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.dir.join("ca.pem")
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn run_in(dir: &Path, script: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(script).current_dir(dir).output().unwrap();
-    assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The organisation of the certificate served for `sni` (None: no SNI).
 async fn served_org(port: u16, sni: Option<&str>) -> String {
@@ -328,4 +279,114 @@ async fn http2_host_comes_from_authority_and_must_agree_with_it() {
     let (status, reason, _) = h2_get(&pki.ca(), port, "foo.toolforge.org", Some("other.toolforge.org")).await;
     assert_eq!((status, reason.as_str()), (400, "bad-request"));
     assert_eq!(backend.hits(), hits, "the backend saw the request");
+}
+
+/// Records the OCSP response the server staples, then verifies as usual.
+#[derive(Debug)]
+struct StapleCatcher {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    staple: std::sync::Mutex<Option<Vec<u8>>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for StapleCatcher {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        *self.staple.lock().unwrap() = Some(ocsp_response.to_vec());
+        self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The OCSP response stapled in a handshake with `version` (rustls clients
+/// always ask for status); empty when none was stapled.
+async fn stapled(ca: &Path, port: u16, version: &'static rustls::SupportedProtocolVersion) -> Vec<u8> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(ca).unwrap();
+    for cert in rustls_pemfile::certs(&mut &ca[..]) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let inner =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build().unwrap();
+    let catcher = Arc::new(StapleCatcher { inner, staple: std::sync::Mutex::new(None) });
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(catcher.clone())
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    connector.connect("foo.toolforge.org".try_into().unwrap(), tcp).await.expect("handshake");
+    catcher.staple.lock().unwrap().take().expect("certificate verified")
+}
+
+#[tokio::test]
+async fn ocsp_response_next_to_the_certificate_is_stapled_and_reread_with_it() {
+    let pki = Pki::new("ocsp");
+    let (cert, key) = pki.leaf("a", "first", &["*.toolforge.org"]);
+    let ocsp = pki.dir.join("a.pem.ocsp");
+    let first = pki.ocsp_response(&cert, &ocsp);
+    let (_backend, proxy) = tls_proxy(&pki, vec![(cert.clone(), key)]).await;
+    let port = proxy.https.unwrap().port();
+
+    // Served byte for byte, in TLS 1.3 (certificate entry) and 1.2 (CertificateStatus).
+    assert_eq!(stapled(&pki.ca(), port, &rustls::version::TLS13).await, first);
+    assert_eq!(stapled(&pki.ca(), port, &rustls::version::TLS12).await, first);
+
+    // A fresh response is re-read on reload (the SIGHUP / ExecReload path).
+    let second = pki.ocsp_response(&cert, &ocsp);
+    assert_ne!(first, second);
+    proxy.handle.reload_certificates();
+    eventually(Duration::from_secs(5), "new OCSP response stapled", || async {
+        (stapled(&pki.ca(), port, &rustls::version::TLS13).await == second).then_some(())
+    })
+    .await;
+
+    // Without the file, nothing is stapled.
+    std::fs::remove_file(&ocsp).unwrap();
+    proxy.handle.reload_certificates();
+    eventually(Duration::from_secs(5), "staple gone", || async {
+        stapled(&pki.ca(), port, &rustls::version::TLS13).await.is_empty().then_some(())
+    })
+    .await;
+
+    // A file that is not an OCSP response fails the reload; the old set keeps serving.
+    let (_, failed_before) = proxy.handle.certificate_reloads();
+    std::fs::write(&ocsp, b"garbage").unwrap();
+    proxy.handle.reload_certificates();
+    let handle = proxy.handle.clone();
+    eventually(Duration::from_secs(5), "failed reload noticed", || {
+        let failed = handle.certificate_reloads().1;
+        async move { (failed > failed_before).then_some(()) }
+    })
+    .await;
+    assert!(stapled(&pki.ca(), port, &rustls::version::TLS13).await.is_empty());
 }
