@@ -22,8 +22,8 @@ use crate::error::Error;
 /// connector's `io::Error` up to the error page and the log.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error(
-    "backend {host} presented a certificate that does not verify ({cause}); the proxy trusts the \
-     system roots and [proxy] backend_ca_file"
+    "backend {host} presented a certificate that does not verify against the system roots and \
+     [proxy] backend_ca_file"
 )]
 pub struct UntrustedCertificate {
     /// The backend host as the route names it.
