@@ -425,6 +425,7 @@ async fn forward(
         }
         return Ok(response);
     }
+    // With gzip off the proxy never makes the body depend on Accept-Encoding.
     if shared.gzip {
         compress::vary_on_encoding(&mut parts.headers);
     }
