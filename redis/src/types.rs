@@ -6,7 +6,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use memchr::memmem;
-use regex::{Regex, RegexBuilder};
+use regex::RegexBuilder;
+
+use crate::regex_dfa::{DfaRefusal, RegexDfa};
 
 /// Longest tool name accepted; far above any real tool, it bounds keys and log lines.
 pub const MAX_TOOL_NAME_LEN: usize = 255;
@@ -23,11 +25,12 @@ pub const MAX_PATTERN_LEN: usize = 256;
 /// (`[a-z0-9_]`), while a hostile pattern (`\w{20}`, `[^x]{200}`) is refused at
 /// load instead of costing every proxy its automaton.
 pub const PATTERN_SIZE_LIMIT: usize = 16 << 10;
-/// Lazy-DFA cache limit per pattern and thread (the regex crate's
-/// `dfa_size_limit`; its default is 2 MiB). Real patterns need a few dozen
-/// states; beyond this the engine falls back to a slower search that uses no
-/// more memory, so a pattern built to blow up the DFA costs CPU, not RAM.
-pub const PATTERN_DFA_SIZE_LIMIT: usize = 64 << 10;
+/// Most bytes the DFA of a tool's regex routes may take, all of them
+/// together (and so of any one regex route). Every regex route is searched
+/// through a fully built DFA, one table step per path byte, so a lookup costs
+/// the same whatever the patterns; what a hostile pattern can still inflate
+/// is the table. TODO justify.
+pub const TOOL_REGEX_DFA_LIMIT: usize = 256 << 10;
 
 /// Why a tool name, pattern or backend URL was refused. The message is fit
 /// for an operator or a registrar client.
@@ -100,8 +103,8 @@ enum Matcher {
     /// a substring search (SIMD, with a worst case linear in the path),
     /// without the memory of a compiled regex.
     Contains(Box<memmem::Finder<'static>>),
-    /// An unanchored regex search.
-    Regex(Regex),
+    /// An unanchored regex search, as a DFA built once at parse.
+    Regex(Arc<RegexDfa>),
 }
 
 /// A route pattern: a regex searched (unanchored) in the request path.
@@ -128,12 +131,18 @@ impl RoutePattern {
         } else if literal.bytes().all(is_plain_literal_byte) {
             Matcher::Contains(Box::new(memmem::Finder::new(literal.as_bytes()).into_owned()))
         } else {
-            let regex = RegexBuilder::new(pattern)
+            let refuse = |reason: String| InvalidInput::Pattern { pattern: pattern.into(), reason };
+            // The regex crate's compiler gives the clearest syntax errors and
+            // applies the compiled-size limit; the DFA is what is kept.
+            RegexBuilder::new(pattern)
                 .size_limit(PATTERN_SIZE_LIMIT)
-                .dfa_size_limit(PATTERN_DFA_SIZE_LIMIT)
                 .build()
-                .map_err(|e| InvalidInput::Pattern { pattern: pattern.into(), reason: first_line(&e.to_string()) })?;
-            Matcher::Regex(regex)
+                .map_err(|e| refuse(first_line(&e.to_string())))?;
+            let dfa = RegexDfa::build(&[(pattern, 0)], TOOL_REGEX_DFA_LIMIT).map_err(|e| match e {
+                DfaRefusal::TooBig => refuse(format!("its DFA would exceed {} KiB", TOOL_REGEX_DFA_LIMIT >> 10)),
+                DfaRefusal::Unsupported(why) => refuse(first_line(&why)),
+            })?;
+            Matcher::Regex(Arc::new(dfa))
         };
         Ok(RoutePattern { source: pattern.into(), matcher })
     }
@@ -143,15 +152,31 @@ impl RoutePattern {
         matches!(self.matcher, Matcher::Regex(_))
     }
 
-    /// Heap bytes this compiled pattern may hold, for memory budgets. A
-    /// regex is counted at its upper bound, as the regex crate does not report
-    /// its size: fixed engine structures plus forward and reverse automata at
-    /// the compiled-size limit. Literals cost about their text.
+    /// Heap bytes this compiled pattern holds, for memory budgets: a
+    /// regex's DFA as built, a literal about its text.
     pub fn estimated_size(&self) -> usize {
         match &self.matcher {
             Matcher::Everything => self.source.len(),
             Matcher::Contains(_) => 2 * self.source.len() + 64,
-            Matcher::Regex(_) => REGEX_BASE_COST + 2 * PATTERN_SIZE_LIMIT + self.source.len(),
+            Matcher::Regex(dfa) => dfa.memory_usage() + self.source.len(),
+        }
+    }
+
+    /// Heap bytes of this pattern's own DFA (zero unless it is a regex).
+    pub(crate) fn dfa_memory(&self) -> usize {
+        match &self.matcher {
+            Matcher::Regex(dfa) => dfa.memory_usage(),
+            _ => 0,
+        }
+    }
+
+    /// The literal a match needs, when the pattern is a plain literal
+    /// (optionally followed by `.*`); empty for `.*`; `None` for a regex.
+    pub(crate) fn literal(&self) -> Option<&str> {
+        match &self.matcher {
+            Matcher::Everything => Some(""),
+            Matcher::Contains(_) => Some(self.source.strip_suffix(".*").unwrap_or(&self.source)),
+            Matcher::Regex(_) => None,
         }
     }
 
@@ -166,7 +191,7 @@ impl RoutePattern {
         match &self.matcher {
             Matcher::Everything => true,
             Matcher::Contains(literal) => literal.find(path.as_bytes()).is_some(),
-            Matcher::Regex(regex) => regex.is_match(path),
+            Matcher::Regex(dfa) => dfa.search(path.as_bytes(), 1) != 0,
         }
     }
 }
@@ -184,10 +209,6 @@ impl fmt::Display for RoutePattern {
         f.write_str(&self.source)
     }
 }
-
-/// Fixed heap cost of one compiled regex besides its automata (engine
-/// structures, cache pools), measured with regex 1.13.
-const REGEX_BASE_COST: usize = 16 << 10;
 
 /// Bytes that stand for themselves in a regex; anything else goes to the regex engine.
 fn is_plain_literal_byte(b: u8) -> bool {

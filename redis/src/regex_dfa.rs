@@ -1,0 +1,180 @@
+//! Regex route patterns searched in one pass: one fully built DFA for all of
+//! a tool's regex routes, whose match states know, as a bit set, every route
+//! they report.
+//!
+//! The DFA is built when a tool is loaded, within a byte budget, so a lookup
+//! is one table step per path byte whatever the patterns are: there is no
+//! lazy DFA cache to thrash and no slower engine to fall back to. Patterns a
+//! DFA cannot run (a Unicode word boundary `\b`) are refused when parsed.
+
+use regex_automata::dfa::{Automaton, StartKind, dense};
+use regex_automata::nfa::thompson;
+use regex_automata::util::primitives::StateID;
+use regex_automata::util::start;
+use regex_automata::util::syntax;
+use regex_automata::{Anchored, MatchKind};
+
+/// Why a set of patterns got no DFA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum DfaRefusal {
+    /// The DFA would exceed the byte budget it was given.
+    TooBig,
+    /// The patterns cannot become a DFA (syntax, `\b`, ...); the message says why.
+    Unsupported(String),
+}
+
+/// Regex patterns (each one route, by its bit) found in one pass.
+#[derive(Debug)]
+pub(crate) struct RegexDfa {
+    dfa: dense::DFA<Vec<u32>>,
+    /// Where an unanchored search from the start of the path begins.
+    start: StateID,
+    /// Routes reported by each match state, indexed by state number.
+    found: Box<[u64]>,
+}
+
+impl RegexDfa {
+    /// Builds the DFA of `patterns`, each with its route's bit (0..64),
+    /// refusing it when its transition table would exceed `limit` bytes.
+    /// The syntax is the `regex` crate's defaults (Unicode, UTF-8), so a
+    /// pattern matches here exactly where `regex::Regex::is_match` says.
+    pub(crate) fn build(patterns: &[(&str, u32)], limit: usize) -> Result<RegexDfa, DfaRefusal> {
+        let sources: Vec<&str> = patterns.iter().map(|(p, _)| *p).collect();
+        let dfa = dense::Builder::new()
+            .configure(
+                dense::Config::new()
+                    .match_kind(MatchKind::All)
+                    .start_kind(StartKind::Unanchored)
+                    .accelerate(false)
+                    .minimize(false)
+                    .dfa_size_limit(Some(limit))
+                    // Determinizing keeps each state's NFA set besides the
+                    // table: bound that working memory (and so the build time) too.
+                    .determinize_size_limit(Some(4 * limit)),
+            )
+            .syntax(syntax::Config::new().utf8(true))
+            .thompson(thompson::Config::new().utf8(true).which_captures(thompson::WhichCaptures::None))
+            .build_many(&sources)
+            .map_err(|e| {
+                if e.is_size_limit_exceeded() { DfaRefusal::TooBig } else { DfaRefusal::Unsupported(e.to_string()) }
+            })?;
+        let start = dfa
+            .start_state(&start::Config::new().anchored(Anchored::No))
+            .map_err(|e| DfaRefusal::Unsupported(e.to_string()))?;
+        let bits: Vec<u32> = patterns.iter().map(|(_, bit)| *bit).collect();
+        let found = match_bits(&dfa, start, &bits);
+        Ok(RegexDfa { dfa, start, found })
+    }
+
+    /// The bits of the patterns found in `haystack`. Stops early once a bit
+    /// of `enough` is found, or when no further match is possible.
+    #[inline]
+    pub(crate) fn search(&self, haystack: &[u8], enough: u64) -> u64 {
+        let stride2 = self.dfa.stride2();
+        let mut state = self.start;
+        let mut seen = 0u64;
+        for &b in haystack {
+            state = self.dfa.next_state(state, b);
+            if self.dfa.is_special_state(state) {
+                if self.dfa.is_match_state(state) {
+                    seen |= self.found[state.as_usize() >> stride2];
+                    if seen & enough != 0 {
+                        return seen;
+                    }
+                } else if self.dfa.is_dead_state(state) {
+                    return seen;
+                }
+            }
+        }
+        // Matches are reported one byte late: the end of the path may complete one.
+        state = self.dfa.next_eoi_state(state);
+        if self.dfa.is_match_state(state) {
+            seen |= self.found[state.as_usize() >> stride2];
+        }
+        seen
+    }
+
+    /// Heap bytes held, for memory budgets.
+    pub(crate) fn memory_usage(&self) -> usize {
+        self.dfa.memory_usage() + self.found.len() * size_of::<u64>()
+    }
+}
+
+/// Walks every state reachable from `start` and records, for each match
+/// state, the bits of the patterns it reports.
+fn match_bits(dfa: &dense::DFA<Vec<u32>>, start: StateID, bits: &[u32]) -> Box<[u64]> {
+    let stride2 = dfa.stride2();
+    let index = |id: StateID| id.as_usize() >> stride2;
+    let mut found: Vec<u64> = Vec::new();
+    let mut visited: Vec<bool> = Vec::new();
+    let mut stack = vec![start];
+    let representatives: Vec<Option<u8>> = dfa.byte_classes().representatives(..).map(|u| u.as_u8()).collect();
+    while let Some(id) = stack.pop() {
+        let i = index(id);
+        if i >= visited.len() {
+            visited.resize(i + 1, false);
+            found.resize(i + 1, 0);
+        }
+        if visited[i] {
+            continue;
+        }
+        visited[i] = true;
+        if dfa.is_match_state(id) {
+            for m in 0..dfa.match_len(id) {
+                let pattern = dfa.match_pattern(id, m).as_usize();
+                found[i] |= bits.get(pattern).map_or(0, |bit| 1u64 << bit);
+            }
+        }
+        for unit in &representatives {
+            let next = match unit {
+                Some(b) => dfa.next_state(id, *b),
+                None => dfa.next_eoi_state(id),
+            };
+            if index(next) >= visited.len() || !visited[index(next)] {
+                stack.push(next);
+            }
+        }
+    }
+    found.into_boxed_slice()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dfa(patterns: &[&str]) -> RegexDfa {
+        let with_bits: Vec<(&str, u32)> = patterns.iter().enumerate().map(|(i, p)| (*p, i as u32)).collect();
+        RegexDfa::build(&with_bits, 1 << 20).unwrap()
+    }
+
+    #[test]
+    fn reports_every_pattern_found() {
+        let d = dfa(&["^/api", "v[0-9]+$", "x.y", "é+"]);
+        assert_eq!(d.search(b"/api/v2", 0), 0b0011);
+        assert_eq!(d.search(b"/x/api/v2/", 0), 0);
+        assert_eq!(d.search("/xéy/éé".as_bytes(), 0), 0b1100);
+        assert_eq!(d.search(b"", 0), 0);
+        assert_eq!(dfa(&["", "a?"]).search(b"", 0), 0b11);
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_run_or_afford() {
+        assert!(matches!(RegexDfa::build(&[(r"\bx", 0)], 1 << 20), Err(DfaRefusal::Unsupported(_))));
+        assert!(RegexDfa::build(&[(r"(?-u:\b)x", 0)], 1 << 20).is_ok());
+        assert_eq!(RegexDfa::build(&[("a[ab]{20}", 0)], 1 << 16).unwrap_err(), DfaRefusal::TooBig);
+    }
+}
+
+#[cfg(test)]
+mod sizes {
+    use super::*;
+    #[test]
+    fn print_sizes() {
+        for p in [".*x", "/index.php.*", "^/[a-z]+/v[0-9]+/", "/a.b.c.d.e.f.*", "(?i)/API/.*", "/[^/]+/edit", r"\w", r"\d+", "[^/]", ".", "é", r"/api/v[0-9]+/.*", "^/$", "(?-u:.)", &format!("[ab/]{{190}}c1_1"), &format!("/ab01[ab/]{{240}}c"), &format!("[ab/]{{240}}c01"), "a[ab]{12}"] {
+            match RegexDfa::build(&[(p, 0)], 1 << 30) {
+                Ok(d) => eprintln!("{p:30} {:8} bytes stride {} classes {}", d.memory_usage(), d.dfa.stride(), d.dfa.alphabet_len()),
+                Err(e) => eprintln!("{p:30} {e:?}"),
+            }
+        }
+    }
+}
