@@ -17,7 +17,7 @@ const PATH_PIECES: &[&str] = &["/", "a", "b", "ab", "é", "日本", "x", ".", "1
 const LITERAL_PIECES: &[&str] = &["/", "a", "b", "ab", "x", "1", "-", "/a", "A"];
 const REGEX_PIECES: &[&str] = &[
     ".", "^", "$", "[ab]", "[^/]", "é", "日", "\\d", "a+", "b?", "(a|/b)", "x*", "(?i)a", "[é-ü]", "(?-u:\\b)",
-    "\\.", "{2}", "\\w", ".*", "/",
+    "\\.", "{2}", ".*", "/",
 ];
 
 fn pattern(rng: &mut StdRng) -> String {
@@ -52,8 +52,8 @@ fn reference<'a>(patterns: &'a [(String, Regex)], path: &str) -> Option<&'a str>
 fn one_pass_lookup_picks_what_trying_each_pattern_in_order_picks() {
     let mut rng = StdRng::seed_from_u64(10);
     let backend = |i: usize| BackendUrl::parse(&format!("http://10.0.0.1:{}", 1000 + i)).unwrap();
-    let (mut compared, mut matched, mut trimmed) = (0, 0, 0);
-    for set in 0..1500 {
+    let (mut compared, mut matched) = (0, 0);
+    for set in 0..1000 {
         // Mostly small tools, sometimes one at the route cap.
         let count = if set % 50 == 0 { MAX_ROUTES_PER_TOOL + 6 } else { rng.random_range(1..9) };
         let mut sources: Vec<String> = (0..count).map(|_| pattern(&mut rng)).collect();
@@ -66,7 +66,7 @@ fn one_pass_lookup_picks_what_trying_each_pattern_in_order_picks() {
         let routes: Vec<Route> =
             valid.into_iter().enumerate().map(|(i, (_, pattern))| Route { pattern, backend: backend(i) }).collect();
         let tool = ToolRoutes::new(routes, true, false);
-        // Only regex routes past the per-tool DFA budget may be missing.
+        // Only regex routes past the per-tool DFA budget may be missing (see `tests/limits.rs`).
         let shown: Vec<&str> = tool.routes().iter().map(|r| r.pattern.as_str()).collect();
         let mut rest = shown.iter();
         for pattern in &capped {
@@ -74,7 +74,8 @@ fn one_pass_lookup_picks_what_trying_each_pattern_in_order_picks() {
                 rest.next();
             } else {
                 assert!(RoutePattern::parse(pattern).unwrap().is_regex(), "{pattern:?} dropped from {capped:?}");
-                trimmed += 1;
+                // Small tools stay far below the budget; only the big generated ones reach it.
+                assert!(capped.len() > 16, "{pattern:?} dropped from a small tool {capped:?}");
             }
         }
         assert!(rest.next().is_none(), "routes {shown:?} are not those of {capped:?}");
@@ -95,6 +96,5 @@ fn one_pass_lookup_picks_what_trying_each_pattern_in_order_picks() {
         }
     }
     // The generator exercises both outcomes.
-    assert!(trimmed < 100, "{trimmed} regex routes over the DFA budget: the generator is too hostile");
     assert!(matched > compared / 5 && matched < compared * 4 / 5, "{matched} of {compared} matched");
 }
