@@ -137,6 +137,12 @@ impl Lookup {
         (best < routes.len()).then_some(best)
     }
 
+    /// True when the regex routes are searched through one shared DFA, so
+    /// their patterns need not keep their own.
+    pub(crate) fn shares_regex_dfa(&self) -> bool {
+        matches!(self.regexes, Pass::Many(_))
+    }
+
     /// Heap bytes held by the automata, for memory budgets.
     pub(crate) fn memory_usage(&self) -> usize {
         let literals = match &self.literals {
@@ -165,20 +171,17 @@ impl<S> Pass<S> {
     }
 }
 
-/// The search of a tool's regex routes (with their bits), within
-/// [`TOOL_REGEX_DFA_LIMIT`] for their own DFAs and the shared one together:
-/// each route keeps its own DFA (it is shared with the compiled-pattern memo
-/// and with every tool that has the same pattern), so both count.
+/// The search of a tool's regex routes (with their bits): one route uses
+/// its pattern's own DFA; several share one, within [`TOOL_REGEX_DFA_LIMIT`]
+/// (the routes then drop their own, see [`Lookup::shares_regex_dfa`]).
 fn regex_pass(regexes: &[(&RoutePattern, u32)]) -> Result<Pass<RegexDfa>, OverBudget> {
     match regexes {
         [] => Ok(Pass::Nothing),
         [(_, bit)] => Ok(Pass::One(*bit as usize)),
         many => {
-            let own: usize = many.iter().map(|(p, _)| p.dfa_memory()).sum();
-            let left = TOOL_REGEX_DFA_LIMIT.checked_sub(own).ok_or(OverBudget)?;
             let sources: Vec<(&str, u32)> = many.iter().map(|(p, bit)| (p.as_str(), *bit)).collect();
-            let dfa = RegexDfa::build(&sources, left).map_err(|_| OverBudget)?;
-            if dfa.memory_usage() > left {
+            let dfa = RegexDfa::build(&sources, TOOL_REGEX_DFA_LIMIT).map_err(|_| OverBudget)?;
+            if dfa.memory_usage() > TOOL_REGEX_DFA_LIMIT {
                 return Err(OverBudget);
             }
             Ok(Pass::Many(Arc::new(dfa)))

@@ -65,6 +65,11 @@ impl ToolRoutes {
             warn_over_budget(keep, dropped);
             Lookup::build(&routes).unwrap_or_else(|_| Lookup::each(&routes))
         });
+        if lookup.shares_regex_dfa() {
+            for route in &mut routes {
+                route.pattern = route.pattern.without_own_dfa();
+            }
+        }
         routes.shrink_to_fit();
         ToolRoutes { routes, lookup, has_routes_key, canonical_redirect }
     }

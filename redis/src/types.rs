@@ -103,8 +103,10 @@ enum Matcher {
     /// a substring search (SIMD, with a worst case linear in the path),
     /// without the memory of a compiled regex.
     Contains(Box<memmem::Finder<'static>>),
-    /// An unanchored regex search, as a DFA built once at parse.
-    Regex(Arc<RegexDfa>),
+    /// An unanchored regex search, as a DFA built once at parse; `None` once
+    /// the pattern's tool searches it through a DFA shared by all its regex
+    /// routes (see `lookup`), so the table does not hold both.
+    Regex(Option<Arc<RegexDfa>>),
 }
 
 /// A route pattern: a regex searched (unanchored) in the request path.
@@ -142,7 +144,7 @@ impl RoutePattern {
                 DfaRefusal::TooBig => refuse(format!("its DFA would exceed {} KiB", TOOL_REGEX_DFA_LIMIT >> 10)),
                 DfaRefusal::Unsupported(why) => refuse(first_line(&why)),
             })?;
-            Matcher::Regex(Arc::new(dfa))
+            Matcher::Regex(Some(Arc::new(dfa)))
         };
         Ok(RoutePattern { source: pattern.into(), matcher })
     }
@@ -158,15 +160,16 @@ impl RoutePattern {
         match &self.matcher {
             Matcher::Everything => self.source.len(),
             Matcher::Contains(_) => 2 * self.source.len() + 64,
-            Matcher::Regex(dfa) => dfa.memory_usage() + self.source.len(),
+            Matcher::Regex(dfa) => dfa.as_ref().map_or(0, |d| d.memory_usage()) + self.source.len(),
         }
     }
 
-    /// Heap bytes of this pattern's own DFA (zero unless it is a regex).
-    pub(crate) fn dfa_memory(&self) -> usize {
+    /// The same pattern without its own DFA, for a tool that searches it
+    /// through a DFA shared by all its regex routes.
+    pub(crate) fn without_own_dfa(&self) -> RoutePattern {
         match &self.matcher {
-            Matcher::Regex(dfa) => dfa.memory_usage(),
-            _ => 0,
+            Matcher::Regex(Some(_)) => RoutePattern { source: Arc::clone(&self.source), matcher: Matcher::Regex(None) },
+            _ => self.clone(),
         }
     }
 
@@ -191,7 +194,9 @@ impl RoutePattern {
         match &self.matcher {
             Matcher::Everything => true,
             Matcher::Contains(literal) => literal.find(path.as_bytes()).is_some(),
-            Matcher::Regex(dfa) => dfa.search(path.as_bytes(), 1) != 0,
+            Matcher::Regex(Some(dfa)) => dfa.search(path.as_bytes(), 1) != 0,
+            // Not on the request path (the tool's shared DFA is): rebuild it.
+            Matcher::Regex(None) => RoutePattern::parse(&self.source).is_ok_and(|p| p.is_match(path)),
         }
     }
 }
@@ -410,6 +415,13 @@ mod tests {
             let err = RoutePattern::parse(hostile).unwrap_err();
             assert!(err.to_string().contains("size limit"), "{hostile}: {err}");
         }
+        // Short patterns whose DFA alone would exceed the per-tool budget are refused.
+        let err = RoutePattern::parse("a[ab]{12}").unwrap_err();
+        assert!(err.to_string().contains("DFA would exceed 256 KiB"), "{err}");
+        // A DFA cannot run a Unicode word boundary; the ASCII one is fine.
+        let err = RoutePattern::parse(r"\bapi").unwrap_err();
+        assert!(err.to_string().contains("word boundary"), "{err}");
+        assert!(RoutePattern::parse(r"(?-u:\b)api").is_ok());
         // Literal paths stay literals, whatever their length.
         assert!(!RoutePattern::parse(&longest).unwrap().is_regex());
     }
