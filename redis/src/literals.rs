@@ -12,6 +12,12 @@ use std::collections::VecDeque;
 
 /// Marks a trie transition not yet filled in while building.
 const NONE: u16 = u16::MAX;
+/// Parts of a long path searched side by side: each step of a walk waits on
+/// the previous one's memory load, so four independent walks keep the CPU
+/// busy about four times as well as one.
+const LANES: usize = 4;
+/// Shortest part worth a lane of its own.
+const MIN_LANE: usize = 2048;
 
 /// A set of literals (each one route, by its bit) found in one pass.
 #[derive(Debug)]
@@ -24,6 +30,8 @@ pub(crate) struct LiteralSet {
     next: Box<[u16]>,
     /// Routes whose literal ends at each state (its own and its suffixes').
     found: Box<[u64]>,
+    /// Length of the longest literal: how far lanes overlap.
+    longest: usize,
 }
 
 impl LiteralSet {
@@ -64,17 +72,51 @@ impl LiteralSet {
             found[state] |= 1u64 << bit;
         }
         fill_failure_transitions(&mut next, &mut found, stride);
-        Some(LiteralSet { classes, stride, next: next.into_boxed_slice(), found: found.into_boxed_slice() })
+        let longest = literals.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
+        Some(LiteralSet { classes, stride, next: next.into_boxed_slice(), found: found.into_boxed_slice(), longest })
     }
 
     /// The bits of the literals found in `haystack`. Stops early once a bit
     /// of `enough` is found, as nothing later can change the caller's answer.
     #[inline]
     pub(crate) fn search(&self, haystack: &[u8], enough: u64) -> u64 {
-        let mut state = 0usize;
+        let part = haystack.len() / LANES;
+        if part < MIN_LANE.max(2 * self.longest) {
+            return self.walk(0, haystack, enough).1;
+        }
+        // Lane k reports literals ending in its part; it starts a literal's
+        // length early so none that ends there is missed.
+        let lane = |k: usize| {
+            let end = if k + 1 == LANES { haystack.len() } else { (k + 1) * part };
+            &haystack[(k * part).saturating_sub(self.longest)..end]
+        };
+        let lanes: [&[u8]; LANES] = std::array::from_fn(lane);
+        let mut states = [0usize; LANES];
+        let mut seen = 0u64;
+        // Every lane is at least `part` long: walk that much side by side.
+        for i in 0..part {
+            for k in 0..LANES {
+                states[k] = self.step(states[k], lanes[k][i]);
+                seen |= self.found[states[k]];
+            }
+            if seen & enough != 0 {
+                return seen;
+            }
+        }
+        for k in 0..LANES {
+            let (_, tail) = self.walk(states[k], &lanes[k][part..], enough);
+            seen |= tail;
+        }
+        seen
+    }
+
+    /// Walks `haystack` from `state`: the state reached and the bits found,
+    /// stopping early once a bit of `enough` is found.
+    #[inline]
+    fn walk(&self, mut state: usize, haystack: &[u8], enough: u64) -> (usize, u64) {
         let mut seen = 0u64;
         for &b in haystack {
-            state = usize::from(self.next[state * self.stride + usize::from(self.classes[usize::from(b)])]);
+            state = self.step(state, b);
             let here = self.found[state];
             if here != 0 {
                 seen |= here;
@@ -83,7 +125,12 @@ impl LiteralSet {
                 }
             }
         }
-        seen
+        (state, seen)
+    }
+
+    #[inline(always)]
+    fn step(&self, state: usize, b: u8) -> usize {
+        usize::from(self.next[state * self.stride + usize::from(self.classes[usize::from(b)])])
     }
 
     /// Heap bytes held, for memory budgets.
@@ -143,6 +190,19 @@ mod tests {
         let s = set(&["baaa", "aaa", "aa"]);
         assert_eq!(s.search(b"xbaaa", 0), 0b111);
         assert_eq!(s.search(b"aa", 0), 0b100);
+    }
+
+    #[test]
+    fn long_paths_are_searched_in_lanes_without_missing_a_literal() {
+        let s = set(&["/needle-in-lane", "x"]);
+        for at in [0, 1, 8000, 8190, 8191, 8192, 8200, 16380, 24570, 32750, 40000 - 15] {
+            let mut path = vec![b'/'; 40000];
+            path[at..at + 15].copy_from_slice(b"/needle-in-lane");
+            assert_eq!(s.search(&path, 0), 0b01, "at {at}");
+        }
+        let mut path = vec![b'a'; 40000];
+        path[39999] = b'x';
+        assert_eq!(s.search(&path, 0), 0b10);
     }
 
     #[test]

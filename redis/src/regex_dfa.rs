@@ -14,6 +14,11 @@ use regex_automata::util::start;
 use regex_automata::util::syntax;
 use regex_automata::{Anchored, MatchKind};
 
+/// Parts of a long path searched side by side (see `literals`).
+const LANES: usize = 4;
+/// Shortest part worth a lane of its own.
+const MIN_LANE: usize = 2048;
+
 /// Why a set of patterns got no DFA.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum DfaRefusal {
@@ -29,8 +34,12 @@ pub(crate) struct RegexDfa {
     dfa: dense::DFA<Vec<u32>>,
     /// Where an unanchored search from the start of the path begins.
     start: StateID,
-    /// Routes reported by each match state, indexed by state number.
+    /// Routes reported by each state (zero unless a match state), indexed by state number.
     found: Box<[u64]>,
+    /// The longest match any pattern needs to show it is present, in bytes;
+    /// `None` when unbounded. When bounded, a long path is searched in
+    /// lanes that overlap by this much.
+    longest: Option<usize>,
 }
 
 impl RegexDfa {
@@ -62,22 +71,31 @@ impl RegexDfa {
             .start_state(&start::Config::new().anchored(Anchored::No))
             .map_err(|e| DfaRefusal::Unsupported(e.to_string()))?;
         let bits: Vec<u32> = patterns.iter().map(|(_, bit)| *bit).collect();
-        let found = match_bits(&dfa, start, &bits);
-        Ok(RegexDfa { dfa, start, found })
+        let found = match_bits(&dfa, &bits);
+        let longest = patterns.iter().map(|(p, _)| longest_needed(p)).try_fold(0, |acc, n| n.map(|n| acc.max(n)));
+        Ok(RegexDfa { dfa, start, found, longest })
     }
 
     /// The bits of the patterns found in `haystack`. Stops early once a bit
-    /// of `enough` is found, or when no further match is possible.
+    /// of `enough` is found.
     #[inline]
     pub(crate) fn search(&self, haystack: &[u8], enough: u64) -> u64 {
-        let stride2 = self.dfa.stride2();
+        let part = haystack.len() / LANES;
+        match self.longest {
+            Some(longest) if part >= MIN_LANE.max(2 * longest) => self.search_lanes(haystack, part, longest, enough),
+            _ => self.walk(haystack, enough),
+        }
+    }
+
+    /// One walk over the whole path.
+    fn walk(&self, haystack: &[u8], enough: u64) -> u64 {
         let mut state = self.start;
         let mut seen = 0u64;
         for &b in haystack {
             state = self.dfa.next_state(state, b);
             if self.dfa.is_special_state(state) {
                 if self.dfa.is_match_state(state) {
-                    seen |= self.found[state.as_usize() >> stride2];
+                    seen |= self.found_at(state);
                     if seen & enough != 0 {
                         return seen;
                     }
@@ -87,11 +105,53 @@ impl RegexDfa {
             }
         }
         // Matches are reported one byte late: the end of the path may complete one.
-        state = self.dfa.next_eoi_state(state);
-        if self.dfa.is_match_state(state) {
-            seen |= self.found[state.as_usize() >> stride2];
+        seen | self.found_at(self.dfa.next_eoi_state(state))
+    }
+
+    /// Four walks side by side, lane k reporting the matches that end in
+    /// its part of the path. A lane starts `longest` bytes early, from the
+    /// start state for the byte before it (so `^` and `\b` see the real
+    /// context): no match that ends in its part can begin before that.
+    fn search_lanes(&self, haystack: &[u8], part: usize, longest: usize, enough: u64) -> u64 {
+        let begin = |k: usize| (k * part).saturating_sub(longest);
+        // Matches show one byte late, so a lane reads one byte past its part;
+        // the last lane reads to the end and then the end of the path.
+        let lane = |k: usize| {
+            let end = if k + 1 == LANES { haystack.len() } else { (k + 1) * part + 1 };
+            &haystack[begin(k)..end]
+        };
+        let lanes: [&[u8]; LANES] = std::array::from_fn(lane);
+        let mut states = [self.start; LANES];
+        for (k, state) in states.iter_mut().enumerate().skip(1) {
+            let config = start::Config::new().anchored(Anchored::No).look_behind(Some(haystack[begin(k) - 1]));
+            match self.dfa.start_state(&config) {
+                Ok(s) => *state = s,
+                // Cannot happen with the DFAs built here (no quit bytes); stay exact anyway.
+                Err(_) => return self.walk(haystack, enough),
+            }
         }
-        seen
+        let mut seen = 0u64;
+        for i in 0..part {
+            for k in 0..LANES {
+                states[k] = self.dfa.next_state(states[k], lanes[k][i]);
+                seen |= self.found_at(states[k]);
+            }
+            if seen & enough != 0 {
+                return seen;
+            }
+        }
+        for k in 0..LANES {
+            for &b in &lanes[k][part..] {
+                states[k] = self.dfa.next_state(states[k], b);
+                seen |= self.found_at(states[k]);
+            }
+        }
+        seen | self.found_at(self.dfa.next_eoi_state(states[LANES - 1]))
+    }
+
+    #[inline(always)]
+    fn found_at(&self, state: StateID) -> u64 {
+        self.found.get(state.as_usize() >> self.dfa.stride2()).copied().unwrap_or(0)
     }
 
     /// Heap bytes held, for memory budgets.
@@ -100,14 +160,26 @@ impl RegexDfa {
     }
 }
 
-/// Walks every state reachable from `start` and records, for each match
-/// state, the bits of the patterns it reports.
-fn match_bits(dfa: &dense::DFA<Vec<u32>>, start: StateID, bits: &[u32]) -> Box<[u64]> {
+/// The longest match `pattern` needs to show it is present: its longest
+/// match, not counting a final `.*` (which may match nothing); `None` when
+/// unbounded.
+fn longest_needed(pattern: &str) -> Option<usize> {
+    let needed = |p: &str| regex_syntax::parse(p).ok().map(|hir| hir.properties().maximum_len());
+    pattern.strip_suffix(".*").and_then(needed).or_else(|| needed(pattern)).flatten()
+}
+
+/// Walks every state reachable from a start state and records, for each
+/// match state, the bits of the patterns it reports.
+fn match_bits(dfa: &dense::DFA<Vec<u32>>, bits: &[u32]) -> Box<[u64]> {
     let stride2 = dfa.stride2();
     let index = |id: StateID| id.as_usize() >> stride2;
     let mut found: Vec<u64> = Vec::new();
     let mut visited: Vec<bool> = Vec::new();
-    let mut stack = vec![start];
+    // Lanes start mid-path, from the start state for the byte before them.
+    let mut stack: Vec<StateID> = std::iter::once(None)
+        .chain((0..=255u8).map(Some))
+        .filter_map(|b| dfa.start_state(&start::Config::new().anchored(Anchored::No).look_behind(b)).ok())
+        .collect();
     let representatives: Vec<Option<u8>> = dfa.byte_classes().representatives(..).map(|u| u.as_u8()).collect();
     while let Some(id) = stack.pop() {
         let i = index(id);
@@ -155,6 +227,31 @@ mod tests {
         assert_eq!(d.search("/xéy/éé".as_bytes(), 0), 0b1100);
         assert_eq!(d.search(b"", 0), 0);
         assert_eq!(dfa(&["", "a?"]).search(b"", 0), 0b11);
+    }
+
+    #[test]
+    fn long_paths_are_searched_in_lanes_without_missing_a_match() {
+        let d = dfa(&["^/start", "x[0-9]{3}y", r"(?-u:\b)word(?-u:\b)", "end$", "/index.php.*"]);
+        assert_eq!(d.longest, Some(13), "`.` may be four bytes");
+        for at in [0, 1, 5000, 9995, 9996, 9999, 10000, 10001, 19996, 29990, 39980] {
+            let mut path = vec![b'/'; 40000];
+            path[at..at + 5].copy_from_slice(b"x123y");
+            assert_eq!(d.search(&path, 0), 0b00010, "at {at}");
+            path[at..at + 6].copy_from_slice(b" word ");
+            assert_eq!(d.search(&path, 0), 0b00100, "at {at}");
+            path[at..at + 6].copy_from_slice(b"awordb");
+            assert_eq!(d.search(&path, 0), 0, "at {at}");
+        }
+        let mut path = vec![b'/'; 40000];
+        path[..6].copy_from_slice(b"/start");
+        path[39997..].copy_from_slice(b"end");
+        assert_eq!(d.search(&path, 0), 0b01001);
+        // `^` holds at the start of the path only, not where a lane starts.
+        let mut path = vec![b'/'; 40000];
+        path[10000 - 13..10000 - 7].copy_from_slice(b"/start");
+        path[39997..].copy_from_slice(b"enx");
+        assert_eq!(d.search(&path, 0), 0);
+        assert_eq!(dfa(&["a+"]).longest, None);
     }
 
     #[test]
