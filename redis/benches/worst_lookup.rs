@@ -8,7 +8,9 @@
 //!   every byte of the path, while the first in match order never is;
 //! - `regex_literal_prefix`: regexes starting with a literal, as hand-written ones do;
 //! - `regex_class`: regexes with no literal at all (`[ab/]{n}…`);
-//! - `mixed`: half literals, half regexes (two passes over the path).
+//! - `regex_unbounded`: regexes whose matches have no length bound
+//!   (`[ab/]{n}[ab/]*c…`), which cannot be split into lanes;
+//! - `mixed`: half literals, half regexes (searched in the same lanes).
 //!
 //! Regex routes beyond the per-tool DFA budget are dropped when the tool
 //! loads: the output says how many routes each tool kept. Each shape is also
@@ -122,13 +124,14 @@ fn cpu_micros_per_call(mut f: impl FnMut()) -> f64 {
 }
 
 fn worst_lookup(c: &mut Criterion) {
-    let shapes: [(&str, Shape, fn() -> String); 5] = [
+    let shapes: [(&str, Shape, fn() -> String); 6] = [
         // `/abab…ab<NN>c.*`: the path has every prefix of it but never the `c`.
         ("literal", |i, n| format!("/{}{i:02}c.*", "ab".repeat(n / 2)), ab_path),
         // `c` then `a`s first, never found; then `a{k}`, all found at every byte.
         ("literal_nested", |i, n| if i == 0 { format!("c{}", "a".repeat(n)) } else { "a".repeat(n - i) }, a_path),
         ("regex_literal_prefix", |i, n| format!("/ab{i:02}[ab/]{{{n}}}c"), ab_path),
         ("regex_class", |i, n| format!("[ab/]{{{n}}}c{i:02}"), ab_path),
+        ("regex_unbounded", |i, n| format!("[ab/]{{{n}}}[ab/]*c{i:02}"), ab_path),
         (
             "mixed",
             |i, n| {

@@ -10,14 +10,10 @@
 
 use std::collections::VecDeque;
 
+use crate::lookup::{LANES, MIN_LANE};
+
 /// Marks a trie transition not yet filled in while building.
 const NONE: u16 = u16::MAX;
-/// Parts of a long path searched side by side: each step of a walk waits on
-/// the previous one's memory load, so four independent walks keep the CPU
-/// busy about four times as well as one.
-const LANES: usize = 4;
-/// Shortest part worth a lane of its own.
-const MIN_LANE: usize = 2048;
 
 /// A set of literals (each one route, by its bit) found in one pass.
 #[derive(Debug)]
@@ -126,6 +122,19 @@ impl LiteralSet {
             }
         }
         (state, seen)
+    }
+
+    /// How far a lane must start before its part of the path.
+    pub(crate) fn lane_overlap(&self) -> usize {
+        self.longest
+    }
+
+    /// One step of a walk from `state` (the root is 0): the next state and
+    /// the bits of the literals that end there.
+    #[inline(always)]
+    pub(crate) fn step_found(&self, state: usize, b: u8) -> (usize, u64) {
+        let next = self.step(state, b);
+        (next, self.found[next])
     }
 
     #[inline(always)]

@@ -14,10 +14,7 @@ use regex_automata::util::start;
 use regex_automata::util::syntax;
 use regex_automata::{Anchored, MatchKind};
 
-/// Parts of a long path searched side by side (see `literals`).
-const LANES: usize = 4;
-/// Shortest part worth a lane of its own.
-const MIN_LANE: usize = 2048;
+use crate::lookup::{LANES, MIN_LANE};
 
 /// Why a set of patterns got no DFA.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,6 +144,32 @@ impl RegexDfa {
             }
         }
         seen | self.found_at(self.dfa.next_eoi_state(states[LANES - 1]))
+    }
+
+    /// How far a lane must start before its part of the path; `None` when
+    /// the matches are unbounded and the path must be walked whole.
+    pub(crate) fn lane_overlap(&self) -> Option<usize> {
+        self.longest
+    }
+
+    /// The state a walk starting after `look_behind` (`None`: at the start
+    /// of the path) begins in.
+    pub(crate) fn lane_start(&self, look_behind: Option<u8>) -> Option<StateID> {
+        self.dfa.start_state(&start::Config::new().anchored(Anchored::No).look_behind(look_behind)).ok()
+    }
+
+    /// One step of a walk: the next state and the bits of the patterns whose
+    /// match it reports (the match ended one byte earlier).
+    #[inline(always)]
+    pub(crate) fn step_found(&self, state: StateID, b: u8) -> (StateID, u64) {
+        let next = self.dfa.next_state(state, b);
+        (next, self.found_at(next))
+    }
+
+    /// The bits of the patterns whose match ends with the path, after a walk
+    /// that ended in `state`.
+    pub(crate) fn end_found(&self, state: StateID) -> u64 {
+        self.found_at(self.dfa.next_eoi_state(state))
     }
 
     #[inline(always)]
