@@ -10,10 +10,14 @@
 
 use std::collections::VecDeque;
 
-use crate::lookup::{LANES, MIN_LANE};
-
 /// Marks a trie transition not yet filled in while building.
 const NONE: u16 = u16::MAX;
+/// Parts of a long path searched side by side: each step of a walk waits on
+/// the previous one's memory load, so four independent walks keep the CPU
+/// busy about four times as well as one.
+const LANES: usize = 4;
+/// Shortest part worth a lane of its own.
+const MIN_LANE: usize = 2048;
 
 /// A set of literals (each one route, by its bit) found in one pass.
 #[derive(Debug)]
@@ -89,7 +93,9 @@ impl LiteralSet {
         let lanes: [&[u8]; LANES] = std::array::from_fn(lane);
         let mut states = [0usize; LANES];
         let mut seen = 0u64;
-        // Every lane is at least `part` long: walk that much side by side.
+        // Every lane is at least `part` long: walk that much side by side
+        // (indexing all lanes at one offset is the point: their walks interleave).
+        #[allow(clippy::needless_range_loop)]
         for i in 0..part {
             for k in 0..LANES {
                 states[k] = self.step(states[k], lanes[k][i]);
@@ -124,19 +130,6 @@ impl LiteralSet {
         (state, seen)
     }
 
-    /// How far a lane must start before its part of the path.
-    pub(crate) fn lane_overlap(&self) -> usize {
-        self.longest
-    }
-
-    /// One step of a walk from `state` (the root is 0): the next state and
-    /// the bits of the literals that end there.
-    #[inline(always)]
-    pub(crate) fn step_found(&self, state: usize, b: u8) -> (usize, u64) {
-        let next = self.step(state, b);
-        (next, self.found[next])
-    }
-
     #[inline(always)]
     fn step(&self, state: usize, b: u8) -> usize {
         usize::from(self.next[state * self.stride + usize::from(self.classes[usize::from(b)])])
@@ -155,9 +148,9 @@ impl LiteralSet {
 fn fill_failure_transitions(next: &mut [u16], found: &mut [u64], stride: usize) {
     let mut failure = vec![0u16; found.len()];
     let mut queue = VecDeque::new();
-    for class in 0..stride {
-        match next[class] {
-            NONE => next[class] = 0,
+    for slot in next.iter_mut().take(stride) {
+        match *slot {
+            NONE => *slot = 0,
             child => queue.push_back(child),
         }
     }
@@ -183,8 +176,7 @@ mod tests {
     use super::*;
 
     fn set(literals: &[&str]) -> LiteralSet {
-        let with_bits: Vec<(&[u8], u32)> =
-            literals.iter().enumerate().map(|(i, l)| (l.as_bytes(), i as u32)).collect();
+        let with_bits: Vec<(&[u8], u32)> = literals.iter().enumerate().map(|(i, l)| (l.as_bytes(), i as u32)).collect();
         LiteralSet::build(&with_bits).unwrap()
     }
 

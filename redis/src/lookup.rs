@@ -4,7 +4,9 @@
 //!
 //! A long path is searched as four overlapping lanes side by side, when
 //! the patterns' matches are bounded in length (see `literals` and
-//! `regex_dfa`), which makes a 64 KiB path cost about what 16 KiB did.
+//! `regex_dfa`), which makes a 64 KiB path cost about what 16 KiB did. A
+//! tool with both kinds of route walks the path twice (walking both
+//! automata in the same lanes measured slower).
 //!
 //! The answer is the route SPEC §2 picks (the first in match order whose
 //! pattern is found in the path): each pass reports every route it found as
@@ -17,13 +19,6 @@ use crate::literals::LiteralSet;
 use crate::regex_dfa::RegexDfa;
 use crate::table::Route;
 use crate::types::{RoutePattern, TOOL_REGEX_DFA_LIMIT};
-
-/// Parts of a long path searched side by side: each step of a walk waits on
-/// the previous one's memory load, so four independent walks keep the CPU
-/// busy about four times as well as one.
-pub(crate) const LANES: usize = 4;
-/// Shortest part worth a lane of its own: below this, one walk is as quick.
-pub(crate) const MIN_LANE: usize = 2048;
 
 /// How one kind of route (literal or regex) is searched.
 #[derive(Debug)]
@@ -124,15 +119,6 @@ impl Lookup {
     #[inline]
     pub(crate) fn find(&self, routes: &[Route], path: &str) -> Option<usize> {
         let mut best = self.everything.unwrap_or(64);
-        let useful = (self.literal_bits | self.regex_bits) & below(best);
-        if let (Pass::Many(literals), Pass::Many(regexes)) = (&self.literals, &self.regexes)
-            && useful & self.literal_bits != 0
-            && useful & self.regex_bits != 0
-            && let Some(found) = search_both(literals, regexes, path.as_bytes(), lowest(useful))
-        {
-            let found = found & useful;
-            return (found != 0).then(|| found.trailing_zeros() as usize).or(self.everything);
-        }
         // In each pass, finding its first route ends it: nothing else in it comes earlier.
         let useful = self.literal_bits & below(best);
         if useful != 0 {
@@ -180,9 +166,8 @@ impl Lookup {
 impl<S> Pass<S> {
     /// The routes of a pass without a shared automaton, each searched in turn.
     fn search_each(&self, routes: &[Route], path: &str) -> u64 {
-        let first = |indices: &[usize]| {
-            indices.iter().find(|&&i| routes[i].pattern.is_match(path)).map_or(0, |&i| 1u64 << i)
-        };
+        let first =
+            |indices: &[usize]| indices.iter().find(|&&i| routes[i].pattern.is_match(path)).map_or(0, |&i| 1u64 << i);
         match self {
             Pass::Nothing | Pass::Many(_) => 0,
             Pass::One(i) => first(&[*i]),
@@ -232,56 +217,6 @@ pub(crate) fn fitting_regex_routes(routes: &[Route]) -> usize {
         if fits(mid) { fit = mid } else { over = mid }
     }
     fit
-}
-
-/// Literal and regex routes searched in the same lanes, so a tool that has
-/// both still costs one pass over a long path. `None` when the path is too
-/// short for lanes or the regex matches are unbounded: the caller then
-/// walks each kind on its own. The lanes overlap by what both need (starting
-/// earlier never loses a match, see `literals` and `regex_dfa`).
-fn search_both(literals: &LiteralSet, regexes: &RegexDfa, path: &[u8], enough: u64) -> Option<u64> {
-    let overlap = regexes.lane_overlap()?.max(literals.lane_overlap());
-    let part = path.len() / LANES;
-    if part < MIN_LANE.max(2 * overlap) {
-        return None;
-    }
-    let begin = |k: usize| (k * part).saturating_sub(overlap);
-    let end = |k: usize| if k + 1 == LANES { path.len() } else { (k + 1) * part };
-    let mut literal_states = [0usize; LANES];
-    let mut regex_states = [regexes.lane_start(None)?; LANES];
-    for (k, state) in regex_states.iter_mut().enumerate().skip(1) {
-        *state = regexes.lane_start(Some(path[begin(k) - 1]))?;
-    }
-    let mut seen = 0u64;
-    // Every lane is at least `part` long: walk that much side by side.
-    for i in 0..part {
-        for k in 0..LANES {
-            let b = path[begin(k) + i];
-            let (l, lf) = literals.step_found(literal_states[k], b);
-            let (r, rf) = regexes.step_found(regex_states[k], b);
-            literal_states[k] = l;
-            regex_states[k] = r;
-            seen |= lf | rf;
-        }
-        if seen & enough != 0 {
-            return Some(seen);
-        }
-    }
-    for k in 0..LANES {
-        let tail = begin(k) + part;
-        for &b in &path[tail..end(k)] {
-            let (l, lf) = literals.step_found(literal_states[k], b);
-            literal_states[k] = l;
-            seen |= lf;
-        }
-        // Regex matches show one byte late: read one past the part, or the end of the path.
-        for &b in &path[tail..(end(k) + 1).min(path.len())] {
-            let (r, rf) = regexes.step_found(regex_states[k], b);
-            regex_states[k] = r;
-            seen |= rf;
-        }
-    }
-    Some(seen | regexes.end_found(regex_states[LANES - 1]))
 }
 
 fn bits<T>(routes: &[(T, u32)]) -> u64 {

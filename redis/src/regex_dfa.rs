@@ -14,7 +14,10 @@ use regex_automata::util::start;
 use regex_automata::util::syntax;
 use regex_automata::{Anchored, MatchKind};
 
-use crate::lookup::{LANES, MIN_LANE};
+/// Parts of a long path searched side by side (see `literals`).
+const LANES: usize = 4;
+/// Shortest part worth a lane of its own.
+const MIN_LANE: usize = 2048;
 
 /// Why a set of patterns got no DFA.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +131,8 @@ impl RegexDfa {
             }
         }
         let mut seen = 0u64;
+        // Indexing all lanes at one offset is the point: their walks interleave.
+        #[allow(clippy::needless_range_loop)]
         for i in 0..part {
             for k in 0..LANES {
                 states[k] = self.dfa.next_state(states[k], lanes[k][i]);
@@ -144,32 +149,6 @@ impl RegexDfa {
             }
         }
         seen | self.found_at(self.dfa.next_eoi_state(states[LANES - 1]))
-    }
-
-    /// How far a lane must start before its part of the path; `None` when
-    /// the matches are unbounded and the path must be walked whole.
-    pub(crate) fn lane_overlap(&self) -> Option<usize> {
-        self.longest
-    }
-
-    /// The state a walk starting after `look_behind` (`None`: at the start
-    /// of the path) begins in.
-    pub(crate) fn lane_start(&self, look_behind: Option<u8>) -> Option<StateID> {
-        self.dfa.start_state(&start::Config::new().anchored(Anchored::No).look_behind(look_behind)).ok()
-    }
-
-    /// One step of a walk: the next state and the bits of the patterns whose
-    /// match it reports (the match ended one byte earlier).
-    #[inline(always)]
-    pub(crate) fn step_found(&self, state: StateID, b: u8) -> (StateID, u64) {
-        let next = self.dfa.next_state(state, b);
-        (next, self.found_at(next))
-    }
-
-    /// The bits of the patterns whose match ends with the path, after a walk
-    /// that ended in `state`.
-    pub(crate) fn end_found(&self, state: StateID) -> u64 {
-        self.found_at(self.dfa.next_eoi_state(state))
     }
 
     #[inline(always)]
@@ -282,19 +261,5 @@ mod tests {
         assert!(matches!(RegexDfa::build(&[(r"\bx", 0)], 1 << 20), Err(DfaRefusal::Unsupported(_))));
         assert!(RegexDfa::build(&[(r"(?-u:\b)x", 0)], 1 << 20).is_ok());
         assert_eq!(RegexDfa::build(&[("a[ab]{20}", 0)], 1 << 16).unwrap_err(), DfaRefusal::TooBig);
-    }
-}
-
-#[cfg(test)]
-mod sizes {
-    use super::*;
-    #[test]
-    fn print_sizes() {
-        for p in [".*x", "/index.php.*", "^/[a-z]+/v[0-9]+/", "/a.b.c.d.e.f.*", "(?i)/API/.*", "/[^/]+/edit", r"\w", r"\d+", "[^/]", ".", "é", r"/api/v[0-9]+/.*", "^/$", "(?-u:.)", &format!("[ab/]{{190}}c1_1"), &format!("/ab01[ab/]{{240}}c"), &format!("[ab/]{{240}}c01"), "a[ab]{12}"] {
-            match RegexDfa::build(&[(p, 0)], 1 << 30) {
-                Ok(d) => eprintln!("{p:30} {:8} bytes stride {} classes {}", d.memory_usage(), d.dfa.stride(), d.dfa.alphabet_len()),
-                Err(e) => eprintln!("{p:30} {e:?}"),
-            }
-        }
     }
 }

@@ -16,8 +16,25 @@ const PATH_PIECES: &[&str] = &["/", "a", "b", "ab", "é", "日本", "x", ".", "1
 /// Pattern pieces: plain text (so some patterns stay literals) and regex syntax.
 const LITERAL_PIECES: &[&str] = &["/", "a", "b", "ab", "x", "1", "-", "/a", "A"];
 const REGEX_PIECES: &[&str] = &[
-    ".", "^", "$", "[ab]", "[^/]", "é", "日", "\\d", "a+", "b?", "(a|/b)", "x*", "(?i)a", "[é-ü]", "(?-u:\\b)",
-    "\\.", "{2}", ".*", "/",
+    ".",
+    "^",
+    "$",
+    "[ab]",
+    "[^/]",
+    "é",
+    "日",
+    "\\d",
+    "a+",
+    "b?",
+    "(a|/b)",
+    "x*",
+    "(?i)a",
+    "[é-ü]",
+    "(?-u:\\b)",
+    "\\.",
+    "{2}",
+    ".*",
+    "/",
 ];
 
 fn pattern(rng: &mut StdRng) -> String {
@@ -33,7 +50,11 @@ fn pattern(rng: &mut StdRng) -> String {
         }
         _ => (0..rng.random_range(1..5))
             .map(|_| {
-                if rng.random_bool(0.4) { *LITERAL_PIECES.choose(rng).unwrap() } else { *REGEX_PIECES.choose(rng).unwrap() }
+                if rng.random_bool(0.4) {
+                    *LITERAL_PIECES.choose(rng).unwrap()
+                } else {
+                    *REGEX_PIECES.choose(rng).unwrap()
+                }
             })
             .collect(),
     }
@@ -56,7 +77,7 @@ fn one_pass_lookup_picks_what_trying_each_pattern_in_order_picks() {
     let backend = |i: usize| BackendUrl::parse(&format!("http://10.0.0.1:{}", 1000 + i)).unwrap();
     let (mut compared, mut matched) = (0, 0);
     let (mut trimmed_sets, mut trimmed_set) = (0, None);
-    for set in 0..1000 {
+    for set in 0..400 {
         // Mostly small tools, sometimes one at the route cap.
         let count = if set % 50 == 0 { MAX_ROUTES_PER_TOOL + 6 } else { rng.random_range(1..9) };
         let mut sources: Vec<String> = (0..count).map(|_| pattern(&mut rng)).collect();
@@ -99,7 +120,7 @@ fn one_pass_lookup_picks_what_trying_each_pattern_in_order_picks() {
         }
     }
     // Most generated tools keep all their routes, so the comparison covers the shared DFA.
-    assert!(trimmed_sets < 50, "{trimmed_sets} of 1000 tools over the DFA budget");
+    assert!(trimmed_sets < 20, "{trimmed_sets} of 400 tools over the DFA budget");
     // The generator exercises both outcomes.
     assert!(matched > compared / 5 && matched < compared * 4 / 5, "{matched} of {compared} matched");
 }
