@@ -11,6 +11,9 @@
 //! - [`keys`]: key names and set-member encodings (private to the crate's API).
 //! - [`store`]: [`RouteStore`], typed reads and writes for the CLI, registrar and kube-sync.
 //! - [`table`]: [`ToolRoutes`], one tool's compiled routes in match order.
+//! - `lookup`: the one-pass search of a tool's routes, built with its [`ToolRoutes`].
+//! - `literals`: many literal patterns found in one pass (Aho-Corasick).
+//! - `regex_dfa`: many regex patterns found in one pass (a DFA built at load).
 //! - [`cache`]: [`RouteCache`], the shared in-memory table and its freshness status.
 //! - [`sync`]: the background task that loads the cache and applies invalidations.
 //! - [`error`]: [`RouteTableError`], what went wrong.
@@ -21,7 +24,10 @@ pub mod cache;
 pub mod endpoint;
 pub mod error;
 mod keys;
+mod literals;
+mod lookup;
 pub mod networks;
+mod regex_dfa;
 pub mod store;
 pub mod sync;
 pub mod table;

@@ -1,8 +1,13 @@
 //! One tool's routes, compiled and kept in match order.
 
 use std::cmp::Ordering;
+use std::collections::HashSet;
+use std::sync::Mutex;
 
-use crate::types::{BackendUrl, RoutePattern};
+use tracing::warn;
+
+use crate::lookup::{Lookup, fitting_regex_routes};
+use crate::types::{BackendUrl, RoutePattern, TOOL_REGEX_DFA_LIMIT};
 
 /// Most routes one tool may hold. A real tool has one (`.*`) or a handful
 /// (`/<path>.*`); the cap bounds both a lookup (every pattern may be searched
@@ -19,11 +24,16 @@ pub struct Route {
     pub backend: BackendUrl,
 }
 
+/// Distinct refusals remembered so each is logged once.
+const MAX_WARNED: usize = 10_000;
+
 /// Everything the cache knows about one tool.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct ToolRoutes {
     /// Valid routes, longest pattern first, ties in ascending byte order.
     routes: Vec<Route>,
+    /// The search of `routes`, built here so requests only run it.
+    lookup: Lookup,
     /// `prefix:<tool>` exists (even if none of its routes is valid); such tools are listed by `/list`.
     has_routes_key: bool,
     /// `redirect:<tool>` exists: legacy URLs redirect to the canonical domain.
@@ -31,19 +41,50 @@ pub struct ToolRoutes {
 }
 
 impl ToolRoutes {
-    /// Builds a tool entry; sorts the routes into match order and keeps the
-    /// first [`MAX_ROUTES_PER_TOOL`].
+    /// Builds a tool entry and its search; sorts the routes into match order
+    /// and keeps the first [`MAX_ROUTES_PER_TOOL`]. When the regex routes
+    /// together need a DFA over [`TOOL_REGEX_DFA_LIMIT`], the first regex
+    /// routes in match order that fit are kept and the others are dropped
+    /// and logged once, as past the route cap.
     pub fn new(mut routes: Vec<Route>, has_routes_key: bool, canonical_redirect: bool) -> Self {
         routes.sort_by(|a, b| match_order(a.pattern.as_str(), b.pattern.as_str()));
         routes.truncate(MAX_ROUTES_PER_TOOL);
+        let lookup = Lookup::build(&routes).unwrap_or_else(|_| {
+            let keep = fitting_regex_routes(&routes);
+            let mut regexes = 0;
+            let mut dropped = Vec::new();
+            routes.retain(|route| {
+                let regex = route.pattern.literal().is_none();
+                regexes += usize::from(regex);
+                let kept = !regex || regexes <= keep;
+                if !kept {
+                    dropped.push(route.pattern.as_str().to_string());
+                }
+                kept
+            });
+            warn_over_budget(keep, dropped);
+            Lookup::build(&routes).unwrap_or_else(|_| Lookup::each(&routes))
+        });
+        if lookup.shares_regex_dfa() {
+            for route in &mut routes {
+                route.pattern = route.pattern.without_own_dfa();
+            }
+        }
         routes.shrink_to_fit();
-        ToolRoutes { routes, has_routes_key, canonical_redirect }
+        ToolRoutes { routes, lookup, has_routes_key, canonical_redirect }
     }
 
-    /// The backend of the first route whose pattern is found in `path`.
+    /// The backend of the first route in match order whose pattern is found
+    /// in `path`, in one pass over it per kind of route (see `lookup`).
     #[inline]
     pub fn find(&self, path: &str) -> Option<&BackendUrl> {
-        self.routes.iter().find(|r| r.pattern.is_match(path)).map(|r| &r.backend)
+        self.lookup.find(&self.routes, path).map(|i| &self.routes[i].backend)
+    }
+
+    /// Heap bytes held by this tool's shared automata (not counting the
+    /// routes' own patterns), for memory accounting.
+    pub fn lookup_memory(&self) -> usize {
+        self.lookup.memory_usage()
     }
 
     /// The routes in match order.
@@ -64,6 +105,38 @@ impl ToolRoutes {
     /// True when neither key exists: the entry can be dropped.
     pub(crate) fn is_absent(&self) -> bool {
         !self.has_routes_key && !self.canonical_redirect
+    }
+}
+
+/// Two entries are equal when Redis holds the same for them; the search is
+/// derived from the routes.
+impl PartialEq for ToolRoutes {
+    fn eq(&self, other: &Self) -> bool {
+        self.routes == other.routes
+            && self.has_routes_key == other.has_routes_key
+            && self.canonical_redirect == other.canonical_redirect
+    }
+}
+
+impl Eq for ToolRoutes {}
+
+/// Logs, once per distinct set, regex routes dropped for the per-tool DFA budget.
+fn warn_over_budget(kept: usize, dropped: Vec<String>) {
+    static WARNED: Mutex<Option<HashSet<Vec<String>>>> = Mutex::new(None);
+    let first_time = WARNED.lock().map_or(true, |mut warned| {
+        let warned = warned.get_or_insert_with(HashSet::new);
+        if warned.len() >= MAX_WARNED {
+            warned.clear();
+        }
+        warned.insert(dropped.clone())
+    });
+    if first_time {
+        warn!(
+            kept_regex_routes = kept,
+            dropped = ?dropped,
+            limit_kib = TOOL_REGEX_DFA_LIMIT >> 10,
+            "a tool's regex routes together need a larger DFA than the per-tool limit; the shortest are ignored"
+        );
     }
 }
 

@@ -6,15 +6,18 @@ use std::fmt;
 use std::sync::Arc;
 
 use memchr::memmem;
-use regex::{Regex, RegexBuilder};
+use regex::RegexBuilder;
+
+use crate::regex_dfa::{DfaRefusal, RegexDfa};
 
 /// Longest tool name accepted; far above any real tool, it bounds keys and log lines.
 pub const MAX_TOOL_NAME_LEN: usize = 255;
 /// Longest route pattern accepted, in bytes. Real patterns are `.*` and
 /// `/<path>.*`, where the path comes from a Kubernetes label value (at most
 /// 63 bytes) or a hand-registered prefix of a tool's URL space: 256 bytes is
-/// four times the longest label-made pattern, yet keeps every search of a
-/// 64 KiB request path short (see `benches/lookup.rs`).
+/// four times the longest label-made pattern. A lookup costs one pass over
+/// the path whatever the patterns (see `benches/worst_lookup.rs`); the length
+/// bounds the automata and how far the lanes of a long path overlap.
 pub const MAX_PATTERN_LEN: usize = 256;
 /// Compiled-size limit of a pattern's automaton (the regex crate's
 /// `size_limit`), in bytes. A literal path compiles to a few hundred bytes,
@@ -23,11 +26,17 @@ pub const MAX_PATTERN_LEN: usize = 256;
 /// (`[a-z0-9_]`), while a hostile pattern (`\w{20}`, `[^x]{200}`) is refused at
 /// load instead of costing every proxy its automaton.
 pub const PATTERN_SIZE_LIMIT: usize = 16 << 10;
-/// Lazy-DFA cache limit per pattern and thread (the regex crate's
-/// `dfa_size_limit`; its default is 2 MiB). Real patterns need a few dozen
-/// states; beyond this the engine falls back to a slower search that uses no
-/// more memory, so a pattern built to blow up the DFA costs CPU, not RAM.
-pub const PATTERN_DFA_SIZE_LIMIT: usize = 64 << 10;
+/// Most bytes the DFA of a tool's regex routes may take, all of them
+/// together (and so of any one regex route). Every regex route is searched
+/// through a DFA built at load, one table step per path byte, so a lookup
+/// costs the same whatever the patterns; what hostile patterns can still
+/// inflate is the table, which this bounds. Real patterns (`.*`,
+/// `/<path>.*`) are literals and need no DFA; measured hand-written regexes
+/// take 1-18 KiB each (`^/[a-z]+/v[0-9]+/` 1 KiB, `/index.php.*` 7 KiB,
+/// `/a.b.c.d.e.f.*` 18 KiB), a lone Unicode `\w` 179 KiB: 256 KiB holds a
+/// dozen of the largest together, while a tool's worst case is a twelfth of
+/// the 3 MiB its 64 regex routes could hold before.
+pub const TOOL_REGEX_DFA_LIMIT: usize = 256 << 10;
 
 /// Why a tool name, pattern or backend URL was refused. The message is fit
 /// for an operator or a registrar client.
@@ -100,8 +109,10 @@ enum Matcher {
     /// a substring search (SIMD, with a worst case linear in the path),
     /// without the memory of a compiled regex.
     Contains(Box<memmem::Finder<'static>>),
-    /// An unanchored regex search.
-    Regex(Regex),
+    /// An unanchored regex search, as a DFA built once at parse; `None` once
+    /// the pattern's tool searches it through a DFA shared by all its regex
+    /// routes (see `lookup`), so the table does not hold both.
+    Regex(Option<Arc<RegexDfa>>),
 }
 
 /// A route pattern: a regex searched (unanchored) in the request path.
@@ -128,12 +139,21 @@ impl RoutePattern {
         } else if literal.bytes().all(is_plain_literal_byte) {
             Matcher::Contains(Box::new(memmem::Finder::new(literal.as_bytes()).into_owned()))
         } else {
-            let regex = RegexBuilder::new(pattern)
+            let refuse = |reason: String| InvalidInput::Pattern { pattern: pattern.into(), reason };
+            // The regex crate's compiler gives the clearest syntax errors and
+            // applies the compiled-size limit; the DFA is what is kept.
+            RegexBuilder::new(pattern)
                 .size_limit(PATTERN_SIZE_LIMIT)
-                .dfa_size_limit(PATTERN_DFA_SIZE_LIMIT)
                 .build()
-                .map_err(|e| InvalidInput::Pattern { pattern: pattern.into(), reason: first_line(&e.to_string()) })?;
-            Matcher::Regex(regex)
+                .map_err(|e| refuse(first_line(&e.to_string())))?;
+            let dfa = RegexDfa::build(&[(pattern, 0)], TOOL_REGEX_DFA_LIMIT).map_err(|e| match e {
+                DfaRefusal::TooBig => refuse(format!("its DFA would exceed {} KiB", TOOL_REGEX_DFA_LIMIT >> 10)),
+                DfaRefusal::Unsupported(why) if why.contains("word boundar") => {
+                    refuse(r"a Unicode word boundary (\b) is not supported; use the ASCII one, (?-u:\b)".to_string())
+                }
+                DfaRefusal::Unsupported(why) => refuse(first_line(&why)),
+            })?;
+            Matcher::Regex(Some(Arc::new(dfa)))
         };
         Ok(RoutePattern { source: pattern.into(), matcher })
     }
@@ -143,15 +163,32 @@ impl RoutePattern {
         matches!(self.matcher, Matcher::Regex(_))
     }
 
-    /// Heap bytes this compiled pattern may hold, for memory budgets. A
-    /// regex is counted at its upper bound, as the regex crate does not report
-    /// its size: fixed engine structures plus forward and reverse automata at
-    /// the compiled-size limit. Literals cost about their text.
+    /// Heap bytes this compiled pattern holds, for memory budgets: a
+    /// regex's DFA as built, a literal about its text.
     pub fn estimated_size(&self) -> usize {
         match &self.matcher {
             Matcher::Everything => self.source.len(),
             Matcher::Contains(_) => 2 * self.source.len() + 64,
-            Matcher::Regex(_) => REGEX_BASE_COST + 2 * PATTERN_SIZE_LIMIT + self.source.len(),
+            Matcher::Regex(dfa) => dfa.as_ref().map_or(0, |d| d.memory_usage()) + self.source.len(),
+        }
+    }
+
+    /// The same pattern without its own DFA, for a tool that searches it
+    /// through a DFA shared by all its regex routes.
+    pub(crate) fn without_own_dfa(&self) -> RoutePattern {
+        match &self.matcher {
+            Matcher::Regex(Some(_)) => RoutePattern { source: Arc::clone(&self.source), matcher: Matcher::Regex(None) },
+            _ => self.clone(),
+        }
+    }
+
+    /// The literal a match needs, when the pattern is a plain literal
+    /// (optionally followed by `.*`); empty for `.*`; `None` for a regex.
+    pub(crate) fn literal(&self) -> Option<&str> {
+        match &self.matcher {
+            Matcher::Everything => Some(""),
+            Matcher::Contains(_) => Some(self.source.strip_suffix(".*").unwrap_or(&self.source)),
+            Matcher::Regex(_) => None,
         }
     }
 
@@ -166,7 +203,9 @@ impl RoutePattern {
         match &self.matcher {
             Matcher::Everything => true,
             Matcher::Contains(literal) => literal.find(path.as_bytes()).is_some(),
-            Matcher::Regex(regex) => regex.is_match(path),
+            Matcher::Regex(Some(dfa)) => dfa.search(path.as_bytes(), 1) != 0,
+            // Not on the request path (the tool's shared DFA is): rebuild it.
+            Matcher::Regex(None) => RoutePattern::parse(&self.source).is_ok_and(|p| p.is_match(path)),
         }
     }
 }
@@ -184,10 +223,6 @@ impl fmt::Display for RoutePattern {
         f.write_str(&self.source)
     }
 }
-
-/// Fixed heap cost of one compiled regex besides its automata (engine
-/// structures, cache pools), measured with regex 1.13.
-const REGEX_BASE_COST: usize = 16 << 10;
 
 /// Bytes that stand for themselves in a regex; anything else goes to the regex engine.
 fn is_plain_literal_byte(b: u8) -> bool {
@@ -389,6 +424,13 @@ mod tests {
             let err = RoutePattern::parse(hostile).unwrap_err();
             assert!(err.to_string().contains("size limit"), "{hostile}: {err}");
         }
+        // Short patterns whose DFA alone would exceed the per-tool budget are refused.
+        let err = RoutePattern::parse("a[ab]{12}").unwrap_err();
+        assert!(err.to_string().contains("DFA would exceed 256 KiB"), "{err}");
+        // A DFA cannot run a Unicode word boundary; the ASCII one is fine.
+        let err = RoutePattern::parse(r"\bapi").unwrap_err();
+        assert!(err.to_string().contains(r"Unicode word boundary (\b) is not supported"), "{err}");
+        assert!(RoutePattern::parse(r"(?-u:\b)api").is_ok());
         // Literal paths stay literals, whatever their length.
         assert!(!RoutePattern::parse(&longest).unwrap().is_regex());
     }

@@ -91,3 +91,33 @@ async fn an_oversized_pattern_is_skipped_and_the_others_load() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn regex_routes_beyond_the_tool_dfa_budget_are_dropped_in_match_order() {
+    let redis = RedisServer::start();
+    let mut c = redis.client();
+    // Each alone is a fine route (a DFA of about 60 KiB); twenty of them
+    // together would need a DFA far over the per-tool budget.
+    let hostile: Vec<String> = (0..20).map(|i| format!("/r{i:02}[ab/]{{200}}c")).collect();
+    for (i, pattern) in hostile.iter().enumerate() {
+        let _: () = c.hset("prefix:dense", pattern, format!("http://10.0.0.1:{}", 1000 + i)).unwrap();
+    }
+    let _: () = c.hset("prefix:dense", "/static.*", "http://10.0.0.2:80").unwrap();
+    let _: () = c.hset("prefix:dense", ".*", "http://10.0.0.3:80").unwrap();
+    let (cache, _stop) = synced_cache(&redis).await;
+
+    let kept = patterns(&cache, "dense");
+    let kept_regexes: Vec<&String> = kept.iter().filter(|p| p.contains('[')).collect();
+    assert!(!kept_regexes.is_empty() && kept_regexes.len() < hostile.len(), "kept {kept:?}");
+    // The first in match order stay (all have one length: byte order decides).
+    assert_eq!(kept_regexes, hostile.iter().take(kept_regexes.len()).collect::<Vec<_>>());
+    assert!(kept.contains(&"/static.*".to_string()) && kept.contains(&".*".to_string()));
+
+    let hit = |i: usize| format!("/r{i:02}{}c", "ab/".repeat(70).get(..200).unwrap_or_default());
+    assert_eq!(backend(&cache, "dense", &hit(0)).as_deref(), Some("http://10.0.0.1:1000"));
+    let last_kept = kept_regexes.len() - 1;
+    assert_eq!(backend(&cache, "dense", &hit(last_kept)), Some(format!("http://10.0.0.1:{}", 1000 + last_kept)));
+    // A dropped route is never served: its paths fall through to `.*`.
+    assert_eq!(backend(&cache, "dense", &hit(19)).as_deref(), Some("http://10.0.0.3:80"));
+    assert_eq!(backend(&cache, "dense", "/static/x").as_deref(), Some("http://10.0.0.2:80"));
+}

@@ -1,0 +1,265 @@
+//! Regex route patterns searched in one pass: one fully built DFA for all of
+//! a tool's regex routes, whose match states know, as a bit set, every route
+//! they report.
+//!
+//! The DFA is built when a tool is loaded, within a byte budget, so a lookup
+//! is one table step per path byte whatever the patterns are: there is no
+//! lazy DFA cache to thrash and no slower engine to fall back to. Patterns a
+//! DFA cannot run (a Unicode word boundary `\b`) are refused when parsed.
+
+use regex_automata::dfa::{Automaton, StartKind, dense};
+use regex_automata::nfa::thompson;
+use regex_automata::util::primitives::StateID;
+use regex_automata::util::start;
+use regex_automata::util::syntax;
+use regex_automata::{Anchored, MatchKind};
+
+/// Parts of a long path searched side by side (see `literals`).
+const LANES: usize = 4;
+/// Shortest part worth a lane of its own.
+const MIN_LANE: usize = 2048;
+
+/// Why a set of patterns got no DFA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum DfaRefusal {
+    /// The DFA would exceed the byte budget it was given.
+    TooBig,
+    /// The patterns cannot become a DFA (syntax, `\b`, ...); the message says why.
+    Unsupported(String),
+}
+
+/// Regex patterns (each one route, by its bit) found in one pass.
+#[derive(Debug)]
+pub(crate) struct RegexDfa {
+    dfa: dense::DFA<Vec<u32>>,
+    /// Where an unanchored search from the start of the path begins.
+    start: StateID,
+    /// Routes reported by each state (zero unless a match state), indexed by state number.
+    found: Box<[u64]>,
+    /// The longest match any pattern needs to show it is present, in bytes;
+    /// `None` when unbounded. When bounded, a long path is searched in
+    /// lanes that overlap by this much.
+    longest: Option<usize>,
+}
+
+impl RegexDfa {
+    /// Builds the DFA of `patterns`, each with its route's bit (0..64),
+    /// refusing it when its transition table would exceed `limit` bytes.
+    /// The syntax is the `regex` crate's defaults (Unicode, UTF-8), so a
+    /// pattern matches here exactly where `regex::Regex::is_match` says.
+    pub(crate) fn build(patterns: &[(&str, u32)], limit: usize) -> Result<RegexDfa, DfaRefusal> {
+        let sources: Vec<&str> = patterns.iter().map(|(p, _)| *p).collect();
+        let dfa = dense::Builder::new()
+            .configure(
+                dense::Config::new()
+                    .match_kind(MatchKind::All)
+                    .start_kind(StartKind::Unanchored)
+                    .accelerate(false)
+                    .minimize(false)
+                    .dfa_size_limit(Some(limit))
+                    // Determinizing keeps each state's NFA set besides the
+                    // table: bound that working memory (and so the build time) too.
+                    .determinize_size_limit(Some(4 * limit)),
+            )
+            .syntax(syntax::Config::new().utf8(true))
+            .thompson(thompson::Config::new().utf8(true).which_captures(thompson::WhichCaptures::None))
+            .build_many(&sources)
+            .map_err(|e| {
+                if e.is_size_limit_exceeded() { DfaRefusal::TooBig } else { DfaRefusal::Unsupported(e.to_string()) }
+            })?;
+        let start = dfa
+            .start_state(&start::Config::new().anchored(Anchored::No))
+            .map_err(|e| DfaRefusal::Unsupported(e.to_string()))?;
+        let bits: Vec<u32> = patterns.iter().map(|(_, bit)| *bit).collect();
+        let found = match_bits(&dfa, &bits);
+        let longest = patterns.iter().map(|(p, _)| longest_needed(p)).try_fold(0, |acc, n| n.map(|n| acc.max(n)));
+        Ok(RegexDfa { dfa, start, found, longest })
+    }
+
+    /// The bits of the patterns found in `haystack`. Stops early once a bit
+    /// of `enough` is found.
+    #[inline]
+    pub(crate) fn search(&self, haystack: &[u8], enough: u64) -> u64 {
+        let part = haystack.len() / LANES;
+        match self.longest {
+            Some(longest) if part >= MIN_LANE.max(2 * longest) => self.search_lanes(haystack, part, longest, enough),
+            _ => self.walk(haystack, enough),
+        }
+    }
+
+    /// One walk over the whole path.
+    fn walk(&self, haystack: &[u8], enough: u64) -> u64 {
+        let mut state = self.start;
+        let mut seen = 0u64;
+        for &b in haystack {
+            state = self.dfa.next_state(state, b);
+            if self.dfa.is_special_state(state) {
+                if self.dfa.is_match_state(state) {
+                    seen |= self.found_at(state);
+                    if seen & enough != 0 {
+                        return seen;
+                    }
+                } else if self.dfa.is_dead_state(state) {
+                    return seen;
+                }
+            }
+        }
+        // Matches are reported one byte late: the end of the path may complete one.
+        seen | self.found_at(self.dfa.next_eoi_state(state))
+    }
+
+    /// Four walks side by side, lane k reporting the matches that end in
+    /// its part of the path. A lane starts `longest` bytes early, from the
+    /// start state for the byte before it (so `^` and `\b` see the real
+    /// context): no match that ends in its part can begin before that.
+    fn search_lanes(&self, haystack: &[u8], part: usize, longest: usize, enough: u64) -> u64 {
+        let begin = |k: usize| (k * part).saturating_sub(longest);
+        // Matches show one byte late, so a lane reads one byte past its part;
+        // the last lane reads to the end and then the end of the path.
+        let lane = |k: usize| {
+            let end = if k + 1 == LANES { haystack.len() } else { (k + 1) * part + 1 };
+            &haystack[begin(k)..end]
+        };
+        let lanes: [&[u8]; LANES] = std::array::from_fn(lane);
+        let mut states = [self.start; LANES];
+        for (k, state) in states.iter_mut().enumerate().skip(1) {
+            let config = start::Config::new().anchored(Anchored::No).look_behind(Some(haystack[begin(k) - 1]));
+            match self.dfa.start_state(&config) {
+                Ok(s) => *state = s,
+                // Cannot happen with the DFAs built here (no quit bytes); stay exact anyway.
+                Err(_) => return self.walk(haystack, enough),
+            }
+        }
+        let mut seen = 0u64;
+        // Indexing all lanes at one offset is the point: their walks interleave.
+        #[allow(clippy::needless_range_loop)]
+        for i in 0..part {
+            for k in 0..LANES {
+                states[k] = self.dfa.next_state(states[k], lanes[k][i]);
+                seen |= self.found_at(states[k]);
+            }
+            if seen & enough != 0 {
+                return seen;
+            }
+        }
+        for k in 0..LANES {
+            for &b in &lanes[k][part..] {
+                states[k] = self.dfa.next_state(states[k], b);
+                seen |= self.found_at(states[k]);
+            }
+        }
+        seen | self.found_at(self.dfa.next_eoi_state(states[LANES - 1]))
+    }
+
+    #[inline(always)]
+    fn found_at(&self, state: StateID) -> u64 {
+        self.found.get(state.as_usize() >> self.dfa.stride2()).copied().unwrap_or(0)
+    }
+
+    /// Heap bytes held, for memory budgets.
+    pub(crate) fn memory_usage(&self) -> usize {
+        self.dfa.memory_usage() + self.found.len() * size_of::<u64>()
+    }
+}
+
+/// The longest match `pattern` needs to show it is present: its longest
+/// match, not counting a final `.*` (which may match nothing); `None` when
+/// unbounded.
+fn longest_needed(pattern: &str) -> Option<usize> {
+    let needed = |p: &str| regex_syntax::parse(p).ok().map(|hir| hir.properties().maximum_len());
+    pattern.strip_suffix(".*").and_then(needed).or_else(|| needed(pattern)).flatten()
+}
+
+/// Walks every state reachable from a start state and records, for each
+/// match state, the bits of the patterns it reports.
+fn match_bits(dfa: &dense::DFA<Vec<u32>>, bits: &[u32]) -> Box<[u64]> {
+    let stride2 = dfa.stride2();
+    let index = |id: StateID| id.as_usize() >> stride2;
+    let mut found: Vec<u64> = Vec::new();
+    let mut visited: Vec<bool> = Vec::new();
+    // Lanes start mid-path, from the start state for the byte before them.
+    let mut stack: Vec<StateID> = std::iter::once(None)
+        .chain((0..=255u8).map(Some))
+        .filter_map(|b| dfa.start_state(&start::Config::new().anchored(Anchored::No).look_behind(b)).ok())
+        .collect();
+    let representatives: Vec<Option<u8>> = dfa.byte_classes().representatives(..).map(|u| u.as_u8()).collect();
+    while let Some(id) = stack.pop() {
+        let i = index(id);
+        if i >= visited.len() {
+            visited.resize(i + 1, false);
+            found.resize(i + 1, 0);
+        }
+        if visited[i] {
+            continue;
+        }
+        visited[i] = true;
+        if dfa.is_match_state(id) {
+            for m in 0..dfa.match_len(id) {
+                let pattern = dfa.match_pattern(id, m).as_usize();
+                found[i] |= bits.get(pattern).map_or(0, |bit| 1u64 << bit);
+            }
+        }
+        for unit in &representatives {
+            let next = match unit {
+                Some(b) => dfa.next_state(id, *b),
+                None => dfa.next_eoi_state(id),
+            };
+            if index(next) >= visited.len() || !visited[index(next)] {
+                stack.push(next);
+            }
+        }
+    }
+    found.into_boxed_slice()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dfa(patterns: &[&str]) -> RegexDfa {
+        let with_bits: Vec<(&str, u32)> = patterns.iter().enumerate().map(|(i, p)| (*p, i as u32)).collect();
+        RegexDfa::build(&with_bits, 1 << 20).unwrap()
+    }
+
+    #[test]
+    fn reports_every_pattern_found() {
+        let d = dfa(&["^/api", "v[0-9]+$", "x.y", "é+"]);
+        assert_eq!(d.search(b"/api/v2", 0), 0b0011);
+        assert_eq!(d.search(b"/x/api/v2/", 0), 0);
+        assert_eq!(d.search("/xéy/éé".as_bytes(), 0), 0b1100);
+        assert_eq!(d.search(b"", 0), 0);
+        assert_eq!(dfa(&["", "a?"]).search(b"", 0), 0b11);
+    }
+
+    #[test]
+    fn long_paths_are_searched_in_lanes_without_missing_a_match() {
+        let d = dfa(&["^/start", "x[0-9]{3}y", r"(?-u:\b)word(?-u:\b)", "end$", "/index.php.*"]);
+        assert_eq!(d.longest, Some(13), "`.` may be four bytes");
+        for at in [0, 1, 5000, 9995, 9996, 9999, 10000, 10001, 19996, 29990, 39980] {
+            let mut path = vec![b'/'; 40000];
+            path[at..at + 5].copy_from_slice(b"x123y");
+            assert_eq!(d.search(&path, 0), 0b00010, "at {at}");
+            path[at..at + 6].copy_from_slice(b" word ");
+            assert_eq!(d.search(&path, 0), 0b00100, "at {at}");
+            path[at..at + 6].copy_from_slice(b"awordb");
+            assert_eq!(d.search(&path, 0), 0, "at {at}");
+        }
+        let mut path = vec![b'/'; 40000];
+        path[..6].copy_from_slice(b"/start");
+        path[39997..].copy_from_slice(b"end");
+        assert_eq!(d.search(&path, 0), 0b01001);
+        // `^` holds at the start of the path only, not where a lane starts.
+        let mut path = vec![b'/'; 40000];
+        path[10000 - 13..10000 - 7].copy_from_slice(b"/start");
+        path[39997..].copy_from_slice(b"enx");
+        assert_eq!(d.search(&path, 0), 0);
+        assert_eq!(dfa(&["a+"]).longest, None);
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_run_or_afford() {
+        assert!(matches!(RegexDfa::build(&[(r"\bx", 0)], 1 << 20), Err(DfaRefusal::Unsupported(_))));
+        assert!(RegexDfa::build(&[(r"(?-u:\b)x", 0)], 1 << 20).is_ok());
+        assert_eq!(RegexDfa::build(&[("a[ab]{20}", 0)], 1 << 16).unwrap_err(), DfaRefusal::TooBig);
+    }
+}

@@ -1,0 +1,126 @@
+//! The one-pass route lookup picks exactly the route that trying each
+//! pattern in match order with `regex::Regex::is_match` picks (SPEC §2),
+//! over many generated route sets and paths: overlapping literals, regexes
+//! with anchors and classes, `.*` in the middle of the order, Unicode paths.
+
+use dynamicproxy_redis::table::match_order;
+use dynamicproxy_redis::{BackendUrl, MAX_ROUTES_PER_TOOL, Route, RoutePattern, ToolRoutes};
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use regex::Regex;
+
+/// Path pieces: few distinct ones, so patterns and paths overlap often.
+const PATH_PIECES: &[&str] = &["/", "a", "b", "ab", "é", "日本", "x", ".", "1", "A", "-", "/a/", "ü"];
+
+/// Pattern pieces: plain text (so some patterns stay literals) and regex syntax.
+const LITERAL_PIECES: &[&str] = &["/", "a", "b", "ab", "x", "1", "-", "/a", "A"];
+const REGEX_PIECES: &[&str] = &[
+    ".",
+    "^",
+    "$",
+    "[ab]",
+    "[^/]",
+    "é",
+    "日",
+    "\\d",
+    "a+",
+    "b?",
+    "(a|/b)",
+    "x*",
+    "(?i)a",
+    "[é-ü]",
+    "(?-u:\\b)",
+    "\\.",
+    "{2}",
+    ".*",
+    "/",
+];
+
+fn pattern(rng: &mut StdRng) -> String {
+    match rng.random_range(0..10) {
+        0 => ".*".to_string(),
+        1 => String::new(),
+        2..=5 => {
+            let mut p: String = (0..rng.random_range(1..5)).map(|_| *LITERAL_PIECES.choose(rng).unwrap()).collect();
+            if rng.random_bool(0.5) {
+                p.push_str(".*");
+            }
+            p
+        }
+        _ => (0..rng.random_range(1..5))
+            .map(|_| {
+                if rng.random_bool(0.4) {
+                    *LITERAL_PIECES.choose(rng).unwrap()
+                } else {
+                    *REGEX_PIECES.choose(rng).unwrap()
+                }
+            })
+            .collect(),
+    }
+}
+
+fn path(rng: &mut StdRng) -> String {
+    // Now and then a long one, which the lookup searches in lanes.
+    let pieces = if rng.random_ratio(1, 20) { rng.random_range(4000..6000) } else { rng.random_range(0..12) };
+    (0..pieces).map(|_| *PATH_PIECES.choose(rng).unwrap()).collect()
+}
+
+/// The naive lookup: each valid pattern in match order, the first found wins.
+fn reference<'a>(patterns: &'a [(String, Regex)], path: &str) -> Option<&'a str> {
+    patterns.iter().find(|(_, regex)| regex.is_match(path)).map(|(p, _)| p.as_str())
+}
+
+#[test]
+fn one_pass_lookup_picks_what_trying_each_pattern_in_order_picks() {
+    let mut rng = StdRng::seed_from_u64(10);
+    let backend = |i: usize| BackendUrl::parse(&format!("http://10.0.0.1:{}", 1000 + i)).unwrap();
+    let (mut compared, mut matched) = (0, 0);
+    let (mut trimmed_sets, mut trimmed_set) = (0, None);
+    for set in 0..400 {
+        // Mostly small tools, sometimes one at the route cap.
+        let count = if set % 50 == 0 { MAX_ROUTES_PER_TOOL + 6 } else { rng.random_range(1..9) };
+        let mut sources: Vec<String> = (0..count).map(|_| pattern(&mut rng)).collect();
+        sources.sort_by(|a, b| match_order(a, b));
+        sources.dedup();
+        // What the loader would keep: valid patterns, the first 64 in match order.
+        let valid: Vec<(String, RoutePattern)> =
+            sources.iter().filter_map(|s| RoutePattern::parse(s).ok().map(|p| (s.clone(), p))).collect();
+        let capped: Vec<String> = valid.iter().take(MAX_ROUTES_PER_TOOL).map(|(s, _)| s.clone()).collect();
+        let routes: Vec<Route> =
+            valid.into_iter().enumerate().map(|(i, (_, pattern))| Route { pattern, backend: backend(i) }).collect();
+        let tool = ToolRoutes::new(routes, true, false);
+        // Only regex routes past the per-tool DFA budget may be missing (see `tests/limits.rs`).
+        let shown: Vec<&str> = tool.routes().iter().map(|r| r.pattern.as_str()).collect();
+        let mut rest = shown.iter();
+        for pattern in &capped {
+            if rest.clone().next() == Some(&pattern.as_str()) {
+                rest.next();
+            } else {
+                assert!(RoutePattern::parse(pattern).unwrap().is_regex(), "{pattern:?} dropped from {capped:?}");
+                trimmed_sets += usize::from(trimmed_set != Some(set));
+                trimmed_set = Some(set);
+            }
+        }
+        assert!(rest.next().is_none(), "routes {shown:?} are not those of {capped:?}");
+        let kept: Vec<(String, Regex)> = shown
+            .iter()
+            .map(|s| (s.to_string(), Regex::new(s).expect("a valid route pattern is a valid regex")))
+            .collect();
+        let expected = &shown;
+        for _ in 0..40 {
+            let path = path(&mut rng);
+            let want = reference(&kept, &path);
+            let got = tool
+                .find(&path)
+                .and_then(|b| tool.routes().iter().find(|r| &r.backend == b).map(|r| r.pattern.as_str()));
+            assert_eq!(got, want, "path {:?} ({} bytes) with routes {expected:?}", path.get(..200), path.len());
+            compared += 1;
+            matched += usize::from(want.is_some());
+        }
+    }
+    // Most generated tools keep all their routes, so the comparison covers the shared DFA.
+    assert!(trimmed_sets < 20, "{trimmed_sets} of 400 tools over the DFA budget");
+    // The generator exercises both outcomes.
+    assert!(matched > compared / 5 && matched < compared * 4 / 5, "{matched} of {compared} matched");
+}
