@@ -28,6 +28,12 @@ pub struct RouteStore {
     connecting: tokio::sync::Mutex<Option<FailedConnect>>,
 }
 
+impl fmt::Debug for RouteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouteStore").field("endpoint", &self.endpoint.to_string()).finish_non_exhaustive()
+    }
+}
+
 /// The last failed connection attempt, reused by callers that arrive while it is fresh.
 struct FailedConnect {
     at: std::time::Instant,
