@@ -62,22 +62,20 @@ impl Explainer {
         if url.starts_with('/') {
             return Err(ExplainError::NoHost);
         }
-        let uri: Uri =
-            if url.contains("://") { url.parse()? } else { format!("http://{url}").parse::<Uri>().map_err(ExplainError::from)? };
+        let uri: Uri = if url.contains("://") {
+            url.parse()?
+        } else {
+            format!("http://{url}").parse::<Uri>().map_err(ExplainError::from)?
+        };
         let authority = uri.authority().ok_or(ExplainError::NoHost)?;
-        let host = normalize_host(authority.as_str())
-            .map_err(|_| ExplainError::BadHost(authority.to_string()))?
-            .into_owned();
+        let host =
+            normalize_host(authority.as_str()).map_err(|_| ExplainError::BadHost(authority.to_string()))?.into_owned();
         let path = match uri.path() {
             "" => "/",
             path => path,
         };
-        let mut explanation = Explanation {
-            url: url.to_string(),
-            host: host.clone(),
-            path: path.to_string(),
-            ..Explanation::default()
-        };
+        let mut explanation =
+            Explanation { url: url.to_string(), host: host.clone(), path: path.to_string(), ..Explanation::default() };
         if let Some(answer) = self.before_routing(&host, path, &uri) {
             explanation.decision = answer;
             return Ok(explanation);
@@ -404,7 +402,9 @@ fn no_tool_route(tool: Option<&str>) -> String {
 
 fn no_route(tool: Option<&str>) -> String {
     match tool {
-        Some(tool) if tool != ADMIN_TOOL => format!("{} and no prefix:{ADMIN_TOOL} route matched", no_tool_route(Some(tool))),
+        Some(tool) if tool != ADMIN_TOOL => {
+            format!("{} and no prefix:{ADMIN_TOOL} route matched", no_tool_route(Some(tool)))
+        }
         _ => format!("no prefix:{ADMIN_TOOL} route matched"),
     }
 }

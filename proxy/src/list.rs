@@ -67,7 +67,9 @@ pub async fn respond_detail(cache: &RouteCache, sources: Option<&RouteStore>) ->
         let routes: Vec<RouteFacts> = entry
             .routes()
             .iter()
-            .map(|route| RouteFacts::new(tool.as_str(), route, written.and_then(|w| w.get(route.pattern.as_str())), now))
+            .map(|route| {
+                RouteFacts::new(tool.as_str(), route, written.and_then(|w| w.get(route.pattern.as_str())), now)
+            })
             .collect();
         tools.insert(tool.to_string(), serde_json::json!({"status": "active", "routes": routes}));
     }
