@@ -174,6 +174,8 @@ pub async fn run(
             }
         }
         RoutesAction::Explain { url } => {
+            // A URL that cannot be explained is the operator's typo (exit 2), whatever Redis says.
+            dynamicproxy_proxy::explain::parse_url(&url)?;
             let config: dynamicproxy_proxy::Config =
                 crate::settings::section(figment, "proxy").map_err(|e| RoutesError::Config(e.to_string()))?;
             store.ping().await.map_err(redis)?;

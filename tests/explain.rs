@@ -200,6 +200,7 @@ async fn explain_and_history_name_each_writer() {
     }
     let unknown = explain(&client, all.admin, "https://nosuch.toolforge.org/").await;
     assert!(unknown.contains("table: prefix:nosuch: absent (no routes in Redis)"), "{unknown}");
+    assert!(unknown.contains("reason: the tool has no routes (prefix:nosuch does not exist)"), "{unknown}");
     assert!(!unknown.contains("tried:"), "{unknown}");
     assert_eq!(all.register("registerCanonical\n/canon.*\nhttp://10.0.0.5:8001\n").await, "ok");
     let moved =

@@ -59,17 +59,7 @@ impl Explainer {
     /// `scheme://host[:port]/path[?query]`; a URL without a scheme is taken as `http://`.
     pub async fn explain(&self, url: &str) -> Result<Explanation, ExplainError> {
         let url = url.trim();
-        if url.starts_with('/') {
-            return Err(ExplainError::NoHost);
-        }
-        let uri: Uri = if url.contains("://") {
-            url.parse()?
-        } else {
-            format!("http://{url}").parse::<Uri>().map_err(ExplainError::from)?
-        };
-        let authority = uri.authority().ok_or(ExplainError::NoHost)?;
-        let host =
-            normalize_host(authority.as_str()).map_err(|_| ExplainError::BadHost(authority.to_string()))?.into_owned();
+        let (uri, host) = parse_url(url)?;
         let path = match uri.path() {
             "" => "/",
             path => path,
@@ -87,7 +77,8 @@ impl Explainer {
         explanation.tool = recorder.tool.clone();
         explanation.tables = recorder.tables;
         explanation.tried = recorder.tried;
-        explanation.decision = describe(&decision, recorder.matched.as_ref(), explanation.tool.as_deref());
+        explanation.decision =
+            describe(&decision, recorder.matched.as_ref(), explanation.tool.as_deref(), &explanation.tables);
 
         let now = SystemTime::now();
         let mut sources: BTreeMap<String, BTreeMap<String, Provenance>> = BTreeMap::new();
@@ -150,6 +141,21 @@ impl Explainer {
         }
         None
     }
+}
+
+/// The URI and the normalised host of a URL to explain; a URL without a
+/// scheme is taken as `http://`. Callers may check a URL with it before
+/// loading anything.
+pub fn parse_url(url: &str) -> Result<(Uri, String), ExplainError> {
+    let url = url.trim();
+    if url.starts_with('/') {
+        return Err(ExplainError::NoHost);
+    }
+    let uri: Uri = if url.contains("://") { url.parse()? } else { format!("http://{url}").parse()? };
+    let authority = uri.authority().ok_or(ExplainError::NoHost)?;
+    let host = normalize_host(authority.as_str()).map_err(|_| ExplainError::BadHost(authority.to_string()))?;
+    let host = host.into_owned();
+    Ok((uri, host))
 }
 
 /// Fields of `prefix:<tool>` that the proxy ignores, with why.
@@ -358,7 +364,14 @@ impl DecisionFacts {
     }
 }
 
-fn describe(decision: &Decision, matched: Option<&(String, Route)>, tool: Option<&str>) -> DecisionFacts {
+fn describe(
+    decision: &Decision,
+    matched: Option<&(String, Route)>,
+    tool: Option<&str>,
+    tables: &[TableFacts],
+) -> DecisionFacts {
+    // "No route matched" reads as "there are routes": say so when there are none.
+    let tool_table_absent = |tool: &str| tables.iter().any(|t| t.table == format!("prefix:{tool}") && !t.present);
     let route_of = || matched.map(|(t, r)| format!("route `{}` of prefix:{t}", r.pattern.as_str())).unwrap_or_default();
     match decision {
         Decision::Proxy(backend, via) => {
@@ -368,12 +381,12 @@ fn describe(decision: &Decision, matched: Option<&(String, Route)>, tool: Option
                 Via::Admin => (
                     "admin",
                     format!("proxy to {backend} (fallback {} for the legacy domain)", route_of()),
-                    Some(no_tool_route(tool)),
+                    Some(no_tool_route(tool, &tool_table_absent)),
                 ),
                 Via::Default => (
                     "default",
                     format!("proxy to the default backend {backend} ([proxy] default_backend)"),
-                    Some(no_route(tool)),
+                    Some(no_route(tool, &tool_table_absent)),
                 ),
             };
             DecisionFacts { text, via: Some(name), backend: Some(backend.to_string()), reason }
@@ -388,22 +401,26 @@ fn describe(decision: &Decision, matched: Option<&(String, Route)>, tool: Option
             text: "503 \"no webservice\" page (X-Dynamicproxy-Reason: no-route)".into(),
             via: Some("no-webservice"),
             backend: None,
-            reason: Some(format!("{}, and no [proxy] default_backend is configured", no_route(tool))),
+            reason: Some(format!(
+                "{}, and no [proxy] default_backend is configured",
+                no_route(tool, &tool_table_absent)
+            )),
         },
     }
 }
 
-fn no_tool_route(tool: Option<&str>) -> String {
+fn no_tool_route(tool: Option<&str>, absent: &dyn Fn(&str) -> bool) -> String {
     match tool {
+        Some(tool) if absent(tool) => format!("the tool has no routes (prefix:{tool} does not exist)"),
         Some(tool) => format!("no route of prefix:{tool} matched"),
         None => "the path names no tool".into(),
     }
 }
 
-fn no_route(tool: Option<&str>) -> String {
+fn no_route(tool: Option<&str>, absent: &dyn Fn(&str) -> bool) -> String {
     match tool {
         Some(tool) if tool != ADMIN_TOOL => {
-            format!("{} and no prefix:{ADMIN_TOOL} route matched", no_tool_route(Some(tool)))
+            format!("{} and no prefix:{ADMIN_TOOL} route matched", no_tool_route(Some(tool), absent))
         }
         _ => format!("no prefix:{ADMIN_TOOL} route matched"),
     }
