@@ -255,4 +255,6 @@ async fn explain_and_history_name_each_writer() {
     assert!(kube_history.contains("kube-sync (Service tool-kubetool/kubetool)"), "{kube_history}");
     let gone = explained(&client, all.admin, "http://tools.wmflabs.org/clitool/api/v1", "absent").await;
     assert!(gone.contains("table: prefix:clitool: absent"), "{gone}");
+    assert!(gone.contains("delete `/api.*` -> http://10.0.0.9:80 by cli (operator alice)"), "{gone}");
+    assert!(gone.lines().any(|l| l.starts_with("last change: 20")), "{gone}");
 }

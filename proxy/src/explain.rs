@@ -95,6 +95,20 @@ impl Explainer {
                     }
                     Err(error) => explanation.notes.push(format!("who wrote the routes is unknown: Redis: {error}")),
                 }
+                // When the tool's own routes were not taken, its last change often says why.
+                if explanation.tool.as_deref() == Some(tool)
+                    && !matches!(decision, Decision::Proxy(_, Via::ToolHost | Via::LegacyPath))
+                    && let Ok(Some(change)) = store.last_change(&name).await
+                {
+                    explanation.last_change = Some(format!(
+                        "{} {} `{}`{} by {}",
+                        format_time(change.at_ms),
+                        change.action,
+                        change.pattern,
+                        if change.backend.is_empty() { String::new() } else { format!(" -> {}", change.backend) },
+                        change.source
+                    ));
+                }
                 if explanation.tool.as_deref() == Some(tool)
                     && let Ok(entry) = store.tool(&name).await
                 {
@@ -236,6 +250,8 @@ pub struct Explanation {
     pub route: Option<RouteFacts>,
     /// Who wrote the tool's redirect, when the decision is that redirect.
     pub redirect_written_by: Option<String>,
+    /// The tool's newest write or delete in the audit stream, when its own routes were not taken.
+    pub last_change: Option<String>,
     /// Anything else worth knowing (Redis unavailable, ...).
     pub notes: Vec<String>,
 }
@@ -269,6 +285,9 @@ impl Explanation {
         }
         if let Some(by) = &self.redirect_written_by {
             facts.push(("redirect written by", by.clone()));
+        }
+        if let Some(change) = &self.last_change {
+            facts.push(("last change", change.clone()));
         }
         for note in &self.notes {
             facts.push(("note", note.clone()));

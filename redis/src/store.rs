@@ -636,6 +636,43 @@ impl RouteStore {
         Ok(all)
     }
 
+    /// The tool's newest entry in the audit stream, if any: read newest
+    /// first, and stops at the first one found.
+    pub async fn last_change(&self, tool: &ToolName) -> Result<Option<AuditEntry>, RouteTableError> {
+        let mut end = "+".to_string();
+        loop {
+            let to = end.clone();
+            let batch: Vec<redis::Value> = self
+                .run(|mut c| async move {
+                    redis::cmd("XREVRANGE")
+                        .arg(AUDIT_STREAM)
+                        .arg(to)
+                        .arg("-")
+                        .arg("COUNT")
+                        .arg(HISTORY_BATCH)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            let count = batch.len();
+            let mut last = None;
+            for item in batch {
+                let Some((id, fields)) = stream_entry(item) else { continue };
+                if let Some(entry) = AuditEntry::from_fields(&id, &fields)
+                    && entry.tool == tool.as_str()
+                {
+                    return Ok(Some(entry));
+                }
+                last = Some(id);
+            }
+            match last {
+                // `(` makes the next range end before the last ID seen.
+                Some(id) if count == HISTORY_BATCH => end = format!("({id}"),
+                _ => return Ok(None),
+            }
+        }
+    }
+
     /// A tool's entries of the audit stream, oldest first. Reads the whole
     /// (capped) stream in batches and keeps the tool's entries.
     pub async fn history(&self, tool: &ToolName) -> Result<Vec<AuditEntry>, RouteTableError> {

@@ -242,6 +242,8 @@ async fn every_writer_is_recorded_next_to_the_route_and_in_the_audit_stream() {
         ]
     );
     assert!(history.windows(2).all(|w| w[0].at_ms <= w[1].at_ms), "oldest first");
+    assert_eq!(store.last_change(&tool).await.unwrap().as_ref(), history.last());
+    assert_eq!(store.last_change(&ToolName::parse("never").unwrap()).await.unwrap(), None);
     assert_eq!(store.all_provenance().await.unwrap().keys().collect::<Vec<_>>(), ["other"]);
 
     store.set_canonical_route(&tool, &any, &grid, "foo.toolforge.org", &registrar).await.unwrap();
