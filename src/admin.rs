@@ -1,5 +1,5 @@
 //! The admin API of each daemon (SPEC §7): metrics, server info, readiness,
-//! and runtime switches. Bound to 127.0.0.1 by default; every request passes
+//! runtime switches, and the proxy's `/explain`. Bound to 127.0.0.1 by default; every request passes
 //! [`crate::admin_guard`] first, so nothing proxied reaches a handler.
 
 use std::sync::Arc;
@@ -47,6 +47,8 @@ pub struct AdminState {
     pub maintenance: Option<MaintenanceSwitch>,
     /// Readiness.
     pub ready: ReadyCheck,
+    /// Explains a URL's routing against the proxy's own route cache (`GET /explain`); the proxy only.
+    pub explainer: Option<dynamicproxy_proxy::explain::Explainer>,
 }
 
 /// Serves the admin API on `listener` until `shutdown` is cancelled; `guard`
@@ -73,6 +75,7 @@ fn routes() -> Router<AdminState> {
         .route("/ready", get(ready))
         .route("/logging", post(logging))
         .route("/maintenance", post(maintenance))
+        .route("/explain", get(explain))
 }
 
 async fn metrics(State(state): State<AdminState>, headers: axum::http::HeaderMap) -> Response {
@@ -152,4 +155,36 @@ async fn maintenance(State(state): State<AdminState>, Query(query): Query<Mainte
     switch(enabled);
     tracing::warn!(enabled, "maintenance mode changed through the admin API");
     (StatusCode::OK, format!("maintenance {}\n", if enabled { "on" } else { "off" })).into_response()
+}
+
+#[derive(Deserialize)]
+struct ExplainQuery {
+    url: Option<String>,
+}
+
+/// `GET /explain?url=URL`: plain text, one fact per line; JSON when the client asks for it.
+async fn explain(
+    State(state): State<AdminState>,
+    headers: axum::http::HeaderMap,
+    Query(query): Query<ExplainQuery>,
+) -> Response {
+    let Some(explainer) = &state.explainer else {
+        return (StatusCode::NOT_FOUND, "this daemon routes nothing; ask the proxy's admin API\n").into_response();
+    };
+    let Some(url) = query.url.filter(|u| !u.trim().is_empty()) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "missing ?url=URL, percent-encoded (curl -G --data-urlencode url=https://mytool.toolforge.org/x)\n",
+        )
+            .into_response();
+    };
+    let explanation = match explainer.explain(&url).await {
+        Ok(explanation) => explanation,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if accept.contains("application/json") {
+        return axum::Json(explanation).into_response();
+    }
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], explanation.to_text()).into_response()
 }

@@ -147,7 +147,7 @@ pub struct RoutesCommand {
 }
 
 /// Operations of `dynamicproxy routes`. Exit status: 0 done, 1 Redis
-/// unreachable or failing, 2 invalid input, 3 no such tool.
+/// unreachable or failing, 2 invalid input, 3 no such tool, 64 unusable configuration.
 #[derive(Debug, Subcommand)]
 pub enum RoutesAction {
     /// Lists the tools that have routes.
@@ -172,5 +172,19 @@ pub enum RoutesAction {
         tool: String,
         /// Route pattern to delete; all of the tool's routes and redirects when omitted.
         pattern: Option<String>,
+    },
+    /// Says which rule a request for URL takes and why (host form, tool, each
+    /// pattern tried, backend or fallback) and who wrote that route and when;
+    /// the same as the proxy's GET /explain?url=URL, computed from Redis with
+    /// the [proxy] settings of the configuration (canonical domain, default backend).
+    Explain {
+        /// The URL, e.g. `https://mytool.toolforge.org/api/x` or `https://tools.wmflabs.org/mytool/`.
+        url: String,
+    },
+    /// Shows every write and delete of a tool's routes still in the audit stream, oldest first:
+    /// time, action, pattern, backend, writer.
+    History {
+        /// Tool name.
+        tool: String,
     },
 }

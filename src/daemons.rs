@@ -171,6 +171,7 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
     let mut cache = None;
     let mut maintenance: Option<MaintenanceSwitch> = None;
     let mut readiness: Vec<ReadyCheck> = Vec::new();
+    let mut explainer = None;
 
     // Bind everything first, so a port in use stops the process before anything serves.
     let proxy_listeners = match &plan.proxy {
@@ -210,7 +211,12 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
             run_cache_sync(CacheSyncConfig::new(plan.redis.clone()), route_cache.clone(), shutdown.child_token()),
         ));
         let metrics = Arc::new(dynamicproxy_proxy::Metrics::new(&mut registry));
-        let handle = dynamicproxy_proxy::ProxyHandle::new(&config);
+        let handle = dynamicproxy_proxy::ProxyHandle::new(&config).with_sources(store.clone());
+        // The admin API explains with a router built as the proxy builds its own, over the same cache.
+        let router = dynamicproxy_proxy::route::Router::from_config(&config, route_cache.clone())
+            .map_err(|e| Failure::Start(format!("proxy: {e}")))?;
+        explainer =
+            Some(dynamicproxy_proxy::explain::Explainer::new(router, Some(store.clone()), Some(handle.clone())));
         let switch = handle.clone();
         maintenance = Some(Arc::new(move |on| switch.set_maintenance(on)));
         let ready_cache = route_cache.clone();
@@ -257,6 +263,7 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
         log,
         maintenance,
         ready: Arc::new(move || readiness.iter().try_for_each(|check| check())),
+        explainer,
     };
     let admin_shutdown = shutdown.child_token();
     tasks.spawn(async move {

@@ -9,6 +9,7 @@ mod cli;
 mod daemons;
 mod manpage;
 mod metrics_format;
+mod operator;
 mod routes_cmd;
 mod settings;
 mod shutdown;
@@ -41,8 +42,8 @@ async fn run(cli: Cli) -> ExitCode {
         },
         Command::Routes(command) => {
             let loaded = settings::load::<()>(&cli.global, &[])
-                .and_then(|(s, figment)| Ok((s.redis_endpoint()?, routes_cmd::denied_networks(&figment))));
-            let (endpoint, denied) = match loaded {
+                .and_then(|(s, figment)| Ok((s.redis_endpoint()?, routes_cmd::denied_networks(&figment), figment)));
+            let (endpoint, denied, figment) = match loaded {
                 Ok(loaded) => loaded,
                 Err(e) => return fail(EXIT_CONFIG, e),
             };
@@ -50,7 +51,7 @@ async fn run(cli: Cli) -> ExitCode {
                 println!("configuration ok");
                 return ExitCode::SUCCESS;
             }
-            match routes_cmd::run(command, endpoint, &denied).await {
+            match routes_cmd::run(command, endpoint, &denied, &figment).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("dynamicproxy routes: {e}");

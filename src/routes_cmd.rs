@@ -1,14 +1,19 @@
-//! `dynamicproxy routes`: list, get, set and delete routes in Redis, with
-//! text output for people and `--json` for scripts.
+//! `dynamicproxy routes`: list, get, set and delete routes in Redis (each
+//! change recorded under the operator's login), explain a URL's routing and
+//! show a tool's history, with text output for people and `--json` for scripts.
 
 use std::process::ExitCode;
-
+use std::sync::Arc;
 use std::time::Duration;
 
+use dynamicproxy_proxy::explain::{Explainer, format_time};
+use dynamicproxy_proxy::route::Router;
 use dynamicproxy_redis::{
-    BackendUrl, NetworkList, RedisEndpoint, RoutePattern, RouteStore, RouteTableError, ToolEntry, ToolName,
+    AuditEntry, BackendUrl, CacheSyncConfig, NetworkList, RedisEndpoint, RouteCache, RoutePattern, RouteSource,
+    RouteStore, RouteTableError, ToolEntry, ToolName, run_cache_sync,
 };
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use crate::cli::{RoutesAction, RoutesCommand};
 
@@ -30,6 +35,12 @@ pub enum RoutesError {
     /// The tool has no routes (exit 3).
     #[error("tool {0} has no routes")]
     NoSuchTool(ToolName),
+    /// `explain` was given something it cannot explain (exit 2).
+    #[error("{0}")]
+    Explain(#[from] dynamicproxy_proxy::explain::ExplainError),
+    /// The configuration's [proxy] settings that `explain` routes with are unusable (exit 64).
+    #[error("{0}")]
+    Config(String),
 }
 
 impl RoutesError {
@@ -37,8 +48,9 @@ impl RoutesError {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             RoutesError::Redis { .. } => ExitCode::from(1),
-            RoutesError::Invalid(_) => ExitCode::from(2),
+            RoutesError::Invalid(_) | RoutesError::Explain(_) => ExitCode::from(2),
             RoutesError::NoSuchTool(_) => ExitCode::from(3),
+            RoutesError::Config(_) => ExitCode::from(crate::daemons::EXIT_CONFIG),
         }
     }
 }
@@ -87,10 +99,19 @@ async fn warn_if_denied(backend: &BackendUrl, denied: &NetworkList) -> Vec<Strin
     warnings
 }
 
+/// How long `explain` waits for the route table to load from Redis.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Runs one `routes` command and prints its result on stdout; `denied` is
-/// what `set` warns about.
-pub async fn run(command: RoutesCommand, endpoint: RedisEndpoint, denied: &NetworkList) -> Result<(), RoutesError> {
-    let store = RouteStore::new(endpoint.clone());
+/// what `set` warns about; `figment` the configuration `explain` routes with.
+pub async fn run(
+    command: RoutesCommand,
+    endpoint: RedisEndpoint,
+    denied: &NetworkList,
+    figment: &figment::Figment,
+) -> Result<(), RoutesError> {
+    let store = Arc::new(RouteStore::new(endpoint.clone()));
+    let me = || RouteSource::cli(&crate::operator::login());
     let redis = |source| RoutesError::Redis { endpoint: endpoint.clone(), source };
     let json = command.json;
     match command.action {
@@ -120,7 +141,7 @@ pub async fn run(command: RoutesCommand, endpoint: RedisEndpoint, denied: &Netwo
             let tool = ToolName::parse(&tool)?;
             let pattern = RoutePattern::parse(&pattern)?;
             let backend = BackendUrl::parse(&url)?;
-            store.set_route(&tool, &pattern, &backend).await.map_err(redis)?;
+            store.set_route(&tool, &pattern, &backend, &me()).await.map_err(redis)?;
             for warning in warn_if_denied(&backend, denied).await {
                 eprintln!("dynamicproxy routes: warning: {warning}");
             }
@@ -136,8 +157,8 @@ pub async fn run(command: RoutesCommand, endpoint: RedisEndpoint, denied: &Netwo
         RoutesAction::Delete { tool, pattern } => {
             let tool = ToolName::parse(&tool)?;
             let deleted = match &pattern {
-                Some(pattern) => store.delete_route(&tool, pattern).await,
-                None => store.delete_tool(&tool).await,
+                Some(pattern) => store.delete_route(&tool, pattern, &me()).await,
+                None => store.delete_tool(&tool, &me()).await,
             }
             .map_err(redis)?;
             let what = match &pattern {
@@ -152,8 +173,78 @@ pub async fn run(command: RoutesCommand, endpoint: RedisEndpoint, denied: &Netwo
                 println!("nothing to delete for {what}");
             }
         }
+        RoutesAction::Explain { url } => {
+            // A URL that cannot be explained is the operator's typo (exit 2), whatever Redis says.
+            dynamicproxy_proxy::explain::parse_url(&url)?;
+            let config: dynamicproxy_proxy::Config =
+                crate::settings::section(figment, "proxy").map_err(|e| RoutesError::Config(e.to_string()))?;
+            store.ping().await.map_err(redis)?;
+            let cache = load_table(&endpoint).await.map_err(redis)?;
+            let router = Router::from_config(&config, cache).map_err(|e| RoutesError::Config(e.to_string()))?;
+            let explanation = Explainer::new(router, Some(store), None).explain(&url).await?;
+            if json {
+                println!("{}", json!(explanation));
+            } else {
+                print!("{}", explanation.to_text());
+            }
+        }
+        RoutesAction::History { tool } => {
+            let tool = ToolName::parse(&tool)?;
+            let entries = store.history(&tool).await.map_err(redis)?;
+            if json {
+                let entries: Vec<_> = entries
+                    .iter()
+                    .map(|e| {
+                        json!({"at": format_time(e.at_ms), "action": e.action.as_str(), "pattern": e.pattern,
+                            "backend": e.backend, "writer": e.source.writer.as_str(), "who": e.source.who})
+                    })
+                    .collect();
+                println!("{}", json!(entries));
+            } else {
+                print_history(&entries);
+            }
+        }
     }
     Ok(())
+}
+
+/// The whole route table, loaded once by the same code that keeps the
+/// proxy's cache (so `explain` sees what the proxy would), then left alone.
+async fn load_table(endpoint: &RedisEndpoint) -> Result<RouteCache, RouteTableError> {
+    let cache = RouteCache::new();
+    let stop = CancellationToken::new();
+    let sync = tokio::spawn(run_cache_sync(CacheSyncConfig::new(endpoint.clone()), cache.clone(), stop.clone()));
+    let deadline = tokio::time::Instant::now() + LOAD_TIMEOUT;
+    while !cache.is_loaded() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    let _ = sync.await;
+    if cache.is_loaded() { Ok(cache) } else { Err(RouteTableError::Timeout(LOAD_TIMEOUT)) }
+}
+
+/// One line per audit entry, in columns: time, action, pattern, backend, writer.
+fn print_history(entries: &[AuditEntry]) {
+    let rows: Vec<[String; 5]> = entries
+        .iter()
+        .map(|e| {
+            let pattern = if e.pattern.is_empty() { "-".into() } else { e.pattern.clone() };
+            let backend = if e.backend.is_empty() { "-".into() } else { e.backend.clone() };
+            [format_time(e.at_ms), e.action.to_string(), pattern, backend, e.source.to_string()]
+        })
+        .collect();
+    let header = ["TIME", "ACTION", "PATTERN", "BACKEND", "WRITER"].map(String::from);
+    let mut widths = [0usize; 4];
+    for row in std::iter::once(&header).chain(&rows) {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        let [time, action, pattern, backend, writer] = row;
+        let [w0, w1, w2, w3] = widths;
+        println!("{time:w0$}  {action:w1$}  {pattern:w2$}  {backend:w3$}  {writer}");
+    }
 }
 
 fn print_entry(entry: &ToolEntry) {

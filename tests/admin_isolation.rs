@@ -129,7 +129,8 @@ async fn a_route_to_the_proxys_own_admin_api_cannot_switch_maintenance_or_read_m
     };
     let (status, body) = send(through(reqwest::Method::POST, "/maintenance?enabled=true")).await.unwrap();
     assert_eq!((status, body.trim()), (403, PROXIED));
-    for path in ["/metrics", "/server_info", "/ready"] {
+    // Explain reads who wrote every route: a read endpoint, and guarded as the others.
+    for path in ["/metrics", "/server_info", "/ready", "/explain?url=https://demo.toolforge.org/"] {
         let (status, body) = send(through(reqwest::Method::GET, path)).await.unwrap();
         assert_eq!((status, body.trim()), (403, PROXIED), "GET {path}");
     }
@@ -141,9 +142,14 @@ async fn a_route_to_the_proxys_own_admin_api_cannot_switch_maintenance_or_read_m
     assert_eq!(send(demo).await.unwrap(), (200, "hello from the tool".to_string()));
     // The operator sees the refusals counted.
     let (_, metrics) = send(client.get(format!("http://127.0.0.1:{admin}/metrics"))).await.unwrap();
-    assert!(metrics.contains("dynamicproxy_admin_refused_requests_total{reason=\"proxied\"} 5"), "{metrics}");
+    assert!(metrics.contains("dynamicproxy_admin_refused_requests_total{reason=\"proxied\"} 6"), "{metrics}");
+    // The operator's own explain works.
+    let url = format!("http://127.0.0.1:{admin}/explain?url=https://demo.toolforge.org/");
+    let (status, explained) = send(client.get(url)).await.unwrap();
+    assert_eq!(status, 200, "{explained}");
+    assert!(explained.contains("decision: proxy to http://127.0.0.1:"), "{explained}");
     let log = daemon.terminate();
-    assert_eq!(log.matches(PROXIED).count(), 5, "one warning per refusal: {log}");
+    assert_eq!(log.matches(PROXIED).count(), 6, "one warning per refusal: {log}");
 }
 
 #[tokio::test]

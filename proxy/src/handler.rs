@@ -39,7 +39,7 @@ use crate::upgrade;
 use crate::upstream::{UpstreamClient, classify};
 
 /// The health check path answered on every host.
-const HEALTHZ: &str = "/.well-known/healthz";
+pub(crate) const HEALTHZ: &str = "/.well-known/healthz";
 /// ACME HTTP-01 challenges must reach their backend over plain HTTP.
 const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
 /// Names why the proxy itself answered (SPEC §3 reason codes).

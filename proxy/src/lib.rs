@@ -12,7 +12,8 @@
 //! - [`linger`]: lingering close, so early answers are not lost to a RST.
 //! - [`workers`] (private): single-threaded event loops (one per core but one), each with its own upstream pool.
 //! - [`handler`] (private): one request's life, in SPEC §3 order; errors become pages there.
-//! - [`route`]: the routing rules over the route cache.
+//! - [`route`]: the routing rules over the route cache, traceable step by step.
+//! - [`explain`]: which rule a request for a URL takes and why, and who wrote that route (`/explain`).
 //! - [`hold`]: hold-and-wake: requests wait for a tool's route to come back (`hold_secs`).
 //! - [`host`]: Host normalisation and URI checks.
 //! - [`protect`]: bans, User-Agent/Referer block lists, per-client rate limit.
@@ -73,6 +74,7 @@ pub mod compress;
 pub mod config;
 pub mod egress;
 pub mod error;
+pub mod explain;
 pub mod fair_share;
 mod handler;
 pub mod headers;
@@ -102,7 +104,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use dynamicproxy_redis::RouteCache;
+use dynamicproxy_redis::{RouteCache, RouteStore};
 use http::{HeaderName, HeaderValue};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
@@ -133,6 +135,8 @@ pub struct ProxyHandle {
     reloads: Arc<[AtomicU64; 2]>,
     /// Wakes the access log writer to reopen its file (SIGUSR1, logrotate).
     reopen_log: Arc<Notify>,
+    /// Where `/list?detail=1` reads who wrote each route; without it, that is left out.
+    sources: Option<Arc<RouteStore>>,
 }
 
 impl ProxyHandle {
@@ -143,7 +147,15 @@ impl ProxyHandle {
             reload: Arc::new(Notify::new()),
             reloads: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
             reopen_log: Arc::new(Notify::new()),
+            sources: None,
         }
+    }
+
+    /// The same handle, with `/list?detail=1` saying who wrote each route
+    /// (read from `store`, off the request path).
+    pub fn with_sources(mut self, store: Arc<RouteStore>) -> Self {
+        self.sources = Some(store);
+        self
     }
 
     /// Turns maintenance mode on or off.
@@ -184,7 +196,6 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     config.validate()?;
-    let default_backend = config.default_backend()?;
     let protection = protect::Protection::from_config(&config)?;
     let pages = pages::Pages::load(config.error_pages.as_deref())?;
     let access_log = access_log::AccessLog::open(
@@ -219,12 +230,7 @@ pub async fn run(
     let hold = hold::Hold::new(config.hold_secs, &cache, metrics.hold.clone());
     let shared = Arc::new(handler::Shared {
         hold,
-        router: route::Router::new(
-            cache.clone(),
-            &config.canonical_domain,
-            default_backend,
-            config.host_redirects.clone(),
-        ),
+        router: route::Router::from_config(&config, cache.clone())?,
         pages,
         protection,
         maintenance: handle.maintenance.clone(),
@@ -305,6 +311,7 @@ pub async fn run(
     tracker.spawn(list::serve(
         listeners.list,
         cache.clone(),
+        handle.sources.clone(),
         tracker.clone(),
         shutdown.clone(),
         Config::secs(config.client_timeout_secs),

@@ -1,11 +1,12 @@
 //! The `/list` API (SPEC §4) read by the reconciliation monitor, answered
-//! from the route cache with its age.
+//! from the route cache with its age; `/list?detail=1` adds each route with
+//! who wrote it and when, for operators.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use dynamicproxy_redis::RouteCache;
+use dynamicproxy_redis::{RouteCache, RouteStore};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -19,10 +20,64 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::body::ProxyBody;
+use crate::explain::RouteFacts;
 use crate::idle::IdleIo;
 
 /// `X-Route-Table-Age`: whole seconds since the cache last matched Redis.
 static ROUTE_TABLE_AGE: http::HeaderName = http::HeaderName::from_static("x-route-table-age");
+
+/// True for `/list?detail=1` (or `detail=true`).
+fn wants_detail<B>(req: &Request<B>) -> bool {
+    req.uri().query().is_some_and(|q| q.split('&').any(|pair| pair == "detail=1" || pair == "detail=true"))
+}
+
+/// Answers one request of the list listener: [`respond`], or
+/// [`respond_detail`] for `GET /list?detail=1`.
+pub async fn answer(cache: &RouteCache, sources: Option<&RouteStore>, req: &Request<Incoming>) -> Response<ProxyBody> {
+    if req.uri().path() == "/list" && *req.method() == Method::GET && wants_detail(req) {
+        return respond_detail(cache, sources).await;
+    }
+    respond(cache, req)
+}
+
+/// `/list?detail=1`: as `/list`, and each tool's routes as the proxy holds
+/// them, in match order, with who wrote each and how long ago
+/// ([`RouteFacts`]; `null`s when not recorded or Redis cannot say).
+/// Plain `/list` never reads Redis and stays exactly as the monitor expects.
+pub async fn respond_detail(cache: &RouteCache, sources: Option<&RouteStore>) -> Response<ProxyBody> {
+    let status = cache.status();
+    let Some(age) = status.age.filter(|_| cache.is_loaded()) else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "Route table not loaded yet\n");
+    };
+    let provenance = match sources {
+        Some(store) => match store.all_provenance().await {
+            Ok(all) => all,
+            Err(error) => {
+                debug!(%error, "/list?detail=1: who wrote the routes is unknown");
+                Default::default()
+            }
+        },
+        None => Default::default(),
+    };
+    let now = std::time::SystemTime::now();
+    let mut tools = serde_json::Map::new();
+    for tool in cache.tools_with_routes() {
+        let Some(entry) = cache.tool(tool.as_str()) else { continue };
+        let written = provenance.get(tool.as_str());
+        let routes: Vec<RouteFacts> = entry
+            .routes()
+            .iter()
+            .map(|route| {
+                RouteFacts::new(tool.as_str(), route, written.and_then(|w| w.get(route.pattern.as_str())), now)
+            })
+            .collect();
+        tools.insert(tool.to_string(), serde_json::json!({"status": "active", "routes": routes}));
+    }
+    let mut response = Response::new(ProxyBody::full(Bytes::from(serde_json::Value::Object(tools).to_string())));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(ROUTE_TABLE_AGE.clone(), HeaderValue::from(age.as_secs()));
+    response
+}
 
 /// Answers one request of the list listener.
 pub fn respond(cache: &RouteCache, req: &Request<Incoming>) -> Response<ProxyBody> {
@@ -73,6 +128,7 @@ pub(crate) const MAX_LIST_CONNECTIONS: usize = 64;
 pub(crate) async fn serve(
     listener: TcpListener,
     cache: RouteCache,
+    sources: Option<Arc<RouteStore>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     read_timeout: std::time::Duration,
@@ -99,12 +155,13 @@ pub(crate) async fn serve(
             continue;
         };
         let cache = cache.clone();
+        let sources = sources.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             let _permit = permit;
             let service = service_fn(move |req| {
-                let response = respond(&cache, &req);
-                async move { Ok::<_, Infallible>(response) }
+                let (cache, sources) = (cache.clone(), sources.clone());
+                async move { Ok::<_, Infallible>(answer(&cache, sources.as_deref(), &req).await) }
             });
             let io = TokioIo::new(IdleIo::new(stream, read_timeout));
             let connection = http1::Builder::new()
@@ -152,6 +209,7 @@ mod tests {
         let server = tokio::spawn(serve(
             listener,
             RouteCache::new(),
+            None,
             tracker.clone(),
             shutdown.clone(),
             Duration::from_secs(60),

@@ -1,11 +1,11 @@
 //! Routing (SPEC §3 steps 6-8): from a normalised Host and a path to a
 //! backend, a redirect or "no webservice", reading only the route cache.
 
-use dynamicproxy_redis::{BackendUrl, RouteCache, ToolName};
+use dynamicproxy_redis::{BackendUrl, Route, RouteCache, ToolName, ToolRoutes};
 use http::StatusCode;
 
 /// The tool whose routes every legacy path falls back to.
-const ADMIN_TOOL: &str = "admin";
+pub const ADMIN_TOOL: &str = "admin";
 
 /// How a request was routed, for the access log and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +58,12 @@ impl Router {
         }
     }
 
+    /// The router `config` describes (canonical domain, default backend, host
+    /// redirects) over `cache`: the proxy's, and explain's outside the proxy.
+    pub fn from_config(config: &crate::Config, cache: RouteCache) -> Result<Self, crate::ConfigError> {
+        Ok(Router::new(cache, &config.canonical_domain, config.default_backend()?, config.host_redirects.clone()))
+    }
+
     /// The route cache the router reads.
     pub fn cache(&self) -> &RouteCache {
         &self.cache
@@ -80,41 +86,65 @@ impl Router {
     }
 
     /// SPEC §3 steps 6-8 for a normalised `host`, the request `path` and `query`.
+    #[inline]
     pub fn route(&self, host: &str, path: &str, query: Option<&str>) -> Decision {
+        self.route_traced(host, path, query, &mut ())
+    }
+
+    /// [`Router::route`], telling `trace` each step as it is taken. This is
+    /// the one implementation of the rules: the request path runs it with
+    /// `()`, which compiles the calls away, and explain with a recorder, so
+    /// what explain says is what routing does.
+    pub fn route_traced(&self, host: &str, path: &str, query: Option<&str>, trace: &mut impl RouteTrace) -> Decision {
         if let Some(tool) = self.tool_host(host) {
-            if let Some(routes) = self.cache.tool(tool)
-                && let Some(backend) = routes.find(path)
+            trace.host_form(HostForm::ToolSubdomain, Some(tool));
+            let routes = self.cache.tool(tool);
+            trace.table(tool, routes.as_deref());
+            if let Some(routes) = routes
+                && let Some(backend) = find(tool, &routes, path, trace)
             {
                 return Decision::Proxy(backend.clone(), Via::ToolHost);
             }
             return self.fallback();
         }
         let (tool, rest) = split_legacy(path);
-        if ToolName::is_valid(tool)
-            && let Some(routes) = self.cache.tool(tool)
-        {
-            if routes.canonical_redirect() {
-                let mut location = String::with_capacity(16 + tool.len() + self.dot_domain.len() + path.len());
-                location.push_str("https://");
-                location.push_str(tool);
-                location.push_str(&self.dot_domain);
-                location.push_str(rest);
-                if let Some(query) = query {
-                    location.push('?');
-                    location.push_str(query);
+        if ToolName::is_valid(tool) {
+            trace.host_form(HostForm::LegacyPath, Some(tool));
+            let routes = self.cache.tool(tool);
+            trace.table(tool, routes.as_deref());
+            if let Some(routes) = routes {
+                if routes.canonical_redirect() {
+                    let mut location = String::with_capacity(16 + tool.len() + self.dot_domain.len() + path.len());
+                    location.push_str("https://");
+                    location.push_str(tool);
+                    location.push_str(&self.dot_domain);
+                    location.push_str(rest);
+                    if let Some(query) = query {
+                        location.push('?');
+                        location.push_str(query);
+                    }
+                    return Decision::Redirect(StatusCode::TEMPORARY_REDIRECT, location);
                 }
-                return Decision::Redirect(StatusCode::TEMPORARY_REDIRECT, location);
+                if let Some(backend) = find(tool, &routes, rest, trace) {
+                    return Decision::Proxy(backend.clone(), Via::LegacyPath);
+                }
             }
-            if let Some(backend) = routes.find(rest) {
-                return Decision::Proxy(backend.clone(), Via::LegacyPath);
-            }
+        } else {
+            trace.host_form(HostForm::Other, None);
         }
-        if let Some(admin) = self.cache.tool(ADMIN_TOOL)
-            && let Some(backend) = admin.find(path)
+        let admin = self.cache.tool(ADMIN_TOOL);
+        trace.table(ADMIN_TOOL, admin.as_deref());
+        if let Some(admin) = admin
+            && let Some(backend) = find(ADMIN_TOOL, &admin, path, trace)
         {
             return Decision::Proxy(backend.clone(), Via::Admin);
         }
         self.fallback()
+    }
+
+    /// The backend requests go to when nothing matched (`--default-backend`).
+    pub fn default_backend(&self) -> Option<&BackendUrl> {
+        self.default_backend.as_ref()
     }
 
     fn fallback(&self) -> Decision {
@@ -132,6 +162,47 @@ impl Router {
         }
     }
 }
+
+/// The first route of `tool` whose pattern is found in `path`, in match
+/// order (as [`ToolRoutes::find`]), telling `trace` each pattern tried.
+#[inline]
+fn find<'r>(tool: &str, routes: &'r ToolRoutes, path: &str, trace: &mut impl RouteTrace) -> Option<&'r BackendUrl> {
+    routes
+        .routes()
+        .iter()
+        .find(|route| {
+            let matched = route.pattern.is_match(path);
+            trace.tried(tool, route, path, matched);
+            matched
+        })
+        .map(|route| &route.backend)
+}
+
+/// Which form of request a host and path are (SPEC §3 steps 6 and 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostForm {
+    /// `<tool>.<canonical-domain>`: the tool's routes see the whole path.
+    ToolSubdomain,
+    /// Any other host, with a path `/<tool>/...`: the tool's routes see the rest.
+    LegacyPath,
+    /// Any other host, and the path names no tool: only `prefix:admin` and the default apply.
+    Other,
+}
+
+/// Told each step of a routing decision as it is taken (see
+/// [`Router::route_traced`]). Every method does nothing by default.
+pub trait RouteTrace {
+    /// The form of the request, and the tool it names.
+    fn host_form(&mut self, _form: HostForm, _tool: Option<&str>) {}
+    /// The cache's entry for `tool` (`prefix:admin` is the tool `admin`); `None` when Redis has no key for it.
+    fn table(&mut self, _tool: &str, _entry: Option<&ToolRoutes>) {}
+    /// `route` of `tool` was searched for in `path`.
+    fn tried(&mut self, _tool: &str, _route: &Route, _path: &str, _matched: bool) {}
+}
+
+/// The request path's trace: records nothing.
+impl RouteTrace for () {}
 
 /// Splits a legacy path `/<tool><rest>`; `rest` defaults to `/`.
 pub fn split_legacy(path: &str) -> (&str, &str) {

@@ -11,6 +11,19 @@ pub(crate) const K8S_SERVICES: &str = "k8s_services";
 /// grid registration written over it is never taken back or deleted.
 pub(crate) const K8S_WRITTEN: &str = "k8s_services_written";
 
+/// Prefix of the hash saying who wrote each route of a tool and when
+/// (`route_source:<tool>`, field = pattern, value = `<unix ms> <writer> <who>`).
+/// Apart from `prefix:`, so the legacy hash stays byte for byte as it was and
+/// the cache's invalidation prefixes never see these writes.
+pub(crate) const SOURCES_PREFIX: &str = "route_source:";
+/// Stream of every route write and delete, by every writer, capped.
+pub(crate) const AUDIT_STREAM: &str = "route_audit";
+
+/// The provenance hash of a tool.
+pub(crate) fn sources_key(tool: &str) -> String {
+    format!("{SOURCES_PREFIX}{tool}")
+}
+
 /// The routes hash of a tool.
 pub(crate) fn routes_key(tool: &str) -> String {
     format!("{ROUTES_PREFIX}{tool}")
@@ -51,5 +64,6 @@ mod tests {
         assert_eq!(TableKey::parse(&redirect_key("foo")), Some(TableKey::Redirect("foo")));
         assert_eq!(TableKey::parse("k8s_services"), None);
         assert_eq!(TableKey::parse("prefix"), None);
+        assert_eq!(TableKey::parse(&sources_key("foo")), None, "provenance is not part of the route table");
     }
 }

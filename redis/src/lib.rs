@@ -9,6 +9,7 @@
 //! - [`endpoint`]: where Redis is (`redis://` or `redis+sentinel://`) and how to connect.
 //! - [`networks`]: [`NetworkList`], networks a route's destination may not be in.
 //! - [`keys`]: key names and set-member encodings (private to the crate's API).
+//! - [`provenance`]: [`RouteSource`], who writes a route; [`Provenance`] and [`AuditEntry`], what was recorded.
 //! - [`store`]: [`RouteStore`], typed reads and writes for the CLI, registrar and kube-sync.
 //! - [`table`]: [`ToolRoutes`], one tool's compiled routes in match order.
 //! - `lookup`: the one-pass search of a tool's routes, built with its [`ToolRoutes`].
@@ -27,6 +28,7 @@ mod keys;
 mod literals;
 mod lookup;
 pub mod networks;
+pub mod provenance;
 mod regex_dfa;
 pub mod store;
 pub mod sync;
@@ -37,6 +39,7 @@ pub use cache::{CacheStatus, RouteCache};
 pub use endpoint::RedisEndpoint;
 pub use error::RouteTableError;
 pub use networks::{DEFAULT_DENIED_NETWORKS, InvalidNetwork, NetworkList};
+pub use provenance::{AUDIT_MAXLEN, AuditAction, AuditEntry, Provenance, RouteSource, Writer};
 pub use store::{OwnedDelete, OwnedServiceRoute, OwnedWrite, RouteStore, ToolEntry};
 pub use sync::{CacheSyncConfig, run_cache_sync};
 pub use table::{MAX_ROUTES_PER_TOOL, Route, ToolRoutes};

@@ -1,6 +1,7 @@
 //! Typed reads and writes of the route table, for the `routes` CLI, the
-//! registrar and kube-sync. Every write that touches two keys is one
-//! `MULTI`/`EXEC`, so it never lands half-done.
+//! registrar and kube-sync. Every write is one Lua script that also records
+//! its writer next to the route and in the audit stream, so it never lands
+//! half-done and is never unaccounted for.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -11,7 +12,10 @@ use redis::aio::MultiplexedConnection;
 
 use crate::endpoint::{RESPONSE_TIMEOUT, RedisEndpoint};
 use crate::error::RouteTableError;
-use crate::keys::{K8S_SERVICES, K8S_WRITTEN, ROUTES_PREFIX, redirect_key, routes_key};
+use crate::keys::{
+    AUDIT_STREAM, K8S_SERVICES, K8S_WRITTEN, ROUTES_PREFIX, SOURCES_PREFIX, redirect_key, routes_key, sources_key,
+};
+use crate::provenance::{AUDIT_MAXLEN, AuditEntry, Provenance, RouteSource};
 use crate::types::{BackendUrl, RoutePattern, ToolName};
 
 /// A handle on the route table in Redis. Cheap to share behind an `Arc`;
@@ -24,11 +28,22 @@ pub struct RouteStore {
     connecting: tokio::sync::Mutex<Option<FailedConnect>>,
 }
 
+impl fmt::Debug for RouteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouteStore").field("endpoint", &self.endpoint.to_string()).finish_non_exhaustive()
+    }
+}
+
 /// The last failed connection attempt, reused by callers that arrive while it is fresh.
 struct FailedConnect {
     at: std::time::Instant,
     reason: String,
 }
+
+/// Provenance hashes fetched per pipelined round trip.
+const PROVENANCE_BATCH: usize = 1000;
+/// Audit stream entries read per `XRANGE`.
+const HISTORY_BATCH: usize = 1000;
 
 /// How long a failed connection attempt answers for everyone before the next try.
 const RECONNECT_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
@@ -66,6 +81,11 @@ impl OwnedServiceRoute {
     pub fn member(&self) -> String {
         let route = self.pattern.strip_prefix('/').unwrap_or(&self.pattern);
         format!("{}/{}/{}", self.namespace, self.tool, route)
+    }
+
+    /// kube-sync as the writer, for this route's Service.
+    pub fn source(&self) -> RouteSource {
+        RouteSource::kube_sync(&self.namespace, self.tool.as_str())
     }
 
     /// Parses a `k8s_services` member; `None` when it is not of the form
@@ -106,96 +126,175 @@ end
     };
 }
 
-/// `HSET KEYS[1] ARGV[1] ARGV[2]` and `HSET KEYS[2] ARGV[1] ARGV[3]`, all or nothing.
-const SET_CANONICAL_SCRIPT: &str = concat!(
-    check_types!("hash", "hash"),
-    "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])\n",
-    "redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])\n",
+/// The Lua function every writing script shares: appends the change to the
+/// audit stream and records (or clears) who wrote the route, in the same
+/// script as the route write, so neither exists without the other.
+///
+/// Every such script takes `KEYS[1]` = `route_source:<tool>`, `KEYS[2]` =
+/// `route_audit`, and `ARGV[1..4]` = tool, writer, who, audit MAXLEN; its
+/// own keys and arguments follow. The time recorded is the stream entry's
+/// ID: the Redis server's clock, the same for every writer.
+macro_rules! record_fn {
+    () => {
+        r#"
+local function record(action, pattern, backend)
+  local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*',
+    'tool', ARGV[1], 'action', action, 'pattern', pattern, 'backend', backend or '',
+    'writer', ARGV[2], 'who', ARGV[3])
+  if action == 'set' or action == 'set-canonical' then
+    redis.call('HSET', KEYS[1], pattern, string.match(id, '^%d+') .. ' ' .. ARGV[2] .. ' ' .. ARGV[3])
+  elseif action == 'delete' then
+    redis.call('HDEL', KEYS[1], pattern)
+  end
+end
+"#
+    };
+}
+
+/// `HSET KEYS[3] ARGV[5] ARGV[6]`, recorded (see [`record_fn`]).
+const SET_ROUTE_SCRIPT: &str = concat!(
+    check_types!("hash", "stream", "hash"),
+    record_fn!(),
+    "redis.call('HSET', KEYS[3], ARGV[5], ARGV[6])\n",
+    "record('set', ARGV[5], ARGV[6])\n",
     "return 1\n"
 );
 
-/// `HSET KEYS[1] ARGV[1] ARGV[2]` only when the field already exists or the
-/// hash has fewer than `ARGV[3]` fields, and then (when `KEYS[2]` is given)
-/// `HSET KEYS[2] ARGV[1] ARGV[4]`; returns 1 when written, 0 when refused.
-/// Count and write in one script, so concurrent registrations cannot both
-/// see room for one more route.
+/// `HSET KEYS[3] ARGV[5] ARGV[6]` and `HSET KEYS[4] ARGV[5] ARGV[7]`, recorded, all or nothing.
+const SET_CANONICAL_SCRIPT: &str = concat!(
+    check_types!("hash", "stream", "hash", "hash"),
+    record_fn!(),
+    "redis.call('HSET', KEYS[3], ARGV[5], ARGV[6])\n",
+    "redis.call('HSET', KEYS[4], ARGV[5], ARGV[7])\n",
+    "record('set-canonical', ARGV[5], ARGV[6])\n",
+    "return 1\n"
+);
+
+/// `HSET KEYS[3] ARGV[5] ARGV[6]` only when the field already exists or the
+/// hash has fewer than `ARGV[7]` fields, and then (when `KEYS[4]` is given)
+/// `HSET KEYS[4] ARGV[5] ARGV[8]`; recorded; returns 1 when written, 0 when
+/// refused. Count and write in one script, so concurrent registrations
+/// cannot both see room for one more route.
 const SET_ROUTE_CAPPED_SCRIPT: &str = concat!(
-    check_types!("hash", "hash"),
+    check_types!("hash", "stream", "hash", "hash"),
+    record_fn!(),
     r#"
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then
+if redis.call('HEXISTS', KEYS[3], ARGV[5]) == 0 and redis.call('HLEN', KEYS[3]) >= tonumber(ARGV[7]) then
   return 0
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-if KEYS[2] then
-  redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+redis.call('HSET', KEYS[3], ARGV[5], ARGV[6])
+if KEYS[4] then
+  redis.call('HSET', KEYS[4], ARGV[5], ARGV[8])
+  record('set-canonical', ARGV[5], ARGV[6])
+else
+  record('set', ARGV[5], ARGV[6])
 end
 return 1
 "#
 );
 
-/// `HDEL ARGV[1]` from both keys, all or nothing; returns the number of fields removed.
+/// `HDEL ARGV[5]` from `KEYS[3]` and `KEYS[4]`, and from the provenance,
+/// all or nothing; recorded when something was removed. Returns the number
+/// of fields removed.
 const DELETE_ROUTE_SCRIPT: &str = concat!(
-    check_types!("hash", "hash"),
-    "return redis.call('HDEL', KEYS[1], ARGV[1]) + redis.call('HDEL', KEYS[2], ARGV[1])\n"
+    check_types!("hash", "stream", "hash", "hash"),
+    record_fn!(),
+    r#"
+local backend = redis.call('HGET', KEYS[3], ARGV[5])
+local removed = redis.call('HDEL', KEYS[3], ARGV[5]) + redis.call('HDEL', KEYS[4], ARGV[5])
+redis.call('HDEL', KEYS[1], ARGV[5])
+if removed > 0 then
+  record('delete', ARGV[5], backend)
+end
+return removed
+"#
 );
 
-/// kube-sync's write of `KEYS[1]` field `ARGV[1]` = `ARGV[2]` for the
-/// `k8s_services` (`KEYS[2]`) member `ARGV[3]`, recording the value in
-/// `KEYS[3]`. The ownership check and the write are one script, so no other
+/// `DEL KEYS[3] KEYS[4]` and the provenance; recorded when something was removed.
+const DELETE_TOOL_SCRIPT: &str = concat!(
+    check_types!("hash", "stream", "hash", "hash"),
+    record_fn!(),
+    r#"
+local removed = redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[1])
+if removed > 0 then
+  record('delete-tool', '', '')
+end
+return removed
+"#
+);
+
+/// kube-sync's write of `KEYS[3]` field `ARGV[5]` = `ARGV[6]` for the
+/// `k8s_services` (`KEYS[4]`) member `ARGV[7]`, recording the value in
+/// `KEYS[5]`. The ownership check and the write are one script, so no other
 /// writer can slip in between. The field is kube-sync's own when the member is
 /// in the set and the field holds the value recorded for it (or, for a member
 /// from before the record existed, already the value being written). A
 /// refusal also drops a stale claim, so the Service going away later has
-/// nothing to delete. Returns `{1}` written, `{2}` already so, `{0, current}` refused.
+/// nothing to delete. A write is recorded (see [`record_fn`]). Returns `{1}`
+/// written, `{2}` already so, `{0, current}` refused.
 const SET_OWNED_SCRIPT: &str = concat!(
-    check_types!("hash", "set", "hash"),
+    check_types!("hash", "stream", "hash", "set", "hash"),
+    record_fn!(),
     r#"
-local current = redis.call('HGET', KEYS[1], ARGV[1])
+local current = redis.call('HGET', KEYS[3], ARGV[5])
 if current then
-  local member = redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 1
-  local written = redis.call('HGET', KEYS[3], ARGV[3])
-  local own = member and ((written and written == current) or (not written and current == ARGV[2]))
+  local member = redis.call('SISMEMBER', KEYS[4], ARGV[7]) == 1
+  local written = redis.call('HGET', KEYS[5], ARGV[7])
+  local own = member and ((written and written == current) or (not written and current == ARGV[6]))
   if not own then
-    redis.call('SREM', KEYS[2], ARGV[3])
-    redis.call('HDEL', KEYS[3], ARGV[3])
+    redis.call('SREM', KEYS[4], ARGV[7])
+    redis.call('HDEL', KEYS[5], ARGV[7])
     return {0, current}
   end
-  if current == ARGV[2] then
+  if current == ARGV[6] then
     if not written then
-      redis.call('HSET', KEYS[3], ARGV[3], ARGV[2])
+      redis.call('HSET', KEYS[5], ARGV[7], ARGV[6])
     end
     return {2}
   end
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('SADD', KEYS[2], ARGV[3])
-redis.call('HSET', KEYS[3], ARGV[3], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[5], ARGV[6])
+redis.call('SADD', KEYS[4], ARGV[7])
+redis.call('HSET', KEYS[5], ARGV[7], ARGV[6])
+record('set', ARGV[5], ARGV[6])
 return {1}
 "#
 );
 
-/// kube-sync's removal of member `ARGV[2]`: drops it from `k8s_services` and
-/// its record, and deletes field `ARGV[1]` of `KEYS[1]` only while the field
-/// still holds the recorded value, compared and deleted in one script.
-/// Returns `{1}` deleted, `{2}` the field was already gone, `{0, current}`
-/// left alone because it holds someone else's value.
+/// kube-sync's removal of member `ARGV[6]`: drops it from `k8s_services`
+/// (`KEYS[4]`) and its record (`KEYS[5]`), and deletes field `ARGV[5]` of
+/// `KEYS[3]` only while the field still holds the recorded value, compared
+/// and deleted in one script, and recorded. Returns `{1}` deleted, `{2}` the
+/// field was already gone, `{0, current}` left alone because it holds
+/// someone else's value.
 const DELETE_OWNED_SCRIPT: &str = concat!(
-    check_types!("hash", "set", "hash"),
+    check_types!("hash", "stream", "hash", "set", "hash"),
+    record_fn!(),
     r#"
-local written = redis.call('HGET', KEYS[3], ARGV[2])
-local current = redis.call('HGET', KEYS[1], ARGV[1])
-redis.call('SREM', KEYS[2], ARGV[2])
-redis.call('HDEL', KEYS[3], ARGV[2])
+local written = redis.call('HGET', KEYS[5], ARGV[6])
+local current = redis.call('HGET', KEYS[3], ARGV[5])
+redis.call('SREM', KEYS[4], ARGV[6])
+redis.call('HDEL', KEYS[5], ARGV[6])
 if not current then
   return {2}
 end
 if written and current == written then
-  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[3], ARGV[5])
+  record('delete', ARGV[5], current)
   return {1}
 end
 return {0, current}
 "#
 );
+
+/// Starts an invocation of a recording script: the provenance hash and the
+/// audit stream as `KEYS[1..2]`, tool, writer, who and MAXLEN as `ARGV[1..4]`.
+fn recorded<'a>(script: &'a redis::Script, tool: &ToolName, source: &RouteSource) -> redis::ScriptInvocation<'a> {
+    let mut invocation = script.key(sources_key(tool.as_str()));
+    invocation.key(AUDIT_STREAM).arg(tool.as_str()).arg(source.writer.as_str()).arg(&source.who).arg(AUDIT_MAXLEN);
+    invocation
+}
 
 /// What became of kube-sync's write of one of its routes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -240,6 +339,39 @@ fn script_status(reply: Vec<redis::Value>) -> Result<(i64, Option<String>), Rout
         _ => None,
     };
     Ok((status, current))
+}
+
+/// One `XRANGE` item, `[id, [field, value, ...]]` (or a map of fields), as text.
+fn stream_entry(item: redis::Value) -> Option<(String, Vec<(String, String)>)> {
+    let redis::Value::Array(mut parts) = item else { return None };
+    if parts.len() != 2 {
+        return None;
+    }
+    let fields = parts.pop()?;
+    let id = value_text(parts.pop()?)?;
+    let pairs = match fields {
+        redis::Value::Array(flat) => {
+            let mut flat = flat.into_iter();
+            let mut pairs = Vec::new();
+            while let (Some(k), Some(v)) = (flat.next(), flat.next()) {
+                pairs.push((value_text(k)?, value_text(v)?));
+            }
+            pairs
+        }
+        redis::Value::Map(map) => {
+            map.into_iter().map(|(k, v)| Some((value_text(k)?, value_text(v)?))).collect::<Option<Vec<_>>>()?
+        }
+        _ => return None,
+    };
+    Some((id, pairs))
+}
+
+fn value_text(value: redis::Value) -> Option<String> {
+    match value {
+        redis::Value::BulkString(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
+        redis::Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
 }
 
 fn unexpected_reply(what: String) -> RouteTableError {
@@ -290,20 +422,20 @@ impl RouteStore {
         Ok(ToolEntry { routes, redirects })
     }
 
-    /// Sets one route of a tool (`HSET prefix:<tool> <pattern> <backend>`).
+    /// Sets one route of a tool (`HSET prefix:<tool> <pattern> <backend>`),
+    /// recording `source` as its writer and in the audit stream.
     pub async fn set_route(
         &self,
         tool: &ToolName,
         pattern: &RoutePattern,
         backend: &BackendUrl,
+        source: &RouteSource,
     ) -> Result<(), RouteTableError> {
+        let script = redis::Script::new(SET_ROUTE_SCRIPT);
         self.run(|mut c| async move {
-            redis::cmd("HSET")
-                .arg(routes_key(tool.as_str()))
-                .arg(pattern.as_str())
-                .arg(backend.to_string())
-                .query_async::<()>(&mut c)
-                .await
+            let mut invocation = recorded(&script, tool, source);
+            invocation.key(routes_key(tool.as_str())).arg(pattern.as_str()).arg(backend.to_string());
+            invocation.invoke_async::<()>(&mut c).await
         })
         .await
     }
@@ -318,17 +450,18 @@ impl RouteStore {
         pattern: &RoutePattern,
         backend: &BackendUrl,
         canonical_host: &str,
+        source: &RouteSource,
     ) -> Result<(), RouteTableError> {
         let script = redis::Script::new(SET_CANONICAL_SCRIPT);
         self.run(|mut c| async move {
-            script
+            let mut invocation = recorded(&script, tool, source);
+            invocation
                 .key(routes_key(tool.as_str()))
                 .key(redirect_key(tool.as_str()))
                 .arg(pattern.as_str())
                 .arg(backend.to_string())
-                .arg(canonical_host)
-                .invoke_async::<()>(&mut c)
-                .await
+                .arg(canonical_host);
+            invocation.invoke_async::<()>(&mut c).await
         })
         .await
     }
@@ -345,11 +478,13 @@ impl RouteStore {
         backend: &BackendUrl,
         canonical_host: Option<&str>,
         max_routes: usize,
+        source: &RouteSource,
     ) -> Result<bool, RouteTableError> {
         let script = redis::Script::new(SET_ROUTE_CAPPED_SCRIPT);
         let written: u64 = self
             .run(|mut c| async move {
-                let mut invocation = script.key(routes_key(tool.as_str()));
+                let mut invocation = recorded(&script, tool, source);
+                invocation.key(routes_key(tool.as_str()));
                 invocation.arg(pattern.as_str()).arg(backend.to_string()).arg(max_routes);
                 if let Some(host) = canonical_host {
                     invocation.key(redirect_key(tool.as_str())).arg(host);
@@ -363,30 +498,32 @@ impl RouteStore {
     /// Removes one route from both hashes of a tool (the registrar's
     /// `unregister`, and `routes delete TOOL PATTERN`), all or nothing.
     /// Returns whether anything was removed.
-    pub async fn delete_route(&self, tool: &ToolName, pattern: &str) -> Result<bool, RouteTableError> {
+    pub async fn delete_route(
+        &self,
+        tool: &ToolName,
+        pattern: &str,
+        source: &RouteSource,
+    ) -> Result<bool, RouteTableError> {
         let script = redis::Script::new(DELETE_ROUTE_SCRIPT);
         let removed: u64 = self
             .run(|mut c| async move {
-                script
-                    .key(routes_key(tool.as_str()))
-                    .key(redirect_key(tool.as_str()))
-                    .arg(pattern)
-                    .invoke_async(&mut c)
-                    .await
+                let mut invocation = recorded(&script, tool, source);
+                invocation.key(routes_key(tool.as_str())).key(redirect_key(tool.as_str())).arg(pattern);
+                invocation.invoke_async(&mut c).await
             })
             .await?;
         Ok(removed > 0)
     }
 
-    /// Removes every route and redirect of a tool. Returns whether anything was removed.
-    pub async fn delete_tool(&self, tool: &ToolName) -> Result<bool, RouteTableError> {
+    /// Removes every route and redirect of a tool, and their provenance;
+    /// recorded in the audit stream. Returns whether anything was removed.
+    pub async fn delete_tool(&self, tool: &ToolName, source: &RouteSource) -> Result<bool, RouteTableError> {
+        let script = redis::Script::new(DELETE_TOOL_SCRIPT);
         let removed: u64 = self
             .run(|mut c| async move {
-                redis::cmd("DEL")
-                    .arg(routes_key(tool.as_str()))
-                    .arg(redirect_key(tool.as_str()))
-                    .query_async(&mut c)
-                    .await
+                let mut invocation = recorded(&script, tool, source);
+                invocation.key(routes_key(tool.as_str())).key(redirect_key(tool.as_str()));
+                invocation.invoke_async(&mut c).await
             })
             .await?;
         Ok(removed > 0)
@@ -418,17 +555,18 @@ impl RouteStore {
         backend: &BackendUrl,
     ) -> Result<OwnedWrite, RouteTableError> {
         let script = redis::Script::new(SET_OWNED_SCRIPT);
+        let source = owned.source();
         let reply: Vec<redis::Value> = self
             .run(|mut c| async move {
-                script
+                let mut invocation = recorded(&script, &owned.tool, &source);
+                invocation
                     .key(routes_key(owned.tool.as_str()))
                     .key(K8S_SERVICES)
                     .key(K8S_WRITTEN)
                     .arg(&owned.pattern)
                     .arg(backend.to_string())
-                    .arg(owned.member())
-                    .invoke_async(&mut c)
-                    .await
+                    .arg(owned.member());
+                invocation.invoke_async(&mut c).await
             })
             .await?;
         match script_status(reply)? {
@@ -443,16 +581,17 @@ impl RouteStore {
     /// it still holds the value kube-sync wrote (see [`OwnedDelete`]).
     pub async fn delete_owned_route(&self, owned: &OwnedServiceRoute) -> Result<OwnedDelete, RouteTableError> {
         let script = redis::Script::new(DELETE_OWNED_SCRIPT);
+        let source = owned.source();
         let reply: Vec<redis::Value> = self
             .run(|mut c| async move {
-                script
+                let mut invocation = recorded(&script, &owned.tool, &source);
+                invocation
                     .key(routes_key(owned.tool.as_str()))
                     .key(K8S_SERVICES)
                     .key(K8S_WRITTEN)
                     .arg(&owned.pattern)
-                    .arg(owned.member())
-                    .invoke_async(&mut c)
-                    .await
+                    .arg(owned.member());
+                invocation.invoke_async(&mut c).await
             })
             .await?;
         match script_status(reply)? {
@@ -460,6 +599,115 @@ impl RouteStore {
             (2, _) => Ok(OwnedDelete::Absent),
             (0, Some(current)) => Ok(OwnedDelete::Kept { current }),
             other => Err(unexpected_reply(format!("{other:?}"))),
+        }
+    }
+
+    /// Who wrote each route of a tool and when, by pattern. Routes written
+    /// before provenance was recorded, or by hand with redis-cli, are absent.
+    pub async fn tool_provenance(&self, tool: &ToolName) -> Result<BTreeMap<String, Provenance>, RouteTableError> {
+        let raw: BTreeMap<String, String> = self
+            .run(|mut c| async move { redis::cmd("HGETALL").arg(sources_key(tool.as_str())).query_async(&mut c).await })
+            .await?;
+        Ok(raw.into_iter().filter_map(|(pattern, value)| Some((pattern, Provenance::parse(&value)?))).collect())
+    }
+
+    /// [`RouteStore::tool_provenance`] of every tool that has any, by tool
+    /// name: one SCAN, then one pipelined round trip per batch of tools.
+    pub async fn all_provenance(&self) -> Result<BTreeMap<String, BTreeMap<String, Provenance>>, RouteTableError> {
+        let keys = self.scan(&format!("{SOURCES_PREFIX}*")).await?;
+        let mut all = BTreeMap::new();
+        for batch in keys.chunks(PROVENANCE_BATCH) {
+            let replies: Vec<BTreeMap<String, String>> = self
+                .run(|mut c| async move {
+                    let mut pipe = redis::pipe();
+                    for key in batch {
+                        pipe.hgetall(key);
+                    }
+                    pipe.query_async(&mut c).await
+                })
+                .await?;
+            for (key, raw) in batch.iter().zip(replies) {
+                let Some(tool) = key.strip_prefix(SOURCES_PREFIX) else { continue };
+                let parsed: BTreeMap<String, Provenance> =
+                    raw.into_iter().filter_map(|(p, v)| Some((p, Provenance::parse(&v)?))).collect();
+                all.insert(tool.to_string(), parsed);
+            }
+        }
+        Ok(all)
+    }
+
+    /// The tool's newest entry in the audit stream, if any: read newest
+    /// first, and stops at the first one found.
+    pub async fn last_change(&self, tool: &ToolName) -> Result<Option<AuditEntry>, RouteTableError> {
+        let mut end = "+".to_string();
+        loop {
+            let to = end.clone();
+            let batch: Vec<redis::Value> = self
+                .run(|mut c| async move {
+                    redis::cmd("XREVRANGE")
+                        .arg(AUDIT_STREAM)
+                        .arg(to)
+                        .arg("-")
+                        .arg("COUNT")
+                        .arg(HISTORY_BATCH)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            let count = batch.len();
+            let mut last = None;
+            for item in batch {
+                let Some((id, fields)) = stream_entry(item) else { continue };
+                if let Some(entry) = AuditEntry::from_fields(&id, &fields)
+                    && entry.tool == tool.as_str()
+                {
+                    return Ok(Some(entry));
+                }
+                last = Some(id);
+            }
+            match last {
+                // `(` makes the next range end before the last ID seen.
+                Some(id) if count == HISTORY_BATCH => end = format!("({id}"),
+                _ => return Ok(None),
+            }
+        }
+    }
+
+    /// A tool's entries of the audit stream, oldest first. Reads the whole
+    /// (capped) stream in batches and keeps the tool's entries.
+    pub async fn history(&self, tool: &ToolName) -> Result<Vec<AuditEntry>, RouteTableError> {
+        let mut entries = Vec::new();
+        let mut start = "-".to_string();
+        loop {
+            let from = start.clone();
+            let batch: Vec<redis::Value> = self
+                .run(|mut c| async move {
+                    redis::cmd("XRANGE")
+                        .arg(AUDIT_STREAM)
+                        .arg(from)
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(HISTORY_BATCH)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            let count = batch.len();
+            let mut last = None;
+            for item in batch {
+                let Some((id, fields)) = stream_entry(item) else { continue };
+                if let Some(entry) = AuditEntry::from_fields(&id, &fields)
+                    && entry.tool == tool.as_str()
+                {
+                    entries.push(entry);
+                }
+                last = Some(id);
+            }
+            match last {
+                // `(` makes the next range start after the last ID seen.
+                Some(id) if count == HISTORY_BATCH => start = format!("({id}"),
+                _ => return Ok(entries),
+            }
         }
     }
 

@@ -70,7 +70,12 @@ async fn store_and_cache_find_the_master_through_sentinel() {
     let store = RouteStore::new(endpoint.clone());
     let tool = ToolName::parse("foo").unwrap();
     store
-        .set_route(&tool, &RoutePattern::parse(".*").unwrap(), &BackendUrl::parse("http://10.0.0.1:1").unwrap())
+        .set_route(
+            &tool,
+            &RoutePattern::parse(".*").unwrap(),
+            &BackendUrl::parse("http://10.0.0.1:1").unwrap(),
+            &dynamicproxy_redis::RouteSource::cli("test"),
+        )
         .await
         .unwrap();
     let stored: String = master.client().hget("prefix:foo", ".*").unwrap();

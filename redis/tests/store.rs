@@ -2,12 +2,19 @@
 
 use std::collections::BTreeMap;
 
-use dynamicproxy_redis::{BackendUrl, OwnedDelete, OwnedServiceRoute, OwnedWrite, RoutePattern, RouteStore, ToolName};
+use dynamicproxy_redis::{
+    AuditAction, BackendUrl, OwnedDelete, OwnedServiceRoute, OwnedWrite, RoutePattern, RouteSource, RouteStore,
+    ToolName, Writer,
+};
 use dynamicproxy_test_support::RedisServer;
 use redis::Commands;
 
 fn store(redis: &RedisServer) -> RouteStore {
     RouteStore::new(redis.url().parse().unwrap())
+}
+
+fn operator() -> RouteSource {
+    RouteSource::cli("alice")
 }
 
 #[tokio::test]
@@ -18,7 +25,7 @@ async fn writes_use_the_legacy_schema() {
     let any = RoutePattern::parse(".*").unwrap();
     let backend = BackendUrl::parse("http://10.0.0.1:8000").unwrap();
 
-    store.set_canonical_route(&tool, &any, &backend, "foo.toolforge.org").await.unwrap();
+    store.set_canonical_route(&tool, &any, &backend, "foo.toolforge.org", &operator()).await.unwrap();
     let mut c = redis.client();
     let routes: BTreeMap<String, String> = c.hgetall("prefix:foo").unwrap();
     let redirects: BTreeMap<String, String> = c.hgetall("redirect:foo").unwrap();
@@ -28,8 +35,8 @@ async fn writes_use_the_legacy_schema() {
     assert_eq!(store.tools().await.unwrap(), ["foo"]);
     let entry = store.tool(&tool).await.unwrap();
     assert_eq!(entry.routes, routes);
-    assert!(store.delete_route(&tool, ".*").await.unwrap());
-    assert!(!store.delete_route(&tool, ".*").await.unwrap());
+    assert!(store.delete_route(&tool, ".*", &operator()).await.unwrap());
+    assert!(!store.delete_route(&tool, ".*", &operator()).await.unwrap());
     assert!(store.tool(&tool).await.unwrap().is_empty());
     let exists: bool = c.exists("redirect:foo").unwrap();
     assert!(!exists);
@@ -123,6 +130,7 @@ async fn two_key_writes_are_all_or_nothing_even_with_a_wrong_type_key() {
             &RoutePattern::parse(".*").unwrap(),
             &BackendUrl::parse("http://10.0.0.1:1").unwrap(),
             "foo.toolforge.org",
+            &operator(),
         )
         .await
         .unwrap_err();
@@ -132,7 +140,7 @@ async fn two_key_writes_are_all_or_nothing_even_with_a_wrong_type_key() {
     assert!(!exists, "the route must not be written when the redirect cannot be");
 
     let _: () = c.hset("prefix:foo", ".*", "http://10.0.0.1:1").unwrap();
-    assert!(store.delete_route(&tool, ".*").await.is_err());
+    assert!(store.delete_route(&tool, ".*", &operator()).await.is_err());
     let kept: Option<String> = c.hget("prefix:foo", ".*").unwrap();
     assert_eq!(kept.as_deref(), Some("http://10.0.0.1:1"), "the route must stay when the redirect cannot be cleaned");
 }
@@ -177,4 +185,90 @@ async fn owned_route_writes_are_all_or_nothing_too() {
     assert!(err.to_string().contains("k8s_services holds a string, not a set"), "{err}");
     let exists: bool = c.exists("prefix:foo").unwrap();
     assert!(!exists, "no route without its ownership record");
+}
+
+#[tokio::test]
+async fn every_writer_is_recorded_next_to_the_route_and_in_the_audit_stream() {
+    let redis = RedisServer::start();
+    let store = store(&redis);
+    let mut c = redis.client();
+    let tool = ToolName::parse("foo").unwrap();
+    let (api, any) = (RoutePattern::parse("/api.*").unwrap(), RoutePattern::parse(".*").unwrap());
+    let grid = BackendUrl::parse("http://10.0.0.1:8000").unwrap();
+    let registrar = RouteSource::registrar("172.16.0.9:40123".parse().unwrap(), "tools.foo");
+
+    assert!(store.set_route_capped(&tool, &api, &grid, None, 8, &registrar).await.unwrap());
+    let owned = OwnedServiceRoute { namespace: "tool-foo".into(), tool: tool.clone(), pattern: ".*".into() };
+    let k8s = BackendUrl::parse("http://10.96.0.5:8000").unwrap();
+    assert_eq!(store.set_owned_route(&owned, &k8s).await.unwrap(), OwnedWrite::Written);
+    // Unchanged writes are not writes: nothing more is recorded.
+    assert_eq!(store.set_owned_route(&owned, &k8s).await.unwrap(), OwnedWrite::Unchanged);
+
+    // The legacy hash is exactly what it always was.
+    let routes: BTreeMap<String, String> = c.hgetall("prefix:foo").unwrap();
+    assert_eq!(
+        routes,
+        BTreeMap::from([
+            ("/api.*".into(), "http://10.0.0.1:8000".into()),
+            (".*".into(), "http://10.96.0.5:8000".into())
+        ])
+    );
+    let sources = store.tool_provenance(&tool).await.unwrap();
+    assert_eq!(sources["/api.*"].source, registrar);
+    assert_eq!(sources[".*"].source.to_string(), "kube-sync (Service tool-foo/foo)");
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    assert!(now_ms.abs_diff(sources["/api.*"].written_at_ms) < 60_000, "written at the server's current time");
+
+    // Deleting a route clears its provenance; the stream keeps what happened.
+    assert!(store.delete_route(&tool, "/api.*", &operator()).await.unwrap());
+    assert_eq!(store.delete_owned_route(&owned).await.unwrap(), OwnedDelete::Deleted);
+    assert!(store.tool_provenance(&tool).await.unwrap().is_empty());
+    let exists: bool = c.exists("route_source:foo").unwrap();
+    assert!(!exists);
+
+    store.set_route(&ToolName::parse("other").unwrap(), &any, &grid, &operator()).await.unwrap();
+    let history = store.history(&tool).await.unwrap();
+    let seen: Vec<_> = history
+        .iter()
+        .map(|e| (e.action.clone(), e.pattern.as_str(), e.backend.as_str(), e.source.writer.clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (AuditAction::Set, "/api.*", "http://10.0.0.1:8000", Writer::Registrar),
+            (AuditAction::Set, ".*", "http://10.96.0.5:8000", Writer::KubeSync),
+            (AuditAction::Delete, "/api.*", "http://10.0.0.1:8000", Writer::Cli),
+            (AuditAction::Delete, ".*", "http://10.96.0.5:8000", Writer::KubeSync),
+        ]
+    );
+    assert!(history.windows(2).all(|w| w[0].at_ms <= w[1].at_ms), "oldest first");
+    assert_eq!(store.last_change(&tool).await.unwrap().as_ref(), history.last());
+    assert_eq!(store.last_change(&ToolName::parse("never").unwrap()).await.unwrap(), None);
+    assert_eq!(store.all_provenance().await.unwrap().keys().collect::<Vec<_>>(), ["other"]);
+
+    store.set_canonical_route(&tool, &any, &grid, "foo.toolforge.org", &registrar).await.unwrap();
+    assert!(store.delete_tool(&tool, &operator()).await.unwrap());
+    let last: Vec<_> = store.history(&tool).await.unwrap().into_iter().rev().take(2).map(|e| e.action).collect();
+    assert_eq!(last, [AuditAction::DeleteTool, AuditAction::SetCanonical]);
+    assert!(store.tool_provenance(&tool).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_audit_stream_is_capped() {
+    let redis = RedisServer::start();
+    let store = store(&redis);
+    let tool = ToolName::parse("busy").unwrap();
+    let any = RoutePattern::parse(".*").unwrap();
+    // Fill the stream past its cap without 50k round trips: the cap applies on the next write.
+    let mut c = redis.client();
+    let mut pipe = redis::pipe();
+    for _ in 0..dynamicproxy_redis::AUDIT_MAXLEN + 2_000 {
+        pipe.cmd("XADD").arg("route_audit").arg("*").arg("tool").arg("filler").ignore();
+    }
+    let _: () = pipe.query(&mut c).unwrap();
+    store.set_route(&tool, &any, &BackendUrl::parse("http://10.0.0.1:1").unwrap(), &operator()).await.unwrap();
+    let len: usize = redis::cmd("XLEN").arg("route_audit").query(&mut c).unwrap();
+    // `MAXLEN ~` trims whole nodes: at most one node (100 entries by default) above the cap.
+    assert!(len <= dynamicproxy_redis::AUDIT_MAXLEN + 100, "stream holds {len} entries");
+    assert_eq!(store.history(&tool).await.unwrap().len(), 1);
 }

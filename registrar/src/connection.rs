@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dynamicproxy_redis::{BackendUrl, RoutePattern, RouteStore, RouteTableError, ToolName};
+use dynamicproxy_redis::{BackendUrl, RoutePattern, RouteSource, RouteStore, RouteTableError, ToolName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -178,7 +178,7 @@ async fn handle(
     exchange: &mut Exchange,
 ) -> Answer {
     let request = tokio::time::timeout_at(deadline, authenticate_and_read(stream, peer, local, shared, exchange)).await;
-    let (tool, request) = match request {
+    let (tool, source, request) = match request {
         Ok(Ok(accepted)) => accepted,
         Ok(Err(refusal)) => return refusal,
         Err(_) => {
@@ -195,21 +195,23 @@ async fn handle(
         Request::Unregister { route } => exchange.route = Some(route.clone()),
         Request::Unknown => {}
     }
-    let (Ok(answer) | Err(answer)) = execute(&tool, request, shared).await;
+    let (Ok(answer) | Err(answer)) = execute(&tool, &source, request, shared).await;
     if answer.outcome != Outcome::Ok {
         exchange.reason = Some(answer.detail.clone().unwrap_or_else(|| answer.reply.to_string()));
     }
     answer
 }
 
-/// Ident, the prefix check, and the request lines. `Err` is the refusal to send.
+/// Ident, the prefix check, and the request lines; the tool, and the writer
+/// its routes are recorded under (the ident user and the client address).
+/// `Err` is the refusal to send.
 async fn authenticate_and_read(
     stream: &mut TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
     shared: &Shared,
     exchange: &mut Exchange,
-) -> Result<(ToolName, Request), Answer> {
+) -> Result<(ToolName, RouteSource, Request), Answer> {
     let config = &shared.config;
     let user = match ident::query(peer, local, config.ident_port, config.ident_timeout).await {
         Ok(reply) => reply.user,
@@ -225,7 +227,7 @@ async fn authenticate_and_read(
     exchange.tool = Some(name.to_string());
     let tool = ToolName::parse(name).map_err(|e| invalid_logged(e, exchange))?;
     let request = read_request(stream, &mut exchange.command).await.map_err(|e| invalid_logged(e, exchange))?;
-    Ok((tool, request))
+    Ok((tool, RouteSource::registrar(peer, &user), request))
 }
 
 fn invalid_logged(reason: impl std::fmt::Display, exchange: &mut Exchange) -> Answer {
@@ -255,7 +257,7 @@ async fn read_request(stream: &mut TcpStream, command: &mut Option<Command>) -> 
 }
 
 /// Validates the request and writes it. `Err` carries the refusal.
-async fn execute(tool: &ToolName, request: Request, shared: &Shared) -> Result<Answer, Answer> {
+async fn execute(tool: &ToolName, source: &RouteSource, request: Request, shared: &Shared) -> Result<Answer, Answer> {
     let store = &shared.store;
     let (route, destination, canonical) = match request {
         Request::Unknown => return Err(Answer::new(Outcome::UnknownCommand, "fail")),
@@ -265,7 +267,7 @@ async fn execute(tool: &ToolName, request: Request, shared: &Shared) -> Result<A
             if route.is_empty() {
                 return Err(Answer::invalid("empty route"));
             }
-            return store.delete_route(tool, &route).await.map(|_removed| ok()).map_err(store_failure);
+            return store.delete_route(tool, &route, source).await.map(|_removed| ok()).map_err(store_failure);
         }
         Request::Register { route, destination } => (route, destination, false),
         Request::RegisterCanonical { route, destination } => (route, destination, true),
@@ -274,7 +276,7 @@ async fn execute(tool: &ToolName, request: Request, shared: &Shared) -> Result<A
     check_destination(&backend, &shared.denied).await?;
     let canonical_host = canonical.then(|| format!("{tool}.{}", shared.config.canonical_domain));
     let max = shared.config.max_routes_per_tool;
-    match store.set_route_capped(tool, &pattern, &backend, canonical_host.as_deref(), max).await {
+    match store.set_route_capped(tool, &pattern, &backend, canonical_host.as_deref(), max, source).await {
         Ok(true) => Ok(ok()),
         Ok(false) => Err(Answer {
             outcome: Outcome::TooManyRoutes,

@@ -183,9 +183,11 @@ impl Harness {
         redis::cmd("HGETALL").arg(key).query(&mut self.redis.client()).unwrap()
     }
 
-    /// Every key in Redis.
+    /// Every key in Redis but the provenance side keys.
     pub fn keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut self.redis.client()).unwrap();
+        // Who wrote each route (`route_source:<tool>`, `route_audit`) is kept apart from the table.
+        keys.retain(|k| !k.starts_with("route_source:") && k != "route_audit");
         keys.sort();
         keys
     }
