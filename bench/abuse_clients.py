@@ -2,9 +2,10 @@
 """Clients for bench/abuse.sh.
 
   abuse_clients.py idle h1|h2|h1tls PORT COUNT READY_FILE
-      opens COUNT connections (TLS for h1tls and h2, ALPN h2 for h2), sends one
-      request on each, reads its answer, then keeps every connection open and
-      silent; writes READY_FILE once all are open, and holds until killed.
+      opens COUNT connections (TLS for h1tls and h2, ALPN h2 for h2) from
+      127.0.0.2-17, sends one request on each, reads its answer, then keeps
+      every connection open and silent; writes READY_FILE once all are open,
+      and holds until killed.
   abuse_clients.py backend PORT BODY_BYTES
       an HTTP/1.1 keep-alive backend answering every request with BODY_BYTES
       bytes, writing as fast as its client reads (slow readers stay slow).
@@ -31,10 +32,12 @@ def h2_request(host):
     return (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"") + frame(4, 1, 0, b"")
             + frame(1, 0x5, 1, block))
 
-async def one_idle(kind, port, host, held):
+async def one_idle(kind, port, host, held, source):
     ssl_ctx = None if kind == "h1" else tls_context("h2" if kind == "h2" else "http/1.1")
+    # Several source addresses: 10,000 connections from one would crowd its ports.
     reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ssl_ctx,
-                                                   server_hostname=host if ssl_ctx else None)
+                                                   server_hostname=host if ssl_ctx else None,
+                                                   local_addr=(source, 0))
     if kind == "h2":
         writer.write(h2_request(host.encode()))
     else:
@@ -48,10 +51,10 @@ async def one_idle(kind, port, host, held):
 
 async def idle(kind, port, count, ready):
     held, sem = [], asyncio.Semaphore(200)
-    async def guarded():
+    async def guarded(i):
         async with sem:
             try:
-                await one_idle(kind, port, "probe.toolforge.org", held)
+                await one_idle(kind, port, "probe.toolforge.org", held, f"127.0.0.{2 + i % 16}")
             except Exception as e:  # counted: only the open ones are held
                 print(f"connection failed: {e!r}", file=sys.stderr)
     async def progress():
@@ -60,7 +63,7 @@ async def idle(kind, port, count, ready):
                 f.write(f"{len(held)}\n")
             await asyncio.sleep(1)
     counter = asyncio.create_task(progress())
-    await asyncio.gather(*(guarded() for _ in range(count)))
+    await asyncio.gather(*(guarded(i) for i in range(count)))
     counter.cancel()
     with open(ready, "w") as f:
         f.write(f"{len(held)}\n")

@@ -10,6 +10,7 @@
 //! - [`client_limit`]: open connections per IPv4 address / IPv6 /64.
 //! - [`activity`]: requests in flight per connection; keep-alive and HTTP/2 idle closes.
 //! - [`linger`]: lingering close, so early answers are not lost to a RST.
+//! - [`park`] (private): idle HTTP/1 keep-alive connections hold only their socket between requests.
 //! - [`workers`] (private): single-threaded event loops (one per core but one), each with its own upstream pool.
 //! - [`handler`] (private): one request's life, in SPEC §3 order; errors become pages there.
 //! - [`route`]: the routing rules over the route cache.
@@ -81,6 +82,7 @@ pub mod list;
 pub mod metrics;
 pub mod outlier;
 pub mod pages;
+mod park;
 pub mod protect;
 pub mod reasons;
 pub mod request_id;
