@@ -12,6 +12,7 @@
 //! tunnel is open.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn};
@@ -135,75 +137,63 @@ pub(crate) async fn serve_tcp(
     shared: Arc<Shared>,
     settings: ServeSettings,
     tls: Option<TlsAcceptor>,
-    pool: UpstreamClient,
+    pool: Arc<UpstreamClient>,
     slot: Slot,
 ) {
     let permit = Arc::new(slot);
     let _ = stream.set_nodelay(true);
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
     let port = HeaderValue::from(local_port);
-    match tls {
+    let info = move |tls: bool, smuggle: Option<Arc<SmuggleFlags>>| {
+        Arc::new(ConnInfo { client, port, tls, smuggle, pool, permit, upstream_slots: connection_slots() })
+    };
+    // Each phase's future is boxed and built outside any await: a task is as
+    // large as its largest state, and every idle connection would otherwise
+    // pay for the handshake's state and for copies of the TLS stream.
+    let serving: Pin<Box<dyn Future<Output = ()> + Send + '_>> = match tls {
         None => {
             let flags = Arc::new(SmuggleFlags::default());
             let io = http1_io(stream, flags.clone(), &settings);
-            let conn = Arc::new(ConnInfo {
-                client,
-                port,
-                tls: false,
-                smuggle: Some(flags),
-                pool,
-                permit,
-                upstream_slots: connection_slots(),
-            });
-            // Boxed, here and below: a task is as large as its largest state,
-            // and every idle connection would pay for the TLS and HTTP/2 ones.
-            Box::pin(serve_http1(io, conn, shared, &settings)).await;
+            Box::pin(serve_http1(io, info(false, Some(flags)), shared, &settings))
         }
         Some(acceptor) => {
-            let handshake = tokio::time::timeout(settings.handshake_timeout, Box::pin(acceptor.accept(stream)));
-            let tls_stream = tokio::select! {
-                result = handshake => match result {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(error)) => {
-                        debug!(%error, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        debug!("TLS handshake timed out");
-                        shared.metrics.connection_timeout("handshake");
-                        return;
-                    }
-                },
-                _ = settings.shutdown.cancelled() => return,
-            };
-            let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-            if h2 {
+            let Some(tls_stream) = Box::pin(handshake(acceptor, stream, &shared, &settings)).await else { return };
+            if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                 let io = idle_io(Linger::new(tls_stream), &settings);
-                let conn = Arc::new(ConnInfo {
-                    client,
-                    port,
-                    tls: true,
-                    smuggle: None,
-                    pool,
-                    permit,
-                    upstream_slots: connection_slots(),
-                });
-                Box::pin(serve_http2(io, conn, shared, &settings)).await;
+                Box::pin(serve_http2(io, info(true, None), shared, &settings))
             } else {
                 let flags = Arc::new(SmuggleFlags::default());
                 let io = http1_io(tls_stream, flags.clone(), &settings);
-                let conn = Arc::new(ConnInfo {
-                    client,
-                    port,
-                    tls: true,
-                    smuggle: Some(flags),
-                    pool,
-                    permit,
-                    upstream_slots: connection_slots(),
-                });
-                Box::pin(serve_http1(io, conn, shared, &settings)).await;
+                Box::pin(serve_http1(io, info(true, Some(flags)), shared, &settings))
             }
         }
+    };
+    serving.await;
+}
+
+/// The TLS handshake, bounded by `tls_handshake_timeout_secs`; `None` when it
+/// failed, timed out (counted) or the proxy is shutting down.
+async fn handshake(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    shared: &Shared,
+    settings: &ServeSettings,
+) -> Option<TlsStream<TcpStream>> {
+    let handshake = tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream));
+    tokio::select! {
+        result = handshake => match result {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(error)) => {
+                debug!(%error, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                debug!("TLS handshake timed out");
+                shared.metrics.connection_timeout("handshake");
+                None
+            }
+        },
+        _ = settings.shutdown.cancelled() => None,
     }
 }
 
@@ -223,15 +213,31 @@ fn http1_io<S>(stream: S, flags: Arc<SmuggleFlags>, settings: &ServeSettings) ->
 /// hyper connection; between them the connection is parked (see `park`): it
 /// waits for the client's next bytes holding only its socket, and is closed
 /// once idle for the keep-alive timeout.
-async fn serve_http1<S>(
+fn serve_http1<S>(
     io: IdleIo<SniffIo<Linger<S>>>,
     conn: Arc<ConnInfo>,
     shared: Arc<Shared>,
     settings: &ServeSettings,
-) where
-    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
+) -> impl Future<Output = ()> + Send + '_
+where
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + Sync + 'static,
 {
+    // Wrapped here, outside the future, which then holds one copy of the I/O.
     let activity = Activity::new();
+    let io = ParkIo::new(io, activity.clone());
+    serve_parked(io, activity, conn, shared, settings)
+}
+
+/// The body of [`serve_http1`]: hyper connections in turn, parked in between.
+async fn serve_parked<S>(
+    mut io: ParkIo<S>,
+    activity: Arc<Activity>,
+    conn: Arc<ConnInfo>,
+    shared: Arc<Shared>,
+    settings: &ServeSettings,
+) where
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + Sync + 'static,
+{
     let metrics = shared.metrics.clone();
     let mut builder = http1::Builder::new();
     builder
@@ -244,7 +250,6 @@ async fn serve_http1<S>(
     // connection's own, where the shared token's lock is taken by every
     // connection on every core.
     let shutdown = settings.shutdown.child_token();
-    let mut io = ParkIo::new(io, activity.clone());
     loop {
         let (requests, shared, conn) = (activity.clone(), shared.clone(), conn.clone());
         let service = service_fn(move |req| {
@@ -273,14 +278,8 @@ async fn serve_http1<S>(
             }
         }
         // Upgraded (the tunnel owns the socket now) or closed by either side.
-        let Some(parts) = Pin::into_inner(connection).into_parts() else { return };
-        io = parts.io.into_inner();
-        if !io.is_parked() {
-            return;
-        }
-        // Copied: even empty, hyper's buffer holds its whole allocation.
-        let unparsed = Bytes::copy_from_slice(&parts.read_buf);
-        drop(parts.read_buf);
+        let Some((parked, unparsed)) = reclaim(connection) else { return };
+        io = parked;
         if let Err(phase) = wait_for_request(&io, &activity, settings, &shutdown).await {
             if let Some(phase) = phase {
                 metrics.connection_timeout(phase);
@@ -294,9 +293,27 @@ async fn serve_http1<S>(
     }
 }
 
+/// The I/O of a hyper connection that ended because it was parked, with the
+/// bytes it had read but not parsed; `None` when it was upgraded or closed.
+fn reclaim<S, Svc>(
+    connection: Pin<Box<http1::UpgradeableConnection<TokioIo<ParkIo<S>>, Svc>>>,
+) -> Option<(ParkIo<S>, Bytes)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    Svc: hyper::service::HttpService<hyper::body::Incoming>,
+    Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    Svc::ResBody: 'static,
+    <Svc::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let parts = Pin::into_inner(connection).into_parts()?;
+    let io = parts.io.into_inner();
+    // Copied: even empty, hyper's buffer holds its whole allocation.
+    io.is_parked().then(|| (io, Bytes::copy_from_slice(&parts.read_buf)))
+}
+
 /// Finishes a connection being closed gracefully (shutdown or idle), unless
 /// the hard stop comes first.
-async fn finish<F: std::future::Future + Unpin>(mut connection: F, settings: &ServeSettings) {
+async fn finish<F: Future + Unpin>(mut connection: F, settings: &ServeSettings) {
     tokio::select! {
         _ = &mut connection => {}
         _ = settings.hard_stop.cancelled() => {}
