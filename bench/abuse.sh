@@ -118,6 +118,17 @@ start_proxy() {
 }
 stop_proxy() { kill "$proxy_pid" 2>/dev/null || true; wait "$proxy_pid" 2>/dev/null || true; }
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$proxy_pid/status" 2>/dev/null || echo 0; }
+# The proxy's CPU time (user + system, clock ticks), to tell a saturated
+# proxy from a saturated box when the probe is slow.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$proxy_pid/stat" 2>/dev/null || echo 0; }
+ticks=$(getconf CLK_TCK)
+phase_started=0 phase_ticks=0
+phase_begin() { phase_started=$SECONDS phase_ticks=$(cpu_ticks); }
+phase_cpu() {
+  local wall=$((SECONDS - phase_started)) used=$(( $(cpu_ticks) - phase_ticks ))
+  [ "$wall" -gt 0 ] || wall=1
+  echo "proxy CPU $((100 * used / ticks / wall))% of a core over ${wall}s, load $(cut -d' ' -f1 /proc/loadavg)"
+}
 
 # sample_peak SECONDS: highest RSS (KiB) seen over SECONDS.
 sample_peak() {
@@ -144,6 +155,7 @@ slow_phase() { # NAME slowhttptest-mode-args...
   local name=$1; shift
   start_proxy
   local base; base=$(rss_kib)
+  phase_begin
   python3 "$clients" probe "$https_port" probe.toolforge.org "$seconds" >"$run/probe-$name.txt" &
   local probe=$!
   slowhttptest "$@" -c "$conns" -r 200 -l "$seconds" -u "$url" >"$run/slowhttptest-$name.txt" 2>&1 &
@@ -154,7 +166,7 @@ slow_phase() { # NAME slowhttptest-mode-args...
   kill "$slow" 2>/dev/null || true; wait "$slow" 2>/dev/null || true
   local connected
   connected=$(sed 's/\x1b\[[0-9;]*m//g' "$run/slowhttptest-$name.txt" | grep -a "connected:" | tail -1 | tr -s ' ' | sed 's/^ //' || true)
-  report "$name" "$base" "$peak" "$(cat "$run/probe-$name.txt")" "slowhttptest last $connected"
+  report "$name" "$base" "$peak" "$(cat "$run/probe-$name.txt")" "$(phase_cpu); slowhttptest last $connected"
   stop_proxy
 }
 
@@ -164,6 +176,7 @@ idle_phase() { # NAME KIND [h2load]
   start_proxy
   local base; base=$(rss_kib)
   rm -f "$run/ready-$name"
+  phase_begin
   # The probe runs from the first handshake of the storm to the end of the burst.
   python3 "$clients" probe "$https_port" probe.toolforge.org 3600 >"$run/probe-$name.txt" &
   local probe=$!
@@ -177,7 +190,7 @@ idle_phase() { # NAME KIND [h2load]
   local took=$((SECONDS - started))
   # What the held connections cost, before anything else runs.
   local peak; peak=$(sample_peak 3)
-  local note="$opened idle connections open (in ${took}s), $(check_open "$name")"
+  local note="$opened idle connections open (in ${took}s, $(phase_cpu)), $(check_open "$name")"
   if [ "${3:-}" = h2load ]; then
     # :authority, not Host: the proxy refuses an h2 request whose Host differs from it.
     h2load -n 20000 -c 20 -m 10 -H 'user-agent: h2load' -H ':authority: load.toolforge.org' \
