@@ -46,7 +46,8 @@
 //! accept (server::accept_loop: connection limits, refusals answered at once, span per connection)
 //!  └─ hand over (workers: next event loop in turn; the connection stays on its thread)
 //!   └─ TLS handshake with timeout (tls::TlsAcceptor; ALPN picks h2 or http/1.1)
-//!       └─ serve connection (hyper http1 + upgrades / http2; per-phase timeouts; smuggling guard; lingering close)
+//!       └─ serve connection (hyper http1 + upgrades / http2; per-phase timeouts; smuggling guard; lingering close;
+//!          idle HTTP/1 connections parked between requests)
 //!           └─ handle request (handler::handle: context, metrics, access log, error → page)
 //!               ├─ 1 healthz · 2 Host / URI checks · HTTP→HTTPS redirect
 //!               ├─ 3 bans, User-Agent, Referer · 4 rate limit · 5 maintenance · host redirects

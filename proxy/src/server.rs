@@ -10,6 +10,12 @@
 //! (`keepalive_timeout_secs` / `http2_idle_timeout_secs`, `activity`), and the
 //! long idle (`client_timeout_secs`) while a request waits on its backend or a
 //! tunnel is open.
+//!
+//! Between requests an HTTP/1 connection is parked (`park`): hyper's
+//! connection object and buffers are dropped, and a new one serves the next
+//! request once the socket is readable. While parked, the keep-alive timeout
+//! (or the head timeout, if shorter: hyper's head timer used to run from the
+//! same moment) closes it.
 
 use std::convert::Infallible;
 use std::future::Future;
