@@ -2,24 +2,33 @@
 """Clients for bench/abuse.sh.
 
   abuse_clients.py idle h1|h2|h1tls PORT COUNT READY_FILE
-      opens COUNT connections (TLS for h1tls and h2, ALPN h2 for h2), sends one
-      request on each, reads its answer, then keeps every connection open and
-      silent; writes READY_FILE once all are open, and holds until killed.
+      opens COUNT connections (TLS for h1tls and h2, ALPN h2 for h2) from
+      127.0.0.2-17, sends one request on each, reads its answer, then keeps
+      every connection open and silent; writes READY_FILE once all are open,
+      and holds until killed.
   abuse_clients.py backend PORT BODY_BYTES
       an HTTP/1.1 keep-alive backend answering every request with BODY_BYTES
       bytes, writing as fast as its client reads (slow readers stay slow).
   abuse_clients.py probe PORT HOST SECONDS
-      one keep-alive HTTPS client, a request every 50 ms for SECONDS; prints
-      "requests failures p50_ms p99_ms max_ms" (a failure is an error or non-200).
+      one keep-alive HTTPS client, a request every 50 ms for SECONDS or until
+      SIGTERM; prints "requests failures p50_ms p99_ms max_ms" (a failure is
+      an error or non-200).
 """
-import asyncio, http.client, socket, ssl, sys, time
+import asyncio, http.client, signal, socket, ssl, sys, time
+
+_contexts = {}
 
 def tls_context(alpn):
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols([alpn])
-    return ctx
+    # One per protocol: building a context loads the system CA bundle (about
+    # 0.1 s), which made opening 10,000 connections take longer than the
+    # proxy's handshake timeout.
+    if alpn not in _contexts:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.set_alpn_protocols([alpn])
+        _contexts[alpn] = ctx
+    return _contexts[alpn]
 
 def hpack_literal(index, value):
     return bytes([index, len(value)]) + value
@@ -31,10 +40,12 @@ def h2_request(host):
     return (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"") + frame(4, 1, 0, b"")
             + frame(1, 0x5, 1, block))
 
-async def one_idle(kind, port, host, held):
+async def one_idle(kind, port, host, held, source):
     ssl_ctx = None if kind == "h1" else tls_context("h2" if kind == "h2" else "http/1.1")
+    # Several source addresses: 10,000 connections from one would crowd its ports.
     reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ssl_ctx,
-                                                   server_hostname=host if ssl_ctx else None)
+                                                   server_hostname=host if ssl_ctx else None,
+                                                   local_addr=(source, 0))
     if kind == "h2":
         writer.write(h2_request(host.encode()))
     else:
@@ -47,11 +58,13 @@ async def one_idle(kind, port, host, held):
     held.append((reader, writer))
 
 async def idle(kind, port, count, ready):
-    held, sem = [], asyncio.Semaphore(200)
-    async def guarded():
+    # 50 handshakes at a time: more only queue in this one Python thread,
+    # and on a loaded box some then outlast the proxy's handshake timeout.
+    held, sem = [], asyncio.Semaphore(50)
+    async def guarded(i):
         async with sem:
             try:
-                await one_idle(kind, port, "probe.toolforge.org", held)
+                await one_idle(kind, port, "load.toolforge.org", held, f"127.0.0.{2 + i % 16}")
             except Exception as e:  # counted: only the open ones are held
                 print(f"connection failed: {e!r}", file=sys.stderr)
     async def progress():
@@ -60,7 +73,7 @@ async def idle(kind, port, count, ready):
                 f.write(f"{len(held)}\n")
             await asyncio.sleep(1)
     counter = asyncio.create_task(progress())
-    await asyncio.gather(*(guarded() for _ in range(count)))
+    await asyncio.gather(*(guarded(i) for i in range(count)))
     counter.cancel()
     with open(ready, "w") as f:
         f.write(f"{len(held)}\n")
@@ -95,7 +108,9 @@ async def backend(port, size):
 def probe(port, host, seconds):
     latencies, failures, conn = [], 0, None
     end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    while time.monotonic() < end and not stop:
         start = time.monotonic()
         try:
             if conn is None:

@@ -49,6 +49,12 @@ impl Activity {
         self.state.borrow().in_flight
     }
 
+    /// Since when the connection has had no request in flight (its start, or
+    /// the end of its last request); meaningful while none is in flight.
+    pub fn idle_since(&self) -> Instant {
+        self.state.borrow().idle_since
+    }
+
     /// Resolves once the connection has had no request in flight for `timeout`.
     pub async fn idle_for(&self, timeout: Duration) {
         let mut changes = self.state.subscribe();

@@ -86,7 +86,7 @@ pub(crate) struct ConnInfo {
     pub smuggle: Option<Arc<SmuggleFlags>>,
     /// The upstream pool of the event loop serving this connection: one pool
     /// per loop, so a request never waits on another thread's connections.
-    pub pool: UpstreamClient,
+    pub pool: Arc<UpstreamClient>,
     /// This connection's place under `max_connections` and its client's
     /// count, shared with any tunnel the connection becomes: an upgraded
     /// connection still counts.

@@ -10,6 +10,7 @@
 //! - [`client_limit`]: open connections per IPv4 address / IPv6 /64.
 //! - [`activity`]: requests in flight per connection; keep-alive and HTTP/2 idle closes.
 //! - [`linger`]: lingering close, so early answers are not lost to a RST.
+//! - [`park`] (private): idle HTTP/1 keep-alive connections hold only their socket between requests.
 //! - [`workers`] (private): single-threaded event loops (one per core but one), each with its own upstream pool.
 //! - [`handler`] (private): one request's life, in SPEC §3 order; errors become pages there.
 //! - [`route`]: the routing rules over the route cache, traceable step by step.
@@ -47,7 +48,8 @@
 //! accept (server::accept_loop: connection limits, refusals answered at once, span per connection)
 //!  └─ hand over (workers: next event loop in turn; the connection stays on its thread)
 //!   └─ TLS handshake with timeout (tls::TlsAcceptor; ALPN picks h2 or http/1.1)
-//!       └─ serve connection (hyper http1 + upgrades / http2; per-phase timeouts; smuggling guard; lingering close)
+//!       └─ serve connection (hyper http1 + upgrades / http2; per-phase timeouts; smuggling guard; lingering close;
+//!          idle HTTP/1 connections parked between requests)
 //!           └─ handle request (handler::handle: context, metrics, access log, error → page)
 //!               ├─ 1 healthz · 2 Host / URI checks · HTTP→HTTPS redirect
 //!               ├─ 3 bans, User-Agent, Referer · 4 rate limit · 5 maintenance · host redirects
@@ -86,6 +88,7 @@ pub mod list;
 pub mod metrics;
 pub mod outlier;
 pub mod pages;
+mod park;
 pub mod protect;
 pub mod reasons;
 pub mod request_id;

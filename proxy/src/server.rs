@@ -10,18 +10,28 @@
 //! (`keepalive_timeout_secs` / `http2_idle_timeout_secs`, `activity`), and the
 //! long idle (`client_timeout_secs`) while a request waits on its backend or a
 //! tunnel is open.
+//!
+//! Between requests an HTTP/1 connection is parked (`park`): hyper's
+//! connection object and buffers are dropped, and a new one serves the next
+//! request once the socket is readable. While parked, the keep-alive timeout
+//! (or the head timeout, if shorter: hyper's head timer used to run from the
+//! same moment) closes it.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::HeaderValue;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn};
@@ -32,8 +42,9 @@ use crate::buffers;
 use crate::client_limit::{ClientGuard, ClientLimit};
 use crate::handler::{ConnInfo, Shared, handle};
 use crate::idle::{IdleIo, IdleTimeout};
-use crate::linger::Linger;
+use crate::linger::{self, Linger};
 use crate::metrics::Metrics;
+use crate::park::{ParkIo, ReadReady};
 use crate::shed::{self, Refusal};
 use crate::sniff::{SmuggleFlags, SniffIo};
 use crate::tls::TlsAcceptor;
@@ -132,73 +143,63 @@ pub(crate) async fn serve_tcp(
     shared: Arc<Shared>,
     settings: ServeSettings,
     tls: Option<TlsAcceptor>,
-    pool: UpstreamClient,
+    pool: Arc<UpstreamClient>,
     slot: Slot,
 ) {
     let permit = Arc::new(slot);
     let _ = stream.set_nodelay(true);
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
     let port = HeaderValue::from(local_port);
-    match tls {
+    let info = move |tls: bool, smuggle: Option<Arc<SmuggleFlags>>| {
+        Arc::new(ConnInfo { client, port, tls, smuggle, pool, permit, upstream_slots: connection_slots() })
+    };
+    // Each phase's future is boxed and built outside any await: a task is as
+    // large as its largest state, and every idle connection would otherwise
+    // pay for the handshake's state and for copies of the TLS stream.
+    let serving: Pin<Box<dyn Future<Output = ()> + Send + '_>> = match tls {
         None => {
             let flags = Arc::new(SmuggleFlags::default());
-            let io = idle_io(SniffIo::new(Linger::new(stream), flags.clone()), &settings);
-            let conn = Arc::new(ConnInfo {
-                client,
-                port,
-                tls: false,
-                smuggle: Some(flags),
-                pool,
-                permit,
-                upstream_slots: connection_slots(),
-            });
-            serve_http1(io, conn, shared, &settings).await;
+            let io = http1_io(stream, flags.clone(), &settings);
+            Box::pin(serve_http1(io, info(false, Some(flags)), shared, &settings))
         }
         Some(acceptor) => {
-            let handshake = tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream));
-            let tls_stream = tokio::select! {
-                result = handshake => match result {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(error)) => {
-                        debug!(%error, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        debug!("TLS handshake timed out");
-                        shared.metrics.connection_timeout("handshake");
-                        return;
-                    }
-                },
-                _ = settings.shutdown.cancelled() => return,
-            };
-            let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-            if h2 {
+            let Some(tls_stream) = Box::pin(handshake(acceptor, stream, &shared, &settings)).await else { return };
+            if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                 let io = idle_io(Linger::new(tls_stream), &settings);
-                let conn = Arc::new(ConnInfo {
-                    client,
-                    port,
-                    tls: true,
-                    smuggle: None,
-                    pool,
-                    permit,
-                    upstream_slots: connection_slots(),
-                });
-                serve_http2(io, conn, shared, &settings).await;
+                Box::pin(serve_http2(io, info(true, None), shared, &settings))
             } else {
                 let flags = Arc::new(SmuggleFlags::default());
-                let io = idle_io(SniffIo::new(Linger::new(tls_stream), flags.clone()), &settings);
-                let conn = Arc::new(ConnInfo {
-                    client,
-                    port,
-                    tls: true,
-                    smuggle: Some(flags),
-                    pool,
-                    permit,
-                    upstream_slots: connection_slots(),
-                });
-                serve_http1(io, conn, shared, &settings).await;
+                let io = http1_io(tls_stream, flags.clone(), &settings);
+                Box::pin(serve_http1(io, info(true, Some(flags)), shared, &settings))
             }
         }
+    };
+    serving.await;
+}
+
+/// The TLS handshake, bounded by `tls_handshake_timeout_secs`; `None` when it
+/// failed, timed out (counted) or the proxy is shutting down.
+async fn handshake(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    shared: &Shared,
+    settings: &ServeSettings,
+) -> Option<TlsStream<TcpStream>> {
+    let handshake = tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream));
+    tokio::select! {
+        result = handshake => match result {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(error)) => {
+                debug!(%error, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                debug!("TLS handshake timed out");
+                shared.metrics.connection_timeout("handshake");
+                None
+            }
+        },
+        _ = settings.shutdown.cancelled() => None,
     }
 }
 
@@ -208,22 +209,42 @@ fn idle_io<I>(io: I, settings: &ServeSettings) -> IdleIo<I> {
     IdleIo::new(io, settings.client_timeout).with_send_timeout(settings.send_timeout)
 }
 
-async fn serve_http1<I>(io: I, conn: Arc<ConnInfo>, shared: Arc<Shared>, settings: &ServeSettings)
+/// An HTTP/1 client's I/O: smuggling guard, lingering close and the idle
+/// timeouts over the socket.
+fn http1_io<S>(stream: S, flags: Arc<SmuggleFlags>, settings: &ServeSettings) -> IdleIo<SniffIo<Linger<S>>> {
+    idle_io(SniffIo::new(Linger::new(stream), flags), settings)
+}
+
+/// Serves HTTP/1.1 on one connection. Each stretch of requests gets its own
+/// hyper connection; between them the connection is parked (see `park`): it
+/// waits for the client's next bytes holding only its socket, and is closed
+/// once idle for the keep-alive timeout.
+fn serve_http1<S>(
+    io: IdleIo<SniffIo<Linger<S>>>,
+    conn: Arc<ConnInfo>,
+    shared: Arc<Shared>,
+    settings: &ServeSettings,
+) -> impl Future<Output = ()> + Send + '_
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + Sync + 'static,
 {
+    // Wrapped here, outside the future, which then holds one copy of the I/O.
     let activity = Activity::new();
-    let requests = activity.clone();
+    let io = ParkIo::new(io, activity.clone());
+    serve_parked(io, activity, conn, shared, settings)
+}
+
+/// The body of [`serve_http1`]: hyper connections in turn, parked in between.
+async fn serve_parked<S>(
+    mut io: ParkIo<S>,
+    activity: Arc<Activity>,
+    conn: Arc<ConnInfo>,
+    shared: Arc<Shared>,
+    settings: &ServeSettings,
+) where
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + Sync + 'static,
+{
     let metrics = shared.metrics.clone();
-    let service = service_fn(move |req| {
-        let in_flight = requests.begin();
-        let shared = shared.clone();
-        let conn = conn.clone();
-        async move {
-            let response = handle(shared, conn, req).await;
-            Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
-        }
-    });
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -231,24 +252,102 @@ where
         .max_buf_size(buffers::CLIENT_WRITE_BUF)
         .writev(true)
         .keep_alive(true);
-    let connection = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
-    tokio::pin!(connection);
     // Polled on every wake-up of the connection: a child token's lock is this
     // connection's own, where the shared token's lock is taken by every
     // connection on every core.
     let shutdown = settings.shutdown.child_token();
-    tokio::select! {
-        result = connection.as_mut() => return ended(result, &metrics),
-        _ = shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
-        // Between requests: closed once idle for the keep-alive timeout.
-        _ = activity.idle_for(settings.keepalive_timeout) => {
-            metrics.connection_timeout("keepalive");
-            connection.as_mut().graceful_shutdown();
+    loop {
+        let (requests, shared, conn) = (activity.clone(), shared.clone(), conn.clone());
+        let service = service_fn(move |req| {
+            let in_flight = requests.begin();
+            let shared = shared.clone();
+            let conn = conn.clone();
+            async move {
+                let response = handle(shared, conn, req).await;
+                Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
+            }
+        });
+        // Boxed: while parked, the task keeps none of hyper's state.
+        let mut connection = Box::pin(builder.serve_connection(TokioIo::new(io), service).with_upgrades());
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    return ended(Err(error), &metrics);
+                }
+            }
+            _ = shutdown.cancelled() => return finish(connection, settings).await,
+            // Between requests but not parked (a pipelined partial head, a
+            // flush the client is slow to take): closed once idle for the keep-alive timeout.
+            _ = activity.idle_for(settings.keepalive_timeout) => {
+                metrics.connection_timeout("keepalive");
+                return finish(connection, settings).await;
+            }
         }
+        // Upgraded (the tunnel owns the socket now) or closed by either side.
+        let Some((parked, unparsed)) = reclaim(connection) else { return };
+        io = parked;
+        if let Err(phase) = wait_for_request(&io, &activity, settings, &shutdown).await {
+            if let Some(phase) = phase {
+                metrics.connection_timeout(phase);
+            }
+            io.unpark(Bytes::new());
+            // Lingering close, as hyper's graceful close of an idle connection did.
+            let _ = tokio::time::timeout(linger::LINGER_TIME * 2, io.shutdown()).await;
+            return;
+        }
+        io.unpark(unparsed);
     }
+}
+
+/// The I/O of a hyper connection that ended because it was parked, with the
+/// bytes it had read but not parsed; `None` when it was upgraded or closed.
+fn reclaim<S, Svc>(
+    connection: Pin<Box<http1::UpgradeableConnection<TokioIo<ParkIo<S>>, Svc>>>,
+) -> Option<(ParkIo<S>, Bytes)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    Svc: hyper::service::HttpService<hyper::body::Incoming>,
+    Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    Svc::ResBody: 'static,
+    <Svc::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let parts = Pin::into_inner(connection).into_parts()?;
+    let io = parts.io.into_inner();
+    // Copied: even empty, hyper's buffer holds its whole allocation.
+    io.is_parked().then(|| (io, Bytes::copy_from_slice(&parts.read_buf)))
+}
+
+/// Finishes a connection being closed gracefully (shutdown or idle), unless
+/// the hard stop comes first.
+async fn finish<F: Future + Unpin>(mut connection: F, settings: &ServeSettings) {
     tokio::select! {
-        _ = connection.as_mut() => {}
+        _ = &mut connection => {}
         _ = settings.hard_stop.cancelled() => {}
+    }
+}
+
+/// Waits, parked, for the client's next request: `Ok` once the socket is
+/// readable, `Err` with the timeout's phase when the connection has been idle
+/// too long, or `Err(None)` on shutdown.
+async fn wait_for_request<S: ReadReady>(
+    io: &ParkIo<S>,
+    activity: &Activity,
+    settings: &ServeSettings,
+    shutdown: &CancellationToken,
+) -> Result<(), Option<&'static str>> {
+    // hyper's head timer used to run from the same moment as the keep-alive
+    // clock; whichever is shorter still closes a silent connection.
+    let (limit, phase) = if settings.keepalive_timeout <= settings.header_timeout {
+        (settings.keepalive_timeout, "keepalive")
+    } else {
+        (settings.header_timeout, "header")
+    };
+    let deadline = activity.idle_since() + limit;
+    tokio::select! {
+        // An error shows up again on the next read, where hyper handles it.
+        _ = std::future::poll_fn(|cx| io.poll_read_ready(cx)) => Ok(()),
+        _ = tokio::time::sleep_until(deadline) => Err(Some(phase)),
+        _ = shutdown.cancelled() => Err(None),
     }
 }
 

@@ -101,6 +101,12 @@ impl<T> SniffIo<T> {
         &self.inner
     }
 
+    /// True when the bytes read so far end exactly after a complete request
+    /// (head and body): nothing of a next request has arrived yet.
+    pub fn at_message_boundary(&self) -> bool {
+        self.state == State::Head && !self.in_headers && self.line_len == 0
+    }
+
     fn feed(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             match self.state {

@@ -36,7 +36,7 @@ pub(crate) struct Accepted {
 pub(crate) struct Workers {
     queues: Vec<mpsc::UnboundedSender<Accepted>>,
     next: AtomicUsize,
-    fallback: UpstreamClient,
+    fallback: Arc<UpstreamClient>,
     shared: Arc<Shared>,
     settings: ServeSettings,
 }
@@ -72,7 +72,7 @@ impl Workers {
                 }
             }
         }
-        Workers { queues, next: AtomicUsize::new(0), fallback: upstream::client(upstream), shared, settings }
+        Workers { queues, next: AtomicUsize::new(0), fallback: Arc::new(upstream::client(upstream)), shared, settings }
     }
 
     /// Hands a connection to the next event loop (round robin, so long-lived
@@ -109,7 +109,9 @@ fn event_loop(
 ) {
     runtime.block_on(async {
         // Built inside the loop so its connection tasks and timers live here.
-        let pool = upstream::client(upstream);
+        // Shared by reference: a copy of the client per connection cost about
+        // 1 KiB of each idle connection's memory.
+        let pool = Arc::new(upstream::client(upstream));
         loop {
             let job = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -139,7 +141,7 @@ async fn serve(
     slot: Slot,
     shared: Arc<Shared>,
     settings: ServeSettings,
-    pool: UpstreamClient,
+    pool: Arc<UpstreamClient>,
 ) {
     shared.metrics.connection_opened();
     serve_tcp(stream, client, shared.clone(), settings, tls, pool, slot).await;

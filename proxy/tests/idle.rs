@@ -1,0 +1,137 @@
+//! Idle HTTP/1 keep-alive connections, through real sockets: between
+//! requests they hold only their socket (a few KiB each, not hyper's buffers),
+//! while keep-alive, pipelining, request bodies and the idle timeouts behave
+//! on the wire as before.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use dynamicproxy_proxy::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const HEALTHZ: &[u8] = b"GET /.well-known/healthz HTTP/1.1\r\nHost: x\r\nUser-Agent: t\r\n\r\n";
+
+/// Reads exactly `count` responses (each with a Content-Length) from `stream`.
+async fn responses(stream: &mut TcpStream, count: usize) -> Vec<String> {
+    let mut pending = Vec::new();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let read = async {
+        while out.len() < count {
+            let text = String::from_utf8_lossy(&pending).into_owned();
+            if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                    .and_then(|v| v.parse().ok())
+                    .expect("a Content-Length");
+                if rest.len() >= length {
+                    let end = head.len() + 4 + length;
+                    out.push(String::from_utf8_lossy(&pending[..end]).into_owned());
+                    pending.drain(..end);
+                    continue;
+                }
+            }
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed after {} of {count} responses", out.len());
+            pending.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read).await.expect("responses within 10 s");
+    out
+}
+
+fn timeouts(proxy: &Proxy, phase: &str) -> u64 {
+    let prefix = format!("dynamicproxy_proxy_connection_timeouts_total{{phase=\"{phase}\"}} ");
+    proxy.metrics_text().lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// One keep-alive connection that has been answered once and is now idle.
+async fn idle_connection(addr: std::net::SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(HEALTHZ).await.unwrap();
+    let answer = responses(&mut stream, 1).await.remove(0);
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    stream
+}
+
+#[tokio::test]
+async fn idle_keepalive_connections_cost_a_few_kib_each() {
+    const IDLE: usize = 1000;
+    let proxy = Proxy::start(Config { max_connections_per_client: 0, ..Config::default() }).await;
+    // Warm up the allocator and the event loop, so the baseline is the proxy at work.
+    for _ in 0..2 {
+        let warm = futures::future::join_all((0..100).map(|_| idle_connection(proxy.http))).await;
+        drop(warm);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = rss_bytes();
+    let mut held = Vec::with_capacity(IDLE);
+    for _ in 0..IDLE / 100 {
+        held.extend(futures::future::join_all((0..100).map(|_| idle_connection(proxy.http))).await);
+    }
+    let growth = rss_bytes().saturating_sub(before);
+    let per_connection = growth / IDLE as u64;
+    eprintln!("{IDLE} idle keep-alive connections: RSS +{} KiB, {per_connection} bytes each", growth >> 10);
+    // hyper's read and write buffers alone are 16 KiB a connection; the
+    // figure includes this test's own client sockets.
+    assert!(per_connection < 8 * 1024, "{per_connection} bytes per idle connection");
+    // Every one of them is still open and served.
+    for stream in held.iter_mut().step_by(50) {
+        stream.write_all(HEALTHZ).await.unwrap();
+        assert_eq!(status_of(&responses(stream, 1).await[0]), 200);
+    }
+}
+
+#[tokio::test]
+async fn pipelined_and_later_requests_keep_one_connection() {
+    let backend = Backend::echo("b").await;
+    let proxy = Proxy::start(Config::default()).await;
+    proxy.set_route("foo", ".*", &backend.url()).await;
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    // Two requests in one write, the second with a body: answered in order.
+    let post = b"POST /second HTTP/1.1\r\nHost: foo.toolforge.org\r\nUser-Agent: t\r\nContent-Length: 5\r\n\r\nhello";
+    let mut both = b"GET /first HTTP/1.1\r\nHost: foo.toolforge.org\r\nUser-Agent: t\r\n\r\n".to_vec();
+    both.extend_from_slice(post);
+    stream.write_all(&both).await.unwrap();
+    let answers = responses(&mut stream, 2).await;
+    assert!(answers[0].contains("uri=/first\n"), "{}", answers[0]);
+    assert!(answers[1].contains("uri=/second\n") && answers[1].contains("body-bytes=5\n"), "{}", answers[1]);
+    // A later request, once the connection has been idle, a head split
+    // across writes, and a body sent after a pause.
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stream.write_all(b"POST /later HTTP/1.1\r\nHost: foo.tool").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stream.write_all(b"forge.org\r\nUser-Agent: t\r\nContent-Length: 3\r\n\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stream.write_all(b"abc").await.unwrap();
+        let answer = responses(&mut stream, 1).await.remove(0);
+        assert!(answer.contains("uri=/later\n") && answer.contains("body-bytes=3\n"), "round {round}: {answer}");
+        assert!(!answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
+    }
+    assert_eq!(backend.hits(), 5);
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_closed_by_the_shorter_of_head_and_keepalive_timeouts() {
+    let proxy = Proxy::start(Config { header_timeout_secs: 1, ..Config::default() }).await;
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(8), async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a silent connection still open after 8 s");
+    assert!(started.elapsed() >= Duration::from_millis(900), "closed after {:?}", started.elapsed());
+    assert_eq!(timeouts(&proxy, "header"), 1);
+}
