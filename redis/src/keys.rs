@@ -10,6 +10,10 @@ pub(crate) const K8S_SERVICES: &str = "k8s_services";
 /// a field is kube-sync's own only while it still holds that value, so a
 /// grid registration written over it is never taken back or deleted.
 pub(crate) const K8S_WRITTEN: &str = "k8s_services_written";
+/// String holding the token of the proxy whose prober acts (a lock with an
+/// expiry, see `lock.rs`); outside the route table's prefixes, so the cache
+/// never loads or tracks it.
+pub(crate) const PROBER_LOCK: &str = "dynamicproxy:prober-lock";
 
 /// The routes hash of a tool.
 pub(crate) fn routes_key(tool: &str) -> String {

@@ -10,6 +10,8 @@
 //! - [`networks`]: [`NetworkList`], networks a route's destination may not be in.
 //! - [`keys`]: key names and set-member encodings (private to the crate's API).
 //! - [`store`]: [`RouteStore`], typed reads and writes for the CLI, registrar and kube-sync.
+//! - [`guarded_delete`]: a route removed only while it still names a given backend (dead registrations).
+//! - [`lock`]: [`RedisLock`], one holder at a time among processes sharing Redis, with an expiry.
 //! - [`table`]: [`ToolRoutes`], one tool's compiled routes in match order.
 //! - [`cache`]: [`RouteCache`], the shared in-memory table and its freshness status.
 //! - [`sync`]: the background task that loads the cache and applies invalidations.
@@ -20,7 +22,9 @@
 pub mod cache;
 pub mod endpoint;
 pub mod error;
+pub mod guarded_delete;
 mod keys;
+pub mod lock;
 pub mod networks;
 pub mod store;
 pub mod sync;
@@ -30,6 +34,8 @@ pub mod types;
 pub use cache::{CacheStatus, RouteCache};
 pub use endpoint::RedisEndpoint;
 pub use error::RouteTableError;
+pub use guarded_delete::GuardedDelete;
+pub use lock::RedisLock;
 pub use networks::{DEFAULT_DENIED_NETWORKS, InvalidNetwork, NetworkList};
 pub use store::{OwnedDelete, OwnedServiceRoute, OwnedWrite, RouteStore, ToolEntry};
 pub use sync::{CacheSyncConfig, run_cache_sync};
