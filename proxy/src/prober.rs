@@ -263,7 +263,8 @@ impl Prober {
         ctx.dead.set_prober(ProberState::Standby);
 
         loop {
-            tokio::select! {
+            // Only a pace tick may start a probe: that is the rate bound.
+            let paced = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 _ = lock_tick.tick() => {
@@ -275,10 +276,11 @@ impl Prober {
                         }
                         Err(_) => {}
                     }
+                    false
                 }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
-                _ = pace.tick() => {}
-            }
+                _ = pace.tick() => true,
+            };
             if ctx.lock.is_held() != active {
                 active = !active;
                 tasks.abort_all();
@@ -294,7 +296,7 @@ impl Prober {
                     info!("prober: lock lost or held by another proxy; standing by");
                 }
             }
-            if !active {
+            if !active || !paced {
                 continue;
             }
             if scanned.is_none_or(|at| at.elapsed() >= SCAN_EVERY) {
