@@ -759,6 +759,22 @@ mod tests {
     }
 
     #[test]
+    fn prober_bounds_are_checked() {
+        for (config, key) in [
+            (Config { probe_rate_per_second: 0, ..Config::default() }, "probe_rate_per_second = 0"),
+            (Config { probe_rate_per_second: 1001, ..Config::default() }, "probe_rate_per_second = 1001"),
+            (Config { probe_max_in_flight: 0, ..Config::default() }, "probe_max_in_flight = 0"),
+            (Config { probe_timeout_ms: 0, ..Config::default() }, "probe_timeout_ms = 0"),
+            (Config { dead_after_secs: u64::MAX, ..Config::default() }, "dead_after_secs"),
+            (Config { probe_idle_secs: u64::MAX, ..Config::default() }, "probe_idle_secs"),
+        ] {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
+        Config { probe_idle_secs: 0, dead_after_secs: 0, ..Config::default() }.validate().unwrap();
+    }
+
+    #[test]
     fn share_overrides_name_real_tools_and_real_shares() {
         let with = |tool: &str, limit| Config {
             tool_max_concurrent_requests_overrides: BTreeMap::from([(tool.to_string(), limit)]),
