@@ -26,6 +26,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use dynamicproxy_redis::{BackendUrl, GuardedDelete, RedisLock, RouteCache, RouteStore, RouteTableError};
@@ -48,7 +49,7 @@ use crate::last_use::LastUse;
 use crate::metrics::Metrics;
 use crate::resolver::BackendResolver;
 
-/// How often the route table is read for backends and registrations.
+/// How often the route table is read again (when it changed) and due backends are looked for.
 const SCAN_EVERY: Duration = Duration::from_secs(1);
 
 /// Default lock expiry: a dead holder's standby takes over within it.
@@ -258,6 +259,13 @@ impl Prober {
         let mut last_probe: HashMap<BackendUrl, Instant> = HashMap::new();
         let mut queue: VecDeque<BackendUrl> = VecDeque::new();
         let mut scanned: Option<Instant> = None;
+        // Route changes counted by the cache's hook, so an unchanged table is not read again.
+        let changes = Arc::new(AtomicU64::new(0));
+        let counter = changes.clone();
+        cache.on_change(Arc::new(move |_, _, _| {
+            counter.fetch_add(1, Ordering::Release);
+        }));
+        let mut table_seen = 0;
         let mut active = false;
         let mut redis_error_logged = false;
         ctx.dead.set_prober(ProberState::Standby);
@@ -300,14 +308,19 @@ impl Prober {
                 continue;
             }
             if scanned.is_none_or(|at| at.elapsed() >= SCAN_EVERY) {
-                scanned = Some(Instant::now());
-                table = read_table(&cache);
-                last_use.retain(|b| table.contains_key(b));
-                last_probe.retain(|b, _| table.contains_key(b));
-                for gone in ctx.dead.refresh(&table) {
-                    info!(tool = %gone.tool, pattern = %gone.pattern, "prober: dead registration changed or removed; no longer reported");
+                // The table is read again only when a route changed since.
+                let now = changes.load(Ordering::Acquire);
+                if scanned.is_none() || now != table_seen {
+                    table_seen = now;
+                    table = read_table(&cache);
+                    last_use.retain(|b| table.contains_key(b));
+                    last_probe.retain(|b, _| table.contains_key(b));
+                    for gone in ctx.dead.refresh(&table) {
+                        info!(tool = %gone.tool, pattern = %gone.pattern, "prober: dead registration changed or removed; no longer reported");
+                    }
+                    ctx.metrics.probe.dead.set(ctx.dead.count() as i64);
                 }
-                ctx.metrics.probe.dead.set(ctx.dead.count() as i64);
+                scanned = Some(Instant::now());
                 if queue.is_empty() {
                     queue = due(&table, &last_use, &last_probe, settings.idle);
                 }
