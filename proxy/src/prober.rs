@@ -336,10 +336,9 @@ impl Prober {
             last_probe.insert(backend.clone(), Instant::now());
             let ctx = ctx.clone();
             tasks.spawn(async move {
-                let _slot = slot;
-                ctx.metrics.probe.in_flight.inc();
+                let flying = InFlight::new(slot, &ctx.metrics.probe.in_flight);
                 let result = probe(&ctx.egress, &backend, ctx.settings.timeout).await;
-                ctx.metrics.probe.in_flight.dec();
+                drop(flying);
                 ctx.metrics.probe.probes.get_or_create(&ResultLabel { result: result.as_str() }).inc();
                 settle(&ctx, &backend, registrations, result).await;
             });
@@ -351,6 +350,26 @@ impl Prober {
         if ctx.lock.is_held() {
             let _ = tokio::time::timeout(Duration::from_secs(2), ctx.lock.release()).await;
         }
+    }
+}
+
+/// A probe's slot and its place in the in-flight gauge, both given back
+/// when it ends or is aborted (lock lost, shutdown).
+struct InFlight<'a> {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    gauge: &'a Gauge,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(slot: tokio::sync::OwnedSemaphorePermit, gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        InFlight { _slot: slot, gauge }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.gauge.dec();
     }
 }
 
