@@ -160,3 +160,36 @@ async fn the_prober_can_be_turned_off() {
     let log = daemon.terminate();
     assert!(!log.contains("stopped unexpectedly"), "{log}");
 }
+
+#[tokio::test]
+async fn two_proxies_on_one_redis_probe_one_at_a_time_and_a_stopped_one_hands_over_at_once() {
+    let redis = RedisServer::start();
+    hset(&redis, "gone", ".*", &format!("http://127.0.0.1:{}", closed_port()));
+    let first = Daemon::start(&redis, &[], &[]);
+    let second = Daemon::start(&redis, &[], &[]);
+    let state = |daemon: &Daemon| {
+        let admin = daemon.admin;
+        async move {
+            let body = reqwest::get(format!("http://127.0.0.1:{admin}/dead")).await.ok()?.text().await.ok()?;
+            let report: serde_json::Value = serde_json::from_str(&body).ok()?;
+            report["prober"].as_str().map(str::to_string)
+        }
+    };
+    let first_holds = eventually(WAIT, "one prober active, the other standing by", || async {
+        match (state(&first).await?.as_str(), state(&second).await?.as_str()) {
+            ("active", "standby") => Some(true),
+            ("standby", "active") => Some(false),
+            _ => None,
+        }
+    })
+    .await;
+    let (holder, other) = if first_holds { (first, second) } else { (second, first) };
+    let metrics = other.admin_get("/metrics").await.unwrap();
+    assert!(metrics.contains("dynamicproxy_proxy_prober_active 0"), "{metrics}");
+    assert!(!metrics.contains("dynamicproxy_proxy_backend_probes_total{"), "the standby probed: {metrics}");
+    // A stopped proxy releases the lock: the other takes over without waiting for it to expire (15 s).
+    let stopped = std::time::Instant::now();
+    holder.terminate();
+    eventually(WAIT, "the other proxy active", || async { (state(&other).await? == "active").then_some(()) }).await;
+    assert!(stopped.elapsed() < Duration::from_secs(10), "took {:?}", stopped.elapsed());
+}
