@@ -161,12 +161,8 @@ pub struct Config {
     /// a dead backend costs one connect attempt per 30 s, and a revived one
     /// is found within 30 s even if its tool does not register again.
     pub backend_down_max_secs: u64,
-    /// Shape of access log lines: `text` (default, for people) or `json` (for log shippers).
-    pub access_log_format: crate::access_log::Format,
-    /// Seconds a request for a tool that just lost its route, or whose
-    /// backend refused a bodiless request, waits for the route to come
-    /// (back) before its error page (see the `hold` module). 0 (default) = off.
-    pub hold_secs: u64,
+
+    // Dead registrations (the prober).
     /// Seconds without a request after which a route's backend is checked by
     /// a TCP connect (the prober, see the `prober` module), and again every
     /// as many seconds while nobody uses it; 0 = no prober. Default 300: a
@@ -197,6 +193,13 @@ pub struct Config {
     /// again. Default false: removal changes the route table, which
     /// operators turn on deliberately.
     pub remove_dead_registrations: bool,
+
+    /// Shape of access log lines: `text` (default, for people) or `json` (for log shippers).
+    pub access_log_format: crate::access_log::Format,
+    /// Seconds a request for a tool that just lost its route, or whose
+    /// backend refused a bodiless request, waits for the route to come
+    /// (back) before its error page (see the `hold` module). 0 (default) = off.
+    pub hold_secs: u64,
 }
 
 /// Longest hold accepted: a held request keeps its client waiting and its slot taken.
@@ -253,14 +256,14 @@ impl Default for Config {
             backend_down_after_failures: 5,
             backend_down_first_secs: 1,
             backend_down_max_secs: 30,
-            access_log_format: crate::access_log::Format::Text,
-            hold_secs: 0,
             probe_idle_secs: 300,
             probe_rate_per_second: 10,
             probe_max_in_flight: 16,
             probe_timeout_ms: 3000,
             dead_after_secs: 1800,
             remove_dead_registrations: false,
+            access_log_format: crate::access_log::Format::Text,
+            hold_secs: 0,
         }
     }
 }
@@ -655,14 +658,8 @@ pub struct Flags {
     #[arg(long = "tool-max-concurrent-requests", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_max_concurrent_requests: Option<u32>,
-    /// Access log line format [default: text]
-    #[arg(long = "access-log-format", value_enum, value_name = "FORMAT")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub access_log_format: Option<crate::access_log::Format>,
-    /// Seconds a request waits for its tool's route to come back, 0 = off [default: 0]
-    #[arg(long = "hold-secs", value_name = "SECS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub hold_secs: Option<u64>,
+
+    // Dead registrations (the prober).
     /// Seconds without a request before a route's backend is probed, 0 = no prober [default: 300]
     #[arg(long = "probe-idle-secs", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -687,6 +684,15 @@ pub struct Flags {
     #[arg(long = "remove-dead-registrations", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remove_dead_registrations: Option<bool>,
+
+    /// Access log line format [default: text]
+    #[arg(long = "access-log-format", value_enum, value_name = "FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_log_format: Option<crate::access_log::Format>,
+    /// Seconds a request waits for its tool's route to come back, 0 = off [default: 0]
+    #[arg(long = "hold-secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_secs: Option<u64>,
 }
 
 #[cfg(test)]
