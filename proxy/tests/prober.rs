@@ -319,3 +319,22 @@ async fn probes_in_flight_are_bounded() {
     let ended = prober.metrics.probe.probes("timeout") + prober.metrics.probe.probes("error");
     assert!(ended <= 3 * 8, "{ended} probes ended within about 2.4 s");
 }
+
+#[tokio::test]
+async fn a_backend_in_a_denied_network_is_never_connected_nor_reported() {
+    let proxy = Proxy::start(fast()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    proxy.set_route("local", ".*", &format!("http://{}", listener.local_addr().unwrap())).await;
+    // The prober under the production policy: loopback is denied.
+    let enforcing = Config { denied_backend_networks: Config::default().denied_backend_networks, ..fast() };
+    let prober = Probing::start(&proxy, &enforcing);
+    eventually(Duration::from_secs(10), "denied probes", || {
+        let denied = prober.metrics.probe.probes("denied");
+        async move { (denied >= 2).then_some(()) }
+    })
+    .await;
+    let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+    assert!(accepted.is_err(), "the prober connected to a denied network");
+    assert_eq!(prober.dead.count(), 0);
+    assert_eq!(prober.probes(), prober.metrics.probe.probes("denied"));
+}
