@@ -45,6 +45,8 @@ pub struct AdminState {
     pub log: LogControl,
     /// Maintenance switch, for daemons that have one (the proxy).
     pub maintenance: Option<MaintenanceSwitch>,
+    /// Registrations the proxy's prober found dead, for daemons that probe (the proxy).
+    pub dead: Option<dynamicproxy_proxy::DeadRegistrations>,
     /// Readiness.
     pub ready: ReadyCheck,
     /// Explains a URL's routing against the proxy's own route cache (`GET /explain`); the proxy only.
@@ -73,6 +75,7 @@ fn routes() -> Router<AdminState> {
         .route("/metrics", get(metrics))
         .route("/server_info", get(server_info))
         .route("/ready", get(ready))
+        .route("/dead", get(dead))
         .route("/logging", post(logging))
         .route("/maintenance", post(maintenance))
         .route("/explain", get(explain))
@@ -108,8 +111,18 @@ async fn server_info(State(state): State<AdminState>) -> Response {
         "redis": state.redis.to_string(),
         "route_cache": cache,
         "ready": (state.ready)().is_ok(),
+        "dead_registrations": state.dead.as_ref().map(|dead| dead.count()),
     }))
     .into_response()
+}
+
+/// Registrations whose backend failed every probe for `dead_after_secs`, and
+/// whether this proxy's prober is the one acting (`active`) or stands by.
+async fn dead(State(state): State<AdminState>) -> Response {
+    match &state.dead {
+        Some(dead) => axum::Json(dead.to_json()).into_response(),
+        None => (StatusCode::NOT_FOUND, "this daemon has no prober\n").into_response(),
+    }
 }
 
 async fn ready(State(state): State<AdminState>) -> Response {

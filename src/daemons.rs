@@ -170,6 +170,7 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
     let mut tasks: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
     let mut cache = None;
     let mut maintenance: Option<MaintenanceSwitch> = None;
+    let mut dead = None;
     let mut readiness: Vec<ReadyCheck> = Vec::new();
     let mut explainer = None;
 
@@ -223,6 +224,25 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
         readiness.push(Arc::new(move || {
             if ready_cache.is_loaded() { Ok(()) } else { Err("route table not loaded from Redis yet".into()) }
         }));
+        dead = Some(handle.dead_registrations().clone());
+        let (prober_config, prober_cache, prober_handle) = (config.clone(), route_cache.clone(), handle.clone());
+        let (prober_store, prober_metrics, prober_token) = (store.clone(), metrics.clone(), shutdown.child_token());
+        tasks.spawn(async move {
+            let result = dynamicproxy_proxy::prober::run(
+                &prober_config,
+                prober_cache,
+                prober_store,
+                &prober_handle,
+                prober_metrics,
+                prober_token.clone(),
+            )
+            .await;
+            // An off prober (probe_idle_secs = 0) returns at once: that is no stopped component.
+            if result.is_ok() {
+                prober_token.cancelled().await;
+            }
+            ("prober", result.map_err(|e| e.to_string()))
+        });
         let token = shutdown.child_token();
         let proxy_cache = route_cache.clone();
         tasks.spawn(async move {
@@ -262,6 +282,7 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
         started,
         log,
         maintenance,
+        dead,
         ready: Arc::new(move || readiness.iter().try_for_each(|check| check())),
         explainer,
     };

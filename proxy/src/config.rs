@@ -161,6 +161,39 @@ pub struct Config {
     /// a dead backend costs one connect attempt per 30 s, and a revived one
     /// is found within 30 s even if its tool does not register again.
     pub backend_down_max_secs: u64,
+
+    // Dead registrations (the prober).
+    /// Seconds without a request after which a route's backend is checked by
+    /// a TCP connect (the prober, see the `prober` module), and again every
+    /// as many seconds while nobody uses it; 0 = no prober. Default 300: a
+    /// route used in the last five minutes is watched by its own traffic
+    /// (backends marked down), and at `probe_rate_per_second` 10 the prober
+    /// goes round 3000 idle backends, Toolforge's scale, in that time.
+    pub probe_idle_secs: u64,
+    /// Probes started per second at most, whatever the number of idle
+    /// routes (10,000 dead tools cannot flood anything). Default 10:
+    /// negligible next to real traffic. 1 to 1000.
+    pub probe_rate_per_second: u32,
+    /// Probes in flight at once at most. Default 16: with `probe_timeout_ms`
+    /// 3000, backends that drop packets cost at most 16 sockets and still
+    /// see five probes a second. 1 to 1024.
+    pub probe_max_in_flight: usize,
+    /// Milliseconds a probe waits for its TCP connection (name resolution
+    /// included). Default 3000: a live backend accepts within milliseconds;
+    /// 3 s leaves room for a loaded host without holding a probe slot for
+    /// the 10 s of `connect_timeout_secs`.
+    pub probe_timeout_ms: u64,
+    /// Seconds a backend must have failed every probe before its
+    /// registrations are reported dead (metrics, log, `GET /dead`). Default
+    /// 1800: a restart or a wait in the grid queue takes minutes; half an
+    /// hour of refusals is no restart.
+    pub dead_after_secs: u64,
+    /// Remove registrations reported dead from Redis (only while they still
+    /// name the dead backend), so webservicemonitor starts the webservice
+    /// again. Default false: removal changes the route table, which
+    /// operators turn on deliberately.
+    pub remove_dead_registrations: bool,
+
     /// Shape of access log lines: `text` (default, for people) or `json` (for log shippers).
     pub access_log_format: crate::access_log::Format,
     /// Seconds a request for a tool that just lost its route, or whose
@@ -229,6 +262,12 @@ impl Default for Config {
             backend_down_after_failures: 5,
             backend_down_first_secs: 1,
             backend_down_max_secs: 30,
+            probe_idle_secs: 300,
+            probe_rate_per_second: 10,
+            probe_max_in_flight: 16,
+            probe_timeout_ms: 3000,
+            dead_after_secs: 1800,
+            remove_dead_registrations: false,
             access_log_format: crate::access_log::Format::Text,
             hold_secs: 0,
             backend_ca_file: None,
@@ -387,12 +426,33 @@ impl Config {
                 ));
             }
         }
+        self.validate_prober()?;
         for (from, to) in &self.host_redirects {
             for label in [from, to] {
                 if label.is_empty() || label.contains('.') || label.bytes().any(|b| b.is_ascii_uppercase()) {
                     return Err(ConfigError::new("host_redirects", label, "must be one lower-case DNS label"));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The prober's keys: bounds that keep it harmless.
+    fn validate_prober(&self) -> Result<(), ConfigError> {
+        if self.probe_idle_secs > MAX_TIMEOUT_SECS {
+            return Err(ConfigError::new("probe_idle_secs", self.probe_idle_secs, "at most a year"));
+        }
+        if self.dead_after_secs > MAX_TIMEOUT_SECS {
+            return Err(ConfigError::new("dead_after_secs", self.dead_after_secs, "at most a year"));
+        }
+        if !(1..=1000).contains(&self.probe_rate_per_second) {
+            return Err(ConfigError::new("probe_rate_per_second", self.probe_rate_per_second, "must be 1 to 1000"));
+        }
+        if !(1..=1024).contains(&self.probe_max_in_flight) {
+            return Err(ConfigError::new("probe_max_in_flight", self.probe_max_in_flight, "must be 1 to 1024"));
+        }
+        if !(1..=60_000).contains(&self.probe_timeout_ms) {
+            return Err(ConfigError::new("probe_timeout_ms", self.probe_timeout_ms, "must be 1 to 60000"));
         }
         Ok(())
     }
@@ -605,6 +665,33 @@ pub struct Flags {
     #[arg(long = "tool-max-concurrent-requests", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_max_concurrent_requests: Option<u32>,
+
+    // Dead registrations (the prober).
+    /// Seconds without a request before a route's backend is probed, 0 = no prober [default: 300]
+    #[arg(long = "probe-idle-secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_idle_secs: Option<u64>,
+    /// Backend probes started per second at most [default: 10]
+    #[arg(long = "probe-rate-per-second", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_rate_per_second: Option<u32>,
+    /// Backend probes in flight at once at most [default: 16]
+    #[arg(long = "probe-max-in-flight", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_max_in_flight: Option<usize>,
+    /// Milliseconds a probe waits for its TCP connection [default: 3000]
+    #[arg(long = "probe-timeout-ms", value_name = "MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_timeout_ms: Option<u64>,
+    /// Seconds a backend fails every probe before its registrations are reported dead [default: 1800]
+    #[arg(long = "dead-after-secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_after_secs: Option<u64>,
+    /// Remove registrations reported dead from Redis [default: false]
+    #[arg(long = "remove-dead-registrations", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remove_dead_registrations: Option<bool>,
+
     /// Access log line format [default: text]
     #[arg(long = "access-log-format", value_enum, value_name = "FORMAT")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -688,6 +775,22 @@ mod tests {
         assert!(config.validate().unwrap_err().to_string().contains("max_connections_per_backend"));
         let config = Config { backend_queue_timeout_ms: u64::MAX, ..Config::default() };
         assert!(config.validate().unwrap_err().to_string().contains("backend_queue_timeout_ms"));
+    }
+
+    #[test]
+    fn prober_bounds_are_checked() {
+        for (config, key) in [
+            (Config { probe_rate_per_second: 0, ..Config::default() }, "probe_rate_per_second = 0"),
+            (Config { probe_rate_per_second: 1001, ..Config::default() }, "probe_rate_per_second = 1001"),
+            (Config { probe_max_in_flight: 0, ..Config::default() }, "probe_max_in_flight = 0"),
+            (Config { probe_timeout_ms: 0, ..Config::default() }, "probe_timeout_ms = 0"),
+            (Config { dead_after_secs: u64::MAX, ..Config::default() }, "dead_after_secs"),
+            (Config { probe_idle_secs: u64::MAX, ..Config::default() }, "probe_idle_secs"),
+        ] {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
+        Config { probe_idle_secs: 0, dead_after_secs: 0, ..Config::default() }.validate().unwrap();
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::outlier::{self, Admission, Outcome, Outliers};
 use crate::pages::{Page, PageVars, Pages};
 use crate::protect::{Protection, Verdict};
 use crate::request_id::{self, X_REQUEST_ID};
-use crate::route::{Decision, Router};
+use crate::route::{Decision, Router, Via};
 use crate::server::Slot;
 use crate::sniff::SmuggleFlags;
 use crate::trace_context::TraceContext;
@@ -70,6 +70,8 @@ pub(crate) struct Shared {
     pub hard_stop: CancellationToken,
     /// Backends marked down after repeated failures.
     pub outliers: Outliers,
+    /// Last request per backend, so the prober leaves used routes alone.
+    pub last_use: crate::last_use::LastUse,
     /// Requests in flight per tool, against `tool_max_concurrent_requests`.
     pub fair_share: Arc<FairShare>,
     /// Requests in flight per backend, across all event loops.
@@ -268,6 +270,9 @@ async fn respond(
     match shared.hold.route(&shared.router, request, decision, &shared.hard_stop).await {
         Decision::Proxy(backend, via) => {
             ctx.upstream = Some(backend.clone());
+            if via != Via::Default {
+                shared.last_use.touch(&backend);
+            }
             let path = req.uri().path().to_owned();
             let routes = || outlier::routes_of(&shared.router, &host, &path, via);
             if shared.outliers.admit(&backend, routes) == Admission::Down {

@@ -35,6 +35,9 @@
 //! - [`pages`]: built-in and overridden error pages.
 //! - [`list`]: the `/list` API.
 //! - [`outlier`]: backends marked down after repeated failures, answered fast with `backend-down`.
+//! - [`last_use`]: when each routed backend last had a request (which routes are idle).
+//! - [`prober`]: idle routes' backends checked by TCP connect, one proxy at a time (a Redis lock).
+//! - [`dead`]: [`DeadRegistrations`], registrations whose backend failed every probe for long.
 //! - [`request_id`]: `X-Request-Id`, kept from the client or made, on both sides and in the log.
 //! - [`reasons`]: what each reason code means for a tool's maintainers, for the pages.
 //! - [`access_log`], [`metrics`]: observability.
@@ -74,6 +77,7 @@ pub mod cert_expiry;
 pub mod client_limit;
 pub mod compress;
 pub mod config;
+pub mod dead;
 pub mod egress;
 pub mod error;
 pub mod explain;
@@ -83,12 +87,14 @@ pub mod headers;
 pub mod hold;
 pub mod host;
 pub mod idle;
+pub mod last_use;
 pub mod linger;
 pub mod list;
 pub mod metrics;
 pub mod outlier;
 pub mod pages;
 mod park;
+pub mod prober;
 pub mod protect;
 pub mod reasons;
 pub mod request_id;
@@ -116,6 +122,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 pub use config::{Config, ConfigError, Flags};
+pub use dead::DeadRegistrations;
 pub use error::{Error, ProxyError};
 pub use metrics::Metrics;
 
@@ -140,6 +147,10 @@ pub struct ProxyHandle {
     reopen_log: Arc<Notify>,
     /// Where `/list?detail=1` reads who wrote each route; without it, that is left out.
     sources: Option<Arc<RouteStore>>,
+    /// Last request per backend, written by requests, read by the prober.
+    last_use: last_use::LastUse,
+    /// What the prober found.
+    dead: DeadRegistrations,
 }
 
 impl ProxyHandle {
@@ -151,6 +162,8 @@ impl ProxyHandle {
             reloads: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
             reopen_log: Arc::new(Notify::new()),
             sources: None,
+            last_use: last_use::LastUse::new(),
+            dead: DeadRegistrations::new(),
         }
     }
 
@@ -159,6 +172,16 @@ impl ProxyHandle {
     pub fn with_sources(mut self, store: Arc<RouteStore>) -> Self {
         self.sources = Some(store);
         self
+    }
+
+    /// Last request per backend (the prober probes only idle backends).
+    pub fn last_use(&self) -> &last_use::LastUse {
+        &self.last_use
+    }
+
+    /// Registrations the prober found dead, for the admin API, `/list?detail=1` and `explain`.
+    pub fn dead_registrations(&self) -> &DeadRegistrations {
+        &self.dead
     }
 
     /// Turns maintenance mode on or off.
@@ -233,6 +256,7 @@ pub async fn run(
     let hold = hold::Hold::new(config.hold_secs, &cache, metrics.hold.clone());
     let shared = Arc::new(handler::Shared {
         hold,
+        last_use: handle.last_use.clone(),
         router: route::Router::from_config(&config, cache.clone())?,
         pages,
         protection,

@@ -52,6 +52,8 @@ pub struct Metrics {
     certificate_not_after: Family<PathLabel, Gauge>,
     /// Held requests (`hold_secs`), kept with the hold logic.
     pub(crate) hold: crate::hold::HoldMetrics,
+    /// The prober's, kept with the prober.
+    pub probe: crate::prober::ProbeMetrics,
 }
 
 impl Metrics {
@@ -121,7 +123,9 @@ impl Metrics {
             certificate_not_after.clone(),
         );
         let hold = crate::hold::HoldMetrics::register(registry);
+        let probe = crate::prober::ProbeMetrics::register(registry);
         Metrics {
+            probe,
             backends_down,
             backend_transitions,
             hold,

@@ -10,6 +10,10 @@ pub(crate) const K8S_SERVICES: &str = "k8s_services";
 /// a field is kube-sync's own only while it still holds that value, so a
 /// grid registration written over it is never taken back or deleted.
 pub(crate) const K8S_WRITTEN: &str = "k8s_services_written";
+/// String holding the token of the proxy whose prober acts (a lock with an
+/// expiry, see `lock.rs`); outside the route table's prefixes, so the cache
+/// never loads or tracks it.
+pub(crate) const PROBER_LOCK: &str = "dynamicproxy:prober-lock";
 
 /// Prefix of the hash saying who wrote each route of a tool and when
 /// (`route_source:<tool>`, field = pattern, value = `<unix ms> <writer> <who>`).

@@ -11,6 +11,8 @@
 //! - [`keys`]: key names and set-member encodings (private to the crate's API).
 //! - [`provenance`]: [`RouteSource`], who writes a route; [`Provenance`] and [`AuditEntry`], what was recorded.
 //! - [`store`]: [`RouteStore`], typed reads and writes for the CLI, registrar and kube-sync.
+//! - [`guarded_delete`]: a route removed only while it still names a given backend (dead registrations).
+//! - [`lock`]: [`RedisLock`], one holder at a time among processes sharing Redis, with an expiry.
 //! - [`table`]: [`ToolRoutes`], one tool's compiled routes in match order.
 //! - `lookup`: the one-pass search of a tool's routes, built with its [`ToolRoutes`].
 //! - `literals`: many literal patterns found in one pass (Aho-Corasick).
@@ -24,8 +26,10 @@
 pub mod cache;
 pub mod endpoint;
 pub mod error;
+pub mod guarded_delete;
 mod keys;
 mod literals;
+pub mod lock;
 mod lookup;
 pub mod networks;
 pub mod provenance;
@@ -38,6 +42,8 @@ pub mod types;
 pub use cache::{CacheStatus, RouteCache};
 pub use endpoint::RedisEndpoint;
 pub use error::RouteTableError;
+pub use guarded_delete::GuardedDelete;
+pub use lock::RedisLock;
 pub use networks::{DEFAULT_DENIED_NETWORKS, InvalidNetwork, NetworkList};
 pub use provenance::{AUDIT_MAXLEN, AuditAction, AuditEntry, Provenance, RouteSource, Writer};
 pub use store::{OwnedDelete, OwnedServiceRoute, OwnedWrite, RouteStore, ToolEntry};

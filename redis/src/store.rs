@@ -720,7 +720,7 @@ impl RouteStore {
 
     /// Runs one command on the shared connection, with a timeout; drops the
     /// connection after a connection-level failure so the next call reconnects.
-    async fn run<T, F, Fut>(&self, command: F) -> Result<T, RouteTableError>
+    pub(crate) async fn run<T, F, Fut>(&self, command: F) -> Result<T, RouteTableError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
