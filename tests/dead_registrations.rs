@@ -15,16 +15,16 @@ const WAIT: Duration = Duration::from_secs(20);
 struct Daemon {
     child: Child,
     admin: u16,
+    list: u16,
 }
 
 impl Daemon {
     /// The proxy on loopback ports, probing idle routes after a second; `env`
     /// and `extra` flags override that.
     fn start(redis: &RedisServer, env: &[(&str, &str)], extra: &[&str]) -> Self {
-        let admin = free_port();
+        let (admin, list) = (free_port(), free_port());
         let mut args = vec!["proxy".to_string(), "--redis-url".into(), redis.url()];
-        for (flag, port) in [("--http-listen", free_port()), ("--list-listen", free_port()), ("--admin-listen", admin)]
-        {
+        for (flag, port) in [("--http-listen", free_port()), ("--list-listen", list), ("--admin-listen", admin)] {
             args.extend([flag.to_string(), format!("127.0.0.1:{port}")]);
         }
         args.extend(extra.iter().map(|a| a.to_string()));
@@ -40,13 +40,15 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start dynamicproxy");
-        Daemon { child, admin }
+        Daemon { child, admin, list }
     }
 
     async fn admin_get(&self, path: &str) -> Option<String> {
-        let response = reqwest::get(format!("http://127.0.0.1:{}{path}", self.admin)).await.ok()?;
-        response.status().is_success().then_some(())?;
-        response.text().await.ok()
+        get(self.admin, path).await
+    }
+
+    async fn list_get(&self, path: &str) -> Option<String> {
+        get(self.list, path).await
     }
 
     /// Sends SIGTERM and returns everything logged.
@@ -66,6 +68,12 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+async fn get(port: u16, path: &str) -> Option<String> {
+    let response = reqwest::get(format!("http://127.0.0.1:{port}{path}")).await.ok()?;
+    response.status().is_success().then_some(())?;
+    response.text().await.ok()
 }
 
 fn closed_port() -> u16 {
@@ -112,6 +120,16 @@ async fn a_dead_registration_is_listed_counted_and_logged_once_and_kept() {
     assert!(metrics.contains("dynamicproxy_proxy_prober_active 1"), "{metrics}");
     let info: serde_json::Value = serde_json::from_str(&daemon.admin_get("/server_info").await.unwrap()).unwrap();
     assert_eq!(info["dead_registrations"], 1);
+
+    // The operator's other views say it too: explain and the detailed list.
+    let explained = daemon.admin_get("/explain?url=https://gone.toolforge.org/").await.unwrap();
+    assert!(explained.contains("backend dead"), "{explained}");
+    let detail: serde_json::Value = serde_json::from_str(&daemon.list_get("/list?detail=1").await.unwrap()).unwrap();
+    let route = &detail["gone"]["routes"][0];
+    assert!(route["dead_since"].as_str().is_some_and(|t| t.ends_with('Z')), "{detail}");
+    assert!(route["dead_seconds"].as_u64().is_some(), "{detail}");
+    let plain = daemon.list_get("/list").await.unwrap();
+    assert!(!plain.contains("dead"), "plain /list must not change: {plain}");
 
     // More failed probes later: still one line, and the route is still in Redis.
     eventually(WAIT, "more probes", || async {

@@ -50,7 +50,8 @@ impl Explainer {
     /// An explainer over `router` (the one the proxy routes with, or one
     /// built the same way from the same configuration); `store` says who
     /// wrote each route (without it, that is left out); `handle` tells
-    /// whether maintenance mode is on in this process.
+    /// whether maintenance mode is on in this process, and which backends
+    /// its prober found dead.
     pub fn new(router: Router, store: Option<Arc<RouteStore>>, handle: Option<ProxyHandle>) -> Self {
         Explainer { router, store, handle }
     }
@@ -125,7 +126,9 @@ impl Explainer {
         }
         if let Some((tool, route)) = &recorder.matched {
             let provenance = sources.get(tool).and_then(|s| s.get(route.pattern.as_str()));
-            let mut facts = RouteFacts::new(tool, route, provenance, now);
+            let dead_since =
+                self.handle.as_ref().and_then(|h| h.dead_registrations().dead_since(tool, route.pattern.as_str()));
+            let mut facts = RouteFacts::new(tool, route, provenance, now).with_dead_since(dead_since, now);
             if self.store.is_some() && provenance.is_none() && facts.written_by.is_none() {
                 facts.written_by = Some("not recorded (written before provenance was kept, or by hand)".into());
             }
@@ -463,6 +466,10 @@ pub struct RouteFacts {
     pub written_at: Option<String>,
     /// Seconds since it was written.
     pub age_seconds: Option<u64>,
+    /// Since when the prober has found its backend dead (RFC 3339); `None` when it is not.
+    pub dead_since: Option<String>,
+    /// Seconds the backend has been dead.
+    pub dead_seconds: Option<u64>,
 }
 
 impl RouteFacts {
@@ -476,7 +483,19 @@ impl RouteFacts {
             written_by: provenance.map(|p| p.source.to_string()),
             written_at: provenance.map(|p| format_time(p.written_at_ms)),
             age_seconds: provenance.map(|p| p.age(now).as_secs()),
+            dead_since: None,
+            dead_seconds: None,
         }
+    }
+
+    /// The same facts, with the prober's finding that the backend has been dead since `since`.
+    pub fn with_dead_since(mut self, since: Option<SystemTime>, now: SystemTime) -> Self {
+        if let Some(since) = since {
+            let ms = since.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis();
+            self.dead_since = Some(format_time(u64::try_from(ms).unwrap_or(u64::MAX)));
+            self.dead_seconds = Some(now.duration_since(since).unwrap_or_default().as_secs());
+        }
+        self
     }
 
     /// Appends this route's facts (who and when) to `facts`.
@@ -486,6 +505,15 @@ impl RouteFacts {
         }
         if let (Some(at), Some(age)) = (&self.written_at, self.age_seconds) {
             facts.push(("written at", format!("{at} ({} ago)", format_age(Duration::from_secs(age)))));
+        }
+        if let (Some(since), Some(dead)) = (&self.dead_since, self.dead_seconds) {
+            facts.push((
+                "backend dead",
+                format!(
+                    "since {since} ({}): every probe failed (the prober's finding; see GET /dead)",
+                    format_age(Duration::from_secs(dead))
+                ),
+            ));
         }
     }
 }

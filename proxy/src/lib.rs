@@ -338,7 +338,7 @@ pub async fn run(
     tracker.spawn(list::serve(
         listeners.list,
         cache.clone(),
-        handle.sources.clone(),
+        list::DetailSources { store: handle.sources.clone(), dead: handle.dead.clone() },
         tracker.clone(),
         shutdown.clone(),
         Config::secs(config.client_timeout_secs),

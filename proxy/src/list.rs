@@ -2,6 +2,7 @@
 //! from the route cache with its age; `/list?detail=1` adds each route with
 //! who wrote it and when, for operators.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::body::ProxyBody;
+use crate::dead::DeadRegistrations;
 use crate::explain::RouteFacts;
 use crate::idle::IdleIo;
 
@@ -31,25 +33,35 @@ fn wants_detail<B>(req: &Request<B>) -> bool {
     req.uri().query().is_some_and(|q| q.split('&').any(|pair| pair == "detail=1" || pair == "detail=true"))
 }
 
+/// What `/list?detail=1` adds to the table, and where it reads it.
+#[derive(Debug, Clone, Default)]
+pub struct DetailSources {
+    /// Who wrote each route; without it, that is left out.
+    pub store: Option<Arc<RouteStore>>,
+    /// Registrations the prober found dead.
+    pub dead: DeadRegistrations,
+}
+
 /// Answers one request of the list listener: [`respond`], or
 /// [`respond_detail`] for `GET /list?detail=1`.
-pub async fn answer(cache: &RouteCache, sources: Option<&RouteStore>, req: &Request<Incoming>) -> Response<ProxyBody> {
+pub async fn answer(cache: &RouteCache, detail: &DetailSources, req: &Request<Incoming>) -> Response<ProxyBody> {
     if req.uri().path() == "/list" && *req.method() == Method::GET && wants_detail(req) {
-        return respond_detail(cache, sources).await;
+        return respond_detail(cache, detail).await;
     }
     respond(cache, req)
 }
 
 /// `/list?detail=1`: as `/list`, and each tool's routes as the proxy holds
-/// them, in match order, with who wrote each and how long ago
+/// them, in match order, with who wrote each and how long ago, and since
+/// when the prober has found its backend dead
 /// ([`RouteFacts`]; `null`s when not recorded or Redis cannot say).
 /// Plain `/list` never reads Redis and stays exactly as the monitor expects.
-pub async fn respond_detail(cache: &RouteCache, sources: Option<&RouteStore>) -> Response<ProxyBody> {
+pub async fn respond_detail(cache: &RouteCache, detail: &DetailSources) -> Response<ProxyBody> {
     let status = cache.status();
     let Some(age) = status.age.filter(|_| cache.is_loaded()) else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "Route table not loaded yet\n");
     };
-    let provenance = match sources {
+    let provenance = match detail.store.as_deref() {
         Some(store) => match store.all_provenance().await {
             Ok(all) => all,
             Err(error) => {
@@ -60,6 +72,13 @@ pub async fn respond_detail(cache: &RouteCache, sources: Option<&RouteStore>) ->
         None => Default::default(),
     };
     let now = std::time::SystemTime::now();
+    // One look at the prober's findings for the whole listing.
+    let dead: HashMap<(String, String), std::time::SystemTime> = detail
+        .dead
+        .snapshot()
+        .into_iter()
+        .map(|d| ((d.registration.tool.to_string(), d.registration.pattern), d.dead_since))
+        .collect();
     let mut tools = serde_json::Map::new();
     for tool in cache.tools_with_routes() {
         let Some(entry) = cache.tool(tool.as_str()) else { continue };
@@ -69,6 +88,7 @@ pub async fn respond_detail(cache: &RouteCache, sources: Option<&RouteStore>) ->
             .iter()
             .map(|route| {
                 RouteFacts::new(tool.as_str(), route, written.and_then(|w| w.get(route.pattern.as_str())), now)
+                    .with_dead_since(dead.get(&(tool.to_string(), route.pattern.as_str().to_string())).copied(), now)
             })
             .collect();
         tools.insert(tool.to_string(), serde_json::json!({"status": "active", "routes": routes}));
@@ -128,7 +148,7 @@ pub(crate) const MAX_LIST_CONNECTIONS: usize = 64;
 pub(crate) async fn serve(
     listener: TcpListener,
     cache: RouteCache,
-    sources: Option<Arc<RouteStore>>,
+    detail: DetailSources,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     read_timeout: std::time::Duration,
@@ -155,13 +175,13 @@ pub(crate) async fn serve(
             continue;
         };
         let cache = cache.clone();
-        let sources = sources.clone();
+        let detail = detail.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             let _permit = permit;
             let service = service_fn(move |req| {
-                let (cache, sources) = (cache.clone(), sources.clone());
-                async move { Ok::<_, Infallible>(answer(&cache, sources.as_deref(), &req).await) }
+                let (cache, detail) = (cache.clone(), detail.clone());
+                async move { Ok::<_, Infallible>(answer(&cache, &detail, &req).await) }
             });
             let io = TokioIo::new(IdleIo::new(stream, read_timeout));
             let connection = http1::Builder::new()

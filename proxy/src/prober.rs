@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use dynamicproxy_redis::{BackendUrl, GuardedDelete, RedisLock, RouteCache, RouteStore, RouteTableError};
+use dynamicproxy_redis::{BackendUrl, GuardedDelete, RedisLock, RouteCache, RouteSource, RouteStore, RouteTableError};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -430,7 +430,8 @@ async fn settle(ctx: &Context, backend: &BackendUrl, registrations: Vec<Registra
                     if !ctx.lock.is_held() {
                         break;
                     }
-                    if let Ok(GuardedDelete::Deleted) = remove_dead_registration(&ctx.store, r, backend).await {
+                    if let Ok(GuardedDelete::Deleted) = remove_dead_registration(&ctx.store, r, backend, for_secs).await
+                    {
                         ctx.metrics.probe.removed.inc();
                     }
                 }
@@ -442,14 +443,17 @@ async fn settle(ctx: &Context, backend: &BackendUrl, registrations: Vec<Registra
 
 /// Removes one dead registration from Redis, only while its route still
 /// names `backend`, and logs what happened. This is the one place a dead
-/// registration leaves the table: an audit entry belongs here.
+/// registration leaves the table, recorded in the audit stream as the
+/// prober's (`routes history` shows it).
 pub async fn remove_dead_registration(
     store: &RouteStore,
     registration: &Registration,
     backend: &BackendUrl,
+    dead_for_secs: u64,
 ) -> Result<GuardedDelete, RouteTableError> {
     let (tool, pattern) = (&registration.tool, registration.pattern.as_str());
-    let outcome = store.delete_route_if_backend(tool, pattern, backend).await;
+    let source = RouteSource::prober(dead_for_secs);
+    let outcome = store.delete_route_if_backend(tool, pattern, backend, &source).await;
     match &outcome {
         Ok(GuardedDelete::Deleted) => {
             warn!(%tool, pattern, %backend, "prober: dead registration removed from Redis (remove_dead_registrations)")

@@ -5,27 +5,29 @@
 
 use crate::error::RouteTableError;
 use crate::keys::{redirect_key, routes_key};
-use crate::store::RouteStore;
+use crate::provenance::RouteSource;
+use crate::store::{RouteStore, check_types, record_fn, recorded};
 use crate::types::{BackendUrl, ToolName};
 
-/// `HDEL ARGV[1]` from `KEYS[1]` (routes) and `KEYS[2]` (redirects), as
-/// `unregister` does, only while `KEYS[1]` field `ARGV[1]` still holds exactly
-/// `ARGV[2]`. Both types are checked first, so it is all or nothing.
-/// Returns 1 when removed, 0 when the field holds something else or is gone.
-const DELETE_IF_SCRIPT: &str = r#"
-for _, key in ipairs(KEYS) do
-  local kind = redis.call('TYPE', key)['ok']
-  if kind ~= 'hash' and kind ~= 'none' then
-    return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. kind .. ', not a hash')
-  end
-end
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+/// `HDEL ARGV[5]` from `KEYS[3]` (routes) and `KEYS[4]` (redirects), as
+/// `unregister` does, only while `KEYS[3]` field `ARGV[5]` still holds exactly
+/// `ARGV[6]`; recorded in the audit stream and the provenance like every
+/// other write (see [`crate::store`]). All types are checked first, so it is
+/// all or nothing. Returns 1 when removed, 0 when the field holds something
+/// else or is gone.
+const DELETE_IF_SCRIPT: &str = concat!(
+    check_types!("hash", "stream", "hash", "hash"),
+    record_fn!(),
+    r#"
+if redis.call('HGET', KEYS[3], ARGV[5]) ~= ARGV[6] then
   return 0
 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[5])
+redis.call('HDEL', KEYS[4], ARGV[5])
+record('delete', ARGV[5], ARGV[6])
 return 1
-"#;
+"#
+);
 
 /// What became of a guarded removal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,12 +47,14 @@ impl RouteStore {
     /// Removes `tool`'s route `pattern` (from both hashes, as `unregister`
     /// does) only while it still names `backend`. The stored value is read,
     /// parsed and compared (a value may be stored without its scheme), then
-    /// deleted by a script only if it is still that exact value.
+    /// deleted by a script only if it is still that exact value. The removal
+    /// goes to the audit stream as `source`'s.
     pub async fn delete_route_if_backend(
         &self,
         tool: &ToolName,
         pattern: &str,
         backend: &BackendUrl,
+        source: &RouteSource,
     ) -> Result<GuardedDelete, RouteTableError> {
         let current: Option<String> = self
             .run(|mut c| async move {
@@ -65,13 +69,9 @@ impl RouteStore {
         let value = current.as_str();
         let deleted: i64 = self
             .run(|mut c| async move {
-                script
-                    .key(routes_key(tool.as_str()))
-                    .key(redirect_key(tool.as_str()))
-                    .arg(pattern)
-                    .arg(value)
-                    .invoke_async(&mut c)
-                    .await
+                let mut invocation = recorded(&script, tool, source);
+                invocation.key(routes_key(tool.as_str())).key(redirect_key(tool.as_str())).arg(pattern).arg(value);
+                invocation.invoke_async(&mut c).await
             })
             .await?;
         if deleted == 1 {

@@ -24,6 +24,8 @@ pub enum Writer {
     KubeSync,
     /// An operator with `dynamicproxy routes`.
     Cli,
+    /// The proxy's prober, removing a dead registration (`remove_dead_registrations`).
+    Prober,
     /// A name this version does not know (a newer writer), kept as stored.
     Other(String),
 }
@@ -35,6 +37,7 @@ impl Writer {
             Writer::Registrar => "registrar",
             Writer::KubeSync => "kube-sync",
             Writer::Cli => "cli",
+            Writer::Prober => "prober",
             Writer::Other(name) => name,
         }
     }
@@ -44,6 +47,7 @@ impl Writer {
             "registrar" => Writer::Registrar,
             "kube-sync" => Writer::KubeSync,
             "cli" => Writer::Cli,
+            "prober" => Writer::Prober,
             other => Writer::Other(other.to_string()),
         }
     }
@@ -79,6 +83,12 @@ impl RouteSource {
     /// The `routes` CLI, run by the operator `login`.
     pub fn cli(login: &str) -> Self {
         RouteSource { writer: Writer::Cli, who: one_line(&format!("operator {login}")) }
+    }
+
+    /// The proxy's prober, removing a registration whose backend failed
+    /// every probe for `dead_for_secs`.
+    pub fn prober(dead_for_secs: u64) -> Self {
+        RouteSource { writer: Writer::Prober, who: format!("backend dead for {dead_for_secs} s") }
     }
 
     /// Parses `<writer> <who>`.

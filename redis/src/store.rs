@@ -125,6 +125,7 @@ end
         )
     };
 }
+pub(crate) use check_types;
 
 /// The Lua function every writing script shares: appends the change to the
 /// audit stream and records (or clears) who wrote the route, in the same
@@ -150,6 +151,7 @@ end
 "#
     };
 }
+pub(crate) use record_fn;
 
 /// `HSET KEYS[3] ARGV[5] ARGV[6]`, recorded (see [`record_fn`]).
 const SET_ROUTE_SCRIPT: &str = concat!(
@@ -290,7 +292,11 @@ return {0, current}
 
 /// Starts an invocation of a recording script: the provenance hash and the
 /// audit stream as `KEYS[1..2]`, tool, writer, who and MAXLEN as `ARGV[1..4]`.
-fn recorded<'a>(script: &'a redis::Script, tool: &ToolName, source: &RouteSource) -> redis::ScriptInvocation<'a> {
+pub(crate) fn recorded<'a>(
+    script: &'a redis::Script,
+    tool: &ToolName,
+    source: &RouteSource,
+) -> redis::ScriptInvocation<'a> {
     let mut invocation = script.key(sources_key(tool.as_str()));
     invocation.key(AUDIT_STREAM).arg(tool.as_str()).arg(source.writer.as_str()).arg(&source.who).arg(AUDIT_MAXLEN);
     invocation

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dynamicproxy_redis::{BackendUrl, GuardedDelete, RedisLock, RouteStore, ToolName};
+use dynamicproxy_redis::{
+    AuditAction, BackendUrl, GuardedDelete, RedisLock, RouteSource, RouteStore, ToolName, Writer,
+};
 use dynamicproxy_test_support::{RedisServer, eventually};
 use redis::Commands;
 
@@ -43,7 +45,7 @@ async fn one_holder_at_a_time_and_the_other_takes_over_after_expiry() {
 }
 
 #[tokio::test]
-async fn guarded_delete_keeps_a_new_registration() {
+async fn guarded_delete_keeps_a_new_registration_and_records_the_removal() {
     let redis = RedisServer::start();
     let store = store(&redis);
     let mut c = redis.client();
@@ -55,13 +57,27 @@ async fn guarded_delete_keeps_a_new_registration() {
     let _: () = c.hset("prefix:foo", "/api.*", "http://10.0.0.2:8000").unwrap();
 
     assert_eq!(
-        store.delete_route_if_backend(&tool, "/api.*", &dead).await.unwrap(),
+        store.delete_route_if_backend(&tool, "/api.*", &dead, &RouteSource::prober(60)).await.unwrap(),
         GuardedDelete::Changed { current: "http://10.0.0.2:8000".into() }
     );
-    assert_eq!(store.delete_route_if_backend(&tool, ".*", &dead).await.unwrap(), GuardedDelete::Deleted);
-    assert_eq!(store.delete_route_if_backend(&tool, ".*", &dead).await.unwrap(), GuardedDelete::Absent);
+    assert_eq!(
+        store.delete_route_if_backend(&tool, ".*", &dead, &RouteSource::prober(60)).await.unwrap(),
+        GuardedDelete::Deleted
+    );
+    assert_eq!(
+        store.delete_route_if_backend(&tool, ".*", &dead, &RouteSource::prober(60)).await.unwrap(),
+        GuardedDelete::Absent
+    );
     let routes: Vec<String> = c.hkeys("prefix:foo").unwrap();
     assert_eq!(routes, ["/api.*"]);
     let redirect: bool = c.exists("redirect:foo").unwrap();
     assert!(!redirect, "the redirect of the removed route stayed");
+    // The removal is in the audit stream as the prober's, and only the real one.
+    let history = store.history(&tool).await.unwrap();
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(history[0].action, AuditAction::Delete);
+    assert_eq!(history[0].pattern, ".*");
+    assert_eq!(history[0].backend, "10.0.0.1:8000");
+    assert_eq!(history[0].source.writer, Writer::Prober);
+    assert_eq!(history[0].source.who, "backend dead for 60 s");
 }
