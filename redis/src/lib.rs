@@ -12,6 +12,8 @@
 //! - [`store`]: [`RouteStore`], typed reads and writes for the CLI, registrar and kube-sync.
 //! - [`table`]: [`ToolRoutes`], one tool's compiled routes in match order.
 //! - [`cache`]: [`RouteCache`], the shared in-memory table and its freshness status.
+//! - [`origin`]: [`CacheOrigin`], which server (or snapshot) the cache's table comes from.
+//! - [`sentinel_watch`]: follows `+switch-master`, so no connection outlives its master's reign.
 //! - [`sync`]: the background task that loads the cache and applies invalidations.
 //! - [`error`]: [`RouteTableError`], what went wrong.
 
@@ -22,6 +24,8 @@ pub mod endpoint;
 pub mod error;
 mod keys;
 pub mod networks;
+pub mod origin;
+pub mod sentinel_watch;
 pub mod store;
 pub mod sync;
 pub mod table;
@@ -31,6 +35,7 @@ pub use cache::{CacheStatus, RouteCache};
 pub use endpoint::RedisEndpoint;
 pub use error::RouteTableError;
 pub use networks::{DEFAULT_DENIED_NETWORKS, InvalidNetwork, NetworkList};
+pub use origin::{CacheOrigin, OriginState};
 pub use store::{OwnedDelete, OwnedServiceRoute, OwnedWrite, RouteStore, ToolEntry};
 pub use sync::{CacheSyncConfig, run_cache_sync};
 pub use table::{MAX_ROUTES_PER_TOOL, Route, ToolRoutes};

@@ -12,13 +12,19 @@ use redis::aio::MultiplexedConnection;
 use crate::endpoint::{RESPONSE_TIMEOUT, RedisEndpoint};
 use crate::error::RouteTableError;
 use crate::keys::{K8S_SERVICES, K8S_WRITTEN, ROUTES_PREFIX, redirect_key, routes_key};
+use crate::sentinel_watch::MasterSwitches;
 use crate::types::{BackendUrl, RoutePattern, ToolName};
 
 /// A handle on the route table in Redis. Cheap to share behind an `Arc`;
 /// reconnects (re-resolving a Sentinel master) after any connection error.
 pub struct RouteStore {
     endpoint: RedisEndpoint,
-    connection: Mutex<Option<MultiplexedConnection>>,
+    /// The shared connection and the server (`host:port`) it reaches.
+    connection: Mutex<Option<(MultiplexedConnection, String)>>,
+    /// `+switch-master` announcements of a Sentinel group, subscribed at the
+    /// first connection: a connection to a replaced master is dropped before
+    /// its next command, even while the old server still accepts writes.
+    switches: Mutex<Option<Option<MasterSwitches>>>,
     /// Held while connecting, so concurrent callers share one attempt
     /// instead of each opening a connection while Redis is away.
     connecting: tokio::sync::Mutex<Option<FailedConnect>>,
@@ -254,7 +260,12 @@ impl RouteStore {
     /// A store for `endpoint`. Does not connect yet: the first command does,
     /// so a daemon can start while Redis is down.
     pub fn new(endpoint: RedisEndpoint) -> Self {
-        RouteStore { endpoint, connection: Mutex::new(None), connecting: tokio::sync::Mutex::new(None) }
+        RouteStore {
+            endpoint,
+            connection: Mutex::new(None),
+            switches: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(None),
+        }
     }
 
     /// Where this store points.
@@ -487,12 +498,13 @@ impl RouteStore {
     }
 
     async fn connection(&self) -> Result<MultiplexedConnection, RouteTableError> {
-        if let Some(conn) = self.lock().as_ref() {
+        self.forget_replaced_master();
+        if let Some((conn, _)) = self.lock().as_ref() {
             return Ok(conn.clone());
         }
         let mut failed = self.connecting.lock().await;
         // Someone else may have connected while we waited for the lock.
-        if let Some(conn) = self.lock().as_ref() {
+        if let Some((conn, _)) = self.lock().as_ref() {
             return Ok(conn.clone());
         }
         if let Some(last) = failed.as_ref()
@@ -500,16 +512,34 @@ impl RouteStore {
         {
             return Err(RouteTableError::Unreachable(last.reason.clone()));
         }
-        match self.endpoint.connect(false, None).await {
-            Ok(conn) => {
+        match self.endpoint.connect_to(false, None).await {
+            Ok((conn, server)) => {
                 *failed = None;
-                *self.lock() = Some(conn.clone());
+                *self.lock() = Some((conn.clone(), server));
                 Ok(conn)
             }
             Err(e) => {
                 *failed = Some(FailedConnect { at: std::time::Instant::now(), reason: e.to_string() });
                 Err(e)
             }
+        }
+    }
+
+    /// Drops the connection when a Sentinel announced a master other than
+    /// the server it reaches; subscribes to the announcements on first use.
+    fn forget_replaced_master(&self) {
+        let announced = {
+            let mut switches = self.switches.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            match switches.get_or_insert_with(|| self.endpoint.watch_switches()) {
+                Some(rx) => rx.borrow().clone(),
+                None => return,
+            }
+        };
+        let Some(announced) = announced else { return };
+        let mut connection = self.lock();
+        if connection.as_ref().is_some_and(|(_, server)| *server != announced) {
+            tracing::info!(redis = %self.endpoint, new_master = announced, "leaving the replaced master");
+            connection.take();
         }
     }
 
@@ -521,7 +551,7 @@ impl RouteStore {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(MultiplexedConnection, String)>> {
         // The guarded value is a plain handle; a panic elsewhere cannot leave it inconsistent.
         self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
