@@ -89,16 +89,7 @@ impl RedisEndpoint {
     }
 
     /// A multiplexed connection with the crate's timeouts, optionally with a
-    /// push sender (which requires `resp3`).
-    pub(crate) async fn connect(
-        &self,
-        resp3: bool,
-        push: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
-    ) -> Result<MultiplexedConnection, RouteTableError> {
-        Ok(self.connect_to(resp3, push).await?.0)
-    }
-
-    /// As [`RedisEndpoint::connect`], also naming the server reached
+    /// push sender (which requires `resp3`), and the server it reaches
     /// (`host:port`; for a Sentinel group, the master it resolved to). An
     /// old server's refusal of `HELLO 3` comes back as
     /// [`RouteTableError::TooOld`].
