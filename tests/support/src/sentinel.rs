@@ -31,7 +31,9 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         // A stopped process must be continued before it can die of SIGKILL cleanly.
-        let _ = Command::new("kill").args(["-CONT", &self.child.id().to_string()]).status();
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill").args(["-CONT", &self.child.id().to_string()]).status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
