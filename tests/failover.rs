@@ -216,7 +216,8 @@ impl Stack {
         let dir = tempfile::tempdir().unwrap();
         let (http, list, admin, registrar) = (free_port(), free_port(), free_port(), free_port());
         let mut args = vec!["all".to_string(), "--redis-url".into(), group.url()];
-        for (flag, port) in [("--http-listen", http), ("--list-listen", list), ("--admin-listen", admin), ("--listen", registrar)]
+        for (flag, port) in
+            [("--http-listen", http), ("--list-listen", list), ("--admin-listen", admin), ("--listen", registrar)]
         {
             args.extend([flag.to_string(), format!("127.0.0.1:{port}")]);
         }
@@ -259,7 +260,8 @@ impl Stack {
     }
 
     async fn server_info(&self) -> serde_json::Value {
-        let (_, body) = get(&http_client(), &format!("http://127.0.0.1:{}/server_info", self.admin), None).await.unwrap();
+        let (_, body) =
+            get(&http_client(), &format!("http://127.0.0.1:{}/server_info", self.admin), None).await.unwrap();
         serde_json::from_str(&body).unwrap()
     }
 
@@ -312,10 +314,8 @@ async fn master_killed_under_load_fails_no_request() {
             .await
             .unwrap();
     assert!(event.ends_with(&new_master.replace(':', " ")), "{event}");
-    let (first_tool, first_ok) = eventually(WAIT, "a registration after the failover", || async {
-        oks.lock().unwrap().first().cloned()
-    })
-    .await;
+    let (first_tool, first_ok) =
+        eventually(WAIT, "a registration after the failover", || async { oks.lock().unwrap().first().cloned() }).await;
     stop_registering.cancel();
     let ok_after = first_ok.saturating_duration_since(promoted);
     eprintln!(
@@ -340,7 +340,13 @@ async fn master_killed_under_load_fails_no_request() {
 
     let (ok, failed) = load.finish().await;
     eprintln!("load: {ok} requests answered, {} failed", failed.len());
-    assert!(failed.is_empty(), "{} of {} requests failed: {:?}", failed.len(), ok + failed.len() as u64, &failed[..failed.len().min(5)]);
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok + failed.len() as u64,
+        &failed[..failed.len().min(5)]
+    );
 
     let (status, body) = get(&http_client(), &format!("http://127.0.0.1:{}/ready", stack.admin), None).await.unwrap();
     assert_eq!((status, body.as_str()), (200, "ready\n"));

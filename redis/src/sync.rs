@@ -95,7 +95,6 @@ pub async fn run_cache_sync(config: CacheSyncConfig, cache: RouteCache, shutdown
                 error!(redis = %config.endpoint, %error, "route cache cannot follow this Redis; upgrade it");
                 cache.origin().set_problem(Some(format!("Redis at {} {error}", config.endpoint)));
             }
-            delay = config.retry_max;
         } else if failures == 1 || failures.is_multiple_of(10) {
             // First failure loudly, then every tenth, so an outage does not flood the log.
             warn!(redis = %config.endpoint, %error, attempts = failures, retry_in_ms = delay.as_millis() as u64,
