@@ -193,6 +193,9 @@ async fn get(client: &reqwest::Client, url: &str, host: Option<&str>) -> Option<
     Some((status, response.text().await.ok()?))
 }
 
+/// Tools the registrar answered `ok` for, with when.
+type Answered = Arc<Mutex<Vec<(String, Instant)>>>;
+
 /// The pieces every failover test needs, started and serving.
 struct Stack {
     group: SentinelGroup,
@@ -268,7 +271,7 @@ impl Stack {
     /// Registers a fresh tool every 50 ms, each attempt on its own
     /// connection so a hung one does not hold up the next; returns the tools
     /// the registrar said `ok` to, with when.
-    fn registrations(&self, backend: u16) -> (CancellationToken, Arc<Mutex<Vec<(String, Instant)>>>) {
+    fn registrations(&self, backend: u16) -> (CancellationToken, Answered) {
         let stop = CancellationToken::new();
         let oks = Arc::new(Mutex::new(Vec::new()));
         let (registrar, users, stopped, done) = (self.registrar, self.users.clone(), stop.clone(), oks.clone());
