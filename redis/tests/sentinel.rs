@@ -165,3 +165,40 @@ async fn the_cache_follows_the_master_through_a_replica() {
     assert_eq!(cache.status().full_loads, loads);
     shutdown.cancel();
 }
+
+/// What a replica answers a writer (`READONLY`) and, once its master is gone
+/// and it may not serve stale data, any reader (`MASTERDOWN`): both mean
+/// "reconnect and ask again", never "Redis refused the command".
+#[tokio::test]
+async fn replies_of_a_server_that_is_not_a_usable_master_mean_reconnect() {
+    let mut master = RedisServer::start();
+    let replica = RedisServer::start();
+    let mut admin = replica.client();
+    let _: () = redis::cmd("REPLICAOF").arg("127.0.0.1").arg(master.port()).query(&mut admin).unwrap();
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("replica-serve-stale-data").arg("no").query(&mut admin).unwrap();
+    eventually(Duration::from_secs(10), "replica in sync", || async {
+        let info: String = redis::cmd("INFO").arg("replication").query(&mut replica.client()).ok()?;
+        info.contains("master_link_status:up").then_some(())
+    })
+    .await;
+    let store = RouteStore::new(replica.url().parse().unwrap());
+    let (tool, pattern, backend) = route("demo");
+    let error = store.set_route(&tool, &pattern, &backend).await.unwrap_err();
+    assert!(error.to_string().contains("read only replica"), "{error}");
+    assert!(error.is_unavailable(), "{error}");
+
+    master.stop();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = None;
+    let error = loop {
+        if let Err(e) = store.tool(&tool).await {
+            if e.to_string().contains("MasterDown") {
+                break e;
+            }
+            seen = Some(e.to_string());
+        }
+        assert!(std::time::Instant::now() < deadline, "no MASTERDOWN; seen {seen:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(error.is_unavailable(), "{error}");
+}
