@@ -8,7 +8,7 @@
 //! address; connections compare it with the one they were opened on.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tokio::sync::watch;
@@ -19,8 +19,35 @@ use crate::endpoint::CONNECT_TIMEOUT;
 /// Pause before subscribing again to a Sentinel that went away.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
 
-/// The newest master address announced for one group (`None` before any switch).
-pub type MasterSwitches = watch::Receiver<Option<String>>;
+/// How long after a switch a connection to the replaced master is refused
+/// even when a Sentinel names it: Sentinels that have not heard of the
+/// switch yet (they gossip every 2 s) still name the old master, which
+/// accepts writes until it is demoted. Afterwards the client's own `ROLE`
+/// check refuses a demoted server anyway.
+const CONVERGENCE: Duration = Duration::from_secs(30);
+
+/// The newest master change announced for one group (`None` before any).
+pub type MasterSwitches = watch::Receiver<Option<Switch>>;
+
+/// One announced master change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Switch {
+    /// `host:port` of the new master.
+    pub new: String,
+    /// `host:port` of the master it replaced.
+    pub old: String,
+    /// When the announcement arrived.
+    pub at: Instant,
+}
+
+impl Switch {
+    /// True when a connection to `server` opened at `opened` must not be
+    /// used: it reaches the replaced master and was opened before the
+    /// switch, or so soon after it that a Sentinel may not know yet.
+    pub fn refuses(&self, server: &str, opened: Instant) -> bool {
+        server == self.old && (opened < self.at || self.at.elapsed() < CONVERGENCE)
+    }
+}
 
 /// Subscribes to every Sentinel in `sentinels` (`host:port`) for switches of
 /// `master`. The tasks end when every receiver is dropped.
@@ -33,7 +60,7 @@ pub(crate) fn watch_switches(sentinels: &[String], master: &str) -> MasterSwitch
     rx
 }
 
-async fn follow(sentinel: String, master: String, tx: Arc<watch::Sender<Option<String>>>) {
+async fn follow(sentinel: String, master: String, tx: Arc<watch::Sender<Option<Switch>>>) {
     loop {
         tokio::select! {
             _ = tx.closed() => return,
@@ -51,7 +78,7 @@ async fn follow(sentinel: String, master: String, tx: Arc<watch::Sender<Option<S
 async fn subscribe_and_read(
     sentinel: &str,
     master: &str,
-    tx: &watch::Sender<Option<String>>,
+    tx: &watch::Sender<Option<Switch>>,
 ) -> redis::RedisResult<()> {
     let client = redis::Client::open(format!("redis://{sentinel}"))?;
     let mut pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
@@ -64,21 +91,24 @@ async fn subscribe_and_read(
         let fields: Vec<&str> = text.split(' ').collect();
         let promoted = match (message.get_channel_name(), fields.as_slice()) {
             // `<name> <old-ip> <old-port> <new-ip> <new-port>`: the failover is complete.
-            ("+switch-master", [name, _, _, ip, port]) => Some((*name, *ip, *port)),
+            ("+switch-master", [name, old_ip, old_port, ip, port]) => Some((*name, *old_ip, *old_port, *ip, *port)),
             // `slave <ip:port> <ip> <port> @ <name> <master-ip> <master-port>`: the replica
             // took over, and Sentinels already name it; the old master may still take writes.
-            ("+promoted-slave", ["slave", _, ip, port, "@", name, _, _]) => Some((*name, *ip, *port)),
+            ("+promoted-slave", ["slave", _, ip, port, "@", name, old_ip, old_port]) => {
+                Some((*name, *old_ip, *old_port, *ip, *port))
+            }
             _ => None,
         };
-        if let Some((name, ip, port)) = promoted
+        if let Some((name, old_ip, old_port, ip, port)) = promoted
             && name == master
         {
             let address = format!("{ip}:{port}");
             let changed = tx.send_if_modified(|current| {
-                if current.as_deref() == Some(address.as_str()) {
+                if current.as_ref().is_some_and(|s| s.new == address) {
                     return false;
                 }
-                *current = Some(address.clone());
+                *current =
+                    Some(Switch { new: address.clone(), old: format!("{old_ip}:{old_port}"), at: Instant::now() });
                 true
             });
             if changed {

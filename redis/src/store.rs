@@ -12,15 +12,15 @@ use redis::aio::MultiplexedConnection;
 use crate::endpoint::{RESPONSE_TIMEOUT, RedisEndpoint};
 use crate::error::RouteTableError;
 use crate::keys::{K8S_SERVICES, K8S_WRITTEN, ROUTES_PREFIX, redirect_key, routes_key};
-use crate::sentinel_watch::MasterSwitches;
+use crate::sentinel_watch::{MasterSwitches, Switch};
 use crate::types::{BackendUrl, RoutePattern, ToolName};
 
 /// A handle on the route table in Redis. Cheap to share behind an `Arc`;
 /// reconnects (re-resolving a Sentinel master) after any connection error.
 pub struct RouteStore {
     endpoint: RedisEndpoint,
-    /// The shared connection and the server (`host:port`) it reaches.
-    connection: Mutex<Option<(MultiplexedConnection, String)>>,
+    /// The shared connection, the server (`host:port`) it reaches and when it was opened.
+    connection: Mutex<Option<(MultiplexedConnection, String, std::time::Instant)>>,
     /// `+switch-master` announcements of a Sentinel group, subscribed at the
     /// first connection: a connection to a replaced master is dropped before
     /// its next command, even while the old server still accepts writes.
@@ -499,12 +499,12 @@ impl RouteStore {
 
     async fn connection(&self) -> Result<MultiplexedConnection, RouteTableError> {
         self.forget_replaced_master();
-        if let Some((conn, _)) = self.lock().as_ref() {
+        if let Some((conn, _, _)) = self.lock().as_ref() {
             return Ok(conn.clone());
         }
         let mut failed = self.connecting.lock().await;
         // Someone else may have connected while we waited for the lock.
-        if let Some((conn, _)) = self.lock().as_ref() {
+        if let Some((conn, _, _)) = self.lock().as_ref() {
             return Ok(conn.clone());
         }
         if let Some(last) = failed.as_ref()
@@ -513,9 +513,15 @@ impl RouteStore {
             return Err(RouteTableError::Unreachable(last.reason.clone()));
         }
         match self.endpoint.connect_to(false, None).await {
+            Ok((_, server)) if self.announced().is_some_and(|s| s.refuses(&server, std::time::Instant::now())) => {
+                // A Sentinel that has not heard of the failover yet named the replaced master.
+                let reason = format!("{server} was replaced as master; waiting for the Sentinels to agree");
+                *failed = Some(FailedConnect { at: std::time::Instant::now(), reason: reason.clone() });
+                Err(RouteTableError::NotMaster(reason))
+            }
             Ok((conn, server)) => {
                 *failed = None;
-                *self.lock() = Some((conn.clone(), server));
+                *self.lock() = Some((conn.clone(), server, std::time::Instant::now()));
                 Ok(conn)
             }
             Err(e) => {
@@ -525,22 +531,21 @@ impl RouteStore {
         }
     }
 
-    /// Drops the connection when a Sentinel announced a master other than
-    /// the server it reaches; subscribes to the announcements on first use.
+    /// Drops the connection when it reaches a master the Sentinels replaced.
     fn forget_replaced_master(&self) {
-        let announced = {
-            let mut switches = self.switches.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            match switches.get_or_insert_with(|| self.endpoint.watch_switches()) {
-                Some(rx) => rx.borrow().clone(),
-                None => return,
-            }
-        };
-        let Some(announced) = announced else { return };
+        let Some(switch) = self.announced() else { return };
         let mut connection = self.lock();
-        if connection.as_ref().is_some_and(|(_, server)| *server != announced) {
-            tracing::info!(redis = %self.endpoint, new_master = announced, "leaving the replaced master");
+        if connection.as_ref().is_some_and(|(_, server, opened)| switch.refuses(server, *opened)) {
+            tracing::info!(redis = %self.endpoint, old_master = switch.old, new_master = switch.new,
+                "leaving the replaced master");
             connection.take();
         }
+    }
+
+    /// The Sentinels' latest master change; subscribes to them on first use.
+    fn announced(&self) -> Option<Switch> {
+        let mut switches = self.switches.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        switches.get_or_insert_with(|| self.endpoint.watch_switches()).as_ref().and_then(|rx| rx.borrow().clone())
     }
 
     fn forget_on_unavailable<T>(&self, result: &Result<T, RouteTableError>) {
@@ -551,7 +556,7 @@ impl RouteStore {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(MultiplexedConnection, String)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(MultiplexedConnection, String, std::time::Instant)>> {
         // The guarded value is a plain handle; a panic elsewhere cannot leave it inconsistent.
         self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }

@@ -28,7 +28,7 @@ use crate::cache::RouteCache;
 use crate::endpoint::RedisEndpoint;
 use crate::error::{RouteTableError, is_too_old};
 use crate::keys::{REDIRECT_PREFIX, ROUTES_PREFIX, TableKey, redirect_key, routes_key};
-use crate::sentinel_watch::MasterSwitches;
+use crate::sentinel_watch::{MasterSwitches, Switch};
 use crate::store::scan_keys;
 use crate::table::{MAX_ROUTES_PER_TOOL, Route, ToolRoutes, match_order};
 use crate::types::{BackendUrl, InvalidInput, RoutePattern, ToolName};
@@ -122,9 +122,13 @@ async fn session(
 ) -> Result<std::convert::Infallible, RouteTableError> {
     let (push_tx, mut pushes) = mpsc::unbounded_channel();
     let (mut conn, server) = config.endpoint.connect_to(true, Some(push_tx)).await?;
-    if let Some(switches) = switches.as_mut() {
-        // Announcements up to now are what this connection was resolved after.
-        switches.borrow_and_update();
+    let opened = Instant::now();
+    if let Some(switches) = switches.as_mut()
+        && let Some(switch) = switches.borrow_and_update().clone()
+        && switch.refuses(&server, opened)
+    {
+        // A Sentinel that has not heard of the failover yet named the replaced master.
+        return Err(RouteTableError::NotMaster(format!("{server} was replaced by {}", switch.new)));
     }
     redis::cmd("CLIENT")
         .arg("TRACKING")
@@ -168,8 +172,8 @@ async fn session(
                 }
             }
             announced = next_switch(switches) => {
-                if announced.as_deref() != Some(server.as_str()) {
-                    return Err(RouteTableError::NotMaster(format!("replaced by {}", announced.unwrap_or_default())));
+                if let Some(switch) = announced.filter(|s| s.refuses(&server, opened)) {
+                    return Err(RouteTableError::NotMaster(format!("replaced by {}", switch.new)));
                 }
             }
             _ = ping.tick() => {
@@ -197,7 +201,7 @@ async fn session(
 
 /// The next master announced by the Sentinels; never resolves for a direct
 /// URL or once the subscriptions are gone.
-async fn next_switch(switches: &mut Option<MasterSwitches>) -> Option<String> {
+async fn next_switch(switches: &mut Option<MasterSwitches>) -> Option<Switch> {
     if let Some(rx) = switches
         && rx.changed().await.is_ok()
     {
