@@ -118,3 +118,22 @@ async fn subscribe_and_read(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_replaced_master_is_refused_and_only_while_sentinels_converge() {
+        let now = Instant::now();
+        let switch = Switch { new: "10.0.0.2:6379".into(), old: "10.0.0.1:6379".into(), at: now };
+        // Opened before the switch: on the old master, never used again.
+        assert!(switch.refuses("10.0.0.1:6379", now - Duration::from_secs(60)));
+        // Opened just after: a Sentinel that has not heard yet named the old master.
+        assert!(switch.refuses("10.0.0.1:6379", now + Duration::from_millis(1)));
+        assert!(!switch.refuses("10.0.0.2:6379", now - Duration::from_secs(60)));
+        // Long after the switch the old address may be a master again (a later failover).
+        let long_ago = Switch { at: now - CONVERGENCE - Duration::from_secs(1), ..switch };
+        assert!(!long_ago.refuses("10.0.0.1:6379", now));
+    }
+}

@@ -13,6 +13,11 @@
 //! and on a flush; a PING every `ping_interval` to notice a dead connection
 //! and to confirm the cache's age. While Redis is away the cache keeps its
 //! last contents and its age grows.
+//!
+//! On a Sentinel group the liveness check is `ROLE` (a demoted master still
+//! answers PING), the Sentinels' announcements end the session at once (see
+//! [`crate::sentinel_watch`]), and every reload records the server it read
+//! in [`crate::origin::CacheOrigin`], so a failover shows in `/server_info`.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
