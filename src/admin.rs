@@ -22,8 +22,9 @@ use crate::admin_guard::{self, AdminConn, AdminGuard};
 use crate::telemetry::LogControl;
 
 /// Tells whether the daemon is ready to take traffic (for `GET /ready`);
-/// `Err` carries the reason it is not.
-pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+/// `Ok` may carry a note on how (e.g. serving a snapshot), `Err` carries the
+/// reason it is not.
+pub type ReadyCheck = Arc<dyn Fn() -> Result<Option<String>, String> + Send + Sync>;
 
 /// Turns maintenance mode on or off (for `POST /maintenance`).
 pub type MaintenanceSwitch = Arc<dyn Fn(bool) + Send + Sync>;
@@ -97,11 +98,23 @@ async fn metrics(State(state): State<AdminState>, headers: axum::http::HeaderMap
 async fn server_info(State(state): State<AdminState>) -> Response {
     let cache = state.cache.as_ref().map(|cache| {
         let status = cache.status();
+        let origin = cache.origin().state();
+        let unix = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).ok();
         json!({
             "routes": status.tools,
             "redis_connected": status.redis_connected,
             "age_seconds": status.age.map(|a| a.as_secs_f64()),
             "full_loads": status.full_loads,
+            "redis_server": origin.server,
+            "redis_server_changes": origin.server_changes,
+            "last_server_change": origin.last_change.as_ref().map(|(at, from)| json!({
+                "unix_time": unix(*at),
+                "seconds_ago": at.elapsed().map(|d| d.as_secs()).ok(),
+                "from": from,
+            })),
+            "problem": origin.problem,
+            "serving_snapshot": origin.snapshot_written_at.is_some(),
+            "snapshot_age_seconds": origin.snapshot_age().map(|a| a.as_secs()),
         })
     });
     axum::Json(json!({
@@ -127,7 +140,8 @@ async fn dead(State(state): State<AdminState>) -> Response {
 
 async fn ready(State(state): State<AdminState>) -> Response {
     match (state.ready)() {
-        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(None) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Some(note)) => (StatusCode::OK, format!("ready: {note}\n")).into_response(),
         Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")).into_response(),
     }
 }

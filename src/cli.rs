@@ -30,6 +30,9 @@ pub struct GlobalFlags {
     /// redis+sentinel://host:port,host:port/MASTERNAME/db [default: redis://127.0.0.1:6379/0].
     #[arg(long, global = true, value_name = "URL")]
     pub redis_url: Option<String>,
+    /// Redis the proxy's route cache reads instead (a local replica); writers use --redis-url [default: --redis-url].
+    #[arg(long, global = true, value_name = "URL")]
+    pub redis_read_url: Option<String>,
     /// Validate the configuration, print `configuration ok`, and exit without serving (exit 64 when invalid).
     #[arg(long, global = true)]
     pub check: bool,

@@ -63,6 +63,8 @@ impl Selection {
 struct Plan {
     settings: Settings,
     redis: RedisEndpoint,
+    /// Where the proxy's cache reads (`[redis] read_url`, else `redis`).
+    redis_read: RedisEndpoint,
     proxy: Option<dynamicproxy_proxy::Config>,
     registrar: Option<dynamicproxy_registrar::Config>,
     kube_sync: Option<dynamicproxy_kube_sync::Config>,
@@ -106,6 +108,7 @@ fn plan(global: &GlobalFlags, selection: &Selection) -> Result<Plan, ConfigError
     let flag_refs: Vec<(&str, &serde_json::Value)> = flags.iter().map(|(s, v)| (*s, v)).collect();
     let (settings, figment) = settings::load(global, &flag_refs)?;
     let redis = settings.redis_endpoint()?;
+    let redis_read = settings.redis_read_endpoint()?;
     let admin_token = settings.admin_token()?;
     let proxy = daemon_config(
         &figment,
@@ -132,7 +135,7 @@ fn plan(global: &GlobalFlags, selection: &Selection) -> Result<Plan, ConfigError
         (None, None, Some(k)) => k.admin_listen,
         (None, None, None) => return Err(ConfigError::invalid("no daemon selected")),
     };
-    Ok(Plan { settings, redis, proxy, registrar, kube_sync, admin_listen, admin_token })
+    Ok(Plan { settings, redis, redis_read, proxy, registrar, kube_sync, admin_listen, admin_token })
 }
 
 /// One daemon's typed and validated section, when that daemon runs.
@@ -207,9 +210,22 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
 
     if let (Some(config), Some(listeners)) = (plan.proxy, proxy_listeners) {
         let route_cache = RouteCache::new();
+        if let Some(file) = &config.snapshot_file {
+            // Before the sync starts: the first load from Redis then replaces it whole.
+            dynamicproxy_proxy::snapshot::restore(file, &route_cache);
+            tasks.spawn(named(
+                "route snapshot",
+                dynamicproxy_proxy::snapshot::run_writer(
+                    file.clone(),
+                    route_cache.clone(),
+                    dynamicproxy_proxy::snapshot::MIN_WRITE_INTERVAL,
+                    shutdown.child_token(),
+                ),
+            ));
+        }
         tasks.spawn(named(
             "route cache",
-            run_cache_sync(CacheSyncConfig::new(plan.redis.clone()), route_cache.clone(), shutdown.child_token()),
+            run_cache_sync(CacheSyncConfig::new(plan.redis_read.clone()), route_cache.clone(), shutdown.child_token()),
         ));
         let metrics = Arc::new(dynamicproxy_proxy::Metrics::new(&mut registry));
         let handle = dynamicproxy_proxy::ProxyHandle::new(&config).with_sources(store.clone());
@@ -221,9 +237,7 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
         let switch = handle.clone();
         maintenance = Some(Arc::new(move |on| switch.set_maintenance(on)));
         let ready_cache = route_cache.clone();
-        readiness.push(Arc::new(move || {
-            if ready_cache.is_loaded() { Ok(()) } else { Err("route table not loaded from Redis yet".into()) }
-        }));
+        readiness.push(Arc::new(move || ready_from(&ready_cache)));
         dead = Some(handle.dead_registrations().clone());
         let (prober_config, prober_cache, prober_handle) = (config.clone(), route_cache.clone(), handle.clone());
         let (prober_store, prober_metrics, prober_token) = (store.clone(), metrics.clone(), shutdown.child_token());
@@ -263,7 +277,7 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
         let metrics = Arc::new(dynamicproxy_kube_sync::Metrics::new(registry.sub_registry_with_prefix("dynamicproxy")));
         let synced = metrics.clone();
         readiness.push(Arc::new(move || match synced.last_successful_sync() {
-            Some(_) => Ok(()),
+            Some(_) => Ok(None),
             None => Err("no successful sync with Kubernetes yet".into()),
         }));
         let (store, token) = (store.clone(), shutdown.child_token());
@@ -283,7 +297,13 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
         log,
         maintenance,
         dead,
-        ready: Arc::new(move || readiness.iter().try_for_each(|check| check())),
+        ready: Arc::new(move || {
+            let mut notes = Vec::new();
+            for check in &readiness {
+                notes.extend(check()?);
+            }
+            Ok((!notes.is_empty()).then(|| notes.join("; ")))
+        }),
         explainer,
     };
     let admin_shutdown = shutdown.child_token();
@@ -326,6 +346,23 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
     signal.abort();
     hangup.abort();
     if failed { Err(Failure::Runtime) } else { Ok(()) }
+}
+
+/// The proxy's readiness. Serving a snapshot is ready (200, with a note):
+/// the snapshot exists so that a proxy whose Redis is away keeps routing,
+/// and the standby host is in no better place (its Redis replicates the
+/// same master), so taking this proxy out would turn a degraded table into
+/// no table. The note, `/server_info` and `redis_connected` in `/metrics`
+/// make the state visible for alerting.
+fn ready_from(cache: &RouteCache) -> Result<Option<String>, String> {
+    let origin = cache.origin().state();
+    if let Some(age) = origin.snapshot_age() {
+        return Ok(Some(format!("serving snapshot, age {} s", age.as_secs())));
+    }
+    if cache.is_loaded() {
+        return Ok(None);
+    }
+    Err(origin.problem.unwrap_or_else(|| "route table not loaded from Redis yet".into()))
 }
 
 async fn drain(tasks: &mut JoinSet<(&'static str, Result<(), String>)>) {

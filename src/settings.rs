@@ -47,11 +47,16 @@ pub struct Settings {
 pub struct RedisSettings {
     /// `redis://host:port/db` or `redis+sentinel://host:port,host:port/MASTERNAME/db`.
     pub url: String,
+    /// Where the proxy's route cache reads from instead of `url`: a replica
+    /// on the proxy host (`redis://127.0.0.1:6380/0`), so reads stay local
+    /// and keep working while the master is away. Writers (registrar,
+    /// kube-sync, `routes`) always use `url`. Unset (default): `url`.
+    pub read_url: Option<String>,
 }
 
 impl Default for RedisSettings {
     fn default() -> Self {
-        RedisSettings { url: "redis://127.0.0.1:6379/0".into() }
+        RedisSettings { url: "redis://127.0.0.1:6379/0".into(), read_url: None }
     }
 }
 
@@ -162,6 +167,9 @@ pub fn load<F: Serialize>(
     if let Some(url) = &global.redis_url {
         figment = figment.merge(Serialized::default("redis.url", url));
     }
+    if let Some(url) = &global.redis_read_url {
+        figment = figment.merge(Serialized::default("redis.read_url", url));
+    }
     if let Some(format) = global.log_format {
         figment = figment.merge(Serialized::default("log.format", format));
     }
@@ -196,6 +204,14 @@ impl Settings {
     /// The parsed `[redis] url`.
     pub fn redis_endpoint(&self) -> Result<RedisEndpoint, ConfigError> {
         self.redis.url.parse().map_err(|e| ConfigError(format!("[redis] url: {e}")))
+    }
+
+    /// The parsed `[redis] read_url`, or `[redis] url` when unset.
+    pub fn redis_read_endpoint(&self) -> Result<RedisEndpoint, ConfigError> {
+        match &self.redis.read_url {
+            Some(url) => url.parse().map_err(|e| ConfigError(format!("[redis] read_url: {e}"))),
+            None => self.redis_endpoint(),
+        }
     }
 
     /// The checked `[admin] token`, if set; the error never shows the value.

@@ -200,6 +200,10 @@ pub struct Config {
     /// backend refused a bodiless request, waits for the route to come
     /// (back) before its error page (see the `hold` module). 0 (default) = off.
     pub hold_secs: u64,
+    /// Last-known-good copy of the route table (SPEC §1), rewritten
+    /// atomically at most every [`crate::snapshot::MIN_WRITE_INTERVAL`] after
+    /// a change, and served at start until Redis answers. Unset (default) = off.
+    pub snapshot_file: Option<PathBuf>,
 
     // https backends.
     /// PEM file of CA certificates trusted for `https://` backends, in
@@ -270,6 +274,7 @@ impl Default for Config {
             remove_dead_registrations: false,
             access_log_format: crate::access_log::Format::Text,
             hold_secs: 0,
+            snapshot_file: None,
             backend_ca_file: None,
         }
     }
@@ -700,6 +705,10 @@ pub struct Flags {
     #[arg(long = "hold-secs", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hold_secs: Option<u64>,
+    /// Last-known-good route table file, written atomically, served at start until Redis answers [default: off]
+    #[arg(long = "snapshot-file", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_file: Option<PathBuf>,
 
     // https backends.
     /// PEM CA certificates trusted for https:// backends besides the system roots [default: none]

@@ -29,6 +29,7 @@
 //! - [`body`]: response and request body types (streamed, never buffered whole).
 //! - [`compress`]: on-the-fly gzip.
 //! - [`sniff`]: HTTP/1 request-smuggling guard.
+//! - [`snapshot`]: the last-known-good route table on disk, written atomically and read at start.
 //! - [`idle`]: idle and send timeouts for connections.
 //! - [`tls`]: certificates by SNI, hot reload.
 //! - [`cert_expiry`]: a certificate's expiry, for the metrics.
@@ -102,6 +103,7 @@ pub mod resolver;
 pub mod route;
 mod server;
 pub mod shed;
+pub mod snapshot;
 pub mod sniff;
 pub mod tls;
 pub mod trace_context;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 
+use crate::origin::CacheOrigin;
 use crate::table::ToolRoutes;
 use crate::types::ToolName;
 
@@ -29,6 +30,8 @@ struct CacheInner {
     full_loads: AtomicU64,
     /// Called after a tool's entry really changed (see [`RouteCache::on_change`]).
     hooks: RwLock<Vec<ChangeHook>>,
+    /// Which server (or snapshot) the table comes from.
+    origin: CacheOrigin,
 }
 
 /// Told the tool, its entry before and its entry after (`None` = absent),
@@ -65,6 +68,7 @@ impl RouteCache {
                 connected: AtomicBool::new(false),
                 full_loads: AtomicU64::new(0),
                 hooks: RwLock::new(Vec::new()),
+                origin: CacheOrigin::default(),
             }),
         }
     }
@@ -102,6 +106,32 @@ impl RouteCache {
     /// True once a full load has completed.
     pub fn is_loaded(&self) -> bool {
         self.inner.full_loads.load(Ordering::Acquire) > 0
+    }
+
+    /// Where the table comes from: server, failovers followed, snapshot.
+    pub fn origin(&self) -> &CacheOrigin {
+        &self.inner.origin
+    }
+
+    /// Every tool's entry, in no particular order (for writing a snapshot).
+    pub fn entries(&self) -> Vec<(ToolName, Arc<ToolRoutes>)> {
+        self.inner.tools.iter().map(|e| (e.key().clone(), Arc::clone(e.value()))).collect()
+    }
+
+    /// Fills a cache that has never loaded from Redis with a last-known-good
+    /// table read from disk, written at `written_at`. Returns false (and
+    /// changes nothing) once a load from Redis has happened: Redis wins.
+    /// The first full load replaces the snapshot's entries, dropping tools
+    /// Redis no longer has.
+    pub fn restore_snapshot(&self, tools: Vec<(ToolName, ToolRoutes)>, written_at: std::time::SystemTime) -> bool {
+        if self.is_loaded() {
+            return false;
+        }
+        for (tool, routes) in tools {
+            self.put(tool, routes);
+        }
+        self.inner.origin.serving_snapshot(written_at);
+        true
     }
 
     /// Registers `hook`, called from the sync task each time a tool's entry

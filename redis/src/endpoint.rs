@@ -9,7 +9,8 @@ use redis::aio::MultiplexedConnection;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, ProtocolVersion, RedisConnectionInfo};
 
-use crate::error::RouteTableError;
+use crate::error::{RouteTableError, is_too_old};
+use crate::sentinel_watch::{MasterSwitches, watch_switches};
 
 /// How long to wait for a TCP connection to Redis (or a Sentinel).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -88,20 +89,43 @@ impl RedisEndpoint {
     }
 
     /// A multiplexed connection with the crate's timeouts, optionally with a
-    /// push sender (which requires `resp3`).
-    pub(crate) async fn connect(
+    /// push sender (which requires `resp3`), and the server it reaches
+    /// (`host:port`; for a Sentinel group, the master it resolved to). An
+    /// old server's refusal of `HELLO 3` comes back as
+    /// [`RouteTableError::TooOld`].
+    pub(crate) async fn connect_to(
         &self,
         resp3: bool,
         push: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
-    ) -> Result<MultiplexedConnection, RouteTableError> {
+    ) -> Result<(MultiplexedConnection, String), RouteTableError> {
         let client = self.client(resp3).await?;
+        let server = client.get_connection_info().addr().to_string();
         let mut config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT));
         if let Some(push) = push {
             config = config.set_push_sender(push);
         }
-        Ok(client.get_multiplexed_async_connection_with_config(&config).await?)
+        match client.get_multiplexed_async_connection_with_config(&config).await {
+            Ok(conn) => Ok((conn, server)),
+            Err(e) if is_too_old(&e) => Err(RouteTableError::TooOld(e)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// For a Sentinel group, a watch of its `+switch-master` announcements
+    /// (spawns the subscriptions; they end when the receiver is dropped).
+    /// `None` for a direct URL. Needs a Tokio runtime.
+    pub fn watch_switches(&self) -> Option<MasterSwitches> {
+        match self {
+            RedisEndpoint::Direct { .. } => None,
+            RedisEndpoint::Sentinel { sentinels, master, .. } => Some(watch_switches(sentinels, master)),
+        }
+    }
+
+    /// True for a Sentinel group, whose master can change under a connection.
+    pub fn is_sentinel(&self) -> bool {
+        matches!(self, RedisEndpoint::Sentinel { .. })
     }
 }
 

@@ -18,6 +18,8 @@
 //! - `literals`: many literal patterns found in one pass (Aho-Corasick).
 //! - `regex_dfa`: many regex patterns found in one pass (a DFA built at load).
 //! - [`cache`]: [`RouteCache`], the shared in-memory table and its freshness status.
+//! - [`origin`]: [`CacheOrigin`], which server (or snapshot) the cache's table comes from.
+//! - [`sentinel_watch`]: follows `+switch-master`, so no connection outlives its master's reign.
 //! - [`sync`]: the background task that loads the cache and applies invalidations.
 //! - [`error`]: [`RouteTableError`], what went wrong.
 
@@ -32,8 +34,10 @@ mod literals;
 pub mod lock;
 mod lookup;
 pub mod networks;
+pub mod origin;
 pub mod provenance;
 mod regex_dfa;
+pub mod sentinel_watch;
 pub mod store;
 pub mod sync;
 pub mod table;
@@ -46,6 +50,7 @@ pub use guarded_delete::GuardedDelete;
 pub use lock::RedisLock;
 pub use networks::{DEFAULT_DENIED_NETWORKS, InvalidNetwork, NetworkList};
 pub use provenance::{AUDIT_MAXLEN, AuditAction, AuditEntry, Provenance, RouteSource, Writer};
+pub use origin::{CacheOrigin, OriginState};
 pub use store::{OwnedDelete, OwnedServiceRoute, OwnedWrite, RouteStore, ToolEntry};
 pub use sync::{CacheSyncConfig, run_cache_sync};
 pub use table::{MAX_ROUTES_PER_TOOL, Route, ToolRoutes};

@@ -16,13 +16,19 @@ use crate::keys::{
     AUDIT_STREAM, K8S_SERVICES, K8S_WRITTEN, ROUTES_PREFIX, SOURCES_PREFIX, redirect_key, routes_key, sources_key,
 };
 use crate::provenance::{AUDIT_MAXLEN, AuditEntry, Provenance, RouteSource};
+use crate::sentinel_watch::{MasterSwitches, Switch};
 use crate::types::{BackendUrl, RoutePattern, ToolName};
 
 /// A handle on the route table in Redis. Cheap to share behind an `Arc`;
 /// reconnects (re-resolving a Sentinel master) after any connection error.
 pub struct RouteStore {
     endpoint: RedisEndpoint,
-    connection: Mutex<Option<MultiplexedConnection>>,
+    /// The shared connection, the server (`host:port`) it reaches and when it was opened.
+    connection: Mutex<Option<(MultiplexedConnection, String, std::time::Instant)>>,
+    /// `+switch-master` announcements of a Sentinel group, subscribed at the
+    /// first connection: a connection to a replaced master is dropped before
+    /// its next command, even while the old server still accepts writes.
+    switches: Mutex<Option<Option<MasterSwitches>>>,
     /// Held while connecting, so concurrent callers share one attempt
     /// instead of each opening a connection while Redis is away.
     connecting: tokio::sync::Mutex<Option<FailedConnect>>,
@@ -392,7 +398,12 @@ impl RouteStore {
     /// A store for `endpoint`. Does not connect yet: the first command does,
     /// so a daemon can start while Redis is down.
     pub fn new(endpoint: RedisEndpoint) -> Self {
-        RouteStore { endpoint, connection: Mutex::new(None), connecting: tokio::sync::Mutex::new(None) }
+        RouteStore {
+            endpoint,
+            connection: Mutex::new(None),
+            switches: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(None),
+        }
     }
 
     /// Where this store points.
@@ -741,12 +752,13 @@ impl RouteStore {
     }
 
     async fn connection(&self) -> Result<MultiplexedConnection, RouteTableError> {
-        if let Some(conn) = self.lock().as_ref() {
+        self.forget_replaced_master();
+        if let Some((conn, _, _)) = self.lock().as_ref() {
             return Ok(conn.clone());
         }
         let mut failed = self.connecting.lock().await;
         // Someone else may have connected while we waited for the lock.
-        if let Some(conn) = self.lock().as_ref() {
+        if let Some((conn, _, _)) = self.lock().as_ref() {
             return Ok(conn.clone());
         }
         if let Some(last) = failed.as_ref()
@@ -754,10 +766,16 @@ impl RouteStore {
         {
             return Err(RouteTableError::Unreachable(last.reason.clone()));
         }
-        match self.endpoint.connect(false, None).await {
-            Ok(conn) => {
+        match self.endpoint.connect_to(false, None).await {
+            Ok((_, server)) if self.announced().is_some_and(|s| s.refuses(&server, std::time::Instant::now())) => {
+                // A Sentinel that has not heard of the failover yet named the replaced master.
+                let reason = format!("{server} was replaced as master; waiting for the Sentinels to agree");
+                *failed = Some(FailedConnect { at: std::time::Instant::now(), reason: reason.clone() });
+                Err(RouteTableError::NotMaster(reason))
+            }
+            Ok((conn, server)) => {
                 *failed = None;
-                *self.lock() = Some(conn.clone());
+                *self.lock() = Some((conn.clone(), server, std::time::Instant::now()));
                 Ok(conn)
             }
             Err(e) => {
@@ -765,6 +783,23 @@ impl RouteStore {
                 Err(e)
             }
         }
+    }
+
+    /// Drops the connection when it reaches a master the Sentinels replaced.
+    fn forget_replaced_master(&self) {
+        let Some(switch) = self.announced() else { return };
+        let mut connection = self.lock();
+        if connection.as_ref().is_some_and(|(_, server, opened)| switch.refuses(server, *opened)) {
+            tracing::info!(redis = %self.endpoint, old_master = switch.old, new_master = switch.new,
+                "leaving the replaced master");
+            connection.take();
+        }
+    }
+
+    /// The Sentinels' latest master change; subscribes to them on first use.
+    fn announced(&self) -> Option<Switch> {
+        let mut switches = self.switches.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        switches.get_or_insert_with(|| self.endpoint.watch_switches()).as_ref().and_then(|rx| rx.borrow().clone())
     }
 
     fn forget_on_unavailable<T>(&self, result: &Result<T, RouteTableError>) {
@@ -775,7 +810,7 @@ impl RouteStore {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(MultiplexedConnection, String, std::time::Instant)>> {
         // The guarded value is a plain handle; a panic elsewhere cannot leave it inconsistent.
         self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }

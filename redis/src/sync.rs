@@ -13,6 +13,11 @@
 //! and on a flush; a PING every `ping_interval` to notice a dead connection
 //! and to confirm the cache's age. While Redis is away the cache keeps its
 //! last contents and its age grows.
+//!
+//! On a Sentinel group the liveness check is `ROLE` (a demoted master still
+//! answers PING), the Sentinels' announcements end the session at once (see
+//! [`crate::sentinel_watch`]), and every reload records the server it read
+//! in [`crate::origin::CacheOrigin`], so a failover shows in `/server_info`.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -22,12 +27,13 @@ use redis::aio::MultiplexedConnection;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::cache::RouteCache;
 use crate::endpoint::RedisEndpoint;
-use crate::error::RouteTableError;
+use crate::error::{RouteTableError, is_too_old};
 use crate::keys::{REDIRECT_PREFIX, ROUTES_PREFIX, TableKey, redirect_key, routes_key};
+use crate::sentinel_watch::{MasterSwitches, Switch};
 use crate::store::scan_keys;
 use crate::table::{MAX_ROUTES_PER_TOOL, Route, ToolRoutes, match_order};
 use crate::types::{BackendUrl, InvalidInput, RoutePattern, ToolName};
@@ -53,7 +59,9 @@ pub struct CacheSyncConfig {
     pub ping_interval: Duration,
     /// First retry delay after Redis is lost; doubles up to `retry_max`. Default 100 ms.
     pub retry_min: Duration,
-    /// Longest retry delay. Default 5 s.
+    /// Longest retry delay. Default 5 s; 500 ms for a Sentinel group, so the
+    /// cache follows a promoted master within a second of the promotion
+    /// (each retry asks a Sentinel first, which is cheap).
     pub retry_max: Duration,
 }
 
@@ -61,11 +69,11 @@ impl CacheSyncConfig {
     /// Defaults for `endpoint`.
     pub fn new(endpoint: RedisEndpoint) -> Self {
         CacheSyncConfig {
-            endpoint,
             resync_interval: Duration::from_secs(300),
             ping_interval: Duration::from_secs(1),
             retry_min: Duration::from_millis(100),
-            retry_max: Duration::from_secs(5),
+            retry_max: if endpoint.is_sentinel() { Duration::from_millis(500) } else { Duration::from_secs(5) },
+            endpoint,
         }
     }
 }
@@ -77,16 +85,23 @@ pub async fn run_cache_sync(config: CacheSyncConfig, cache: RouteCache, shutdown
     let mut loader = Loader::new(cache.clone());
     let mut delay = config.retry_min;
     let mut failures: u64 = 0;
+    let mut switches = config.endpoint.watch_switches();
     loop {
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            result = session(&config, &mut loader, &mut delay, &mut failures) => result,
+            result = session(&config, &mut loader, &mut delay, &mut failures, &mut switches) => result,
         };
         cache.set_connected(false);
         let Err(error) = result;
         failures += 1;
-        // First failure loudly, then every tenth, so an outage does not flood the log.
-        if failures == 1 || failures.is_multiple_of(10) {
+        if let RouteTableError::TooOld(_) = error {
+            // Retrying cannot help until the server is upgraded: say so once, and in `/ready`.
+            if cache.origin().state().problem.is_none() {
+                error!(redis = %config.endpoint, %error, "route cache cannot follow this Redis; upgrade it");
+                cache.origin().set_problem(Some(format!("Redis at {} {error}", config.endpoint)));
+            }
+        } else if failures == 1 || failures.is_multiple_of(10) {
+            // First failure loudly, then every tenth, so an outage does not flood the log.
             warn!(redis = %config.endpoint, %error, attempts = failures, retry_in_ms = delay.as_millis() as u64,
                 "route cache lost Redis; serving the last known table");
         } else {
@@ -108,9 +123,18 @@ async fn session(
     loader: &mut Loader,
     delay: &mut Duration,
     failures: &mut u64,
+    switches: &mut Option<MasterSwitches>,
 ) -> Result<std::convert::Infallible, RouteTableError> {
     let (push_tx, mut pushes) = mpsc::unbounded_channel();
-    let mut conn = config.endpoint.connect(true, Some(push_tx)).await?;
+    let (mut conn, server) = config.endpoint.connect_to(true, Some(push_tx)).await?;
+    let opened = Instant::now();
+    if let Some(switches) = switches.as_mut()
+        && let Some(switch) = switches.borrow_and_update().clone()
+        && switch.refuses(&server, opened)
+    {
+        // A Sentinel that has not heard of the failover yet named the replaced master.
+        return Err(RouteTableError::NotMaster(format!("{server} was replaced by {}", switch.new)));
+    }
     redis::cmd("CLIENT")
         .arg("TRACKING")
         .arg("ON")
@@ -120,12 +144,16 @@ async fn session(
         .arg("PREFIX")
         .arg(REDIRECT_PREFIX)
         .query_async::<()>(&mut conn)
-        .await?;
+        .await
+        .map_err(|e| if is_too_old(&e) { RouteTableError::TooOld(e) } else { e.into() })?;
     let started = Instant::now();
     let tools = loader.full_load(&mut conn).await?;
     loader.cache.set_connected(true);
     loader.cache.mark_confirmed();
-    info!(redis = %config.endpoint, tools, elapsed_ms = started.elapsed().as_millis() as u64,
+    if let Some(previous) = loader.cache.origin().loaded_from(&server) {
+        warn!(redis = %config.endpoint, from = previous, to = server, "route cache now follows another Redis server (failover)");
+    }
+    info!(redis = %config.endpoint, server, tools, elapsed_ms = started.elapsed().as_millis() as u64,
         after_failures = *failures, "route cache loaded");
     *delay = config.retry_min;
     *failures = 0;
@@ -148,8 +176,23 @@ async fn session(
                     loader.reload(&mut conn, changes.tools).await?;
                 }
             }
+            announced = next_switch(switches) => {
+                if let Some(switch) = announced.filter(|s| s.refuses(&server, opened)) {
+                    return Err(RouteTableError::NotMaster(format!("replaced by {}", switch.new)));
+                }
+            }
             _ = ping.tick() => {
-                redis::cmd("PING").query_async::<()>(&mut conn).await?;
+                if config.endpoint.is_sentinel() {
+                    // A demoted master keeps answering (and replicating), but the
+                    // group's master is elsewhere now: follow it.
+                    let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut conn).await?;
+                    match role.first().and_then(|v| value_to_str(v)) {
+                        Some("master") => {}
+                        other => return Err(RouteTableError::NotMaster(other.unwrap_or("unknown").to_string())),
+                    }
+                } else {
+                    redis::cmd("PING").query_async::<()>(&mut conn).await?;
+                }
                 loader.cache.mark_confirmed();
             }
             _ = resync.tick() => {
@@ -159,6 +202,17 @@ async fn session(
             }
         }
     }
+}
+
+/// The next master announced by the Sentinels; never resolves for a direct
+/// URL or once the subscriptions are gone.
+async fn next_switch(switches: &mut Option<MasterSwitches>) -> Option<Switch> {
+    if let Some(rx) = switches
+        && rx.changed().await.is_ok()
+    {
+        return rx.borrow_and_update().clone();
+    }
+    std::future::pending().await
 }
 
 /// Tools named by a batch of invalidation pushes.

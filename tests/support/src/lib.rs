@@ -6,12 +6,16 @@
 //! - [`RedisServer`]: starts `redis-server`, kills it on drop, can stop and restart on the same port.
 //! - [`eventually`]: polls an async condition until it holds or a deadline passes.
 //! - [`free_port`]: a currently unused TCP port on 127.0.0.1.
+//! - [`sentinel`]: [`SentinelGroup`], a master, a replica and three Sentinels that fail over in seconds.
 
 use std::future::Future;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+pub mod sentinel;
+pub use sentinel::SentinelGroup;
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
