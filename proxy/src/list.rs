@@ -229,7 +229,7 @@ mod tests {
         let server = tokio::spawn(serve(
             listener,
             RouteCache::new(),
-            None,
+            DetailSources::default(),
             tracker.clone(),
             shutdown.clone(),
             Duration::from_secs(60),

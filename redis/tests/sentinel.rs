@@ -4,7 +4,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dynamicproxy_redis::{
-    BackendUrl, CacheSyncConfig, RedisEndpoint, RouteCache, RoutePattern, RouteStore, ToolName, run_cache_sync,
+    BackendUrl, CacheSyncConfig, RedisEndpoint, RouteCache, RoutePattern, RouteSource, RouteStore, ToolName, run_cache_sync,
 };
 use dynamicproxy_test_support::{RedisServer, SentinelGroup, eventually, free_port};
 use redis::Commands;
@@ -108,7 +108,7 @@ async fn a_demoted_master_still_answering_is_left_for_the_new_one() {
     let endpoint: RedisEndpoint = group.url().parse().unwrap();
     let store = RouteStore::new(endpoint.clone());
     let (tool, pattern, backend) = route("before");
-    store.set_route(&tool, &pattern, &backend).await.unwrap();
+    store.set_route(&tool, &pattern, &backend, &RouteSource::cli("test")).await.unwrap();
     let cache = RouteCache::new();
     let shutdown = CancellationToken::new();
     tokio::spawn(run_cache_sync(CacheSyncConfig::new(endpoint), cache.clone(), shutdown.clone()));
@@ -124,7 +124,7 @@ async fn a_demoted_master_still_answering_is_left_for_the_new_one() {
     // The store's connection still reaches the old master, which now says READONLY.
     let (tool, pattern, backend) = route("after");
     eventually(Duration::from_secs(5), "a write lands on the new master", || async {
-        store.set_route(&tool, &pattern, &backend).await.ok()
+        store.set_route(&tool, &pattern, &backend, &RouteSource::cli("test")).await.ok()
     })
     .await;
     let on_new: Option<String> = group.replica_client().hget("prefix:after", ".*").unwrap();
@@ -188,7 +188,7 @@ async fn replies_of_a_server_that_is_not_a_usable_master_mean_reconnect() {
     .await;
     let store = RouteStore::new(replica.url().parse().unwrap());
     let (tool, pattern, backend) = route("demo");
-    let error = store.set_route(&tool, &pattern, &backend).await.unwrap_err();
+    let error = store.set_route(&tool, &pattern, &backend, &RouteSource::cli("test")).await.unwrap_err();
     assert!(error.to_string().contains("read only replica"), "{error}");
     assert!(error.is_unavailable(), "{error}");
 
