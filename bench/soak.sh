@@ -301,6 +301,7 @@ while :; do
     redis-cli -p "$REDIS_PORT" shutdown save > /dev/null 2>&1 || true
     for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping > /dev/null 2>&1 || break; sleep 0.1; done
     start_redis
+    echo "$NOW" > "$RUN/restart_at"
     RESTARTED=1
   fi
   sleep $((10 - ($(date +%s) - START) % 10))
@@ -325,6 +326,15 @@ for col, name in [(1, "rss_kib"), (2, "fds"), (3, "threads")]:
     ok &= verdict == "PASS"
     print(f"{name:8} first {ys[0]:>8} last {ys[-1]:>8} min {min(ys):>8} max {max(ys):>8} "
           f"slope {slope * 600:+.1f}/10min = {pct:+.2f} %/10min  {verdict}")
+try:
+    # A full reload after the restart allocates a new table: show the step apart from the trend.
+    at = int(open(run + "/restart_at").read())
+    before = [r for r in rows if r[0] <= at][-1]
+    settled = [r for r in rows if r[0] >= at + 30][:1] or rows[-1:]
+    print(f"redis restart at {at} s: rss_kib {before[1]} -> {settled[0][1]} at {settled[0][0]} s, "
+          f"fds {before[2]} -> {settled[0][2]}, threads {before[3]} -> {settled[0][3]}")
+except OSError:
+    pass
 def load(name):
     try:
         return json.load(open(f"{run}/{name}.json"))
