@@ -317,15 +317,19 @@ after = [r for r in rows if r[0] >= warmup]
 ok = True
 if len(after) < 3:
     sys.exit("soak.sh: FAIL: fewer than 3 samples after the warm-up; run longer")
+def fit(rows, col):
+    """Least-squares slope per 10 min, and as a percentage of the mean."""
+    xs, ys = [r[0] for r in rows], [r[col] for r in rows]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs) * 600
+    return slope, (slope / my * 100 if my else 0.0)
 for col, name in [(1, "rss_kib"), (2, "fds"), (3, "threads")]:
-    xs, ys = [r[0] for r in after], [r[col] for r in after]
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    pct = slope * 600 / my * 100 if my else 0.0
+    ys = [r[col] for r in after]
+    slope, pct = fit(after, col)
     verdict = "PASS" if pct < 1.0 else "FAIL"
     ok &= verdict == "PASS"
     print(f"{name:8} first {ys[0]:>8} last {ys[-1]:>8} min {min(ys):>8} max {max(ys):>8} "
-          f"slope {slope * 600:+.1f}/10min = {pct:+.2f} %/10min  {verdict}")
+          f"slope {slope:+.1f}/10min = {pct:+.2f} %/10min  {verdict}")
 try:
     # A full reload after the restart allocates a new table: show the step apart from the trend.
     at = int(open(run + "/restart_at").read())
@@ -333,6 +337,12 @@ try:
     settled = [r for r in rows if r[0] >= at + 30][:1] or rows[-1:]
     print(f"redis restart at {at} s: rss_kib {before[1]} -> {settled[0][1]} at {settled[0][0]} s, "
           f"fds {before[2]} -> {settled[0][2]}, threads {before[3]} -> {settled[0][3]}")
+    # The trend on each side of the step, for information (the verdict is the whole fit above).
+    for label, part in [("before the restart", [r for r in after if r[0] <= at]),
+                        ("after it settled", [r for r in rows if r[0] >= at + 30])]:
+        if len(part) >= 3:
+            print(f"  {label}: " + ", ".join(f"{name} {fit(part, col)[1]:+.2f} %/10min"
+                                             for col, name in [(1, "rss_kib"), (2, "fds"), (3, "threads")]))
 except OSError:
     pass
 def load(name):
