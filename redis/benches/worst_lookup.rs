@@ -18,7 +18,8 @@
 //! substring search or `regex::Regex` with the old limits), as `before/…`,
 //! so both figures come from one run on the same machine load.
 //!
-//! Run with `cargo bench -p dynamicproxy-redis --bench worst_lookup`.
+//! Run with `cargo bench -p dynamicproxy-redis --bench worst_lookup`
+//! (`WORST_LOOKUP_SHAPE=<shape>` for one shape).
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -145,7 +146,12 @@ fn worst_lookup(c: &mut Criterion) {
     ];
     let mut group = c.benchmark_group("worst_lookup");
     group.measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1)).sample_size(20);
+    // `WORST_LOOKUP_SHAPE=<name>` measures that shape alone.
+    let only = std::env::var("WORST_LOOKUP_SHAPE").ok();
     for (name, make, path) in shapes {
+        if only.as_deref().is_some_and(|only| only != name) {
+            continue;
+        }
         let path = path();
         let mut patterns: Vec<String> = (0..MAX_ROUTES_PER_TOOL).map(|i| longest_accepted(i, make)).collect();
         patterns.sort_by(|a, b| dynamicproxy_redis::table::match_order(a, b));
