@@ -100,13 +100,13 @@ impl LiteralSet {
         let mut states = [self.root; LANES];
         let mut seen = 0u64;
         // Every lane is at least `part` long: walk that much side by side
-        // (indexing all lanes at one offset is the point: their walks interleave).
-        #[allow(clippy::needless_range_loop)]
-        for i in 0..part {
-            for k in 0..LANES {
-                states[k] = self.step(states[k], lanes[k][i]);
-                if states[k] < self.completing {
-                    seen |= self.found[states[k]];
+        // (taking a byte of each lane at a time is the point: their walks interleave).
+        let [l0, l1, l2, l3] = lanes.map(|lane| &lane[..part]);
+        for (((&b0, &b1), &b2), &b3) in l0.iter().zip(l1).zip(l2).zip(l3) {
+            for (state, b) in states.iter_mut().zip([b0, b1, b2, b3]) {
+                *state = self.step(*state, b);
+                if *state < self.completing {
+                    seen |= self.found[*state];
                 }
             }
             if seen & enough != 0 {

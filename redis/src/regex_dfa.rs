@@ -225,13 +225,13 @@ impl RegexDfa {
             }
         }
         let mut seen = 0u64;
-        // Indexing all lanes at one offset is the point: their walks interleave.
-        #[allow(clippy::needless_range_loop)]
-        for i in 0..part {
-            for k in 0..LANES {
-                states[k] = self.dfa.next_state(states[k], lanes[k][i]);
-                if self.dfa.is_special_state(states[k]) {
-                    seen |= self.found_at(states[k]);
+        // Taking a byte of each lane at a time is the point: their walks interleave.
+        let [l0, l1, l2, l3] = lanes.map(|lane| &lane[..part]);
+        for (((&b0, &b1), &b2), &b3) in l0.iter().zip(l1).zip(l2).zip(l3) {
+            for (state, b) in states.iter_mut().zip([b0, b1, b2, b3]) {
+                *state = self.dfa.next_state(*state, b);
+                if self.dfa.is_special_state(*state) {
+                    seen |= self.found_at(*state);
                 }
             }
             if seen & enough != 0 {
