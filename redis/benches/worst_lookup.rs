@@ -9,8 +9,8 @@
 //! - `regex_literal_prefix`: regexes starting with a literal, as hand-written ones do;
 //! - `regex_class`: regexes with no literal at all (`[ab/]{n}…`);
 //! - `regex_unbounded`: regexes whose matches have no length bound
-//!   (`[ab/]{n}[ab/]*c…`), which cannot be split into lanes;
-//! - `mixed`: half literals, half regexes (searched in the same lanes).
+//!   (`[ab/]{n}[ab/]*c…`), searched in lanes whose start states are guessed;
+//! - `mixed`: half literals, half regexes (one walk of each automaton).
 //!
 //! Regex routes beyond the per-tool DFA budget are dropped when the tool
 //! loads: the output says how many routes each tool kept. Each shape is also

@@ -26,13 +26,8 @@ pub(crate) struct LiteralSet {
     classes: [u8; 256],
     /// Classes per state (the width of a row of `next`).
     stride: usize,
-    /// Dense transitions, `state * stride + class`.
+    /// Dense transitions, `state * stride + class`; state 0 is the root.
     next: Box<[u16]>,
-    /// Where a walk starts: the root.
-    root: usize,
-    /// States below this number complete some literal; the others none, so
-    /// a walk tells them apart with one comparison, not a load of `found`.
-    completing: usize,
     /// Routes whose literal ends at each state (its own and its suffixes').
     found: Box<[u64]>,
     /// Length of the longest literal: how far lanes overlap.
@@ -77,9 +72,8 @@ impl LiteralSet {
             found[state] |= 1u64 << bit;
         }
         fill_failure_transitions(&mut next, &mut found, stride);
-        let (next, found, root, completing) = completing_first(&next, &found, stride);
         let longest = literals.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
-        Some(LiteralSet { classes, stride, next, root, completing, found, longest })
+        Some(LiteralSet { classes, stride, next: next.into_boxed_slice(), found: found.into_boxed_slice(), longest })
     }
 
     /// The bits of the literals found in `haystack`. Stops early once a bit
@@ -88,7 +82,7 @@ impl LiteralSet {
     pub(crate) fn search(&self, haystack: &[u8], enough: u64) -> u64 {
         let part = haystack.len() / LANES;
         if part < MIN_LANE.max(2 * self.longest) {
-            return self.walk(self.root, haystack, enough).1;
+            return self.walk(0, haystack, enough).1;
         }
         // Lane k reports literals ending in its part; it starts a literal's
         // length early so none that ends there is missed.
@@ -97,17 +91,15 @@ impl LiteralSet {
             &haystack[(k * part).saturating_sub(self.longest)..end]
         };
         let lanes: [&[u8]; LANES] = std::array::from_fn(lane);
-        let mut states = [self.root; LANES];
+        let mut states = [0usize; LANES];
         let mut seen = 0u64;
         // Every lane is at least `part` long: walk that much side by side
-        // (taking a byte of each lane at a time is the point: their walks interleave).
-        let [l0, l1, l2, l3] = lanes.map(|lane| &lane[..part]);
-        for (((&b0, &b1), &b2), &b3) in l0.iter().zip(l1).zip(l2).zip(l3) {
-            for (state, b) in states.iter_mut().zip([b0, b1, b2, b3]) {
-                *state = self.step(*state, b);
-                if *state < self.completing {
-                    seen |= self.found[*state];
-                }
+        // (indexing all lanes at one offset is the point: their walks interleave).
+        #[allow(clippy::needless_range_loop)]
+        for i in 0..part {
+            for k in 0..LANES {
+                states[k] = self.step(states[k], lanes[k][i]);
+                seen |= self.found[states[k]];
             }
             if seen & enough != 0 {
                 return seen;
@@ -127,8 +119,9 @@ impl LiteralSet {
         let mut seen = 0u64;
         for &b in haystack {
             state = self.step(state, b);
-            if state < self.completing {
-                seen |= self.found[state];
+            let here = self.found[state];
+            if here != 0 {
+                seen |= here;
                 if seen & enough != 0 {
                     break;
                 }
@@ -176,27 +169,6 @@ fn fill_failure_transitions(next: &mut [u16], found: &mut [u64], stride: usize) 
             }
         }
     }
-}
-
-/// Numbers the states that complete a literal first (see
-/// [`LiteralSet::completing`]): the transitions and bits renumbered, the
-/// root's new number and how many states complete a literal.
-fn completing_first(next: &[u16], found: &[u64], stride: usize) -> (Box<[u16]>, Box<[u64]>, usize, usize) {
-    let mut order: Vec<usize> = (0..found.len()).collect();
-    // Stable: states keep their breadth-first order within each group.
-    order.sort_by_key(|&state| found[state] == 0);
-    let mut renamed = vec![0u16; found.len()];
-    for (new, &old) in order.iter().enumerate() {
-        // Fewer than NONE states, checked when building.
-        renamed[old] = new as u16;
-    }
-    let next = order
-        .iter()
-        .flat_map(|&old| next[old * stride..(old + 1) * stride].iter().map(|&to| renamed[usize::from(to)]))
-        .collect();
-    let completing = found.iter().filter(|&&bits| bits != 0).count();
-    let found = order.iter().map(|&old| found[old]).collect();
-    (next, found, usize::from(renamed[0]), completing)
 }
 
 #[cfg(test)]
