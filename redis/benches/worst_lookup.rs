@@ -10,6 +10,8 @@
 //! - `regex_class`: regexes with no literal at all (`[ab/]{n}…`);
 //! - `regex_unbounded`: regexes whose matches have no length bound
 //!   (`[ab/]{n}[ab/]*c…`), searched in lanes whose start states are guessed;
+//! - `regex_unbounded_anchored`: the same anchored with `^`, so that every
+//!   guess is wrong to the end of the path: the worst case of guessed lanes;
 //! - `mixed`: half literals, half regexes (one walk of each automaton).
 //!
 //! Regex routes beyond the per-tool DFA budget are dropped when the tool
@@ -128,7 +130,7 @@ fn cpu_micros_per_call(mut f: impl FnMut()) -> f64 {
 }
 
 fn worst_lookup(c: &mut Criterion) {
-    let shapes: [Case; 6] = [
+    let shapes: [Case; 7] = [
         // `/abab…ab<NN>c.*`: the path has every prefix of it but never the `c`.
         ("literal", |i, n| format!("/{}{i:02}c.*", "ab".repeat(n / 2)), ab_path),
         // `c` then `a`s first, never found; then `a{k}`, all found at every byte.
@@ -136,6 +138,7 @@ fn worst_lookup(c: &mut Criterion) {
         ("regex_literal_prefix", |i, n| format!("/ab{i:02}[ab/]{{{n}}}c"), ab_path),
         ("regex_class", |i, n| format!("[ab/]{{{n}}}c{i:02}"), ab_path),
         ("regex_unbounded", |i, n| format!("[ab/]{{{n}}}[ab/]*c{i:02}"), ab_path),
+        ("regex_unbounded_anchored", |i, n| format!("^[ab/]{{{n}}}[ab/]*c{i:02}"), ab_path),
         (
             "mixed",
             |i, n| {
