@@ -9,8 +9,10 @@
 //! - `regex_literal_prefix`: regexes starting with a literal, as hand-written ones do;
 //! - `regex_class`: regexes with no literal at all (`[ab/]{n}…`);
 //! - `regex_unbounded`: regexes whose matches have no length bound
-//!   (`[ab/]{n}[ab/]*c…`), which cannot be split into lanes;
-//! - `mixed`: half literals, half regexes (searched in the same lanes).
+//!   (`[ab/]{n}[ab/]*c…`), searched in lanes whose start states are guessed;
+//! - `regex_unbounded_anchored`: the same anchored with `^`, so that every
+//!   guess is wrong to the end of the path: the worst case of guessed lanes;
+//! - `mixed`: half literals, half regexes (one walk of each automaton).
 //!
 //! Regex routes beyond the per-tool DFA budget are dropped when the tool
 //! loads: the output says how many routes each tool kept. Each shape is also
@@ -18,7 +20,8 @@
 //! substring search or `regex::Regex` with the old limits), as `before/…`,
 //! so both figures come from one run on the same machine load.
 //!
-//! Run with `cargo bench -p dynamicproxy-redis --bench worst_lookup`.
+//! Run with `cargo bench -p dynamicproxy-redis --bench worst_lookup`
+//! (`WORST_LOOKUP_SHAPE=<shape>` for one shape).
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -127,7 +130,7 @@ fn cpu_micros_per_call(mut f: impl FnMut()) -> f64 {
 }
 
 fn worst_lookup(c: &mut Criterion) {
-    let shapes: [Case; 6] = [
+    let shapes: [Case; 7] = [
         // `/abab…ab<NN>c.*`: the path has every prefix of it but never the `c`.
         ("literal", |i, n| format!("/{}{i:02}c.*", "ab".repeat(n / 2)), ab_path),
         // `c` then `a`s first, never found; then `a{k}`, all found at every byte.
@@ -135,6 +138,7 @@ fn worst_lookup(c: &mut Criterion) {
         ("regex_literal_prefix", |i, n| format!("/ab{i:02}[ab/]{{{n}}}c"), ab_path),
         ("regex_class", |i, n| format!("[ab/]{{{n}}}c{i:02}"), ab_path),
         ("regex_unbounded", |i, n| format!("[ab/]{{{n}}}[ab/]*c{i:02}"), ab_path),
+        ("regex_unbounded_anchored", |i, n| format!("^[ab/]{{{n}}}[ab/]*c{i:02}"), ab_path),
         (
             "mixed",
             |i, n| {
@@ -145,7 +149,12 @@ fn worst_lookup(c: &mut Criterion) {
     ];
     let mut group = c.benchmark_group("worst_lookup");
     group.measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1)).sample_size(20);
+    // `WORST_LOOKUP_SHAPE=<name>` measures that shape alone.
+    let only = std::env::var("WORST_LOOKUP_SHAPE").ok();
     for (name, make, path) in shapes {
+        if only.as_deref().is_some_and(|only| only != name) {
+            continue;
+        }
         let path = path();
         let mut patterns: Vec<String> = (0..MAX_ROUTES_PER_TOOL).map(|i| longest_accepted(i, make)).collect();
         patterns.sort_by(|a, b| dynamicproxy_redis::table::match_order(a, b));

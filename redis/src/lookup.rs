@@ -2,9 +2,10 @@
 //! the tool is loaded: one pass over the path for all its literal routes and
 //! one for all its regex routes, whatever their number.
 //!
-//! A long path is searched as four overlapping lanes side by side, when
-//! the patterns' matches are bounded in length (see `literals` and
-//! `regex_dfa`), which makes a 64 KiB path cost about what 16 KiB did. A
+//! A long path is searched as four lanes side by side (see `literals` and
+//! `regex_dfa`), which makes a 64 KiB path cost about what 16 KiB did: lanes
+//! that overlap by the longest match when matches are bounded in length,
+//! lanes whose starting state is guessed and then checked otherwise. A
 //! tool with both kinds of route walks the path twice (walking both
 //! automata in the same lanes measured slower).
 //!

@@ -18,6 +18,12 @@ use regex_automata::{Anchored, MatchKind};
 const LANES: usize = 4;
 /// Shortest part worth a lane of its own.
 const MIN_LANE: usize = 2048;
+/// Bytes between the notes a lane takes of its state when its start is a
+/// guess (see [`RegexDfa::search_speculative`]): how far a wrong guess is
+/// walked again, at least, before the walks can rejoin.
+const CHECK: usize = 256;
+/// Most notes a lane takes (they live on the stack).
+const NOTES: usize = 64;
 
 /// Why a set of patterns got no DFA.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,29 +89,117 @@ impl RegexDfa {
         let part = haystack.len() / LANES;
         match self.longest {
             Some(longest) if part >= MIN_LANE.max(2 * longest) => self.search_lanes(haystack, part, longest, enough),
+            None if part >= MIN_LANE => self.search_speculative(haystack, part, enough),
             _ => self.walk(haystack, enough),
         }
     }
 
     /// One walk over the whole path.
     fn walk(&self, haystack: &[u8], enough: u64) -> u64 {
-        let mut state = self.start;
-        let mut seen = 0u64;
-        for &b in haystack {
-            state = self.dfa.next_state(state, b);
-            if self.dfa.is_special_state(state) {
-                if self.dfa.is_match_state(state) {
-                    seen |= self.found_at(state);
-                    if seen & enough != 0 {
-                        return seen;
-                    }
-                } else if self.dfa.is_dead_state(state) {
-                    return seen;
-                }
-            }
+        let (state, seen) = self.walk_from(self.start, haystack, enough);
+        if seen & enough != 0 {
+            return seen;
         }
         // Matches are reported one byte late: the end of the path may complete one.
         seen | self.found_at(self.dfa.next_eoi_state(state))
+    }
+
+    /// Walks `haystack` from `state`: the state reached and the bits found,
+    /// stopping early once a bit of `enough` is found.
+    #[inline]
+    fn walk_from(&self, mut state: StateID, haystack: &[u8], enough: u64) -> (StateID, u64) {
+        let mut seen = 0u64;
+        for &b in haystack {
+            state = self.dfa.next_state(state, b);
+            // Dead, quit and match states are numbered first: one comparison
+            // tells the (rare) states that need a look from the others.
+            if self.dfa.is_special_state(state) {
+                seen |= self.found_at(state);
+                if seen & enough != 0 {
+                    break;
+                }
+            }
+        }
+        (state, seen)
+    }
+
+    /// Four walks side by side when matches have no length bound, so no
+    /// lane can start early enough to see every match that ends in its
+    /// part. Each lane guesses that its part starts in the start state and
+    /// notes its state every [`CHECK`] bytes; then, lane by lane, the state
+    /// the path really reaches at a lane's start is compared with the guess.
+    /// A lane guessed wrong is walked again from the real state only until
+    /// it reaches a state its guessed walk noted at the same place: from
+    /// there both walks are the same, so what the guessed walk found after
+    /// it is real. Most route sets forget the past within a few bytes (any
+    /// run of `[^/]` or of plain text resets them), so the walks rejoin at
+    /// the first note; a set that never does costs one more walk of the
+    /// path than a single walk, at worst.
+    fn search_speculative(&self, haystack: &[u8], part: usize, enough: u64) -> u64 {
+        // Notes per lane: [`CHECK`] bytes apart, fewer (further apart) on a longer path.
+        let step = CHECK.max(part.div_ceil(NOTES));
+        let notes = part.div_ceil(step);
+        let lanes: [&[u8]; LANES] = std::array::from_fn(|k| &haystack[k * part..(k + 1) * part]);
+        let mut guesses = [self.start; LANES];
+        for (k, guess) in guesses.iter_mut().enumerate().skip(1) {
+            let config = start::Config::new().anchored(Anchored::No).look_behind(Some(haystack[k * part - 1]));
+            match self.dfa.start_state(&config) {
+                Ok(s) => *guess = s,
+                // Cannot happen with the DFAs built here (no quit bytes); stay exact anyway.
+                Err(_) => return self.walk(haystack, enough),
+            }
+        }
+        let mut states = guesses;
+        // For each lane, its state at the end of each stretch and what it found in it.
+        let mut noted = [[StateID::ZERO; NOTES]; LANES];
+        let mut found = [[0u64; NOTES]; LANES];
+        for n in 0..notes {
+            let stretch = n * step..part.min((n + 1) * step);
+            // Indexing all lanes at one offset is the point: their walks interleave.
+            for i in stretch {
+                for k in 0..LANES {
+                    states[k] = self.dfa.next_state(states[k], lanes[k][i]);
+                    if self.dfa.is_special_state(states[k]) {
+                        found[k][n] |= self.found_at(states[k]);
+                    }
+                }
+            }
+            for k in 0..LANES {
+                noted[k][n] = states[k];
+            }
+            // The first lane started from the real start: what it finds is real.
+            if found[0][n] & enough != 0 {
+                return found[0][n];
+            }
+        }
+        let found_after = |k: usize, n: usize| found[k][n..notes].iter().fold(0, |acc, f| acc | f);
+        let mut seen = found_after(0, 0);
+        let mut state = states[0];
+        for k in 1..LANES {
+            if state == guesses[k] {
+                seen |= found_after(k, 0);
+                state = states[k];
+                continue;
+            }
+            for n in 0..notes {
+                let (reached, here) = self.walk_from(state, &lanes[k][n * step..part.min((n + 1) * step)], enough);
+                seen |= here;
+                state = reached;
+                if seen & enough != 0 {
+                    return seen;
+                }
+                if state == noted[k][n] {
+                    seen |= found_after(k, n + 1);
+                    state = states[k];
+                    break;
+                }
+            }
+            if seen & enough != 0 {
+                return seen;
+            }
+        }
+        let (state, tail) = self.walk_from(state, &haystack[LANES * part..], enough);
+        seen | tail | self.found_at(self.dfa.next_eoi_state(state))
     }
 
     /// Four walks side by side, lane k reporting the matches that end in
@@ -131,22 +225,23 @@ impl RegexDfa {
             }
         }
         let mut seen = 0u64;
-        // Indexing all lanes at one offset is the point: their walks interleave.
-        #[allow(clippy::needless_range_loop)]
-        for i in 0..part {
-            for k in 0..LANES {
-                states[k] = self.dfa.next_state(states[k], lanes[k][i]);
-                seen |= self.found_at(states[k]);
+        // Taking a byte of each lane at a time is the point: their walks interleave.
+        let [l0, l1, l2, l3] = lanes.map(|lane| &lane[..part]);
+        for (((&b0, &b1), &b2), &b3) in l0.iter().zip(l1).zip(l2).zip(l3) {
+            for (state, b) in states.iter_mut().zip([b0, b1, b2, b3]) {
+                *state = self.dfa.next_state(*state, b);
+                if self.dfa.is_special_state(*state) {
+                    seen |= self.found_at(*state);
+                }
             }
             if seen & enough != 0 {
                 return seen;
             }
         }
         for k in 0..LANES {
-            for &b in &lanes[k][part..] {
-                states[k] = self.dfa.next_state(states[k], b);
-                seen |= self.found_at(states[k]);
-            }
+            let (reached, tail) = self.walk_from(states[k], &lanes[k][part..], 0);
+            states[k] = reached;
+            seen |= tail;
         }
         seen | self.found_at(self.dfa.next_eoi_state(states[LANES - 1]))
     }
@@ -254,6 +349,43 @@ mod tests {
         path[39997..].copy_from_slice(b"enx");
         assert_eq!(d.search(&path, 0), 0);
         assert_eq!(dfa(&["a+"]).longest, None);
+    }
+
+    #[test]
+    fn unbounded_matches_on_long_paths_are_found_wherever_the_guessed_lanes_go_wrong() {
+        // `x.*y` and `^(ab)*c` never forget an `x` or a start with `ab`: a
+        // lane's guessed start is wrong up to the end of the path.
+        let d = dfa(&["x.*y", "^(ab)*c", "a+b+c", "[0-9]+z", "(?-u:\\b)q+$"]);
+        assert_eq!(d.longest, None);
+        let filler: [&[u8]; 3] = [b"/", b"ab", b"a1"];
+        let inserts: [&[u8]; 7] = [b"x", b"y", b"c", b"aabbc", b"12z", b" qq", b"-q"];
+        let len = 4 * MIN_LANE + 3 * CHECK + 7;
+        let mut seed = 7u64;
+        let mut random = |n: usize| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) as usize % n
+        };
+        for case in 0..300 {
+            let piece = filler[case % filler.len()];
+            let mut path: Vec<u8> = piece.iter().copied().cycle().take(len).collect();
+            for _ in 0..random(4) {
+                let insert = inserts[random(inserts.len())];
+                // Often right at a lane's start or a note, where a guess is checked.
+                let at = match random(3) {
+                    0 => random(len - 8),
+                    1 => (random(LANES) * (len / LANES)).saturating_sub(random(4)),
+                    _ => random(len / CHECK) * CHECK + random(3),
+                };
+                path[at..at + insert.len()].copy_from_slice(insert);
+            }
+            assert_eq!(d.search(&path, 0), d.walk(&path, 0), "case {case}");
+            for enough in [1, 2, 4, 8, 16] {
+                let found = d.search(&path, enough);
+                let all = d.walk(&path, 0);
+                assert_eq!(found & !all, 0, "case {case}: reported a route not in the path");
+                assert!(found & enough != 0 || found == all, "case {case}: stopped before finding enough");
+            }
+        }
     }
 
     #[test]

@@ -62,8 +62,21 @@ fn pattern(rng: &mut StdRng) -> String {
 
 fn path(rng: &mut StdRng) -> String {
     // Now and then a long one, which the lookup searches in lanes.
-    let pieces = if rng.random_ratio(1, 20) { rng.random_range(4000..6000) } else { rng.random_range(0..12) };
-    (0..pieces).map(|_| *PATH_PIECES.choose(rng).unwrap()).collect()
+    if !rng.random_ratio(1, 20) {
+        return (0..rng.random_range(0..12)).map(|_| *PATH_PIECES.choose(rng).unwrap()).collect();
+    }
+    let mut pieces: Vec<&str> = if rng.random_bool(0.5) {
+        (0..rng.random_range(4000..6000)).map(|_| *PATH_PIECES.choose(rng).unwrap()).collect()
+    } else {
+        // One piece over and over with a few others here and there: a
+        // match may then need what one lane saw to complete in another.
+        vec![*PATH_PIECES.choose(rng).unwrap(); rng.random_range(8000..12000)]
+    };
+    for _ in 0..rng.random_range(0..4) {
+        let at = rng.random_range(0..pieces.len());
+        pieces[at] = PATH_PIECES.choose(rng).unwrap();
+    }
+    pieces.concat()
 }
 
 /// The naive lookup: each valid pattern in match order, the first found wins.
@@ -123,4 +136,57 @@ fn one_pass_lookup_picks_what_trying_each_pattern_in_order_picks() {
     assert!(trimmed_sets < 20, "{trimmed_sets} of 400 tools over the DFA budget");
     // The generator exercises both outcomes.
     assert!(matched > compared / 5 && matched < compared * 4 / 5, "{matched} of {compared} matched");
+}
+
+/// A regex whose matches have no length bound, around pieces the long paths
+/// below insert: the lookup cannot split the path into lanes that overlap by
+/// the longest match, and guesses where each lane starts instead.
+fn unbounded_pattern(rng: &mut StdRng) -> String {
+    let piece = |rng: &mut StdRng| regex::escape(PATH_PIECES.choose(rng).unwrap());
+    match rng.random_range(0..4) {
+        0 => format!("{}.*{}", piece(rng), piece(rng)),
+        1 => format!("^({})+{}", piece(rng), piece(rng)),
+        2 => format!("{}[^/]*{}$", piece(rng), piece(rng)),
+        _ => format!("(?-u:\\b){}+{}", piece(rng), piece(rng)),
+    }
+}
+
+#[test]
+fn unbounded_regex_routes_on_long_paths_pick_what_trying_each_pattern_in_order_picks() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let backend = |i: usize| BackendUrl::parse(&format!("http://10.0.0.1:{}", 1000 + i)).unwrap();
+    let mut matched = 0;
+    for _ in 0..40 {
+        let mut sources: Vec<String> = (0..rng.random_range(2..6)).map(|_| unbounded_pattern(&mut rng)).collect();
+        sources.sort_by(|a, b| match_order(a, b));
+        sources.dedup();
+        let routes: Vec<Route> = sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Route { pattern: RoutePattern::parse(s).unwrap(), backend: backend(i) })
+            .collect();
+        let tool = ToolRoutes::new(routes, true, false);
+        let kept: Vec<(String, Regex)> = tool
+            .routes()
+            .iter()
+            .map(|r| (r.pattern.as_str().to_string(), Regex::new(r.pattern.as_str()).unwrap()))
+            .collect();
+        for _ in 0..10 {
+            // One piece over and over, a few others here and there.
+            let mut pieces = vec![*PATH_PIECES.choose(&mut rng).unwrap(); rng.random_range(8000..12000)];
+            for _ in 0..rng.random_range(0..4) {
+                let at = rng.random_range(0..pieces.len());
+                pieces[at] = PATH_PIECES.choose(&mut rng).unwrap();
+            }
+            let path = pieces.concat();
+            let want = reference(&kept, &path);
+            let got = tool
+                .find(&path)
+                .and_then(|b| tool.routes().iter().find(|r| &r.backend == b).map(|r| r.pattern.as_str()));
+            assert_eq!(got, want, "path of {} bytes with routes {sources:?}", path.len());
+            matched += usize::from(want.is_some());
+        }
+    }
+    // The generator exercises both outcomes.
+    assert!(matched > 10 && matched < 390, "{matched} of 400 matched");
 }
