@@ -9,6 +9,7 @@
 //! - [`shed`]: refusals at accept (`max_connections`, `max_connections_per_client`) and their short answers.
 //! - [`client_limit`]: open connections per IPv4 address / IPv6 /64.
 //! - [`activity`]: requests in flight per connection; keep-alive and HTTP/2 idle closes.
+//! - [`drain`]: HTTP/1 responses say `Connection: close` while draining; idle connections are not cut at once.
 //! - [`linger`]: lingering close, so early answers are not lost to a RST.
 //! - [`workers`] (private): single-threaded event loops (one per core but one), each with its own upstream pool.
 //! - [`handler`] (private): one request's life, in SPEC §3 order; errors become pages there.
@@ -71,6 +72,7 @@ pub mod cert_expiry;
 pub mod client_limit;
 pub mod compress;
 pub mod config;
+pub mod drain;
 pub mod egress;
 pub mod error;
 pub mod fair_share;
@@ -133,6 +135,8 @@ pub struct ProxyHandle {
     reloads: Arc<[AtomicU64; 2]>,
     /// Wakes the access log writer to reopen its file (SIGUSR1, logrotate).
     reopen_log: Arc<Notify>,
+    /// True once the accept loops run: a hand-over waits for it before the old process stops accepting.
+    serving: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl ProxyHandle {
@@ -143,7 +147,15 @@ impl ProxyHandle {
             reload: Arc::new(Notify::new()),
             reloads: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
             reopen_log: Arc::new(Notify::new()),
+            serving: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
+    }
+
+    /// Returns once the proxy accepts on all its listeners.
+    pub async fn serving(&self) {
+        let mut serving = self.serving.subscribe();
+        // The sender lives in `self`, so the channel cannot close while this waits.
+        let _ = serving.wait_for(|on| *on).await;
     }
 
     /// Turns maintenance mode on or off.
@@ -310,6 +322,7 @@ pub async fn run(
         Config::secs(config.client_timeout_secs),
         list::MAX_LIST_CONNECTIONS,
     ));
+    handle.serving.send_replace(true);
     tokio::spawn(access_log::reopen_on_sigusr1(handle.reopen_log.clone(), background.clone()));
     tokio::spawn(housekeeping(shared.clone(), cache, metrics, background.clone()));
 

@@ -29,6 +29,7 @@ use tracing::{debug, info_span, warn};
 use crate::activity::{Activity, TrackedBody};
 use crate::backend_limit::connection_slots;
 use crate::buffers;
+use crate::drain;
 use crate::client_limit::{ClientGuard, ClientLimit};
 use crate::handler::{ConnInfo, Shared, handle};
 use crate::idle::{IdleIo, IdleTimeout};
@@ -215,12 +216,15 @@ where
     let activity = Activity::new();
     let requests = activity.clone();
     let metrics = shared.metrics.clone();
+    let draining = settings.shutdown.clone();
     let service = service_fn(move |req| {
         let in_flight = requests.begin();
         let shared = shared.clone();
         let conn = conn.clone();
+        let draining = draining.clone();
         async move {
-            let response = handle(shared, conn, req).await;
+            let mut response = handle(shared, conn, req).await;
+            drain::close_when_draining(&mut response, &draining);
             Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
         }
     });
@@ -237,14 +241,24 @@ where
     // connection's own, where the shared token's lock is taken by every
     // connection on every core.
     let shutdown = settings.shutdown.child_token();
-    tokio::select! {
-        result = connection.as_mut() => return ended(result, &metrics),
-        _ = shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
-        // Between requests: closed once idle for the keep-alive timeout.
-        _ = activity.idle_for(settings.keepalive_timeout) => {
-            metrics.connection_timeout("keepalive");
-            connection.as_mut().graceful_shutdown();
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => return ended(result, &metrics),
+            // Draining: keep serving (responses now say `Connection: close`, see `drain`);
+            // an idle connection is closed at its keep-alive timeout or when the grace ends.
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                continue;
+            }
+            _ = settings.hard_stop.cancelled(), if draining => connection.as_mut().graceful_shutdown(),
+            // Between requests: closed once idle for the keep-alive timeout.
+            _ = activity.idle_for(settings.keepalive_timeout) => {
+                metrics.connection_timeout("keepalive");
+                connection.as_mut().graceful_shutdown();
+            }
         }
+        break;
     }
     tokio::select! {
         _ = connection.as_mut() => {}
