@@ -274,9 +274,11 @@ async fn replace_under_load(first: &Path, successors: &[&Path]) {
         let slow = slow.await.unwrap().expect("the slow response completes");
         assert_eq!((slow.status, slow.body.as_str()), (200, "slow done"));
         ws.close(None).await.unwrap();
+        drop(ws);
 
         let old_exit = std::sync::Mutex::new(&mut old);
-        let code = eventually(WAIT, "the old process exits once drained", || async {
+        // Well before the end of the grace (15 s): nothing is left open on it.
+        let code = eventually(Duration::from_secs(8), "the old process exits once drained", || async {
             old_exit.lock().unwrap().exited()
         })
         .await;
@@ -296,6 +298,11 @@ async fn replace_under_load(first: &Path, successors: &[&Path]) {
     let (ok, failed, resets) =
         (tally.ok.load(Ordering::Relaxed), tally.failed.load(Ordering::Relaxed), tally.resets.load(Ordering::Relaxed));
     eprintln!("requests answered: {ok}, failed: {failed}, resets: {resets}");
+    if std::env::var_os("HANDOVER_TEST_LOGS").is_some() {
+        for n in 0..=successors.len() {
+            eprintln!("--- proxy-{n}.log\n{}", std::fs::read_to_string(dir.path().join(format!("proxy-{n}.log"))).unwrap_or_default());
+        }
+    }
     assert_eq!((failed, resets), (0, 0), "failed requests or resets during the hand-over; answered: {ok}");
 }
 
