@@ -322,10 +322,13 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
         },
         None => true,
     };
+    let took_over = sockets.inherited.is_some();
     if let Some(inherited) = sockets.inherited.take() {
         if !serving {
             return Err(Failure::Start("hand-over given up: the proxy stopped before serving".into()));
         }
+        // systemd must know this is the main process before the old one can exit, or it would stop the service.
+        crate::sd_notify::ready();
         inherited.ready().await.map_err(|e| Failure::Start(e.to_string()))?;
         info!("listeners taken over; the previous process drains");
     }
@@ -336,7 +339,9 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
         tokio::spawn(handover::serve(listener, copies, shutdown.clone()));
         successor = Some(tokio::spawn(handover::spawn_successor_on_sigusr2()));
     }
-    crate::sd_notify::ready();
+    if !took_over {
+        crate::sd_notify::ready();
+    }
     info!(component, redis = %plan.redis, admin = %plan.admin_listen, "dynamicproxy started");
 
     let signal = tokio::spawn(crate::shutdown::shutdown_signal(shutdown.clone()));

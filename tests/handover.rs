@@ -32,9 +32,14 @@ struct Proxy {
 
 impl Proxy {
     fn start(binary: &Path, args: &[String], log: PathBuf) -> Self {
+        Self::start_with_env(binary, args, log, &[])
+    }
+
+    fn start_with_env(binary: &Path, args: &[String], log: PathBuf, env: &[(&str, &Path)]) -> Self {
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(binary)
             .args(args)
+            .envs(env.iter().copied())
             .env_remove("DYNAMICPROXY_REDIS_URL")
             // The test backends listen on loopback, which the proxy refuses by default.
             .env("DYNAMICPROXY_PROXY_DENIED_BACKEND_NETWORKS", "[]")
@@ -201,12 +206,8 @@ async fn backends() -> (u16, u16) {
     (http_port, ws_port)
 }
 
-/// Starts a proxy from `first`, puts it under load with a slow request and a
-/// WebSocket open, replaces it by each binary of `successors` in turn, and
-/// checks that nothing failed.
-async fn replace_under_load(first: &Path, successors: &[&Path]) {
-    let redis = RedisServer::start();
-    let (backend, ws_backend) = backends().await;
+/// Routes the tools `demo` and `ws` to `backend` and `ws_backend`.
+fn add_routes(redis: &RedisServer, backend: u16, ws_backend: u16) {
     let mut r = redis.client();
     for (tool, port) in [("demo", backend), ("ws", ws_backend)] {
         let _: () = redis::cmd("HSET")
@@ -216,22 +217,37 @@ async fn replace_under_load(first: &Path, successors: &[&Path]) {
             .query(&mut r)
             .unwrap();
     }
-    let dir = tempfile::tempdir().unwrap();
-    let (http, list, admin) = (free_port(), free_port(), free_port());
-    let socket = dir.path().join("handover.sock");
+}
+
+/// `dynamicproxy proxy` on loopback with its hand-over socket in `dir` and a 15 s grace.
+fn proxy_args(redis: &RedisServer, http: u16, dir: &Path) -> Vec<String> {
     let mut args = vec!["proxy".to_string(), "--redis-url".into(), redis.url()];
-    for (flag, port) in [("--http-listen", http), ("--list-listen", list), ("--admin-listen", admin)] {
+    for (flag, port) in [("--http-listen", http), ("--list-listen", free_port()), ("--admin-listen", free_port())] {
         args.extend([flag.to_string(), format!("127.0.0.1:{port}")]);
     }
-    args.extend(["--handover-socket".to_string(), socket.display().to_string()]);
+    args.extend(["--handover-socket".to_string(), dir.join("handover.sock").display().to_string()]);
     args.extend(["--shutdown-grace-secs".to_string(), "15".into()]);
+    args
+}
+
+async fn serves_demo(http: u16) -> Option<()> {
+    let mut conn = connect(http).await.ok()?;
+    request(&mut conn, "demo.toolforge.org", "/").await.ok().filter(|a| a.status == 200 && a.body == "ok").map(|_| ())
+}
+
+/// Starts a proxy from `first`, puts it under load with a slow request and a
+/// WebSocket open, replaces it by each binary of `successors` in turn, and
+/// checks that nothing failed.
+async fn replace_under_load(first: &Path, successors: &[&Path]) {
+    let redis = RedisServer::start();
+    let (backend, ws_backend) = backends().await;
+    add_routes(&redis, backend, ws_backend);
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let args = proxy_args(&redis, http, dir.path());
 
     let mut old = Proxy::start(first, &args, dir.path().join("proxy-0.log"));
-    eventually(WAIT, "the first proxy serves the tool", || async {
-        let mut conn = connect(http).await.ok()?;
-        request(&mut conn, "demo.toolforge.org", "/").await.ok().filter(|a| a.status == 200)
-    })
-    .await;
+    eventually(WAIT, "the first proxy serves the tool", || serves_demo(http)).await;
 
     let tally = Arc::new(Tally::default());
     let mut load = tokio::task::JoinSet::new();
@@ -319,4 +335,52 @@ async fn upgrade_to_a_binary_at_another_path_without_a_failed_request() {
     let upgraded = dir.path().join("dynamicproxy-upgraded");
     std::fs::copy(env!("CARGO_BIN_EXE_dynamicproxy"), &upgraded).unwrap();
     replace_under_load(Path::new(env!("CARGO_BIN_EXE_dynamicproxy")), &[&upgraded]).await;
+}
+
+/// Kills a process that is not this test's child (a successor started by the proxy) on drop.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-KILL", &self.0.to_string()]).status();
+    }
+}
+
+/// The `MAINPID=` of the next message on systemd's notification socket.
+async fn next_main_pid(notify: &tokio::net::UnixDatagram) -> u32 {
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(WAIT, notify.recv(&mut buf)).await.expect("a notification").unwrap();
+    let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(message.lines().any(|l| l == "READY=1"), "{message}");
+    message.lines().find_map(|l| l.strip_prefix("MAINPID=")).and_then(|p| p.parse().ok()).expect("MAINPID=")
+}
+
+#[tokio::test]
+async fn sigusr2_starts_a_successor_that_systemd_is_told_to_follow() {
+    let redis = RedisServer::start();
+    let (backend, ws_backend) = backends().await;
+    add_routes(&redis, backend, ws_backend);
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let notify_path = dir.path().join("notify");
+    let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
+
+    let binary = Path::new(env!("CARGO_BIN_EXE_dynamicproxy"));
+    let args = proxy_args(&redis, http, dir.path());
+    let mut old = Proxy::start_with_env(binary, &args, dir.path().join("proxy.log"), &[("NOTIFY_SOCKET", &notify_path)]);
+    assert_eq!(next_main_pid(&notify).await, old.child.id());
+    eventually(WAIT, "the proxy serves the tool", || serves_demo(http)).await;
+
+    // What `systemctl kill --kill-whom=main -s SIGUSR2 dynamicproxy-proxy` does.
+    let status = Command::new("kill").args(["-USR2", &old.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let successor = next_main_pid(&notify).await;
+    let _successor = KillOnDrop(successor);
+    assert_ne!(successor, old.child.id());
+
+    let old_exit = std::sync::Mutex::new(&mut old);
+    let code = eventually(WAIT, "the old process exits", || async { old_exit.lock().unwrap().exited() }).await;
+    assert_eq!(code, 0, "{}", old.log());
+    assert!(old.log().contains(&format!("successor.pid={successor}")), "{}", old.log());
+    eventually(WAIT, "the successor serves the tool", || serves_demo(http)).await;
 }
