@@ -150,8 +150,9 @@ fn take_blocking(path: &Path) -> Result<Option<Inherited>, HandoverError> {
     while !text.ends_with(b"\n\n") {
         let mut buf = [0u8; 4096];
         let mut control = RecvAncillaryBuffer::new(&mut space);
-        let received = rustix::net::recvmsg(&peer, &mut [IoSliceMut::new(&mut buf)], &mut control, RecvFlags::CMSG_CLOEXEC)
-            .map_err(std::io::Error::from)?;
+        let received =
+            rustix::net::recvmsg(&peer, &mut [IoSliceMut::new(&mut buf)], &mut control, RecvFlags::CMSG_CLOEXEC)
+                .map_err(std::io::Error::from)?;
         for message in control.drain() {
             if let RecvAncillaryMessage::ScmRights(rights) = message {
                 fds.extend(rights);

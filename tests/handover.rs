@@ -144,9 +144,9 @@ async fn keepalive_client(port: u16, tally: Arc<Tally>) {
     let mut conn = None;
     while !tally.stop.load(Ordering::Relaxed) {
         let result = match conn.as_mut() {
-            Some(c) => tokio::time::timeout(WAIT, request(c, "demo.toolforge.org", "/")).await.unwrap_or_else(|_| {
-                Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time"))
-            }),
+            Some(c) => tokio::time::timeout(WAIT, request(c, "demo.toolforge.org", "/"))
+                .await
+                .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time"))),
             None => match connect(port).await {
                 Ok(c) => {
                     conn = Some(c);
@@ -316,7 +316,10 @@ async fn replace_under_load(first: &Path, successors: &[&Path]) {
     eprintln!("requests answered: {ok}, failed: {failed}, resets: {resets}");
     if std::env::var_os("HANDOVER_TEST_LOGS").is_some() {
         for n in 0..=successors.len() {
-            eprintln!("--- proxy-{n}.log\n{}", std::fs::read_to_string(dir.path().join(format!("proxy-{n}.log"))).unwrap_or_default());
+            eprintln!(
+                "--- proxy-{n}.log\n{}",
+                std::fs::read_to_string(dir.path().join(format!("proxy-{n}.log"))).unwrap_or_default()
+            );
         }
     }
     assert_eq!((failed, resets), (0, 0), "failed requests or resets during the hand-over; answered: {ok}");
@@ -367,7 +370,8 @@ async fn sigusr2_starts_a_successor_that_systemd_is_told_to_follow() {
 
     let binary = Path::new(env!("CARGO_BIN_EXE_dynamicproxy"));
     let args = proxy_args(&redis, http, dir.path());
-    let mut old = Proxy::start_with_env(binary, &args, dir.path().join("proxy.log"), &[("NOTIFY_SOCKET", &notify_path)]);
+    let mut old =
+        Proxy::start_with_env(binary, &args, dir.path().join("proxy.log"), &[("NOTIFY_SOCKET", &notify_path)]);
     assert_eq!(next_main_pid(&notify).await, old.child.id());
     eventually(WAIT, "the proxy serves the tool", || serves_demo(http)).await;
 
