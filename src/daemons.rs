@@ -336,7 +336,13 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
     if let Some(path) = &handover_path {
         let listener = handover::listen(path).map_err(|e| Failure::Start(e.to_string()))?;
         let copies = std::mem::take(&mut sockets.copies);
-        tokio::spawn(handover::serve(listener, copies, shutdown.clone()));
+        let (handle, shutdown) = (proxy_serving.as_ref().map(|(h, _)| h.clone()), shutdown.clone());
+        tokio::spawn(handover::serve(listener, copies, move || {
+            if let Some(handle) = handle {
+                handle.handed_over();
+            }
+            shutdown.cancel();
+        }));
         successor = Some(tokio::spawn(handover::spawn_successor_on_sigusr2()));
     }
     if !took_over {

@@ -46,7 +46,6 @@ use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
 };
 use tokio::net::UnixListener;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// The request line; the number changes if the protocol does.
@@ -188,11 +187,11 @@ pub fn listen(path: &Path) -> Result<UnixListener, HandoverError> {
     Ok(listener)
 }
 
-/// Serves hand-over requests on `listener` until one succeeds, then cancels
+/// Serves hand-over requests on `listener` until one succeeds, then calls
 /// `handed_over` (the caller drains) and returns. `listeners` are copies of
 /// the process's listening sockets, by name. Failed attempts are logged and
 /// the process serves on; this never ends the process by itself.
-pub async fn serve(listener: UnixListener, listeners: Vec<(String, OwnedFd)>, handed_over: CancellationToken) {
+pub async fn serve(listener: UnixListener, listeners: Vec<(String, OwnedFd)>, handed_over: impl FnOnce()) {
     let listeners = std::sync::Arc::new(listeners);
     loop {
         let stream = match listener.accept().await {
@@ -213,7 +212,7 @@ pub async fn serve(listener: UnixListener, listeners: Vec<(String, OwnedFd)>, ha
         match outcome {
             Ok(pid) => {
                 info!(successor.pid = pid, "listeners handed over; draining");
-                handed_over.cancel();
+                handed_over();
                 return;
             }
             Err(error) => warn!(%error, "hand-over not completed; serving on"),
@@ -291,6 +290,7 @@ pub async fn spawn_successor_on_sigusr2() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio_util::sync::CancellationToken;
 
     #[tokio::test]
     async fn listeners_travel_by_name_and_the_old_side_waits_for_ready() {
@@ -301,7 +301,8 @@ mod tests {
         let server = listen(&path).unwrap();
         let handed_over = CancellationToken::new();
         let copies = vec![("http".to_string(), OwnedFd::from(tcp))];
-        let old = tokio::spawn(serve(server, copies, handed_over.clone()));
+        let token = handed_over.clone();
+        let old = tokio::spawn(serve(server, copies, move || token.cancel()));
 
         let mut inherited = take(&path).await.unwrap().expect("a process answers");
         assert!(inherited.claim("https", addr).is_none());

@@ -137,6 +137,8 @@ pub struct ProxyHandle {
     reopen_log: Arc<Notify>,
     /// True once the accept loops run: a hand-over waits for it before the old process stops accepting.
     serving: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Set when a successor took the listeners over: idle connections are then kept until the grace ends.
+    handed_over: Arc<AtomicBool>,
 }
 
 impl ProxyHandle {
@@ -148,7 +150,16 @@ impl ProxyHandle {
             reloads: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
             reopen_log: Arc::new(Notify::new()),
             serving: Arc::new(tokio::sync::watch::Sender::new(false)),
+            handed_over: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Marks that a successor serves the listeners now; call before the
+    /// shutdown token fires. The drain then keeps idle keep-alive connections
+    /// open until the end of `shutdown_grace_secs` (their clients may be
+    /// sending), where a plain stop closes them at once.
+    pub fn handed_over(&self) {
+        self.handed_over.store(true, Ordering::Relaxed);
     }
 
     /// Returns once the proxy accepts on all its listeners.
@@ -227,6 +238,7 @@ pub async fn run(
     };
 
     let hard_stop = CancellationToken::new();
+    let close_idle = hard_stop.child_token();
     let tunnels = TaskTracker::new();
     let hold = hold::Hold::new(config.hold_secs, &cache, metrics.hold.clone());
     let shared = Arc::new(handler::Shared {
@@ -280,6 +292,7 @@ pub async fn run(
         lingering_refusals: Arc::new(Semaphore::new(shed::MAX_LINGERING_REFUSALS)),
         tracker: tracker.clone(),
         shutdown: shutdown.clone(),
+        close_idle: close_idle.clone(),
         hard_stop: hard_stop.clone(),
     };
     // Background chores (cache gauges, rate-limit sweep, certificate watch)
@@ -328,6 +341,10 @@ pub async fn run(
 
     shutdown.cancelled().await;
     info!(grace_secs = config.shutdown_grace_secs, "shutting down: draining connections");
+    if !handle.handed_over.load(Ordering::Relaxed) {
+        // Nobody accepts after this process: idle clients are better told now.
+        close_idle.cancel();
+    }
     tracker.close();
     tunnels.close();
     let grace = Config::secs(config.shutdown_grace_secs);

@@ -56,6 +56,9 @@ pub(crate) struct ServeSettings {
     pub lingering_refusals: Arc<Semaphore>,
     pub tracker: TaskTracker,
     pub shutdown: CancellationToken,
+    /// Closes idle HTTP/1 connections while draining: at once on a plain stop,
+    /// only at the end of the grace after a hand-over (see `drain`).
+    pub close_idle: CancellationToken,
     pub hard_stop: CancellationToken,
 }
 
@@ -99,7 +102,7 @@ pub(crate) async fn accept_loop(
             refuse(stream, Refusal::PerClient, &shared, &settings, tls.is_some());
             continue;
         };
-        let slot = Slot { _permit: permit, _client: client_guard };
+        let slot = Slot { _permit: permit, _client: client_guard, _tracked: settings.tracker.token() };
         let stream = match stream.into_std() {
             Ok(stream) => stream,
             Err(error) => {
@@ -117,6 +120,9 @@ pub(crate) async fn accept_loop(
 pub(crate) struct Slot {
     _permit: OwnedSemaphorePermit,
     _client: ClientGuard,
+    /// Counts the connection in the drain from accept on, so one still queued
+    /// for an event loop is served, not dropped (and reset) when the drain ends.
+    _tracked: tokio_util::task::task_tracker::TaskTrackerToken,
 }
 
 fn refuse(stream: TcpStream, refusal: Refusal, shared: &Shared, settings: &ServeSettings, tls: bool) {
@@ -246,12 +252,12 @@ where
         tokio::select! {
             result = connection.as_mut() => return ended(result, &metrics),
             // Draining: keep serving (responses now say `Connection: close`, see `drain`);
-            // an idle connection is closed at its keep-alive timeout or when the grace ends.
+            // an idle connection is closed at its keep-alive timeout or by `close_idle`.
             _ = shutdown.cancelled(), if !draining => {
                 draining = true;
                 continue;
             }
-            _ = settings.hard_stop.cancelled(), if draining => connection.as_mut().graceful_shutdown(),
+            _ = settings.close_idle.cancelled(), if draining => connection.as_mut().graceful_shutdown(),
             // Between requests: closed once idle for the keep-alive timeout.
             _ = activity.idle_for(settings.keepalive_timeout) => {
                 metrics.connection_timeout("keepalive");
