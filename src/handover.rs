@@ -211,8 +211,9 @@ pub async fn serve(listener: UnixListener, listeners: Vec<(String, OwnedFd)>, ha
         };
         match outcome {
             Ok(pid) => {
-                info!(successor.pid = pid, "listeners handed over; draining");
+                // Draining first, then the log line: whoever reads it may rely on the drain having begun.
                 handed_over();
+                info!(successor.pid = pid, "listeners handed over; draining");
                 return;
             }
             Err(error) => warn!(%error, "hand-over not completed; serving on"),

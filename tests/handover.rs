@@ -272,6 +272,10 @@ async fn replace_under_load(first: &Path, successors: &[&Path]) {
                 .expect("WebSocket through the proxy");
         ws.send(Message::text("before")).await.unwrap();
         assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("before"));
+        // An idle keep-alive connection whose client sends again only after the hand-over.
+        let mut idle = connect(http).await.unwrap();
+        let first = request(&mut idle, "demo.toolforge.org", "/").await.unwrap();
+        assert!(first.status == 200 && !first.close);
         let before = tally.ok.load(Ordering::Relaxed);
         eventually(WAIT, "load flowing", || async { (tally.ok.load(Ordering::Relaxed) > before + 200).then_some(()) })
             .await;
@@ -281,7 +285,15 @@ async fn replace_under_load(first: &Path, successors: &[&Path]) {
             new.log().contains("listeners taken over").then_some(())
         })
         .await;
-        assert!(old.log().contains("listeners handed over; draining"), "{}", old.log());
+        eventually(WAIT, "the old process drains", || async {
+            old.log().contains("listeners handed over; draining").then_some(())
+        })
+        .await;
+
+        // The idle connection was not closed under its client: the old process answers, and says close.
+        let late = request(&mut idle, "demo.toolforge.org", "/").await.expect("idle keep-alive connection still open");
+        assert_eq!((late.status, late.body.as_str(), late.close), (200, "ok", true));
+        drop(idle);
 
         // The WebSocket still works on the draining process, and keeps it alive.
         ws.send(Message::text("after")).await.unwrap();
