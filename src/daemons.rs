@@ -5,8 +5,14 @@
 //! (configuration, listeners, certificates) fails before anything serves,
 //! with one line and a non-zero exit; after that, nothing but a signal stops
 //! the process.
+//!
+//! Listeners come from the running predecessor when `[proxy] handover_socket`
+//! leads to one (see `handover`), else they are bound. A successor starts
+//! serving only with a loaded route table, then tells the predecessor, which
+//! stops accepting and drains.
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +27,7 @@ use tracing::{error, info, warn};
 use crate::admin::{self, AdminState, MaintenanceSwitch, ReadyCheck};
 use crate::admin_guard::{AdminGuard, AdminToken};
 use crate::cli::GlobalFlags;
+use crate::handover::{self, Inherited};
 use crate::settings::{self, ConfigError, Settings};
 use crate::telemetry;
 
@@ -32,6 +39,10 @@ pub const EXIT_START: u8 = 1;
 const REGISTRAR_ADMIN_LISTEN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9633);
 /// Longest wait for components to drain after the signal, on top of their own grace periods.
 const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+/// Longest a successor waits for its route table and its listeners before it
+/// gives up the hand-over (the predecessor serves on): serving with an empty
+/// table would answer every request wrongly.
+const HANDOVER_READY_LIMIT: Duration = Duration::from_secs(60);
 
 /// Which daemons to run in this process, with their own flags.
 #[derive(Default)]
@@ -160,8 +171,27 @@ enum Failure {
     Runtime,
 }
 
-async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, Failure> {
-    TcpListener::bind(addr).await.map_err(|e| Failure::Start(format!("cannot listen on {addr} ({key}): {e}")))
+/// Where listeners come from, and copies of them for a later hand-over.
+#[derive(Default)]
+struct Sockets {
+    inherited: Option<Inherited>,
+    copies: Vec<(String, OwnedFd)>,
+}
+
+impl Sockets {
+    /// The listener for `key`: inherited from the predecessor when it had one on `addr`, else bound.
+    async fn acquire(&mut self, addr: SocketAddr, key: &str) -> Result<TcpListener, Failure> {
+        let cannot = |e: std::io::Error| Failure::Start(format!("cannot listen on {addr} ({key}): {e}"));
+        let listener = match self.inherited.as_mut().and_then(|i| i.claim(key, addr)) {
+            Some(listener) => {
+                listener.set_nonblocking(true).map_err(cannot)?;
+                TcpListener::from_std(listener).map_err(cannot)?
+            }
+            None => TcpListener::bind(addr).await.map_err(cannot)?,
+        };
+        self.copies.push((key.to_string(), listener.as_fd().try_clone_to_owned().map_err(cannot)?));
+        Ok(listener)
+    }
 }
 
 async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogControl) -> Result<(), Failure> {
@@ -177,23 +207,33 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
     let mut readiness: Vec<ReadyCheck> = Vec::new();
     let mut explainer = None;
 
+    // A running predecessor hands its listeners over; nothing is bound twice.
+    let handover_path = plan.proxy.as_ref().and_then(|c| c.handover_socket.clone());
+    let mut sockets = Sockets::default();
+    if let Some(path) = &handover_path {
+        sockets.inherited = handover::take(path).await.map_err(|e| Failure::Start(e.to_string()))?;
+        if sockets.inherited.is_some() {
+            info!(socket = %path.display(), "taking over the listeners of the running process");
+        }
+    }
     // Bind everything first, so a port in use stops the process before anything serves.
     let proxy_listeners = match &plan.proxy {
         Some(config) => Some(dynamicproxy_proxy::Listeners {
-            http: bind(config.http_listen, "[proxy] http_listen").await?,
+            http: sockets.acquire(config.http_listen, "[proxy] http_listen").await?,
             https: match config.tls_enabled() {
-                true => Some(bind(config.https_listen, "[proxy] https_listen").await?),
+                true => Some(sockets.acquire(config.https_listen, "[proxy] https_listen").await?),
                 false => None,
             },
-            list: bind(config.list_listen, "[proxy] list_listen").await?,
+            list: sockets.acquire(config.list_listen, "[proxy] list_listen").await?,
         }),
         None => None,
     };
     let registrar_listener = match &plan.registrar {
-        Some(config) => Some(bind(config.listen, "[registrar] listen").await?),
+        Some(config) => Some(sockets.acquire(config.listen, "[registrar] listen").await?),
         None => None,
     };
-    let admin_listener = bind(plan.admin_listen, "admin_listen").await?;
+    let admin_listener = sockets.acquire(plan.admin_listen, "admin_listen").await?;
+    let mut proxy_serving = None;
 
     // kube-sync needs a client before it can run; under `all` a missing configuration only disables it.
     let kube_client = match &plan.kube_sync {
@@ -257,9 +297,20 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
             }
             ("prober", result.map_err(|e| e.to_string()))
         });
+        if sockets.inherited.is_some() {
+            // The predecessor serves from its table meanwhile; taking over with an empty one would answer 404s.
+            wait_until(HANDOVER_READY_LIMIT, || route_cache.is_loaded()).await.map_err(|_| {
+                Failure::Start(format!(
+                    "hand-over given up: route table not loaded from Redis within {HANDOVER_READY_LIMIT:?}; the running process serves on"
+                ))
+            })?;
+        }
+        let ended = CancellationToken::new();
+        proxy_serving = Some((handle.clone(), ended.clone()));
         let token = shutdown.child_token();
         let proxy_cache = route_cache.clone();
         tasks.spawn(async move {
+            let _ended = ended.drop_guard();
             let result = dynamicproxy_proxy::run(config, listeners, proxy_cache, metrics, handle, token).await;
             ("proxy", result.map_err(|e| e.to_string()))
         });
@@ -311,6 +362,40 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
         let result = admin::serve(admin_listener, state, guard, admin_shutdown).await;
         ("admin API", result.map_err(|e| e.to_string()))
     });
+    // Serving (or failed, which the loop below reports) before the predecessor or systemd hears of it.
+    let serving = match &proxy_serving {
+        Some((handle, ended)) => tokio::select! {
+            _ = handle.serving() => true,
+            _ = ended.cancelled() => false,
+        },
+        None => true,
+    };
+    let took_over = sockets.inherited.is_some();
+    if let Some(inherited) = sockets.inherited.take() {
+        if !serving {
+            return Err(Failure::Start("hand-over given up: the proxy stopped before serving".into()));
+        }
+        // systemd must know this is the main process before the old one can exit, or it would stop the service.
+        crate::sd_notify::ready();
+        inherited.ready().await.map_err(|e| Failure::Start(e.to_string()))?;
+        info!("listeners taken over; the previous process drains");
+    }
+    let mut successor = None;
+    if let Some(path) = &handover_path {
+        let listener = handover::listen(path).map_err(|e| Failure::Start(e.to_string()))?;
+        let copies = std::mem::take(&mut sockets.copies);
+        let (handle, shutdown) = (proxy_serving.as_ref().map(|(h, _)| h.clone()), shutdown.clone());
+        tokio::spawn(handover::serve(listener, copies, move || {
+            if let Some(handle) = handle {
+                handle.handed_over();
+            }
+            shutdown.cancel();
+        }));
+        successor = Some(tokio::spawn(handover::spawn_successor_on_sigusr2()));
+    }
+    if !took_over {
+        crate::sd_notify::ready();
+    }
     info!(component, redis = %plan.redis, admin = %plan.admin_listen, "dynamicproxy started");
 
     let signal = tokio::spawn(crate::shutdown::shutdown_signal(shutdown.clone()));
@@ -345,6 +430,9 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
     }
     signal.abort();
     hangup.abort();
+    if let Some(successor) = successor {
+        successor.abort();
+    }
     if failed { Err(Failure::Runtime) } else { Ok(()) }
 }
 
@@ -373,6 +461,16 @@ async fn drain(tasks: &mut JoinSet<(&'static str, Result<(), String>)>) {
             Err(e) => error!(error = %e, "a component panicked while stopping"),
         }
     }
+}
+
+/// Polls `condition` every 20 ms until it holds, or fails after `limit`.
+async fn wait_until(limit: Duration, condition: impl Fn() -> bool) -> Result<(), tokio::time::error::Elapsed> {
+    tokio::time::timeout(limit, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
 }
 
 async fn named(name: &'static str, task: impl std::future::Future<Output = ()>) -> (&'static str, Result<(), String>) {

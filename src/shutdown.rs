@@ -1,4 +1,6 @@
-//! The one place that turns SIGTERM / SIGINT into a cancelled token.
+//! The one place that turns SIGTERM / SIGINT into a cancelled token. (A
+//! hand-over to a successor cancels the same token: see `handover`, which also
+//! owns SIGUSR2.)
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;

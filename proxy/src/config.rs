@@ -103,8 +103,18 @@ pub struct Config {
     /// Seconds a response may wait on a client that does not read it (no write
     /// progress at all) before the connection is cut (nginx send_timeout). Default 60, nginx's.
     pub send_timeout_secs: u64,
-    /// Seconds in-flight requests may take to finish after a shutdown signal. Default 30.
+    /// Seconds in-flight requests, tunnels and idle keep-alive connections
+    /// may take to finish after a shutdown signal or a hand-over. Default 30:
+    /// long enough for ordinary slow responses, short enough that a restart
+    /// does not keep two processes around for long (WebSockets open longer
+    /// than that are closed and clients reconnect to the new process).
     pub shutdown_grace_secs: u64,
+    /// Unix socket through which a new proxy process takes this one's
+    /// listening sockets (restart or binary upgrade without closing them;
+    /// the `handover` module of the binary). None = off, the default: only
+    /// useful when something starts the next process while this one runs
+    /// (the systemd unit sets `/run/dynamicproxy/handover.sock`).
+    pub handover_socket: Option<PathBuf>,
     /// Client connections served at once; further connections are closed at accept. Default 50000.
     pub max_connections: usize,
     /// Concurrent connections from one IPv4 address or one IPv6 /64 (SPEC §1);
@@ -250,6 +260,7 @@ impl Default for Config {
             client_body_timeout_secs: 60,
             send_timeout_secs: 60,
             shutdown_grace_secs: 30,
+            handover_socket: None,
             max_connections: 50_000,
             max_connections_per_client: 256,
             upstream_max_idle_per_backend: 128,
@@ -630,6 +641,10 @@ pub struct Flags {
     #[arg(long = "shutdown-grace-secs", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_grace_secs: Option<u64>,
+    /// Unix socket for handing the listening sockets over to a new process [default: none]
+    #[arg(long = "handover-socket", value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handover_socket: Option<PathBuf>,
     /// Client connections served at once [default: 50000]
     #[arg(long = "max-connections", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]

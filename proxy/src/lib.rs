@@ -9,6 +9,7 @@
 //! - [`shed`]: refusals at accept (`max_connections`, `max_connections_per_client`) and their short answers.
 //! - [`client_limit`]: open connections per IPv4 address / IPv6 /64.
 //! - [`activity`]: requests in flight per connection; keep-alive and HTTP/2 idle closes.
+//! - [`drain`]: HTTP/1 responses say `Connection: close` while draining; idle connections are not cut at once.
 //! - [`linger`]: lingering close, so early answers are not lost to a RST.
 //! - [`park`] (private): idle HTTP/1 keep-alive connections hold only their socket between requests.
 //! - [`workers`] (private): single-threaded event loops (one per core but one), each with its own upstream pool.
@@ -79,6 +80,7 @@ pub mod client_limit;
 pub mod compress;
 pub mod config;
 pub mod dead;
+pub mod drain;
 pub mod egress;
 pub mod error;
 pub mod explain;
@@ -153,6 +155,10 @@ pub struct ProxyHandle {
     last_use: last_use::LastUse,
     /// What the prober found.
     dead: DeadRegistrations,
+    /// True once the accept loops run: a hand-over waits for it before the old process stops accepting.
+    serving: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Set when a successor took the listeners over: idle connections are then kept until the grace ends.
+    handed_over: Arc<AtomicBool>,
 }
 
 impl ProxyHandle {
@@ -166,6 +172,8 @@ impl ProxyHandle {
             sources: None,
             last_use: last_use::LastUse::new(),
             dead: DeadRegistrations::new(),
+            serving: Arc::new(tokio::sync::watch::Sender::new(false)),
+            handed_over: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -184,6 +192,21 @@ impl ProxyHandle {
     /// Registrations the prober found dead, for the admin API, `/list?detail=1` and `explain`.
     pub fn dead_registrations(&self) -> &DeadRegistrations {
         &self.dead
+    }
+
+    /// Marks that a successor serves the listeners now; call before the
+    /// shutdown token fires. The drain then keeps idle keep-alive connections
+    /// open until the end of `shutdown_grace_secs` (their clients may be
+    /// sending), where a plain stop closes them at once.
+    pub fn handed_over(&self) {
+        self.handed_over.store(true, Ordering::Relaxed);
+    }
+
+    /// Returns once the proxy accepts on all its listeners.
+    pub async fn serving(&self) {
+        let mut serving = self.serving.subscribe();
+        // The sender lives in `self`, so the channel cannot close while this waits.
+        let _ = serving.wait_for(|on| *on).await;
     }
 
     /// Turns maintenance mode on or off.
@@ -254,6 +277,7 @@ pub async fn run(
     };
 
     let hard_stop = CancellationToken::new();
+    let close_idle = hard_stop.child_token();
     let tunnels = TaskTracker::new();
     let hold = hold::Hold::new(config.hold_secs, &cache, metrics.hold.clone());
     let shared = Arc::new(handler::Shared {
@@ -303,6 +327,7 @@ pub async fn run(
         lingering_refusals: Arc::new(Semaphore::new(shed::MAX_LINGERING_REFUSALS)),
         tracker: tracker.clone(),
         shutdown: shutdown.clone(),
+        close_idle: close_idle.clone(),
         hard_stop: hard_stop.clone(),
     };
     // Background chores (cache gauges, rate-limit sweep, certificate watch)
@@ -346,11 +371,16 @@ pub async fn run(
         Config::secs(config.client_timeout_secs),
         list::MAX_LIST_CONNECTIONS,
     ));
+    handle.serving.send_replace(true);
     tokio::spawn(access_log::reopen_on_sigusr1(handle.reopen_log.clone(), background.clone()));
     tokio::spawn(housekeeping(shared.clone(), cache, metrics, background.clone()));
 
     shutdown.cancelled().await;
     info!(grace_secs = config.shutdown_grace_secs, "shutting down: draining connections");
+    if !handle.handed_over.load(Ordering::Relaxed) {
+        // Nobody accepts after this process: idle clients are better told now.
+        close_idle.cancel();
+    }
     tracker.close();
     tunnels.close();
     let grace = Config::secs(config.shutdown_grace_secs);

@@ -40,6 +40,7 @@ use crate::activity::{Activity, TrackedBody};
 use crate::backend_limit::connection_slots;
 use crate::buffers;
 use crate::client_limit::{ClientGuard, ClientLimit};
+use crate::drain;
 use crate::handler::{ConnInfo, Shared, handle};
 use crate::idle::{IdleIo, IdleTimeout};
 use crate::linger::{self, Linger};
@@ -66,6 +67,9 @@ pub(crate) struct ServeSettings {
     pub lingering_refusals: Arc<Semaphore>,
     pub tracker: TaskTracker,
     pub shutdown: CancellationToken,
+    /// Closes idle HTTP/1 connections while draining: at once on a plain stop,
+    /// only at the end of the grace after a hand-over (see `drain`).
+    pub close_idle: CancellationToken,
     pub hard_stop: CancellationToken,
 }
 
@@ -109,7 +113,7 @@ pub(crate) async fn accept_loop(
             refuse(stream, Refusal::PerClient, &shared, &settings, tls.is_some());
             continue;
         };
-        let slot = Slot { _permit: permit, _client: client_guard };
+        let slot = Slot { _permit: permit, _client: client_guard, _tracked: settings.tracker.token() };
         let stream = match stream.into_std() {
             Ok(stream) => stream,
             Err(error) => {
@@ -127,6 +131,9 @@ pub(crate) async fn accept_loop(
 pub(crate) struct Slot {
     _permit: OwnedSemaphorePermit,
     _client: ClientGuard,
+    /// Counts the connection in the drain from accept on, so one still queued
+    /// for an event loop is served, not dropped (and reset) when the drain ends.
+    _tracked: tokio_util::task::task_tracker::TaskTrackerToken,
 }
 
 fn refuse(stream: TcpStream, refusal: Refusal, shared: &Shared, settings: &ServeSettings, tls: bool) {
@@ -256,37 +263,54 @@ async fn serve_parked<S>(
     // connection's own, where the shared token's lock is taken by every
     // connection on every core.
     let shutdown = settings.shutdown.child_token();
+    let mut draining = false;
     loop {
         let (requests, shared, conn) = (activity.clone(), shared.clone(), conn.clone());
+        let drain_token = settings.shutdown.clone();
         let service = service_fn(move |req| {
             let in_flight = requests.begin();
             let shared = shared.clone();
             let conn = conn.clone();
+            let drain_token = drain_token.clone();
             async move {
-                let response = handle(shared, conn, req).await;
+                let mut response = handle(shared, conn, req).await;
+                drain::close_when_draining(&mut response, &drain_token);
                 Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
             }
         });
         // Boxed: while parked, the task keeps none of hyper's state.
         let mut connection = Box::pin(builder.serve_connection(TokioIo::new(io), service).with_upgrades());
-        tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(error) = result {
-                    return ended(Err(error), &metrics);
+        loop {
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        return ended(Err(error), &metrics);
+                    }
+                    break;
                 }
-            }
-            _ = shutdown.cancelled() => return finish(connection, settings).await,
-            // Between requests but not parked (a pipelined partial head, a
-            // flush the client is slow to take): closed once idle for the keep-alive timeout.
-            _ = activity.idle_for(settings.keepalive_timeout) => {
-                metrics.connection_timeout("keepalive");
-                return finish(connection, settings).await;
+                // Draining: keep serving (responses now say `Connection: close`, see `drain`);
+                // an idle connection is closed at its keep-alive timeout or by `close_idle`.
+                _ = shutdown.cancelled(), if !draining => draining = true,
+                _ = settings.close_idle.cancelled(), if draining => {
+                    connection.as_mut().graceful_shutdown();
+                    return finish(connection, settings).await;
+                }
+                // Between requests but not parked (a pipelined partial head, a
+                // flush the client is slow to take): closed once idle for the keep-alive timeout.
+                _ = activity.idle_for(settings.keepalive_timeout) => {
+                    metrics.connection_timeout("keepalive");
+                    connection.as_mut().graceful_shutdown();
+                    return finish(connection, settings).await;
+                }
             }
         }
         // Upgraded (the tunnel owns the socket now) or closed by either side.
         let Some((parked, unparsed)) = reclaim(connection) else { return };
         io = parked;
-        if let Err(phase) = wait_for_request(&io, &activity, settings, &shutdown).await {
+        // Parked while draining: a client may be sending its next request right
+        // now, so the connection stays until `close_idle` (at once on a plain
+        // stop, at the end of the grace after a hand-over).
+        if let Err(phase) = wait_for_request(&io, &activity, settings, &settings.close_idle).await {
             if let Some(phase) = phase {
                 metrics.connection_timeout(phase);
             }
@@ -328,12 +352,12 @@ async fn finish<F: Future + Unpin>(mut connection: F, settings: &ServeSettings) 
 
 /// Waits, parked, for the client's next request: `Ok` once the socket is
 /// readable, `Err` with the timeout's phase when the connection has been idle
-/// too long, or `Err(None)` on shutdown.
+/// too long, or `Err(None)` once `close` fires.
 async fn wait_for_request<S: ReadReady>(
     io: &ParkIo<S>,
     activity: &Activity,
     settings: &ServeSettings,
-    shutdown: &CancellationToken,
+    close: &CancellationToken,
 ) -> Result<(), Option<&'static str>> {
     // hyper's head timer used to run from the same moment as the keep-alive
     // clock; whichever is shorter still closes a silent connection.
@@ -347,7 +371,7 @@ async fn wait_for_request<S: ReadReady>(
         // An error shows up again on the next read, where hyper handles it.
         _ = std::future::poll_fn(|cx| io.poll_read_ready(cx)) => Ok(()),
         _ = tokio::time::sleep_until(deadline) => Err(Some(phase)),
-        _ = shutdown.cancelled() => Err(None),
+        _ = close.cancelled() => Err(None),
     }
 }
 

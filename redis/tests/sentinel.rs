@@ -4,7 +4,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dynamicproxy_redis::{
-    BackendUrl, CacheSyncConfig, RedisEndpoint, RouteCache, RoutePattern, RouteSource, RouteStore, ToolName, run_cache_sync,
+    BackendUrl, CacheSyncConfig, RedisEndpoint, RouteCache, RoutePattern, RouteSource, RouteStore, ToolName,
+    run_cache_sync,
 };
 use dynamicproxy_test_support::{RedisServer, SentinelGroup, eventually, free_port};
 use redis::Commands;
