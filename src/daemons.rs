@@ -198,6 +198,10 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
     let started = Instant::now();
     let component = selection.name();
     let shutdown = CancellationToken::new();
+    // Listening for SIGTERM from the start: a stop that comes while the
+    // components start (or wait for a hand-over) drains them, where the
+    // default action would kill the process with its prober lock still held.
+    let signal = tokio::spawn(crate::shutdown::shutdown_signal(shutdown.clone()));
     let mut registry = Registry::default();
     let store = Arc::new(RouteStore::new(plan.redis.clone()));
     let mut tasks: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
@@ -398,7 +402,6 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
     }
     info!(component, redis = %plan.redis, admin = %plan.admin_listen, "dynamicproxy started");
 
-    let signal = tokio::spawn(crate::shutdown::shutdown_signal(shutdown.clone()));
     let hangup = tokio::spawn(crate::shutdown::ignore_hangup());
     let mut failed = false;
     // Until the signal, any component that stops is a failure: stop the others too.

@@ -79,9 +79,14 @@ fn units_run_hardened_as_the_system_user() {
     ] {
         let d = directives(unit);
         let get = |key: &str| d.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+        // The proxy hands its listeners over to its successor (restart and upgrade without refusals).
+        let handover = if subcommand == "proxy" { " --handover-socket /run/dynamicproxy/handover.sock" } else { "" };
         assert_eq!(
             get("ExecStart"),
-            Some(format!("/usr/bin/dynamicproxy {subcommand} --config /etc/dynamicproxy/dynamicproxy.toml").as_str())
+            Some(
+                format!("/usr/bin/dynamicproxy {subcommand} --config /etc/dynamicproxy/dynamicproxy.toml{handover}")
+                    .as_str()
+            )
         );
         for (key, value) in [
             ("User", "dynamicproxy"),
