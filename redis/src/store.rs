@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::sync::Mutex;
 
 use redis::aio::MultiplexedConnection;
@@ -50,6 +51,15 @@ struct FailedConnect {
 const PROVENANCE_BATCH: usize = 1000;
 /// Audit stream entries read per `XRANGE`.
 const HISTORY_BATCH: usize = 1000;
+
+/// Which way [`RouteStore::walk_audit`] reads the audit stream.
+#[derive(Debug, Clone, Copy)]
+enum Direction {
+    /// `XRANGE`: for a tool's history.
+    OldestFirst,
+    /// `XREVRANGE`: for a tool's last change.
+    NewestFirst,
+}
 
 /// How long a failed connection attempt answers for everyone before the next try.
 const RECONNECT_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
@@ -656,53 +666,47 @@ impl RouteStore {
     /// The tool's newest entry in the audit stream, if any: read newest
     /// first, and stops at the first one found.
     pub async fn last_change(&self, tool: &ToolName) -> Result<Option<AuditEntry>, RouteTableError> {
-        let mut end = "+".to_string();
-        loop {
-            let to = end.clone();
-            let batch: Vec<redis::Value> = self
-                .run(|mut c| async move {
-                    redis::cmd("XREVRANGE")
-                        .arg(AUDIT_STREAM)
-                        .arg(to)
-                        .arg("-")
-                        .arg("COUNT")
-                        .arg(HISTORY_BATCH)
-                        .query_async(&mut c)
-                        .await
-                })
-                .await?;
-            let count = batch.len();
-            let mut last = None;
-            for item in batch {
-                let Some((id, fields)) = stream_entry(item) else { continue };
-                if let Some(entry) = AuditEntry::from_fields(&id, &fields)
-                    && entry.tool == tool.as_str()
-                {
-                    return Ok(Some(entry));
-                }
-                last = Some(id);
-            }
-            match last {
-                // `(` makes the next range end before the last ID seen.
-                Some(id) if count == HISTORY_BATCH => end = format!("({id}"),
-                _ => return Ok(None),
-            }
-        }
+        let mut found = None;
+        self.walk_audit(tool, Direction::NewestFirst, |entry| {
+            found = Some(entry);
+            ControlFlow::Break(())
+        })
+        .await?;
+        Ok(found)
     }
 
     /// A tool's entries of the audit stream, oldest first. Reads the whole
     /// (capped) stream in batches and keeps the tool's entries.
     pub async fn history(&self, tool: &ToolName) -> Result<Vec<AuditEntry>, RouteTableError> {
         let mut entries = Vec::new();
-        let mut start = "-".to_string();
+        self.walk_audit(tool, Direction::OldestFirst, |entry| {
+            entries.push(entry);
+            ControlFlow::Continue(())
+        })
+        .await?;
+        Ok(entries)
+    }
+
+    /// Reads the audit stream in batches of [`HISTORY_BATCH`], in
+    /// `direction`, and hands `tool`'s entries to `visit` until it breaks.
+    async fn walk_audit(
+        &self,
+        tool: &ToolName,
+        direction: Direction,
+        mut visit: impl FnMut(AuditEntry) -> ControlFlow<()>,
+    ) -> Result<(), RouteTableError> {
+        let (command, mut from, to) = match direction {
+            Direction::OldestFirst => ("XRANGE", "-".to_string(), "+"),
+            Direction::NewestFirst => ("XREVRANGE", "+".to_string(), "-"),
+        };
         loop {
-            let from = start.clone();
+            let start = from.clone();
             let batch: Vec<redis::Value> = self
                 .run(|mut c| async move {
-                    redis::cmd("XRANGE")
+                    redis::cmd(command)
                         .arg(AUDIT_STREAM)
-                        .arg(from)
-                        .arg("+")
+                        .arg(start)
+                        .arg(to)
                         .arg("COUNT")
                         .arg(HISTORY_BATCH)
                         .query_async(&mut c)
@@ -715,15 +719,16 @@ impl RouteStore {
                 let Some((id, fields)) = stream_entry(item) else { continue };
                 if let Some(entry) = AuditEntry::from_fields(&id, &fields)
                     && entry.tool == tool.as_str()
+                    && visit(entry).is_break()
                 {
-                    entries.push(entry);
+                    return Ok(());
                 }
                 last = Some(id);
             }
             match last {
-                // `(` makes the next range start after the last ID seen.
-                Some(id) if count == HISTORY_BATCH => start = format!("({id}"),
-                _ => return Ok(entries),
+                // `(` makes the next range begin past the last ID seen.
+                Some(id) if count == HISTORY_BATCH => from = format!("({id}"),
+                _ => return Ok(()),
             }
         }
     }
