@@ -118,7 +118,11 @@ async def main():
 asyncio.run(main())
 EOF
 
+# Every client here is 127.0.0.1: the per-client connection cap (a defence
+# against one address, not the one measured) would answer both the flood and
+# the measured client 429, so it is off.
 env DYNAMICPROXY_PROXY_DENIED_BACKEND_NETWORKS='[]' DYNAMICPROXY_PROXY_REQUIRE_USER_AGENT=false DYNAMICPROXY_PROXY_TOOL_MAX_CONCURRENT_REQUESTS="$SHARE" \
+  DYNAMICPROXY_PROXY_MAX_CONNECTIONS_PER_CLIENT=0 \
   "$BINARY" proxy --http-listen "127.0.0.1:$PROXY_PORT" --list-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
   --redis-url "redis://127.0.0.1:$REDIS_PORT" > "$RUN/proxy.log" 2>&1 &
 PIDS+=($!)
