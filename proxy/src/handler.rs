@@ -273,8 +273,9 @@ async fn respond(
             if via != Via::Default {
                 shared.last_use.touch(&backend);
             }
-            let path = req.uri().path().to_owned();
-            let routes = || outlier::routes_of(&shared.router, &host, &path, via);
+            // A clone of the URI shares its bytes, where an owned path would allocate.
+            let uri = req.uri().clone();
+            let routes = || outlier::routes_of(&shared.router, &host, uri.path(), via);
             if shared.outliers.admit(&backend, routes) == Admission::Down {
                 return Err(ProxyError::BackendDown);
             }

@@ -164,9 +164,15 @@ impl Router {
 }
 
 /// The first route of `tool` whose pattern is found in `path`, in match
-/// order (as [`ToolRoutes::find`]), telling `trace` each pattern tried.
+/// order, telling `trace` each pattern tried. Without a recording trace
+/// (the request path) this is [`ToolRoutes::find`], the one-pass lookup
+/// built when the tool was loaded; pattern by pattern it gives the same
+/// answer (the redis crate's equivalence tests), so explain stays true.
 #[inline]
-fn find<'r>(tool: &str, routes: &'r ToolRoutes, path: &str, trace: &mut impl RouteTrace) -> Option<&'r BackendUrl> {
+fn find<'r, T: RouteTrace>(tool: &str, routes: &'r ToolRoutes, path: &str, trace: &mut T) -> Option<&'r BackendUrl> {
+    if !T::RECORDS {
+        return routes.find(path);
+    }
     routes
         .routes()
         .iter()
@@ -193,6 +199,9 @@ pub enum HostForm {
 /// Told each step of a routing decision as it is taken (see
 /// [`Router::route_traced`]). Every method does nothing by default.
 pub trait RouteTrace {
+    /// False for a trace that records nothing: routing then takes the
+    /// tool's one-pass lookup instead of trying each pattern in turn.
+    const RECORDS: bool = true;
     /// The form of the request, and the tool it names.
     fn host_form(&mut self, _form: HostForm, _tool: Option<&str>) {}
     /// The cache's entry for `tool` (`prefix:admin` is the tool `admin`); `None` when Redis has no key for it.
@@ -202,7 +211,9 @@ pub trait RouteTrace {
 }
 
 /// The request path's trace: records nothing.
-impl RouteTrace for () {}
+impl RouteTrace for () {
+    const RECORDS: bool = false;
+}
 
 /// Splits a legacy path `/<tool><rest>`; `rest` defaults to `/`.
 pub fn split_legacy(path: &str) -> (&str, &str) {
