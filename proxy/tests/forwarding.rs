@@ -242,19 +242,6 @@ async fn large_upload_streams_and_oversize_is_413() {
     assert_eq!(response.status(), 413);
 }
 
-fn websocket_request(proxy: &Proxy) -> http::Request<()> {
-    http::Request::builder()
-        .uri(format!("ws://{}/socket", proxy.http))
-        .header("host", "ws.toolforge.org")
-        .header("user-agent", "t")
-        .header("connection", "Upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", tokio_tungstenite::tungstenite::handshake::client::generate_key())
-        .body(())
-        .unwrap()
-}
-
 #[tokio::test]
 async fn websocket_echo_through_the_proxy() {
     let addr = websocket_echo_backend().await;

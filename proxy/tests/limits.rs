@@ -302,16 +302,7 @@ async fn an_idle_websocket_outlives_the_keepalive_timeout() {
     let config = Config { keepalive_timeout_secs: 1, http2_idle_timeout_secs: 1, ..Config::default() };
     let proxy = Proxy::start(config).await;
     proxy.set_route("ws", ".*", &format!("http://{addr}")).await;
-    let request = http::Request::builder()
-        .uri(format!("ws://{}/socket", proxy.http))
-        .header("host", "ws.toolforge.org")
-        .header("user-agent", "t")
-        .header("connection", "Upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", tokio_tungstenite::tungstenite::handshake::client::generate_key())
-        .body(())
-        .unwrap();
+    let request = websocket_request(&proxy);
     let (mut ws, response) = tokio_tungstenite::connect_async(request).await.expect("handshake");
     assert_eq!(response.status(), 101);
     tokio::time::sleep(Duration::from_millis(2500)).await;

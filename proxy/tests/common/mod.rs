@@ -311,6 +311,20 @@ pub fn rss_bytes() -> u64 {
     kb * 1024
 }
 
+/// A WebSocket handshake request for `ws.toolforge.org/socket` through `proxy`'s HTTP listener.
+pub fn websocket_request(proxy: &Proxy) -> http::Request<()> {
+    http::Request::builder()
+        .uri(format!("ws://{}/socket", proxy.http))
+        .header("host", "ws.toolforge.org")
+        .header("user-agent", "t")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", tokio_tungstenite::tungstenite::handshake::client::generate_key())
+        .body(())
+        .unwrap()
+}
+
 /// A real WebSocket echo backend on 127.0.0.1.
 pub async fn websocket_echo_backend() -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
