@@ -14,6 +14,7 @@ use tokio::time::Sleep;
 use crate::backend_limit::BackendPermit;
 use crate::compress::GzipBody;
 use crate::error::BoxError;
+use crate::upstream_pool::UpstreamBody;
 
 /// A response body sent to a client.
 pub enum ProxyBody {
@@ -22,7 +23,7 @@ pub enum ProxyBody {
     /// A body the proxy made itself (pages, `/list`).
     Full(Option<Bytes>),
     /// The backend's body, streamed as it arrives.
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
     /// The backend's body, gzip-compressed on the fly.
     Gzip(Box<GzipBody>),
     /// A backend's response holding its place under the backend caps until

@@ -5,12 +5,12 @@ use std::io::Write;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::upstream_pool::UpstreamBody;
 use bytes::Bytes;
 use flate2::Compression;
 use flate2::write::GzEncoder;
 use http::header::{self, HeaderMap, HeaderValue};
 use http_body::{Body, Frame};
-use hyper::body::Incoming;
 
 use crate::error::BoxError;
 
@@ -102,13 +102,13 @@ pub fn mark_compressed(response: &mut HeaderMap) {
 /// A backend body compressed as it streams; each chunk is flushed so slow
 /// streams (progress pages, logs) still reach the client promptly.
 pub struct GzipBody {
-    inner: Incoming,
+    inner: UpstreamBody,
     encoder: Option<GzEncoder<Vec<u8>>>,
 }
 
 impl GzipBody {
     /// Compresses `inner`.
-    pub fn new(inner: Incoming) -> Self {
+    pub fn new(inner: UpstreamBody) -> Self {
         GzipBody { inner, encoder: Some(GzEncoder::new(Vec::with_capacity(8192), Compression::new(5))) }
     }
 }

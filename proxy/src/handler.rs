@@ -351,29 +351,27 @@ async fn forward(
         HeaderValue::from_str(host).map_err(|_| ProxyError::BadRequest("bad Host"))?
     };
     parts.headers.insert(header::HOST, upstream_host);
-    // A bodiless request can be sent again if its backend refuses (hold_secs).
-    let replay_uri = (shared.hold.enabled() && http_body::Body::is_end_stream(&body)).then(|| original_uri.to_owned());
-    parts.uri = upstream_uri(backend, original_uri)?;
+    parts.uri = origin_form(&parts.uri);
     parts.version = Version::HTTP_11;
-    let replay = replay_uri.map(|uri| (uri, parts.method.clone(), parts.headers.clone()));
+    // A bodiless request can be sent again if its backend refuses (hold_secs).
+    let replay = (shared.hold.enabled() && http_body::Body::is_end_stream(&body))
+        .then(|| (parts.uri.clone(), parts.method.clone(), parts.headers.clone()));
     let upstream_req =
         Request::from_parts(parts, LimitedBody::new(body, shared.max_body).with_pause_limit(shared.body_timeout));
 
     let sent = Instant::now();
-    let mut result = conn.pool.request(upstream_req).await;
+    let mut result = conn.pool.request(backend, upstream_req).await;
     if let Some((uri, method, headers)) = replay
         && result.as_ref().is_err_and(hold::refused)
     {
-        let (path, query) = uri.split_once('?').map_or((uri.as_str(), None), |(p, q)| (p, Some(q)));
-        if let Some(next) =
-            shared.hold.after_refusal(&shared.router, (host, path, query), backend, &shared.hard_stop).await
-        {
+        let request = (host, uri.path(), uri.query());
+        if let Some(next) = shared.hold.after_refusal(&shared.router, request, backend, &shared.hard_stop).await {
             let mut again = Request::new(LimitedBody::empty());
             *again.method_mut() = method;
             *again.headers_mut() = headers;
-            *again.uri_mut() = upstream_uri(&next, &uri)?;
+            *again.uri_mut() = uri;
+            result = conn.pool.request(&next, again).await;
             ctx.upstream = Some(next);
-            result = conn.pool.request(again).await;
         }
     }
     ctx.outcome = outlier::outcome(&result);
@@ -442,39 +440,14 @@ async fn forward(
     Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
 }
 
-/// `http://host:port` + the original path and query: the pool key is the
-/// scheme and authority, and hyper sends the origin form.
-fn upstream_uri(backend: &BackendUrl, path_and_query: &str) -> Result<Uri, ProxyError> {
-    let mut uri = String::with_capacity(16 + backend.host().len() + path_and_query.len());
-    uri.push_str(backend.scheme().as_str());
-    uri.push_str("://");
-    uri.push_str(backend.host());
-    uri.push(':');
-    uri.push_str(itoa_u16(backend.port()).as_str());
-    uri.push_str(path_and_query);
-    Uri::from_maybe_shared(Bytes::from(uri)).map_err(|_| ProxyError::BadRequest("unforwardable URI"))
-}
-
-struct SmallNum([u8; 5], usize);
-
-impl SmallNum {
-    fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.0[self.1..]).unwrap_or("0")
+/// The request line's target as the backend gets it: the path and query
+/// only. An HTTP/1 request's URI usually is that already, and is kept as it
+/// is (no copy); an HTTP/2 request's carries the scheme and authority.
+fn origin_form(uri: &Uri) -> Uri {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return uri.clone();
     }
-}
-
-fn itoa_u16(mut n: u16) -> SmallNum {
-    let mut buf = [b'0'; 5];
-    let mut i = 5;
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    SmallNum(buf, i)
+    uri.path_and_query().cloned().map_or_else(|| Uri::from_static("/"), Uri::from)
 }
 
 /// Extra headers (replacing the backend's copies) and HSTS.
@@ -552,15 +525,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn small_numbers() {
-        for n in [0u16, 7, 80, 443, 8080, 65535] {
-            assert_eq!(itoa_u16(n).as_str(), n.to_string());
+    fn origin_form_keeps_path_and_query_only() {
+        for (uri, sent) in [
+            ("/a/b?c=d", "/a/b?c=d"),
+            ("https://foo.toolforge.org/a/b?c=d", "/a/b?c=d"),
+            ("http://foo.toolforge.org", "/"),
+            ("*", "*"),
+        ] {
+            assert_eq!(origin_form(&uri.parse().unwrap()).to_string(), sent, "{uri}");
         }
-    }
-
-    #[test]
-    fn upstream_uri_keeps_path_and_query() {
-        let backend = BackendUrl::parse("http://127.0.0.1:8000").unwrap();
-        assert_eq!(upstream_uri(&backend, "/a/b?c=d").unwrap().to_string(), "http://127.0.0.1:8000/a/b?c=d");
     }
 }

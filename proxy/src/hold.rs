@@ -323,7 +323,7 @@ impl Inner {
 
 /// True when `error` is a backend refusing the connection: nothing reached
 /// it, so the request may be sent again.
-pub fn refused(error: &hyper_util::client::legacy::Error) -> bool {
+pub fn refused(error: &crate::upstream::UpstreamError) -> bool {
     if !error.is_connect() {
         return false;
     }

@@ -20,7 +20,8 @@
 //! - [`host`]: Host normalisation and URI checks.
 //! - [`protect`]: bans, User-Agent/Referer block lists, per-client rate limit.
 //! - [`headers`]: request and response header rewriting.
-//! - [`upstream`]: pooled keep-alive client, timeouts, failure classification.
+//! - [`upstream`]: the client for backends: exchanges, connect and idle timeouts, failure classification.
+//! - [`upstream_pool`]: idle keep-alive connections per backend, one pool per event loop.
 //! - [`egress`]: where the proxy may connect: resolution, then `denied_backend_networks`.
 //! - [`backend_tls`]: TLS to `https://` backends: system roots plus `backend_ca_file`, SNI.
 //! - [`resolver`]: backend names through a TTL-respecting DNS cache with a stale window.
@@ -111,6 +112,7 @@ pub mod tls;
 pub mod trace_context;
 pub mod upgrade;
 pub mod upstream;
+pub mod upstream_pool;
 mod workers;
 
 use std::sync::Arc;

@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use dynamicproxy_redis::{BackendUrl, ToolRoutes};
 use hyper::Response;
-use hyper::body::Incoming;
 
 use crate::egress::denied_cause;
 use crate::metrics::Metrics;
 use crate::route::{Router, Via, split_legacy};
+use crate::upstream::UpstreamError;
 
 /// The thresholds, from `[proxy] backend_down_*`.
 #[derive(Debug, Clone, Copy)]
@@ -173,7 +173,7 @@ impl Outliers {
 }
 
 /// What a backend exchange's result says about the backend.
-pub fn outcome(result: &Result<Response<Incoming>, hyper_util::client::legacy::Error>) -> Outcome {
+pub fn outcome<B>(result: &Result<Response<B>, UpstreamError>) -> Outcome {
     let error = match result {
         Ok(_) => return Outcome::Answered,
         Err(error) => error,

@@ -1,28 +1,32 @@
-//! The client side: keep-alive connection pools per backend (hyper-util's
-//! pooled client, keyed by scheme and authority, so `http://` and `https://`
-//! backends are pooled alike), connect and idle timeouts, TLS to `https://`
-//! backends, and the classification of upstream failures into 502 and 504.
+//! The client side: HTTP/1.1 exchanges with backends over keep-alive
+//! connections from this event loop's [`IdlePool`], connect and idle
+//! timeouts, TLS to `https://` backends, and the classification of upstream
+//! failures into 502 and 504.
+//!
+//! Each connection is driven by a task on the loop that opened it, and a
+//! request goes straight to it: no pool-wide lock, no key parsing from a
+//! URI, no task per request to return the connection (its body does that).
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Uri;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use dynamicproxy_redis::{BackendUrl, Scheme};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tracing::debug;
 
 use crate::backend_tls::{BackendTls, untrusted_cause};
 use crate::body::{LimitedBody, TooLarge};
 use crate::egress::{Egress, denied_cause};
 use crate::error::{BoxError, ProxyError};
 use crate::idle::IdleIo;
-
-/// The pooled HTTP/1.1 client used for every backend.
-pub type UpstreamClient = Client<Connector, LimitedBody>;
+use crate::upstream_pool::{IdlePool, Lease, Sender, UpstreamBody, sweep_until_dropped};
 
 /// Settings of the upstream client.
 #[derive(Debug, Clone)]
@@ -42,22 +46,101 @@ pub struct UpstreamSettings {
     pub tls: BackendTls,
 }
 
-/// Builds the pooled client.
-pub fn client(settings: UpstreamSettings) -> UpstreamClient {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(settings.idle_timeout)
-        .pool_max_idle_per_host(settings.max_idle_per_backend)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .http1_max_buf_size(crate::buffers::UPSTREAM_MAX_BUF)
-        // Body chunks are queued, not copied into a growing buffer.
-        .http1_writev(true)
-        .build(Connector {
+/// One event loop's client for every backend.
+pub struct UpstreamClient {
+    pool: Arc<IdlePool>,
+    connector: Connector,
+    http1: http1::Builder,
+}
+
+/// Why a backend exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection could be opened (resolution, denied network, refused,
+    /// timeout, TLS).
+    #[error("cannot connect to the backend")]
+    Connect(#[source] io::Error),
+    /// The exchange on an open connection failed.
+    #[error("backend exchange failed")]
+    Exchange(#[source] hyper::Error),
+}
+
+impl UpstreamError {
+    /// True when nothing was sent: the connection itself failed.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, UpstreamError::Connect(_))
+    }
+}
+
+impl UpstreamClient {
+    /// A client with an empty pool; must be called on the event loop that
+    /// will use it, where its sweeper runs.
+    pub fn new(settings: UpstreamSettings) -> Self {
+        let pool = IdlePool::new(settings.max_idle_per_backend, settings.idle_timeout);
+        let every = (settings.idle_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        tokio::spawn(sweep_until_dropped(Arc::downgrade(&pool), every));
+        let mut http1 = http1::Builder::new();
+        http1
+            .max_buf_size(crate::buffers::UPSTREAM_MAX_BUF)
+            // Body chunks are queued, not copied into a growing buffer.
+            .writev(true);
+        let connector = Connector {
             connect_timeout: settings.connect_timeout,
             read_timeout: settings.read_timeout,
             egress: settings.egress,
             tls: settings.tls,
-        })
+        };
+        UpstreamClient { pool, connector, http1 }
+    }
+
+    /// Sends `req` (origin-form URI) to `backend`, on an idle connection if
+    /// there is one. A request that an idle connection gives back unsent (the
+    /// backend closed it as we sent) goes out on a new connection.
+    pub async fn request(
+        &self,
+        backend: &BackendUrl,
+        mut req: Request<LimitedBody>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        while let Some(mut sender) = self.pool.take(backend) {
+            match sender.try_send_request(req).await {
+                Ok(response) => return Ok(self.lend(response, backend, sender)),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err(UpstreamError::Exchange(error.into_error())),
+                },
+            }
+        }
+        let mut sender = self.open(backend).await?;
+        match sender.try_send_request(req).await {
+            Ok(response) => Ok(self.lend(response, backend, sender)),
+            Err(error) => Err(UpstreamError::Exchange(error.into_error())),
+        }
+    }
+
+    /// Idle connections held now.
+    pub fn idle_connections(&self) -> usize {
+        self.pool.idle_count()
+    }
+
+    /// The response, with a body that returns the connection to the pool at
+    /// its end (a switched protocol keeps it: the tunnel owns it now).
+    fn lend(&self, response: Response<Incoming>, backend: &BackendUrl, sender: Sender) -> Response<UpstreamBody> {
+        let lease = (response.status() != StatusCode::SWITCHING_PROTOCOLS)
+            .then(|| Lease::new(self.pool.clone(), backend.clone(), sender));
+        response.map(|incoming| UpstreamBody::new(incoming, lease))
+    }
+
+    /// A new connection to `backend`, its task started on this loop.
+    async fn open(&self, backend: &BackendUrl) -> Result<Sender, UpstreamError> {
+        let io = self.connector.connect(backend).await.map_err(UpstreamError::Connect)?;
+        let (sender, connection) = self.http1.handshake(io).await.map_err(UpstreamError::Exchange)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                debug!(%error, "backend connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
 }
 
 /// Opens TCP (and for `https://`, TLS) connections to backends, with timeouts.
@@ -92,12 +175,6 @@ macro_rules! each {
             }
         }
     };
-}
-
-impl Connection for UpstreamIo {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
 }
 
 impl hyper::rt::Read for UpstreamIo {
@@ -139,47 +216,33 @@ impl hyper::rt::Write for UpstreamIo {
     }
 }
 
-impl tower_service::Service<Uri> for Connector {
-    type Response = UpstreamIo;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<UpstreamIo>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let https = match uri.scheme_str() {
-                Some("http") => false,
-                Some("https") => true,
-                _ => return Err(io::Error::new(io::ErrorKind::Unsupported, "only http:// and https:// backends")),
-            };
-            let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
-            let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-            // Resolution and the denied-network check happen here, on every
-            // new connection: a cached or pooled answer is never trusted past it.
-            let stream = tokio::time::timeout(this.connect_timeout, this.egress.connect(host, port))
-                .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-            let _ = stream.set_nodelay(true);
-            let stream = IdleIo::new(stream, this.read_timeout);
-            if !https {
-                return Ok(UpstreamIo(Inner::Plain(TokioIo::new(stream))));
-            }
-            let tls = tokio::time::timeout(this.connect_timeout, this.tls.handshake(host, stream))
-                .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
-            Ok(UpstreamIo(Inner::Tls(Box::new(TokioIo::new(tls)))))
-        })
+impl Connector {
+    /// Resolves, checks and connects to `backend` (and for `https://`,
+    /// shakes hands), each step bounded by the connect timeout.
+    async fn connect(&self, backend: &BackendUrl) -> io::Result<UpstreamIo> {
+        let https = backend.scheme() == Scheme::Https;
+        let host = backend.host().trim_start_matches('[').trim_end_matches(']');
+        // Resolution and the denied-network check happen here, on every
+        // new connection: a cached or pooled answer is never trusted past it.
+        let stream = tokio::time::timeout(self.connect_timeout, self.egress.connect(host, backend.port()))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        let _ = stream.set_nodelay(true);
+        let stream = IdleIo::new(stream, self.read_timeout);
+        if !https {
+            return Ok(UpstreamIo(Inner::Plain(TokioIo::new(stream))));
+        }
+        let tls = tokio::time::timeout(self.connect_timeout, self.tls.handshake(host, stream))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+        Ok(UpstreamIo(Inner::Tls(Box::new(TokioIo::new(tls)))))
     }
 }
 
 /// Maps a failed upstream exchange to what the client is told: our own body
 /// limit → 413, a broken client body → 400, a timeout anywhere → 504, anything
 /// else the backend did (refused, reset, garbage) → 502.
-pub fn classify(error: hyper_util::client::legacy::Error) -> ProxyError {
+pub fn classify(error: UpstreamError) -> ProxyError {
     let mut timeout = false;
     let mut client_body = false;
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);

@@ -19,7 +19,7 @@ use tracing::{Instrument, Span, debug, warn};
 use crate::handler::Shared;
 use crate::server::{ServeSettings, Slot, serve_tcp};
 use crate::tls::TlsAcceptor;
-use crate::upstream::{self, UpstreamClient, UpstreamSettings};
+use crate::upstream::{UpstreamClient, UpstreamSettings};
 
 /// A connection on its way from an accept loop to an event loop.
 pub(crate) struct Accepted {
@@ -72,7 +72,13 @@ impl Workers {
                 }
             }
         }
-        Workers { queues, next: AtomicUsize::new(0), fallback: Arc::new(upstream::client(upstream)), shared, settings }
+        Workers {
+            queues,
+            next: AtomicUsize::new(0),
+            fallback: Arc::new(UpstreamClient::new(upstream)),
+            shared,
+            settings,
+        }
     }
 
     /// Hands a connection to the next event loop (round robin, so long-lived
@@ -111,7 +117,7 @@ fn event_loop(
         // Built inside the loop so its connection tasks and timers live here.
         // Shared by reference: a copy of the client per connection cost about
         // 1 KiB of each idle connection's memory.
-        let pool = Arc::new(upstream::client(upstream));
+        let pool = Arc::new(UpstreamClient::new(upstream));
         loop {
             let job = tokio::select! {
                 _ = stop.cancelled() => return,

@@ -419,5 +419,8 @@ async fn concurrent_connections_share_one_lookup() {
         assert_eq!((got.status, got.body.as_str()), (200, "ok"));
     }
     assert_eq!(backend.accepted(), 20, "one backend connection per request");
-    assert_eq!(dns.queries("busy.dnstest"), 1, "one DNS query for 20 new connections");
+    // One lookup; the resolver retransmits after 1 s, which a loaded machine
+    // (the DNS server shares the test's thread with 20 clients) can reach.
+    let queries = dns.queries("busy.dnstest");
+    assert!((1..=2).contains(&queries), "one DNS lookup for 20 new connections, not {queries}");
 }
