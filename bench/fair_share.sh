@@ -154,9 +154,14 @@ done
 p99_ms() {
   awk '/^ *99%/ { v = $2; if (v ~ /us$/) v = v / 1000; else if (v ~ /ms$/) v = v + 0; else if (v ~ /s$/) v = v * 1000; print v }' "$1"
 }
+# The proxy's CPU time so far, in clock ticks (utime + stime of all its threads).
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$PROXY_PID/stat"; }
+TICK=$(getconf CLK_TCK)
 measure() {
   ${MINE[@]+"${MINE[@]}"} wrk -t1 -c"$CONNS" -d1s -H 'Host: fast.toolforge.org' "http://127.0.0.1:$PROXY_PORT/" > /dev/null
+  local before; before=$(cpu_ticks)
   ${MINE[@]+"${MINE[@]}"} wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H 'Host: fast.toolforge.org' "http://127.0.0.1:$PROXY_PORT/" > "$1"
+  echo $(($(cpu_ticks) - before)) > "$1.cpu"
 }
 
 measure "$RUN/alone.txt"
@@ -177,10 +182,15 @@ wait "$FLOOD_PID" || true
 
 alone=$(p99_ms "$RUN/alone.txt") flooded=$(p99_ms "$RUN/flooded.txt")
 errs() { awk '/Non-2xx/ { s += $NF } /Socket errors/ { gsub(",", ""); s += $4 + $6 + $8 + $10 } END { print s + 0 }' "$1"; }
-printf 'fast tool alone:      p99 %7.2f ms  %8.0f req/s  errors %d\n' "$alone" \
-  "$(awk '/^Requests\/sec/ { print $2 }' "$RUN/alone.txt")" "$(errs "$RUN/alone.txt")"
-printf 'fast tool in a flood: p99 %7.2f ms  %8.0f req/s  errors %d\n' "$flooded" \
-  "$(awk '/^Requests\/sec/ { print $2 }' "$RUN/flooded.txt")" "$(errs "$RUN/flooded.txt")"
+# The proxy's CPU per wrk request, to see what the refusals add.
+cpu() { echo "$(cat "$1.cpu") * 100 / $TICK / $DURATION" | bc -l; }
+per_req() { echo "$(cat "$1.cpu") * 1000000 / $TICK / $(awk '/requests in/ { print $1 }' "$1")" | bc -l; }
+printf 'fast tool alone:      p99 %7.2f ms  %8.0f req/s  errors %d  proxy CPU %3.0f%% (%.1f us per request)\n' "$alone" \
+  "$(awk '/^Requests\/sec/ { print $2 }' "$RUN/alone.txt")" "$(errs "$RUN/alone.txt")" \
+  "$(cpu "$RUN/alone.txt")" "$(per_req "$RUN/alone.txt")"
+printf 'fast tool in a flood: p99 %7.2f ms  %8.0f req/s  errors %d  proxy CPU %3.0f%% (%.1f us per request)\n' "$flooded" \
+  "$(awk '/^Requests\/sec/ { print $2 }' "$RUN/flooded.txt")" "$(errs "$RUN/flooded.txt")" \
+  "$(cpu "$RUN/flooded.txt")" "$(per_req "$RUN/flooded.txt")"
 printf 'ratio %.2fx (goal: within 2x); share %s, flood %s clients, %s; flood answers: %s\n' \
   "$(echo "$flooded / $alone" | bc -l)" "$SHARE" "$FLOOD" "$([ -n "$PIN" ] && echo pinned || echo unpinned)" "$(cat "$RUN/flood.txt")"
 exit
