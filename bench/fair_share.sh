@@ -2,7 +2,7 @@
 # bench/fair_share.sh: does a flooded tool hurt the others? (issue 15, fair shares)
 #
 #   bench/fair_share.sh [--binary target/release/dynamicproxy] [--flood 2000] [--share 256]
-#                       [--duration 10] [--conns 32]
+#                       [--duration 10] [--conns 32] [--pin] [--perf] [--strace]
 #
 # Two tools behind one release proxy: `slow`, whose backend sleeps 10 s before
 # every answer, and `fast`, served by nginx. wrk measures `fast`'s p99 alone,
@@ -11,11 +11,20 @@
 # after a 200 it asks again at once). --share sets tool_max_concurrent_requests
 # (0 = off, to see the flood without fair shares). Prints both p99 figures and
 # their ratio; the goal is within 2x. Outside CI: it takes about a minute.
+#
+# --pin puts the flood generator and the slow backend on the last CPU and the
+# proxy, nginx, redis and wrk on the others (for both measurements): in
+# production the flood comes from other machines, and on a 2-core box the
+# Python flood otherwise takes CPU from the proxy and from wrk itself, which
+# is the box's cost, not the proxy's. --perf records the proxy's CPU profile
+# (perf record -e cpu-clock -g) and --strace counts its syscalls (strace -c -f;
+# it slows the proxy down, so its p99 is not comparable) during the flood;
+# both land in the run directory.
 # Everything listens on 127.0.0.1 only. Run from the workspace root.
 {
 set -euo pipefail
 . "$(dirname "$0")/peer/lib.sh"
-BINARY=target/release/dynamicproxy FLOOD=2000 SHARE=256 DURATION=10 CONNS=32
+BINARY=target/release/dynamicproxy FLOOD=2000 SHARE=256 DURATION=10 CONNS=32 PIN= PERF= STRACE=
 while (($#)); do
   case $1 in
     --binary) BINARY=$2; shift 2 ;;
@@ -23,11 +32,21 @@ while (($#)); do
     --share) SHARE=$2; shift 2 ;;
     --duration) DURATION=$2; shift 2 ;;
     --conns) CONNS=$2; shift 2 ;;
+    --pin) PIN=1; shift ;;
+    --perf) PERF=1; shift ;;
+    --strace) STRACE=1; shift ;;
     *) echo "fair_share.sh: unknown argument $1 (see the header)" >&2; exit 64 ;;
   esac
 done
 [ -x "$BINARY" ] || { echo "fair_share.sh: no binary at $BINARY (cargo build --release)" >&2; exit 64; }
 bench/peer/setup.sh >/dev/null
+# With --pin: MINE runs the proxy side, FLOOD_CPU the flood side.
+LAST_CPU=$(($(nproc) - 1))
+if [ -n "$PIN" ] && ((LAST_CPU > 0)); then
+  MINE=(taskset -c "0-$((LAST_CPU - 1))") THEIRS=(taskset -c "$LAST_CPU")
+else
+  MINE=() THEIRS=()
+fi
 ulimit -n "$(ulimit -Hn)" # 2,000 flood clients, their backend connections and the proxy's
 
 RUN=$(mktemp -d /tmp/proxy-fair.XXXXXX)
@@ -47,13 +66,13 @@ REDIS_PORT=$(free_port 6590)
 BACKEND_PORT=$(free_port 18280)
 SLOW_PORT=$(free_port $((BACKEND_PORT + 1)))
 PROXY_PORT=$(free_port $((SLOW_PORT + 1)))
-redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no --daemonize yes \
+${MINE[@]+"${MINE[@]}"} redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no --daemonize yes \
   --pidfile "$RUN/redis.pid" --logfile "$RUN/redis.log" --dir "$RUN"
 for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done
 redis-cli -p "$REDIS_PORT" hset prefix:fast '.*' "http://127.0.0.1:$BACKEND_PORT" > /dev/null
 redis-cli -p "$REDIS_PORT" hset prefix:slow '.*' "http://127.0.0.1:$SLOW_PORT" > /dev/null
 mk_nginx "$RUN/backend" "backend:$BACKEND_PORT"
-nginx -p "$RUN/backend" -e "$RUN/backend/logs/error.log" -c "$RUN/backend/nginx.conf"
+${MINE[@]+"${MINE[@]}"} nginx -p "$RUN/backend" -e "$RUN/backend/logs/error.log" -c "$RUN/backend/nginx.conf"
 
 # The slow backend: every request waits 10 s, keep-alive, thousands at once.
 cat > "$RUN/slow.py" <<'EOF'
@@ -77,7 +96,7 @@ async def main():
         await server.serve_forever()
 asyncio.run(main())
 EOF
-python3 "$RUN/slow.py" "$SLOW_PORT" > "$RUN/slow.log" 2>&1 &
+${THEIRS[@]+"${THEIRS[@]}"} python3 "$RUN/slow.py" "$SLOW_PORT" > "$RUN/slow.log" 2>&1 &
 PIDS+=($!)
 
 # The flood: N clients, each with one request to `slow` open at a time.
@@ -123,9 +142,10 @@ EOF
 # the measured client 429, so it is off.
 env DYNAMICPROXY_PROXY_DENIED_BACKEND_NETWORKS='[]' DYNAMICPROXY_PROXY_REQUIRE_USER_AGENT=false DYNAMICPROXY_PROXY_TOOL_MAX_CONCURRENT_REQUESTS="$SHARE" \
   DYNAMICPROXY_PROXY_MAX_CONNECTIONS_PER_CLIENT=0 \
-  "$BINARY" proxy --http-listen "127.0.0.1:$PROXY_PORT" --list-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
+  ${MINE[@]+"${MINE[@]}"} "$BINARY" proxy --http-listen "127.0.0.1:$PROXY_PORT" --list-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
   --redis-url "redis://127.0.0.1:$REDIS_PORT" > "$RUN/proxy.log" 2>&1 &
-PIDS+=($!)
+PROXY_PID=$!
+PIDS+=($PROXY_PID)
 for _ in $(seq 100); do
   [ "$(curl -s -m 1 -H 'Host: fast.toolforge.org' "http://127.0.0.1:$PROXY_PORT/")" = ok ] && break
   sleep 0.2
@@ -134,26 +154,44 @@ done
 p99_ms() {
   awk '/^ *99%/ { v = $2; if (v ~ /us$/) v = v / 1000; else if (v ~ /ms$/) v = v + 0; else if (v ~ /s$/) v = v * 1000; print v }' "$1"
 }
+# The proxy's CPU time so far, in clock ticks (utime + stime of all its threads).
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$PROXY_PID/stat"; }
+TICK=$(getconf CLK_TCK)
 measure() {
-  wrk -t1 -c"$CONNS" -d1s -H 'Host: fast.toolforge.org' "http://127.0.0.1:$PROXY_PORT/" > /dev/null
-  wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H 'Host: fast.toolforge.org' "http://127.0.0.1:$PROXY_PORT/" > "$1"
+  ${MINE[@]+"${MINE[@]}"} wrk -t1 -c"$CONNS" -d1s -H 'Host: fast.toolforge.org' "http://127.0.0.1:$PROXY_PORT/" > /dev/null
+  local before; before=$(cpu_ticks)
+  ${MINE[@]+"${MINE[@]}"} wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H 'Host: fast.toolforge.org' "http://127.0.0.1:$PROXY_PORT/" > "$1"
+  echo $(($(cpu_ticks) - before)) > "$1.cpu"
 }
 
 measure "$RUN/alone.txt"
-python3 "$RUN/flood.py" "$PROXY_PORT" "$FLOOD" $((DURATION + 15)) > "$RUN/flood.txt" 2>&1 &
+${THEIRS[@]+"${THEIRS[@]}"} python3 "$RUN/flood.py" "$PROXY_PORT" "$FLOOD" $((DURATION + 15)) > "$RUN/flood.txt" 2>&1 &
 FLOOD_PID=$!
 PIDS+=($FLOOD_PID)
 sleep 3 # let the flood connect and fill the slow tool's share
+if [ -n "$PERF" ]; then
+  perf record -q -e cpu-clock -g -p "$PROXY_PID" -o "$RUN/perf.data" -- sleep "$DURATION" 2> "$RUN/perf.log" &
+  PIDS+=($!)
+fi
+if [ -n "$STRACE" ]; then
+  timeout -s INT "$DURATION" strace -c -f -p "$PROXY_PID" -o "$RUN/strace.txt" 2> /dev/null &
+  PIDS+=($!)
+fi
 measure "$RUN/flooded.txt"
 wait "$FLOOD_PID" || true
 
 alone=$(p99_ms "$RUN/alone.txt") flooded=$(p99_ms "$RUN/flooded.txt")
 errs() { awk '/Non-2xx/ { s += $NF } /Socket errors/ { gsub(",", ""); s += $4 + $6 + $8 + $10 } END { print s + 0 }' "$1"; }
-printf 'fast tool alone:      p99 %7.2f ms  %8.0f req/s  errors %d\n' "$alone" \
-  "$(awk '/^Requests\/sec/ { print $2 }' "$RUN/alone.txt")" "$(errs "$RUN/alone.txt")"
-printf 'fast tool in a flood: p99 %7.2f ms  %8.0f req/s  errors %d\n' "$flooded" \
-  "$(awk '/^Requests\/sec/ { print $2 }' "$RUN/flooded.txt")" "$(errs "$RUN/flooded.txt")"
-printf 'ratio %.2fx (goal: within 2x); share %s, flood %s clients; flood answers: %s\n' \
-  "$(echo "$flooded / $alone" | bc -l)" "$SHARE" "$FLOOD" "$(cat "$RUN/flood.txt")"
+# The proxy's CPU per wrk request, to see what the refusals add.
+cpu() { echo "$(cat "$1.cpu") * 100 / $TICK / $DURATION" | bc -l; }
+per_req() { echo "$(cat "$1.cpu") * 1000000 / $TICK / $(awk '/requests in/ { print $1 }' "$1")" | bc -l; }
+printf 'fast tool alone:      p99 %7.2f ms  %8.0f req/s  errors %d  proxy CPU %3.0f%% (%.1f us per request)\n' "$alone" \
+  "$(awk '/^Requests\/sec/ { print $2 }' "$RUN/alone.txt")" "$(errs "$RUN/alone.txt")" \
+  "$(cpu "$RUN/alone.txt")" "$(per_req "$RUN/alone.txt")"
+printf 'fast tool in a flood: p99 %7.2f ms  %8.0f req/s  errors %d  proxy CPU %3.0f%% (%.1f us per request)\n' "$flooded" \
+  "$(awk '/^Requests\/sec/ { print $2 }' "$RUN/flooded.txt")" "$(errs "$RUN/flooded.txt")" \
+  "$(cpu "$RUN/flooded.txt")" "$(per_req "$RUN/flooded.txt")"
+printf 'ratio %.2fx (goal: within 2x); share %s, flood %s clients, %s; flood answers: %s\n' \
+  "$(echo "$flooded / $alone" | bc -l)" "$SHARE" "$FLOOD" "$([ -n "$PIN" ] && echo pinned || echo unpinned)" "$(cat "$RUN/flood.txt")"
 exit
 }

@@ -112,3 +112,56 @@ async fn an_open_websocket_tunnel_holds_its_tools_place() {
     })
     .await;
 }
+
+/// Sends one request on `sender`'s connection and returns its status, its
+/// reason header and whether the proxy asked to close.
+async fn exchange(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    method: &str,
+    host: &str,
+    body: &'static [u8],
+) -> (u16, Option<String>, bool) {
+    use http_body_util::BodyExt;
+    tokio::time::timeout(Duration::from_secs(5), sender.ready()).await.unwrap().expect("connection still open");
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri("/")
+        .header("host", host)
+        .header("user-agent", "proxy-tests/1")
+        .body(Full::new(Bytes::from_static(body)))
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request)).await.unwrap().unwrap();
+    let status = response.status().as_u16();
+    let reason = response.headers().get("x-dynamicproxy-reason").map(|v| v.to_str().unwrap().to_owned());
+    let closes = response.headers().get("connection").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    let page = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(!page.is_empty(), "the refusal has its page");
+    (status, reason, closes)
+}
+
+/// A flooding client is answered on the connection it already has: a refusal
+/// that closed it would make every retry a new TCP connection for the proxy
+/// to accept, which is what the flood costs the other tools.
+#[tokio::test]
+async fn an_over_capacity_refusal_keeps_the_connection_for_the_next_request() {
+    let release = CancellationToken::new();
+    let _release_guard = release.clone().drop_guard();
+    let slow = hanging_backend(release.clone()).await;
+    let fast = Backend::echo("fast").await;
+    let proxy = Proxy::start(Config { tool_max_concurrent_requests: 1, ..Config::default() }).await;
+    proxy.set_route("slow", ".*", &slow.url()).await;
+    proxy.set_route("fast", ".*", &fast.url()).await;
+    let _held = flood(&proxy, &slow, "slow.toolforge.org", 1).await;
+
+    let stream = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    let connection = tokio::spawn(connection);
+    for (method, body) in [("GET", &b""[..]), ("POST", &b"a body read in full"[..]), ("GET", &b""[..])] {
+        let (status, reason, closes) = exchange(&mut sender, method, "slow.toolforge.org", body).await;
+        assert_eq!((status, reason.as_deref(), closes), (503, Some("over-capacity"), false), "{method}");
+        let (status, _, closes) = exchange(&mut sender, "GET", "fast.toolforge.org", b"").await;
+        assert_eq!((status, closes), (200, false), "the request after a refused {method}");
+    }
+    assert!(!connection.is_finished(), "the proxy closed the connection");
+}
