@@ -24,6 +24,8 @@ const MIN_LANE: usize = 2048;
 const CHECK: usize = 256;
 /// Most notes a lane takes (they live on the stack).
 const NOTES: usize = 64;
+/// Bytes checked at once when a walk stays in one state (see [`RegexDfa::stay`]).
+const SKIP: usize = 8;
 
 /// Why a set of patterns got no DFA.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,21 +108,56 @@ impl RegexDfa {
 
     /// Walks `haystack` from `state`: the state reached and the bits found,
     /// stopping early once a bit of `enough` is found.
-    #[inline]
+    // Not inlined: the lane loops that call it keep their states in registers.
+    #[inline(never)]
     fn walk_from(&self, mut state: StateID, haystack: &[u8], enough: u64) -> (StateID, u64) {
         let mut seen = 0u64;
-        for &b in haystack {
+        let mut i = 0;
+        while let Some(&b) = haystack.get(i) {
+            let before = state;
             state = self.dfa.next_state(state, b);
+            i += 1;
             // Dead, quit and match states are numbered first: one comparison
             // tells the (rare) states that need a look from the others.
             if self.dfa.is_special_state(state) {
                 seen |= self.found_at(state);
-                if seen & enough != 0 {
+                // Nothing is found after a dead state, and it never changes.
+                if seen & enough != 0 || self.dfa.is_dead_state(state) {
                     break;
                 }
             }
+            if state == before {
+                // Staying adds nothing to `seen`: skip to the byte that leaves.
+                i += self.stay(state, &haystack[i..]);
+            }
         }
         (state, seen)
+    }
+
+    /// How many of the first bytes of `haystack` keep a walk in `state`.
+    /// A walk waits on each step's memory load before it can take the next;
+    /// whether a byte leaves a known state does not, so [`SKIP`] bytes are
+    /// checked at once. States that loop on what the path is made of
+    /// (`[^/]*`, a pattern's unanchored start, a saturated `[ab/]{n}`) are
+    /// then crossed several times faster than they are walked.
+    #[inline]
+    fn stay(&self, state: StateID, haystack: &[u8]) -> usize {
+        if self.dfa.is_dead_state(state) {
+            return haystack.len();
+        }
+        let mut stayed = 0;
+        let mut chunks = haystack.chunks_exact(SKIP);
+        for chunk in &mut chunks {
+            let leaves = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |acc, (j, &b)| acc | u32::from(self.dfa.next_state(state, b) != state) << j);
+            if leaves != 0 {
+                return stayed + leaves.trailing_zeros() as usize;
+            }
+            stayed += SKIP;
+        }
+        stayed + chunks.remainder().iter().take_while(|&&b| self.dfa.next_state(state, b) == state).count()
     }
 
     /// Four walks side by side when matches have no length bound, so no
@@ -155,13 +192,20 @@ impl RegexDfa {
         let mut found = [[0u64; NOTES]; LANES];
         for n in 0..notes {
             let stretch = n * step..part.min((n + 1) * step);
-            // Indexing all lanes at one offset is the point: their walks interleave.
-            for i in stretch {
+            // Dead lanes (all guesses die when every pattern starts with
+            // `^`) find nothing more: a lone live lane is walked on its own,
+            // where `walk_from` can cross the states it stays in.
+            let live = states.iter().filter(|&&s| !self.dfa.is_dead_state(s)).count();
+            if live <= 1 {
                 for k in 0..LANES {
-                    states[k] = self.dfa.next_state(states[k], lanes[k][i]);
-                    if self.dfa.is_special_state(states[k]) {
-                        found[k][n] |= self.found_at(states[k]);
-                    }
+                    let (reached, here) = self.walk_from(states[k], &lanes[k][stretch.clone()], 0);
+                    states[k] = reached;
+                    found[k][n] |= here;
+                }
+            } else {
+                let here = self.walk_side_by_side(&mut states, lanes.map(|lane| &lane[stretch.clone()]));
+                for k in 0..LANES {
+                    found[k][n] |= here[k];
                 }
             }
             for k in 0..LANES {
@@ -200,6 +244,25 @@ impl RegexDfa {
         }
         let (state, tail) = self.walk_from(state, &haystack[LANES * part..], enough);
         seen | tail | self.found_at(self.dfa.next_eoi_state(state))
+    }
+
+    /// Walks each lane from its state, all lanes one byte at a time (that
+    /// their walks interleave is the point): the bits each found. The lanes
+    /// are as long as each other.
+    // Not inlined, so that the four states stay in registers.
+    #[inline(never)]
+    fn walk_side_by_side(&self, states: &mut [StateID; LANES], lanes: [&[u8]; LANES]) -> [u64; LANES] {
+        let mut found = [0u64; LANES];
+        let [l0, l1, l2, l3] = lanes;
+        for (((&b0, &b1), &b2), &b3) in l0.iter().zip(l1).zip(l2).zip(l3) {
+            for ((state, found), b) in states.iter_mut().zip(found.iter_mut()).zip([b0, b1, b2, b3]) {
+                *state = self.dfa.next_state(*state, b);
+                if self.dfa.is_special_state(*state) {
+                    *found |= self.found_at(*state);
+                }
+            }
+        }
+        found
     }
 
     /// Four walks side by side, lane k reporting the matches that end in
