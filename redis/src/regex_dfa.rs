@@ -451,6 +451,59 @@ mod tests {
         }
     }
 
+    /// The walk as it was before [`RegexDfa::stay`]: one step per byte.
+    fn walk_each_byte(d: &RegexDfa, haystack: &[u8]) -> u64 {
+        let mut state = d.start;
+        let mut seen = 0;
+        for &b in haystack {
+            state = d.dfa.next_state(state, b);
+            seen |= d.found_at(state);
+        }
+        seen | d.found_at(d.dfa.next_eoi_state(state))
+    }
+
+    #[test]
+    fn crossing_the_bytes_a_walk_stays_on_finds_what_walking_each_byte_finds() {
+        // Anchored runs (every guessed lane dies), runs that saturate, a
+        // match state that loops, and an unanchored route beside anchored ones.
+        let sets: [&[&str]; 4] = [
+            &["^[ab/]{9}[ab/]*c0", "^[ab/]{3}[ab/]*c1"],
+            &["[ab/]{9}[ab/]*c0", "[ab/]{5}c1"],
+            &["^/a[ab/]*", "b[ab]*c$"],
+            &["^[ab/]{4}[ab/]*c0", "x[ab/]*y"],
+        ];
+        let len = 4 * MIN_LANE + 3 * CHECK + 5;
+        let mut seed = 3u64;
+        let mut random = |n: usize| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) as usize % n
+        };
+        for patterns in sets {
+            let d = dfa(patterns);
+            for case in 0..200 {
+                let mut path: Vec<u8> = b"/ab".iter().copied().cycle().take(len).collect();
+                for _ in 0..random(4) {
+                    let insert: &[u8] = [b"c0".as_slice(), b"c1", b"x", b"y", b"-"][random(5)];
+                    let at = match random(3) {
+                        0 => random(len - 2),
+                        1 => (random(LANES) * (len / LANES) + random(8)).saturating_sub(4),
+                        _ => random(len / CHECK) * CHECK + random(SKIP + 1),
+                    };
+                    let at = at.min(len - insert.len());
+                    path[at..at + insert.len()].copy_from_slice(insert);
+                }
+                let all = walk_each_byte(&d, &path);
+                assert_eq!(d.walk(&path, 0), all, "{patterns:?} case {case}");
+                assert_eq!(d.search(&path, 0), all, "{patterns:?} case {case}");
+                for enough in [1, 2] {
+                    let found = d.search(&path, enough);
+                    assert_eq!(found & !all, 0, "{patterns:?} case {case}: reported a route not in the path");
+                    assert!(found & enough != 0 || found == all, "{patterns:?} case {case}: stopped early");
+                }
+            }
+        }
+    }
+
     #[test]
     fn refuses_what_it_cannot_run_or_afford() {
         assert!(matches!(RegexDfa::build(&[(r"\bx", 0)], 1 << 20), Err(DfaRefusal::Unsupported(_))));
