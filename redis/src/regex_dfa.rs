@@ -171,7 +171,9 @@ impl RegexDfa {
     /// it is real. Most route sets forget the past within a few bytes (any
     /// run of `[^/]` or of plain text resets them), so the walks rejoin at
     /// the first note; a set that never does costs one more walk of the
-    /// path than a single walk, at worst.
+    /// path than a single walk, at worst. Such a set usually stays in one
+    /// state for long stretches (an anchored `^[ab/]+` alive to the end),
+    /// which [`RegexDfa::stay`] crosses several bytes at a time.
     fn search_speculative(&self, haystack: &[u8], part: usize, enough: u64) -> u64 {
         // Notes per lane: [`CHECK`] bytes apart, fewer (further apart) on a longer path.
         let step = CHECK.max(part.div_ceil(NOTES));
