@@ -53,5 +53,5 @@ pub use origin::{CacheOrigin, OriginState};
 pub use provenance::{AUDIT_MAXLEN, AuditAction, AuditEntry, Provenance, RouteSource, Writer};
 pub use store::{OwnedDelete, OwnedServiceRoute, OwnedWrite, RouteStore, ToolEntry};
 pub use sync::{CacheSyncConfig, run_cache_sync};
-pub use table::{MAX_ROUTES_PER_TOOL, Route, ToolRoutes};
+pub use table::{MAX_ROUTES_PER_TOOL, Route, ToolRoutes, regex_routes_fit};
 pub use types::{BackendUrl, InvalidInput, RoutePattern, Scheme, ToolName};

@@ -220,6 +220,14 @@ pub(crate) fn fitting_regex_routes(routes: &[Route]) -> usize {
     fit
 }
 
+/// True when the regex patterns among `patterns` (reachable routes, in
+/// match order) share one DFA within [`TOOL_REGEX_DFA_LIMIT`].
+pub(crate) fn regex_patterns_fit(patterns: &[&RoutePattern]) -> bool {
+    let regexes: Vec<(&RoutePattern, u32)> =
+        patterns.iter().filter(|p| p.literal().is_none()).enumerate().map(|(i, p)| (*p, i as u32)).collect();
+    regex_pass(&regexes).is_ok()
+}
+
 fn bits<T>(routes: &[(T, u32)]) -> u64 {
     routes.iter().fold(0, |acc, (_, bit)| acc | 1u64 << bit)
 }

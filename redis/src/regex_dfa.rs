@@ -24,6 +24,8 @@ const MIN_LANE: usize = 2048;
 const CHECK: usize = 256;
 /// Most notes a lane takes (they live on the stack).
 const NOTES: usize = 64;
+/// Bytes checked at once when a walk stays in one state (see [`RegexDfa::stay`]).
+const SKIP: usize = 8;
 
 /// Why a set of patterns got no DFA.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,21 +108,56 @@ impl RegexDfa {
 
     /// Walks `haystack` from `state`: the state reached and the bits found,
     /// stopping early once a bit of `enough` is found.
-    #[inline]
+    // Not inlined: the lane loops that call it keep their states in registers.
+    #[inline(never)]
     fn walk_from(&self, mut state: StateID, haystack: &[u8], enough: u64) -> (StateID, u64) {
         let mut seen = 0u64;
-        for &b in haystack {
+        let mut i = 0;
+        while let Some(&b) = haystack.get(i) {
+            let before = state;
             state = self.dfa.next_state(state, b);
+            i += 1;
             // Dead, quit and match states are numbered first: one comparison
             // tells the (rare) states that need a look from the others.
             if self.dfa.is_special_state(state) {
                 seen |= self.found_at(state);
-                if seen & enough != 0 {
+                // Nothing is found after a dead state, and it never changes.
+                if seen & enough != 0 || self.dfa.is_dead_state(state) {
                     break;
                 }
             }
+            if state == before {
+                // Staying adds nothing to `seen`: skip to the byte that leaves.
+                i += self.stay(state, &haystack[i..]);
+            }
         }
         (state, seen)
+    }
+
+    /// How many of the first bytes of `haystack` keep a walk in `state`.
+    /// A walk waits on each step's memory load before it can take the next;
+    /// whether a byte leaves a known state does not, so [`SKIP`] bytes are
+    /// checked at once. States that loop on what the path is made of
+    /// (`[^/]*`, a pattern's unanchored start, a saturated `[ab/]{n}`) are
+    /// then crossed several times faster than they are walked.
+    #[inline]
+    fn stay(&self, state: StateID, haystack: &[u8]) -> usize {
+        if self.dfa.is_dead_state(state) {
+            return haystack.len();
+        }
+        let mut stayed = 0;
+        let mut chunks = haystack.chunks_exact(SKIP);
+        for chunk in &mut chunks {
+            let leaves = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |acc, (j, &b)| acc | u32::from(self.dfa.next_state(state, b) != state) << j);
+            if leaves != 0 {
+                return stayed + leaves.trailing_zeros() as usize;
+            }
+            stayed += SKIP;
+        }
+        stayed + chunks.remainder().iter().take_while(|&&b| self.dfa.next_state(state, b) == state).count()
     }
 
     /// Four walks side by side when matches have no length bound, so no
@@ -134,7 +171,9 @@ impl RegexDfa {
     /// it is real. Most route sets forget the past within a few bytes (any
     /// run of `[^/]` or of plain text resets them), so the walks rejoin at
     /// the first note; a set that never does costs one more walk of the
-    /// path than a single walk, at worst.
+    /// path than a single walk, at worst. Such a set usually stays in one
+    /// state for long stretches (an anchored `^[ab/]+` alive to the end),
+    /// which [`RegexDfa::stay`] crosses several bytes at a time.
     fn search_speculative(&self, haystack: &[u8], part: usize, enough: u64) -> u64 {
         // Notes per lane: [`CHECK`] bytes apart, fewer (further apart) on a longer path.
         let step = CHECK.max(part.div_ceil(NOTES));
@@ -155,13 +194,20 @@ impl RegexDfa {
         let mut found = [[0u64; NOTES]; LANES];
         for n in 0..notes {
             let stretch = n * step..part.min((n + 1) * step);
-            // Indexing all lanes at one offset is the point: their walks interleave.
-            for i in stretch {
+            // Dead lanes (all guesses die when every pattern starts with
+            // `^`) find nothing more: a lone live lane is walked on its own,
+            // where `walk_from` can cross the states it stays in.
+            let live = states.iter().filter(|&&s| !self.dfa.is_dead_state(s)).count();
+            if live <= 1 {
                 for k in 0..LANES {
-                    states[k] = self.dfa.next_state(states[k], lanes[k][i]);
-                    if self.dfa.is_special_state(states[k]) {
-                        found[k][n] |= self.found_at(states[k]);
-                    }
+                    let (reached, here) = self.walk_from(states[k], &lanes[k][stretch.clone()], 0);
+                    states[k] = reached;
+                    found[k][n] |= here;
+                }
+            } else {
+                let here = self.walk_side_by_side(&mut states, lanes.map(|lane| &lane[stretch.clone()]));
+                for k in 0..LANES {
+                    found[k][n] |= here[k];
                 }
             }
             for k in 0..LANES {
@@ -200,6 +246,25 @@ impl RegexDfa {
         }
         let (state, tail) = self.walk_from(state, &haystack[LANES * part..], enough);
         seen | tail | self.found_at(self.dfa.next_eoi_state(state))
+    }
+
+    /// Walks each lane from its state, all lanes one byte at a time (that
+    /// their walks interleave is the point): the bits each found. The lanes
+    /// are as long as each other.
+    // Not inlined, so that the four states stay in registers.
+    #[inline(never)]
+    fn walk_side_by_side(&self, states: &mut [StateID; LANES], lanes: [&[u8]; LANES]) -> [u64; LANES] {
+        let mut found = [0u64; LANES];
+        let [l0, l1, l2, l3] = lanes;
+        for (((&b0, &b1), &b2), &b3) in l0.iter().zip(l1).zip(l2).zip(l3) {
+            for ((state, found), b) in states.iter_mut().zip(found.iter_mut()).zip([b0, b1, b2, b3]) {
+                *state = self.dfa.next_state(*state, b);
+                if self.dfa.is_special_state(*state) {
+                    *found |= self.found_at(*state);
+                }
+            }
+        }
+        found
     }
 
     /// Four walks side by side, lane k reporting the matches that end in
@@ -384,6 +449,59 @@ mod tests {
                 let all = d.walk(&path, 0);
                 assert_eq!(found & !all, 0, "case {case}: reported a route not in the path");
                 assert!(found & enough != 0 || found == all, "case {case}: stopped before finding enough");
+            }
+        }
+    }
+
+    /// The walk as it was before [`RegexDfa::stay`]: one step per byte.
+    fn walk_each_byte(d: &RegexDfa, haystack: &[u8]) -> u64 {
+        let mut state = d.start;
+        let mut seen = 0;
+        for &b in haystack {
+            state = d.dfa.next_state(state, b);
+            seen |= d.found_at(state);
+        }
+        seen | d.found_at(d.dfa.next_eoi_state(state))
+    }
+
+    #[test]
+    fn crossing_the_bytes_a_walk_stays_on_finds_what_walking_each_byte_finds() {
+        // Anchored runs (every guessed lane dies), runs that saturate, a
+        // match state that loops, and an unanchored route beside anchored ones.
+        let sets: [&[&str]; 4] = [
+            &["^[ab/]{9}[ab/]*c0", "^[ab/]{3}[ab/]*c1"],
+            &["[ab/]{9}[ab/]*c0", "[ab/]{5}c1"],
+            &["^/a[ab/]*", "b[ab]*c$"],
+            &["^[ab/]{4}[ab/]*c0", "x[ab/]*y"],
+        ];
+        let len = 4 * MIN_LANE + 3 * CHECK + 5;
+        let mut seed = 3u64;
+        let mut random = |n: usize| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) as usize % n
+        };
+        for patterns in sets {
+            let d = dfa(patterns);
+            for case in 0..200 {
+                let mut path: Vec<u8> = b"/ab".iter().copied().cycle().take(len).collect();
+                for _ in 0..random(4) {
+                    let insert: &[u8] = [b"c0".as_slice(), b"c1", b"x", b"y", b"-"][random(5)];
+                    let at = match random(3) {
+                        0 => random(len - 2),
+                        1 => (random(LANES) * (len / LANES) + random(8)).saturating_sub(4),
+                        _ => random(len / CHECK) * CHECK + random(SKIP + 1),
+                    };
+                    let at = at.min(len - insert.len());
+                    path[at..at + insert.len()].copy_from_slice(insert);
+                }
+                let all = walk_each_byte(&d, &path);
+                assert_eq!(d.walk(&path, 0), all, "{patterns:?} case {case}");
+                assert_eq!(d.search(&path, 0), all, "{patterns:?} case {case}");
+                for enough in [1, 2] {
+                    let found = d.search(&path, enough);
+                    assert_eq!(found & !all, 0, "{patterns:?} case {case}: reported a route not in the path");
+                    assert!(found & enough != 0 || found == all, "{patterns:?} case {case}: stopped early");
+                }
             }
         }
     }

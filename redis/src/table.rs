@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use tracing::warn;
 
-use crate::lookup::{Lookup, fitting_regex_routes};
+use crate::lookup::{Lookup, fitting_regex_routes, regex_patterns_fit};
 use crate::types::{BackendUrl, RoutePattern, TOOL_REGEX_DFA_LIMIT};
 
 /// Most routes one tool may hold. A real tool has one (`.*`) or a handful
@@ -138,6 +138,19 @@ fn warn_over_budget(kept: usize, dropped: Vec<String>) {
             "a tool's regex routes together need a larger DFA than the per-tool limit; the shortest are ignored"
         );
     }
+}
+
+/// True when a tool whose route patterns are `patterns` (any order) keeps
+/// all its regex routes when loaded: among its first
+/// [`MAX_ROUTES_PER_TOOL`] in match order, those before a `.*` share one
+/// DFA within [`TOOL_REGEX_DFA_LIMIT`] (see [`ToolRoutes::new`]). The
+/// registrar asks before it writes a regex route.
+pub fn regex_routes_fit(mut patterns: Vec<RoutePattern>) -> bool {
+    patterns.sort_by(|a, b| match_order(a.as_str(), b.as_str()));
+    patterns.truncate(MAX_ROUTES_PER_TOOL);
+    let everything = patterns.iter().position(|p| p.literal() == Some("")).unwrap_or(patterns.len());
+    let reachable: Vec<&RoutePattern> = patterns[..everything].iter().collect();
+    regex_patterns_fit(&reachable)
 }
 
 /// SPEC §2: longest pattern first, ties in ascending byte order.

@@ -143,10 +143,16 @@ fn one_pass_lookup_picks_what_trying_each_pattern_in_order_picks() {
 /// the longest match, and guesses where each lane starts instead.
 fn unbounded_pattern(rng: &mut StdRng) -> String {
     let piece = |rng: &mut StdRng| regex::escape(PATH_PIECES.choose(rng).unwrap());
-    match rng.random_range(0..4) {
+    match rng.random_range(0..6) {
         0 => format!("{}.*{}", piece(rng), piece(rng)),
         1 => format!("^({})+{}", piece(rng), piece(rng)),
         2 => format!("{}[^/]*{}$", piece(rng), piece(rng)),
+        // Anchored runs that the long paths below keep alive to their end,
+        // while every guessed lane dies at once: the walk then stays in one
+        // state for thousands of bytes, or (when one of these is the only
+        // pattern of its kind) the lanes are walked one at a time.
+        3 => format!("^[ab/]{{{}}}[ab/]*{}", rng.random_range(1..30), piece(rng)),
+        4 => format!("^[^{}]*{}", piece(rng), piece(rng)),
         _ => format!("(?-u:\\b){}+{}", piece(rng), piece(rng)),
     }
 }
@@ -189,4 +195,70 @@ fn unbounded_regex_routes_on_long_paths_pick_what_trying_each_pattern_in_order_p
     }
     // The generator exercises both outcomes.
     assert!(matched > 10 && matched < 390, "{matched} of 400 matched");
+}
+
+/// The worst shape of `benches/worst_lookup.rs`: every route anchored with
+/// `^` and alive over a whole 64 KiB path of `[ab/]`, so every guessed lane
+/// is wrong to the end and the walk stays in one state for most of it.
+/// What ends the run (a `c` and a route's number, or a byte outside the
+/// class) is put near where lanes, notes and chunks of the walk begin.
+#[test]
+fn anchored_routes_alive_over_a_whole_long_path_pick_what_trying_each_pattern_in_order_picks() {
+    let mut rng = StdRng::seed_from_u64(12);
+    let backend = |i: usize| BackendUrl::parse(&format!("http://10.0.0.1:{}", 1000 + i)).unwrap();
+    let len = 64 * 1024;
+    let base: String = "/ab".chars().cycle().take(len).collect();
+    let mut matched = 0;
+    for with_unanchored in [false, true] {
+        let mut sources: Vec<String> = (0..20).map(|i| format!("^[ab/]{{{}}}[ab/]*c{i:02}", 10 + i)).collect();
+        if with_unanchored {
+            // A route that keeps the guessed lanes alive: they then never rejoin the real walk.
+            sources.push("q[ab/]*z$".to_string());
+        }
+        sources.sort_by(|a, b| match_order(a, b));
+        let routes: Vec<Route> = sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Route { pattern: RoutePattern::parse(s).unwrap(), backend: backend(i) })
+            .collect();
+        let tool = ToolRoutes::new(routes, true, false);
+        let kept: Vec<(String, Regex)> = tool
+            .routes()
+            .iter()
+            .map(|r| (r.pattern.as_str().to_string(), Regex::new(r.pattern.as_str()).unwrap()))
+            .collect();
+        assert_eq!(kept.len(), sources.len(), "every route fits the DFA budget");
+        for case in 0..120 {
+            let mut path = base.clone().into_bytes();
+            for _ in 0..rng.random_range(0..3) {
+                let insert: &[u8] = match rng.random_range(0..4) {
+                    0 => b"c07",
+                    1 => b"c19",
+                    2 => b"x",
+                    _ => b"q",
+                };
+                let at = match rng.random_range(0..3) {
+                    // Where a lane begins, give or take a few bytes.
+                    0 => (rng.random_range(1..4) * len / 4 + rng.random_range(0..8)).saturating_sub(4),
+                    // Where a note or a chunk of eight begins.
+                    1 => rng.random_range(0..len / 256) * 256 + rng.random_range(0..9),
+                    _ => rng.random_range(0..len),
+                };
+                let at = at.min(len - insert.len());
+                path[at..at + insert.len()].copy_from_slice(insert);
+            }
+            if case % 10 == 0 {
+                path.extend_from_slice(b"z");
+            }
+            let path = String::from_utf8(path).unwrap();
+            let want = reference(&kept, &path);
+            let got = tool
+                .find(&path)
+                .and_then(|b| tool.routes().iter().find(|r| &r.backend == b).map(|r| r.pattern.as_str()));
+            assert_eq!(got, want, "case {case} with routes {sources:?}");
+            matched += usize::from(want.is_some());
+        }
+    }
+    // The generator exercises both outcomes.
+    assert!(matched > 20 && matched < 220, "{matched} of 240 matched");
 }

@@ -18,7 +18,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dynamicproxy_redis::{BackendUrl, RoutePattern, RouteSource, RouteStore, RouteTableError, ToolName};
+use dynamicproxy_redis::types::TOOL_REGEX_DFA_LIMIT;
+use dynamicproxy_redis::{
+    BackendUrl, RoutePattern, RouteSource, RouteStore, RouteTableError, ToolName, regex_routes_fit,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -274,6 +277,9 @@ async fn execute(tool: &ToolName, source: &RouteSource, request: Request, shared
     };
     let (pattern, backend) = validate(&route, &destination, &shared.allow)?;
     check_destination(&backend, &shared.denied).await?;
+    if pattern.is_regex() {
+        check_regex_budget(store, tool, &pattern).await?;
+    }
     let canonical_host = canonical.then(|| format!("{tool}.{}", shared.config.canonical_domain));
     let max = shared.config.max_routes_per_tool;
     match store.set_route_capped(tool, &pattern, &backend, canonical_host.as_deref(), max, source).await {
@@ -325,6 +331,36 @@ async fn check_destination(backend: &BackendUrl, denied: &DeniedDestinations) ->
             Ok(())
         }
     }
+}
+
+/// Refuses a regex route that would make the proxy drop one of the tool's
+/// regex routes: together they must share one DFA within
+/// `TOOL_REGEX_DFA_LIMIT` (each alone was checked when parsed). Answered
+/// `fail: too many routes`, SPEC §5's answer for a tool that has too much
+/// already. Not atomic with the write: two racing registrations may both
+/// pass, and the loader then keeps the first in match order, as it would
+/// for routes written by any other means.
+async fn check_regex_budget(store: &RouteStore, tool: &ToolName, pattern: &RoutePattern) -> Result<(), Answer> {
+    let entry = store.tool(tool).await.map_err(store_failure)?;
+    // Patterns the proxy refuses are not loaded, so they take no room.
+    let mut patterns: Vec<RoutePattern> = entry
+        .routes
+        .keys()
+        .filter(|existing| existing.as_str() != pattern.as_str())
+        .filter_map(|existing| RoutePattern::parse(existing).ok())
+        .collect();
+    patterns.push(pattern.clone());
+    if regex_routes_fit(patterns) {
+        return Ok(());
+    }
+    Err(Answer {
+        outcome: Outcome::TooManyRoutes,
+        reply: TOO_MANY_ROUTES.into(),
+        detail: Some(format!(
+            "the tool's regex routes together would need a DFA over {} KiB (TOOL_REGEX_DFA_LIMIT)",
+            TOOL_REGEX_DFA_LIMIT >> 10
+        )),
+    })
 }
 
 fn store_failure(e: RouteTableError) -> Answer {

@@ -115,6 +115,89 @@ async fn routes_beyond_the_cap_are_refused_and_replacing_stays_allowed() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_regex_route_the_proxy_would_drop_for_the_tools_dfa_budget_is_refused() {
+    let h = Harness::start(user("tools.foo"), |_| {}).await;
+    // Each alone fits the tool's 256 KiB DFA budget; the two together do not,
+    // and the proxy would drop the second when loading the tool.
+    assert_eq!(
+        h.send(
+            b"register
+x[xy]{10}
+http://h:1
+"
+        )
+        .await,
+        "ok"
+    );
+    assert_eq!(
+        h.send(
+            b"register
+y[xy]{10}
+http://h:1
+"
+        )
+        .await,
+        TOO_MANY_ROUTES
+    );
+    assert_eq!(
+        h.send(
+            b"registerCanonical
+y[xy]{10}
+http://h:1
+"
+        )
+        .await,
+        TOO_MANY_ROUTES
+    );
+    assert_eq!(h.keys(), ["prefix:foo"], "a refused registerCanonical must not write its redirect");
+    assert_eq!(h.hash("prefix:foo"), map(&[("x[xy]{10}", "http://h:1")]));
+    // Literal routes take nothing from the budget, and replacing a route does not add one.
+    assert_eq!(
+        h.send(
+            b"register
+/docs.*
+http://h:1
+"
+        )
+        .await,
+        "ok"
+    );
+    assert_eq!(
+        h.send(
+            b"register
+x[xy]{10}
+http://h:2
+"
+        )
+        .await,
+        "ok"
+    );
+    // Room again after an unregister.
+    assert_eq!(
+        h.send(
+            b"unregister
+x[xy]{10}
+"
+        )
+        .await,
+        "ok"
+    );
+    assert_eq!(
+        h.send(
+            b"register
+y[xy]{10}
+http://h:1
+"
+        )
+        .await,
+        "ok"
+    );
+    assert_eq!(h.hash("prefix:foo"), map(&[("/docs.*", "http://h:1"), ("y[xy]{10}", "http://h:1")]));
+    let text = h.metrics_text();
+    assert!(text.contains(r#"registrar_commands_total{command="register",result="too_many_routes"} 1"#), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_default_cap_is_the_proxy_loaders_64() {
     let h = Harness::start(user("tools.foo"), |_| {}).await;
     for i in 0..64 {
