@@ -96,6 +96,15 @@ impl<B> Paced<B> {
     }
 }
 
+impl<B> Drop for Paced<B> {
+    fn drop(&mut self) {
+        // hyper writes less than it was handed when it stops a response early
+        // (a body longer than its Content-Length, an error): the next
+        // response must not wait for bytes that will never be written.
+        self.pace.state.lock().unwrap_or_else(PoisonError::into_inner).queued = 0;
+    }
+}
+
 impl<B: Body + Unpin> Body for Paced<B> {
     type Data = B::Data;
     type Error = B::Error;
@@ -160,6 +169,10 @@ mod tests {
         pace.wrote(200);
         assert_eq!(pace.queued(), 0);
         assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "second");
+        // A response dropped with bytes never written does not hold up the next.
+        assert_eq!(pace.queued(), 6);
+        drop(body);
+        assert_eq!(pace.queued(), 0);
     }
 
     const CHUNK: usize = 4 * 1024;
