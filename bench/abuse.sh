@@ -12,9 +12,10 @@
 #   idle-h1     10,000 idle HTTP/1.1 keep-alive connections, plain (goal <= 100 MiB)
 #   idle-h2     10,000 idle HTTP/2 connections (goal <= 100 MiB), then an h2load burst
 #   idle-h1tls  10,000 idle HTTP/1.1 keep-alive connections over TLS
-# Meanwhile a keep-alive HTTPS client asks every 50 ms (in the idle phases from
-# the first new connection to the end of the burst): its p99 must stay under
-# 50 ms with no failure.
+# Meanwhile a keep-alive HTTPS client asks every 50 ms, from the first new
+# connection of a phase to its end (the end of the burst in idle-h2): its p99
+# must stay under 50 ms with no failure. The slow phases sample RSS once all
+# slowhttptest connections are connected (see slow_phase).
 #
 # The idle connections come from 16 source addresses (127.0.0.2-17), with the
 # per-client cap off and the keep-alive and HTTP/2 idle timeouts raised to an
@@ -22,16 +23,17 @@
 # proxy closes them (opening 10,000 TLS connections can take longer than the
 # 60 s defaults on a loaded box). The idle RSS is sampled before the h2load burst.
 #
-# Usage: bench/abuse.sh [--binary PATH] [--seconds 30] [--conns 1000] [--idle 10000]
+# Usage: bench/abuse.sh [--binary PATH] [--seconds 30] [--ramp 180] [--conns 1000] [--idle 10000]
 #                       [--only 'idle-h1|idle-h2'] [--no-build]
 # Needs: slowhttptest nghttp2-client (h2load) redis-server python3 openssl curl.
 set -euo pipefail
 
-binary=target/release/dynamicproxy seconds=30 conns=1000 idle=10000 build=1 only=.
+binary=target/release/dynamicproxy seconds=30 ramp=180 conns=1000 idle=10000 build=1 only=.
 while [ $# -gt 0 ]; do
   case "$1" in
     --binary) binary=$2; build=0; shift 2 ;;
     --seconds) seconds=$2; shift 2 ;;
+    --ramp) ramp=$2; shift 2 ;;
     --conns) conns=$2; shift 2 ;;
     --idle) idle=$2; shift 2 ;;
     --only) only=$2; shift 2 ;;
@@ -98,7 +100,14 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
 # Backends on 127.0.0.1 are denied by default; this run needs them. Keys the
 # binary does not know are left out (it refuses unknown keys).
 proxy_env=(DYNAMICPROXY_PROXY_DENIED_BACKEND_NETWORKS='[]')
-for setting in MAX_CONNECTIONS_PER_CLIENT=0 KEEPALIVE_TIMEOUT_SECS=3600 HTTP2_IDLE_TIMEOUT_SECS=3600; do
+# Every client is 127.0.0.x and every slow reader asks the one default
+# backend, so both connection caps are off (with the per-backend cap, 512 by
+# default, the readers past it would get a small 503 instead of holding a
+# response). The send timeout is raised as the idle timeouts are: the
+# slow-read phase measures what 1,000 readers cost while they are held, and
+# the first ones would otherwise be cut off while the last are connecting.
+for setting in MAX_CONNECTIONS_PER_CLIENT=0 MAX_CONNECTIONS_PER_BACKEND=0 KEEPALIVE_TIMEOUT_SECS=3600 \
+  HTTP2_IDLE_TIMEOUT_SECS=3600 SEND_TIMEOUT_SECS=3600; do
   if env "DYNAMICPROXY_PROXY_$setting" "$binary" proxy --check >/dev/null 2>&1; then
     proxy_env+=("DYNAMICPROXY_PROXY_$setting")
   fi
@@ -151,22 +160,41 @@ report() {
 }
 
 url="https://127.0.0.1:$https_port/"
+# slowhttptest's status lines (every 5 s): the last "connected:" count.
+slow_connected() {
+  sed 's/\x1b\[[0-9;]*m//g' "$1" 2>/dev/null | grep -a "connected:" | tail -1 | tr -dc '0-9' || true
+}
 slow_phase() { # NAME slowhttptest-mode-args...
   local name=$1; shift
   start_proxy
   local base; base=$(rss_kib)
   phase_begin
-  python3 "$clients" probe "$https_port" probe.toolforge.org "$seconds" >"$run/probe-$name.txt" &
+  # The probe runs from the first slow connection to the end of the phase.
+  python3 "$clients" probe "$https_port" probe.toolforge.org 3600 >"$run/probe-$name.txt" &
   local probe=$!
-  slowhttptest "$@" -c "$conns" -r 200 -l "$seconds" -u "$url" >"$run/slowhttptest-$name.txt" 2>&1 &
+  pids+=($probe)
+  # slowhttptest asks for 200 new connections a second but, single-threaded
+  # and doing every TLS handshake itself, opened only about 25 a second on
+  # the loaded box: a 30 s test ended with about 450-700 of the 1,000
+  # connected. So it runs until all are connected (at most --ramp seconds),
+  # and the RSS is sampled from then on for --seconds.
+  slowhttptest "$@" -c "$conns" -r 200 -l $((ramp + seconds + 10)) -u "$url" >"$run/slowhttptest-$name.txt" 2>&1 &
   local slow=$!
   pids+=($slow)
+  local started=$SECONDS connected=0
+  while [ $((SECONDS - started)) -lt "$ramp" ]; do
+    connected=$(slow_connected "$run/slowhttptest-$name.txt")
+    [ "${connected:-0}" -ge "$conns" ] && break
+    sleep 1
+  done
+  local took=$((SECONDS - started))
   local peak; peak=$(sample_peak "$seconds")
-  wait "$probe" || true
+  kill -TERM "$probe" 2>/dev/null || true; wait "$probe" || true
+  local last; last=$(slow_connected "$run/slowhttptest-$name.txt")
+  local open; open=$(check_open "$name")
   kill "$slow" 2>/dev/null || true; wait "$slow" 2>/dev/null || true
-  local connected
-  connected=$(sed 's/\x1b\[[0-9;]*m//g' "$run/slowhttptest-$name.txt" | grep -a "connected:" | tail -1 | tr -s ' ' | sed 's/^ //' || true)
-  report "$name" "$base" "$peak" "$(cat "$run/probe-$name.txt")" "$(phase_cpu); slowhttptest last $connected"
+  report "$name" "$base" "$peak" "$(cat "$run/probe-$name.txt")" \
+    "$(phase_cpu); slowhttptest ${connected:-0} connected after ${took}s, ${last:-0} at the end, $open"
   stop_proxy
 }
 

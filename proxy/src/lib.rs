@@ -12,6 +12,7 @@
 //! - [`drain`]: HTTP/1 responses say `Connection: close` while draining; idle connections are not cut at once.
 //! - [`linger`]: lingering close, so early answers are not lost to a RST.
 //! - [`park`] (private): idle HTTP/1 keep-alive connections hold only their socket between requests.
+//! - [`pace`] (private): an HTTP/1 response body is read from its backend only as fast as the client takes it.
 //! - [`workers`] (private): single-threaded event loops (one per core but one), each with its own upstream pool.
 //! - [`handler`] (private): one request's life, in SPEC §3 order; errors become pages there.
 //! - [`route`]: the routing rules over the route cache, traceable step by step.
@@ -96,6 +97,7 @@ pub mod linger;
 pub mod list;
 pub mod metrics;
 pub mod outlier;
+mod pace;
 pub mod pages;
 mod park;
 pub mod prober;

@@ -26,6 +26,7 @@ use tokio_rustls::server::TlsStream;
 use crate::activity::Activity;
 use crate::idle::IdleIo;
 use crate::linger::Linger;
+use crate::pace::Pace;
 use crate::sniff::SniffIo;
 
 /// A client socket that can say when input arrives without reading it.
@@ -54,6 +55,8 @@ impl ReadReady for TlsStream<TcpStream> {
 pub struct ParkIo<S> {
     inner: IdleIo<SniffIo<Linger<S>>>,
     activity: Arc<Activity>,
+    /// Told of every write, so a response body waits for its previous chunk.
+    pace: Arc<Pace>,
     /// Bytes hyper had read but not parsed when its connection ended; served
     /// first to the next one. Empty in practice: hyper parks only at a boundary.
     prefix: Bytes,
@@ -67,9 +70,10 @@ pub struct ParkIo<S> {
 }
 
 impl<S> ParkIo<S> {
-    /// Wraps a connection's I/O; `activity` tells whether a request is in flight.
-    pub fn new(inner: IdleIo<SniffIo<Linger<S>>>, activity: Arc<Activity>) -> Self {
-        ParkIo { inner, activity, prefix: Bytes::new(), flushed: true, read_waiting: false, parked: false }
+    /// Wraps a connection's I/O; `activity` tells whether a request is in
+    /// flight, and `pace` learns of every byte written.
+    pub fn new(inner: IdleIo<SniffIo<Linger<S>>>, activity: Arc<Activity>, pace: Arc<Pace>) -> Self {
+        ParkIo { inner, activity, pace, prefix: Bytes::new(), flushed: true, read_waiting: false, parked: false }
     }
 
     /// True when hyper's connection ended because this connection was parked,
@@ -126,7 +130,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ParkIo<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.flushed = false;
-        Pin::new(&mut this.inner).poll_write(cx, buf)
+        let written = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written {
+            this.pace.wrote(n);
+        }
+        written
     }
 
     fn poll_write_vectored(
@@ -136,7 +144,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ParkIo<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.flushed = false;
-        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = written {
+            this.pace.wrote(n);
+        }
+        written
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -45,6 +45,7 @@ use crate::handler::{ConnInfo, Shared, handle};
 use crate::idle::{IdleIo, IdleTimeout};
 use crate::linger::{self, Linger};
 use crate::metrics::Metrics;
+use crate::pace::{Pace, Paced};
 use crate::park::{ParkIo, ReadReady};
 use crate::shed::{self, Refusal};
 use crate::sniff::{SmuggleFlags, SniffIo};
@@ -237,14 +238,16 @@ where
 {
     // Wrapped here, outside the future, which then holds one copy of the I/O.
     let activity = Activity::new();
-    let io = ParkIo::new(io, activity.clone());
-    serve_parked(io, activity, conn, shared, settings)
+    let pace = Pace::new();
+    let io = ParkIo::new(io, activity.clone(), pace.clone());
+    serve_parked(io, activity, pace, conn, shared, settings)
 }
 
 /// The body of [`serve_http1`]: hyper connections in turn, parked in between.
 async fn serve_parked<S>(
     mut io: ParkIo<S>,
     activity: Arc<Activity>,
+    pace: Arc<Pace>,
     conn: Arc<ConnInfo>,
     shared: Arc<Shared>,
     settings: &ServeSettings,
@@ -265,17 +268,18 @@ async fn serve_parked<S>(
     let shutdown = settings.shutdown.child_token();
     let mut draining = false;
     loop {
-        let (requests, shared, conn) = (activity.clone(), shared.clone(), conn.clone());
+        let (requests, shared, conn, pace) = (activity.clone(), shared.clone(), conn.clone(), pace.clone());
         let drain_token = settings.shutdown.clone();
         let service = service_fn(move |req| {
             let in_flight = requests.begin();
             let shared = shared.clone();
             let conn = conn.clone();
             let drain_token = drain_token.clone();
+            let pace = pace.clone();
             async move {
                 let mut response = handle(shared, conn, req).await;
                 drain::close_when_draining(&mut response, &drain_token);
-                Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
+                Ok::<_, Infallible>(response.map(|body| Paced::new(TrackedBody::new(body, in_flight), pace)))
             }
         });
         // Boxed: while parked, the task keeps none of hyper's state.
