@@ -4,17 +4,21 @@
 # On a shared 2-core box, slow drift hits every binary alike, so the ratio
 # between them means something even when absolute numbers wander.
 #
-#   bench/ab.sh [--rounds 5] [--duration 5] [--conns 64] [--threads 2] NAME=BINARY...
+#   bench/ab.sh [--rounds 5] [--duration 5] [--conns 64] [--threads 2] [--profile NAME] NAME=BINARY...
 #   e.g. cp target/release/dynamicproxy /tmp/dp-old; (change, build)
 #        bench/ab.sh old=/tmp/dp-old new=target/release/dynamicproxy
 #
 # Prints req/s per round and the median, and each binary's median next to
-# nginx-static-ka's. BENCH_LEGACY=1 uses the tools.wmflabs.org/<tool>/ form.
+# nginx-static-ka's, with the CPU time the serving processes spent per
+# completed request (steady on a shared box, where req/s is not).
+# --profile NAME (a binary's name or nginx-static-ka) then loads NAME once
+# more under perf (cpu-clock samples, self time per symbol) and once under
+# strace -c (syscalls per request), into $RUN/NAME.perf.txt and .strace.txt. BENCH_LEGACY=1 uses the tools.wmflabs.org/<tool>/ form.
 # Everything listens on 127.0.0.1 only. Run from the workspace root.
 {
 set -euo pipefail
 . "$(dirname "$0")/peer/lib.sh"
-ROUNDS=5 DURATION=5 CONNS=64 THREADS=2 NTOOLS=10000
+ROUNDS=5 DURATION=5 CONNS=64 THREADS=2 NTOOLS=10000 PROFILE=
 CANDS=()
 while (($#)); do
   case $1 in
@@ -22,6 +26,7 @@ while (($#)); do
     --duration) DURATION=$2; shift 2 ;;
     --conns) CONNS=$2; shift 2 ;;
     --threads) THREADS=$2; shift 2 ;;
+    --profile) PROFILE=$2; shift 2 ;;
     *=*) CANDS+=("$1"); shift ;;
     *) echo "ab.sh: unknown argument $1 (see the header)" >&2; exit 64 ;;
   esac
@@ -56,6 +61,7 @@ for n in backend peer; do nginx -p "$RUN/$n" -e "$RUN/$n/logs/error.log" -c "$RU
 
 # Each binary on its own port, all running the whole time (idle ones cost nothing).
 TARGETS=("nginx-static-ka $P_STATIC_KA 1")
+SERVING=(0)  # nginx-static-ka: its master, set once its pid file exists
 port=$((P_STATIC_KA + 1))
 for c in "${CANDS[@]}"; do
   port=$(free_port "$port")
@@ -65,10 +71,12 @@ for c in "${CANDS[@]}"; do
   if DYNAMICPROXY_PROXY_DENIED_BACKEND_NETWORKS='[]' "${c#*=}" proxy --check >/dev/null 2>&1; then
     open_env=(DYNAMICPROXY_PROXY_DENIED_BACKEND_NETWORKS='[]')
   fi
-  env "${open_env[@]}" DYNAMICPROXY_PROXY_REQUIRE_USER_AGENT=false "${c#*=}" proxy --http-listen "127.0.0.1:$port" \
+  # wrk's script sends a User-Agent, as browsers do: production defaults.
+  env "${open_env[@]}" DYNAMICPROXY_PROXY_MAX_CONNECTIONS_PER_CLIENT=0 "${c#*=}" proxy --http-listen "127.0.0.1:$port" \
     --list-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --redis-url "redis://127.0.0.1:$REDIS_PORT" \
     --default-backend "http://127.0.0.1:$BACKEND_PORT" > "$RUN/${c%%=*}.log" 2>&1 &
   PIDS+=($!)
+  SERVING+=($!)
   TARGETS+=("${c%%=*} $port $NTOOLS")
   port=$((port + 1))
 done
@@ -80,12 +88,28 @@ for t in "${TARGETS[@]}"; do
   done
 done
 
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ticks() {  # cpu_ticks PID: utime + stime of PID and its children (nginx's workers), in clock ticks
+  local pid sum=0 t
+  for pid in "$1" $(pgrep -P "$1"); do
+    t=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{ print $12 + $13 }') || continue
+    sum=$((sum + ${t:-0}))
+  done
+  echo "$sum"
+}
+nginx_master_pid=$(cat "$RUN/peer/nginx.pid")
+SERVING[0]=$nginx_master_pid
+
 for ((r = 1; r <= ROUNDS; r++)); do
+  i=0
   for t in "${TARGETS[@]}"; do
     read -r name p tools <<< "$t"
     BENCH_TOOLS=$tools wrk -t"$THREADS" -c"$CONNS" -d1s -s bench/peer/hosts.lua "http://127.0.0.1:$p/" > /dev/null
+    before=$(cpu_ticks "${SERVING[$i]}")
     BENCH_TOOLS=$tools wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s bench/peer/hosts.lua \
       "http://127.0.0.1:$p/" > "$RUN/$name.r$r.txt"
+    echo "cpu_ticks: $(($(cpu_ticks "${SERVING[$i]}") - before))" >> "$RUN/$name.r$r.txt"
+    i=$((i + 1))
   done
   echo "round $r: $(for t in "${TARGETS[@]}"; do read -r name _ <<< "$t"; printf '%s %s  ' "$name" "$(awk '/^Requests\/sec/ { printf "%.0f", $2 }' "$RUN/$name.r$r.txt")"; done)"
 done
@@ -97,9 +121,46 @@ for t in "${TARGETS[@]}"; do
   m=$(cat "$RUN/$name".r*.txt | awk '/^Requests\/sec/ { print $2 }' | median)
   p99=$(cat "$RUN/$name".r*.txt | awk '/^ *99%/ { v = $2; if (v ~ /us$/) v = v / 1000; else if (v ~ /ms$/) v = v + 0; else if (v ~ /s$/) v = v * 1000; print v }' | median)
   errs=$(cat "$RUN/$name".r*.txt | awk '/Non-2xx/ { s += $NF } /Socket errors/ { gsub(",", ""); s += $4 + $6 + $8 + $10 } END { print s + 0 }')
+  # CPU µs per completed request, per round, then the median (the backend's CPU is not counted).
+  cpu=$(for f in "$RUN/$name".r*.txt; do
+    awk -v hz="$CLK_TCK" '/requests in/ { n = $1 } /^cpu_ticks:/ { t = $2 } END { if (n > 0) printf "%.1f\n", t * 1e6 / hz / n }' "$f"
+  done | median)
   [ -n "$ref" ] || ref=$m
-  printf '%-20s median %8.0f req/s  p99 %6.2f ms  errors %d  %.2fx nginx-static-ka\n' "$name" "$m" "$p99" "$errs" "$(echo "$m / $ref" | bc -l)"
+  printf '%-20s median %8.0f req/s  p99 %6.2f ms  errors %d  %.2fx nginx-static-ka  cpu %5.1f us/req\n' \
+    "$name" "$m" "$p99" "$errs" "$(echo "$m / $ref" | bc -l)" "$cpu"
 done
+if [ -n "$PROFILE" ]; then
+  i=0; pids=
+  for t in "${TARGETS[@]}"; do
+    read -r name p tools <<< "$t"
+    if [ "$name" = "$PROFILE" ]; then
+      pids=$(echo "${SERVING[$i]}" $(pgrep -P "${SERVING[$i]}") | tr ' ' ',')
+      port=$p; ptools=$tools
+    fi
+    i=$((i + 1))
+  done
+  [ -n "$pids" ] || { echo "ab.sh: no target named $PROFILE" >&2; exit 64; }
+  load() { BENCH_TOOLS=$ptools wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" -s bench/peer/hosts.lua "http://127.0.0.1:$port/"; }
+  # PERF_ARGS="--call-graph dwarf -F 500" adds call stacks (the release build keeps debug info).
+  # shellcheck disable=SC2086
+  perf record -q -e cpu-clock ${PERF_ARGS:--F 2000} -o "$RUN/$PROFILE.perf.data" -p "$pids" -- sleep "$DURATION" 2>/dev/null &
+  perf_pid=$!
+  load > "$RUN/$PROFILE.perf-load.txt"
+  wait "$perf_pid"
+  perf report -i "$RUN/$PROFILE.perf.data" --no-children --sort dso,symbol --percent-limit 0.5 --stdio 2>/dev/null \
+    | grep -v '^#' | grep -v '^$' > "$RUN/$PROFILE.perf.txt"
+  echo "$PROFILE: self time by symbol (top 25 of $RUN/$PROFILE.perf.txt)"; head -25 "$RUN/$PROFILE.perf.txt"
+  strace_args=(); for pid in ${pids//,/ }; do strace_args+=(-p "$pid"); done
+  strace -c -f -o "$RUN/$PROFILE.strace-raw.txt" "${strace_args[@]}" &
+  strace_pid=$!
+  sleep 0.5
+  load > "$RUN/$PROFILE.strace-load.txt"
+  kill -INT "$strace_pid"; wait "$strace_pid" 2>/dev/null || true
+  n=$(awk '/requests in/ { print $1 }' "$RUN/$PROFILE.strace-load.txt")
+  awk -v n="$n" '$1 ~ /^[0-9.]+$/ && NF >= 5 { calls = $4; name = $NF; if (calls ~ /^[0-9]+$/) printf "%-16s %8.3f per request\n", name, calls / n }' \
+    "$RUN/$PROFILE.strace-raw.txt" | sort -k2 -gr > "$RUN/$PROFILE.strace.txt"
+  echo "$PROFILE: syscalls per request under strace ($n requests)"; cat "$RUN/$PROFILE.strace.txt"
+fi
 # The request path must not touch Redis: only the route cache's own sync shows here.
 redis-cli -p "$REDIS_PORT" info commandstats > "$RUN/redis-commandstats.txt"
 echo "redis commands during the run: $(grep -o 'cmdstat_[a-z|]*:calls=[0-9]*' "$RUN/redis-commandstats.txt" | sed 's/cmdstat_//' | tr '\n' ' ')"

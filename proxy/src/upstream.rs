@@ -117,11 +117,6 @@ impl UpstreamClient {
         }
     }
 
-    /// Idle connections held now.
-    pub fn idle_connections(&self) -> usize {
-        self.pool.idle_count()
-    }
-
     /// The response, with a body that returns the connection to the pool at
     /// its end (a switched protocol keeps it: the tunnel owns it now).
     fn lend(&self, response: Response<Incoming>, backend: &BackendUrl, sender: Sender) -> Response<UpstreamBody> {

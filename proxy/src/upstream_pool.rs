@@ -97,11 +97,6 @@ impl IdlePool {
         });
     }
 
-    /// Idle connections held now, over all backends.
-    pub fn idle_count(&self) -> usize {
-        self.lists().values().map(Vec::len).sum()
-    }
-
     fn lists(&self) -> MutexGuard<'_, HashMap<BackendUrl, Vec<IdleConnection>>> {
         // A panic while holding the lock leaves only a list of connections behind.
         self.lists.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
