@@ -18,10 +18,9 @@
 # Every 10 s it samples the proxy's RSS, open fds and threads (tokio's task
 # count is not exposed; threads are the proxy's fixed workers plus blocking
 # I/O helpers). After the warm-up (default: a sixth of the run, at least 1
-# minute, and at least 6 in runs of 18 minutes or more: see below) it fits a
-# line to each series and prints its growth per 10 minutes as a percentage
-# of the series' mean, PASS when every one is under 1 % ("flat"), else FAIL
-# (exit 1). Each restart's step (RSS just before it and 30 s after) is
+# minute) it fits a line to each series and prints its growth per 10
+# minutes as a percentage of the series' mean, PASS when every one is under
+# 1 % ("flat"), else FAIL (exit 1). Each restart's step (RSS just before it and 30 s after) is
 # printed apart, so a step that repeats shows as such. The load's outcome
 # (answers by status, errors, WebSocket echoes) is printed too: the run also
 # FAILs on any failed request. Not part of CI. Everything listens on 127.0.0.1.
@@ -53,14 +52,8 @@ if [ "$BUILD" = 1 ]; then
   cargo build --release --bin dynamicproxy >&2
 fi
 [ -x "$BINARY" ] || { echo "soak.sh: no binary at $BINARY (cargo build --release)" >&2; exit 64; }
-# The warm-up: a sixth of the run, at least a minute (allocator arenas and
-# pools fill up first); in runs of 18 minutes or more, at least 6 minutes, so
-# it takes in the first periodic full reload (5 minutes after the first load).
-# That first reload raises RSS once by about 0.7 MiB on 1,000 tools (its
-# replies and entries are a transient peak the allocator keeps resident);
-# later reloads, periodic or after a Redis restart, reuse that memory and add
-# nothing (bench/RESULTS.md, issue 11). Shorter runs cannot exclude it.
-[ -n "$WARMUP" ] || WARMUP=$(python3 -c "print(max(1.0, $MINUTES / 6, 6.0 if $MINUTES >= 18 else 0))")
+# The warm-up: a sixth of the run, at least a minute (allocator arenas and pools fill up first).
+[ -n "$WARMUP" ] || WARMUP=$(python3 -c "print(max(1.0, $MINUTES / 6))")
 ulimit -n "$(ulimit -Hn)"
 
 RUN=$(mktemp -d /tmp/proxy-soak.XXXXXX)
