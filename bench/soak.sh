@@ -2,7 +2,7 @@
 # bench/soak.sh: does the proxy stay flat over a long run? (issue 11, point 6)
 #
 #   bench/soak.sh [--minutes 30] [--warmup-minutes M] [--binary target/release/dynamicproxy]
-#                 [--rate 300] [--tools 1000] [--churn 50] [--ws 5] [--no-build]
+#                 [--rate 300] [--tools 1000] [--churn 50] [--ws 5] [--restarts 1] [--no-build]
 #
 # One release proxy, for --minutes (default 30), under:
 #   - steady load: --rate requests/s (default 300) over 16 keep-alive
@@ -12,21 +12,24 @@
 #     added to one tool, removed from another, alternately);
 #   - WebSockets: --ws connections/s opened through the proxy to an echo
 #     backend, each sending three messages, staying open 2 s, then closed;
-#   - a Redis restart half-way (SHUTDOWN SAVE, start again from the dump).
+#   - --restarts Redis restarts (default 1: half-way; N spreads them evenly,
+#     at i/(N+1) of the run), each SHUTDOWN SAVE and start again from the
+#     dump, so the proxy reconnects and reloads its whole table each time.
 # Every 10 s it samples the proxy's RSS, open fds and threads (tokio's task
 # count is not exposed; threads are the proxy's fixed workers plus blocking
 # I/O helpers). After the warm-up (default: a sixth of the run, at least 1
-# minute) it fits a line to each series and prints its growth per 10 minutes
-# as a percentage of the series' mean, PASS when every one is under 1 %
-# ("flat"), else FAIL (exit 1). The load's outcome (answers by status,
-# errors, WebSocket echoes) is printed too: the run also FAILs on any
-# failed request. Not part of CI. Everything listens on 127.0.0.1.
+# minute) it fits a line to each series and prints its growth per 10
+# minutes as a percentage of the series' mean, PASS when every one is under
+# 1 % ("flat"), else FAIL (exit 1). Each restart's step (RSS just before it and 30 s after) is
+# printed apart, so a step that repeats shows as such. The load's outcome
+# (answers by status, errors, WebSocket echoes) is printed too: the run also
+# FAILs on any failed request. Not part of CI. Everything listens on 127.0.0.1.
 # Needs: redis-server redis-cli nginx python3 curl. Run from the workspace root.
 {
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/peer/lib.sh
-BINARY=target/release/dynamicproxy MINUTES=30 WARMUP= RATE=300 TOOLS=1000 CHURN=50 WS=5 BUILD=1
+BINARY=target/release/dynamicproxy MINUTES=30 WARMUP= RATE=300 TOOLS=1000 CHURN=50 WS=5 RESTARTS=1 BUILD=1
 while (($#)); do
   case $1 in
     --binary) BINARY=$2; BUILD=0; shift 2 ;;
@@ -36,6 +39,7 @@ while (($#)); do
     --tools) TOOLS=$2; shift 2 ;;
     --churn) CHURN=$2; shift 2 ;;
     --ws) WS=$2; shift 2 ;;
+    --restarts) RESTARTS=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     *) echo "soak.sh: unknown argument $1 (see the header)" >&2; exit 64 ;;
   esac
@@ -283,12 +287,16 @@ PIDS+=($!)
 python3 "$RUN/soak.py" ws-clients "$RUN/ws.json" "$HTTP_PORT" "$WS" > "$RUN/ws.log" 2>&1 &
 PIDS+=($!)
 
+# When each Redis restart is due, in seconds from the start of the samples.
+RESTART_AT=()
+for ((i = 1; i <= RESTARTS; i++)); do RESTART_AT+=($((MINUTES * 60 * i / (RESTARTS + 1)))); done
 echo "soak.sh: $MINUTES min (warm-up $WARMUP min), $RATE req/s over $TOOLS tools, $CHURN route writes/s," \
-  "$WS WebSockets/s, Redis restart at $((MINUTES * 30)) s; proxy pid $PROXY; run dir $RUN"
+  "$WS WebSockets/s, Redis restarts at ${RESTART_AT[*]:-none} s; proxy pid $PROXY; run dir $RUN"
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 printf 't_s\trss_kib\tfds\tthreads\n' > "$RUN/samples.tsv"
 START=$(date +%s)
 RESTARTED=0
+: > "$RUN/restart_at"
 while :; do
   NOW=$(($(date +%s) - START))
   rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$PROXY/status")
@@ -296,13 +304,13 @@ while :; do
   fds=$(find "/proc/$PROXY/fd" -mindepth 1 -maxdepth 1 | wc -l)
   printf '%d\t%d\t%d\t%d\n' "$NOW" "$rss" "$fds" "$threads" | tee -a "$RUN/samples.tsv"
   [ "$NOW" -ge $((MINUTES * 60)) ] && break
-  if [ "$RESTARTED" = 0 ] && [ "$NOW" -ge $((MINUTES * 30)) ]; then
+  if [ "$RESTARTED" -lt "$RESTARTS" ] && [ "$NOW" -ge "${RESTART_AT[$RESTARTED]}" ]; then
     echo "soak.sh: restarting Redis (SHUTDOWN SAVE, start from the dump)"
     redis-cli -p "$REDIS_PORT" shutdown save > /dev/null 2>&1 || true
     for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping > /dev/null 2>&1 || break; sleep 0.1; done
     start_redis
-    echo "$NOW" > "$RUN/restart_at"
-    RESTARTED=1
+    echo "$NOW" >> "$RUN/restart_at"
+    RESTARTED=$((RESTARTED + 1))
   fi
   sleep $((10 - ($(date +%s) - START) % 10))
 done
@@ -330,21 +338,22 @@ for col, name in [(1, "rss_kib"), (2, "fds"), (3, "threads")]:
     ok &= verdict == "PASS"
     print(f"{name:8} first {ys[0]:>8} last {ys[-1]:>8} min {min(ys):>8} max {max(ys):>8} "
           f"slope {slope:+.1f}/10min = {pct:+.2f} %/10min  {verdict}")
-try:
-    # A full reload after the restart allocates a new table: show the step apart from the trend.
-    at = int(open(run + "/restart_at").read())
+# Each restart makes the proxy reload its whole table: show its step apart
+# from the trend, so a step that comes back at every restart is seen as one.
+restarts = [int(l) for l in open(run + "/restart_at").read().split()]
+for at in restarts:
     before = [r for r in rows if r[0] <= at][-1]
     settled = [r for r in rows if r[0] >= at + 30][:1] or rows[-1:]
-    print(f"redis restart at {at} s: rss_kib {before[1]} -> {settled[0][1]} at {settled[0][0]} s, "
-          f"fds {before[2]} -> {settled[0][2]}, threads {before[3]} -> {settled[0][3]}")
-    # The trend on each side of the step, for information (the verdict is the whole fit above).
-    for label, part in [("before the restart", [r for r in after if r[0] <= at]),
+    print(f"redis restart at {at} s: rss_kib {before[1]} -> {settled[0][1]} at {settled[0][0]} s "
+          f"({settled[0][1] - before[1]:+d}), fds {before[2]} -> {settled[0][2]}, threads {before[3]} -> {settled[0][3]}")
+if restarts:
+    # The trend on each side of the first step, for information (the verdict is the whole fit above).
+    at = restarts[0]
+    for label, part in [("before the first restart", [r for r in after if r[0] <= at]),
                         ("after it settled", [r for r in rows if r[0] >= at + 30])]:
         if len(part) >= 3:
             print(f"  {label}: " + ", ".join(f"{name} {fit(part, col)[1]:+.2f} %/10min"
                                              for col, name in [(1, "rss_kib"), (2, "fds"), (3, "threads")]))
-except OSError:
-    pass
 def load(name):
     try:
         return json.load(open(f"{run}/{name}.json"))

@@ -268,6 +268,12 @@ impl Stack {
         serde_json::from_str(&body).unwrap()
     }
 
+    /// The value of the unlabelled sample `name` in a scrape of `/metrics`.
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = get(&http_client(), &format!("http://127.0.0.1:{}/metrics", self.admin), None).await?;
+        body.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
     /// Registers a fresh tool every 50 ms, each attempt on its own
     /// connection so a hung one does not hold up the next; returns the tools
     /// the registrar said `ok` to, with when.
@@ -304,6 +310,7 @@ async fn master_killed_under_load_fails_no_request() {
     eventually(WAIT, "load running", || async { (load_ok.load(Ordering::Relaxed) > 50).then_some(()) }).await;
     let registered_port = backend("hello from a registered tool").await;
     let switches = stack.group.switch_events();
+    assert_eq!(stack.metric("dynamicproxy_proxy_redis_server_changes_total").await, Some(0.0));
 
     let killed = Instant::now();
     stack.group.kill_master();
@@ -361,6 +368,11 @@ async fn master_killed_under_load_fails_no_request() {
     assert_eq!(cache["redis_connected"], true, "{info}");
     let log = stack.daemon.log();
     assert!(log.contains("route cache now follows another Redis server (failover)"), "{log}");
+    // The switch in /metrics, for alerts and dashboards (the counter follows within a second).
+    eventually(WAIT, "server change counted in /metrics", || async {
+        (stack.metric("dynamicproxy_proxy_redis_server_changes_total").await == Some(1.0)).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -67,6 +67,10 @@ impl Proxy {
         eventually(WAIT, "admin API", || self.get("/ready", None)).await
     }
 
+    async fn metrics(&self) -> String {
+        self.get("/metrics", None).await.map(|(_, body)| body).unwrap_or_default()
+    }
+
     fn stop(mut self) {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         let _ = self.child.wait();
@@ -78,6 +82,11 @@ impl Drop for Proxy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The value of the unlabelled sample `name` in a Prometheus text scrape.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 async fn backend(body: &'static str) -> u16 {
@@ -119,6 +128,15 @@ async fn started_without_redis_the_proxy_serves_its_snapshot_until_redis_answers
     assert_eq!(info["route_cache"]["serving_snapshot"], true, "{info}");
     assert_eq!(info["route_cache"]["redis_connected"], false, "{info}");
     assert!(second.log().contains("serving the route snapshot until Redis answers"), "{}", second.log());
+    // The same state in /metrics, for alerts (the gauges follow within a second).
+    let age = eventually(WAIT, "snapshot gauges", || async {
+        let metrics = second.metrics().await;
+        (metric(&metrics, "dynamicproxy_proxy_serving_snapshot") == Some(1.0))
+            .then(|| metric(&metrics, "dynamicproxy_proxy_snapshot_age_seconds"))
+            .flatten()
+    })
+    .await;
+    assert!(age >= 0.0, "snapshot age {age}");
 
     // Redis comes back with another table: a full resync replaces the snapshot, also on disk.
     redis.restart();
@@ -127,6 +145,13 @@ async fn started_without_redis_the_proxy_serves_its_snapshot_until_redis_answers
     eventually(WAIT, "other served", || second.served("other")).await;
     eventually(WAIT, "demo gone", || async { second.served("demo").await.is_none().then_some(()) }).await;
     assert_eq!(second.ready().await, (200, "ready\n".to_string()));
+    eventually(WAIT, "snapshot gauges cleared", || async {
+        let metrics = second.metrics().await;
+        (metric(&metrics, "dynamicproxy_proxy_serving_snapshot") == Some(0.0)
+            && metric(&metrics, "dynamicproxy_proxy_snapshot_age_seconds") == Some(-1.0))
+        .then_some(())
+    })
+    .await;
     eventually(Duration::from_secs(10), "snapshot rewritten from Redis", || async {
         std::fs::read_to_string(&file).ok().filter(|text| text.contains("\"other\"") && !text.contains("\"demo\""))
     })

@@ -417,6 +417,7 @@ async fn housekeeping(shared: Arc<handler::Shared>, cache: RouteCache, metrics: 
             _ = tick.tick() => {}
         }
         metrics.cache_status(&cache.status());
+        metrics.cache_origin(&cache.origin().state());
         n += 1;
         if n.is_multiple_of(10) {
             shared.protection.sweep();

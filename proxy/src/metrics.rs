@@ -8,7 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use dynamicproxy_redis::CacheStatus;
+use dynamicproxy_redis::{CacheStatus, OriginState};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClassLabel {
@@ -46,6 +46,9 @@ pub struct Metrics {
     routes_in_cache: Gauge,
     cache_age_seconds: Gauge,
     redis_connected: Gauge,
+    serving_snapshot: Gauge,
+    snapshot_age_seconds: Gauge,
+    redis_server_changes: Counter,
     backends_down: Gauge,
     backend_transitions: [Counter; 2],
     access_log_lost_lines: Counter,
@@ -100,6 +103,25 @@ impl Metrics {
         );
         let redis_connected = Gauge::default();
         registry.register("redis_connected", "1 while the route cache is connected to Redis", redis_connected.clone());
+        let serving_snapshot = Gauge::default();
+        registry.register(
+            "serving_snapshot",
+            "1 while the route table is the snapshot file read at start and no load from Redis has replaced it",
+            serving_snapshot.clone(),
+        );
+        let snapshot_age_seconds = Gauge::default();
+        snapshot_age_seconds.set(-1);
+        registry.register(
+            "snapshot_age_seconds",
+            "Age of the route snapshot being served, from when it was written (-1 when not serving one)",
+            snapshot_age_seconds.clone(),
+        );
+        let redis_server_changes = Counter::default();
+        registry.register(
+            "redis_server_changes",
+            "Times the route cache moved to another Redis server (a Sentinel failover followed)",
+            redis_server_changes.clone(),
+        );
         let backends_down = Gauge::default();
         registry.register("backends_down", "Backends marked down after repeated failures, now", backends_down.clone());
         let transitions = Family::<DirectionLabel, Counter>::default();
@@ -140,6 +162,9 @@ impl Metrics {
             routes_in_cache,
             cache_age_seconds,
             redis_connected,
+            serving_snapshot,
+            snapshot_age_seconds,
+            redis_server_changes,
         }
     }
 
@@ -194,6 +219,18 @@ impl Metrics {
         self.routes_in_cache.set(status.tools as i64);
         self.cache_age_seconds.set(status.age.map_or(-1, |a| a.as_secs() as i64));
         self.redis_connected.set(i64::from(status.redis_connected));
+    }
+
+    /// Copies where the route table comes from into the snapshot gauges and
+    /// the server change counter (the sync task counts; this follows it).
+    pub fn cache_origin(&self, origin: &OriginState) {
+        let age = origin.snapshot_age();
+        self.serving_snapshot.set(i64::from(age.is_some()));
+        self.snapshot_age_seconds.set(age.map_or(-1, |a| a.as_secs() as i64));
+        let counted = self.redis_server_changes.get();
+        if origin.server_changes > counted {
+            self.redis_server_changes.inc_by(origin.server_changes - counted);
+        }
     }
 
     /// The counter of lost access log lines, for the access log writer.

@@ -152,19 +152,24 @@ impl RouteCache {
         }
     }
 
-    /// Sets or removes one tool's entry.
+    /// Sets or removes one tool's entry. An entry equal to the cached one
+    /// leaves the cached one in place: a full reload, which finds nearly
+    /// every tool unchanged, then frees each new entry at once instead of
+    /// moving the whole table to fresh memory. Only the sync task writes, so
+    /// nothing changes the entry between the comparison and the insert.
     pub(crate) fn put(&self, tool: ToolName, routes: ToolRoutes) {
         if routes.is_absent() {
             if let Some((name, old)) = self.inner.tools.remove(tool.as_str()) {
                 self.changed(name.as_str(), Some(&old), None);
             }
-        } else {
-            let routes = Arc::new(routes);
-            let old = self.inner.tools.insert(tool.clone(), Arc::clone(&routes));
-            if old.as_deref() != Some(&*routes) {
-                self.changed(tool.as_str(), old.as_deref(), Some(&routes));
-            }
+            return;
         }
+        if self.tool(tool.as_str()).is_some_and(|old| *old == routes) {
+            return;
+        }
+        let routes = Arc::new(routes);
+        let old = self.inner.tools.insert(tool.clone(), Arc::clone(&routes));
+        self.changed(tool.as_str(), old.as_deref(), Some(&routes));
     }
 
     /// Ends a full load: drops tools the load did not see and counts the load.

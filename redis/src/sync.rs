@@ -326,9 +326,13 @@ impl Loader {
         Loader { cache, regexes: RegexMemo::default(), warned: HashSet::new() }
     }
 
-    /// Loads every tool into the cache and drops tools that are gone. Entries
-    /// are replaced batch by batch, so memory never holds two full tables.
-    /// Returns the tool count.
+    /// Loads every tool into the cache and drops tools that are gone. Each
+    /// tool's entry is built and put before the next is built, and an entry
+    /// equal to the cached one is dropped at once: memory holds the table
+    /// plus one tool, never a second table (a batch of built entries held a
+    /// second copy of a 1,000-tool table until the batch was put, and the
+    /// allocator kept that peak as resident memory for good). Returns the
+    /// tool count.
     async fn full_load(&mut self, conn: &mut MultiplexedConnection) -> Result<usize, RouteTableError> {
         self.regexes.start_full_load();
         let mut names: BTreeSet<String> = BTreeSet::new();
@@ -342,11 +346,13 @@ impl Loader {
         let tools: Vec<ToolName> = names.iter().filter_map(|n| self.check_name(n)).collect();
         let mut seen = HashSet::with_capacity(tools.len());
         for batch in tools.chunks(FETCH_BATCH) {
-            for (tool, routes) in self.fetch(conn, batch).await? {
+            let replies = self.fetch(conn, batch).await?;
+            for (tool, pair) in batch.iter().zip(replies.chunks(2)) {
+                let routes = self.build(tool, pair);
                 if !routes.is_absent() {
                     seen.insert(tool.clone());
                 }
-                self.cache.put(tool, routes);
+                self.cache.put(tool.clone(), routes);
             }
         }
         self.cache.finish_full_load(&seen);
@@ -362,21 +368,25 @@ impl Loader {
     ) -> Result<(), RouteTableError> {
         let tools: Vec<ToolName> = names.iter().filter_map(|n| self.check_name(n)).collect();
         for batch in tools.chunks(FETCH_BATCH) {
-            for (tool, routes) in self.fetch(conn, batch).await? {
+            let replies = self.fetch(conn, batch).await?;
+            for (tool, pair) in batch.iter().zip(replies.chunks(2)) {
+                let routes = self.build(tool, pair);
                 debug!(tool = %tool, routes = routes.routes().len(), redirect = routes.canonical_redirect(), "route cache updated");
-                self.cache.put(tool, routes);
+                self.cache.put(tool.clone(), routes);
             }
         }
         Ok(())
     }
 
-    /// Fetches one batch of tools in one pipelined round trip. Tools with
-    /// neither key come back absent, so the caller removes them.
+    /// Fetches one batch of tools in one pipelined round trip: for each tool,
+    /// in order, the `HGETALL` of its routes and the `EXISTS` of its redirect.
+    /// The raw replies are small; the caller builds each tool's entry from
+    /// them one at a time ([`Loader::build`]).
     async fn fetch(
         &mut self,
         conn: &mut MultiplexedConnection,
         batch: &[ToolName],
-    ) -> Result<Vec<(ToolName, ToolRoutes)>, RouteTableError> {
+    ) -> Result<Vec<redis::RedisResult<Value>>, RouteTableError> {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for tool in batch {
@@ -387,21 +397,24 @@ impl Loader {
         if replies.len() != batch.len() * 2 {
             return Err(RouteTableError::Disconnected);
         }
-        let mut fetched = Vec::with_capacity(batch.len());
-        for (tool, pair) in batch.iter().zip(replies.chunks(2)) {
-            let (routes, has_routes_key) = match &pair[0] {
-                Ok(value) => self.parse_routes(tool, value),
-                Err(error) => {
-                    self.warn_once(format!("{tool}:wrongtype"), || {
-                        warn!(key = %routes_key(tool.as_str()), %error, "skipping route table key that is not a hash")
-                    });
-                    (Vec::new(), false)
-                }
-            };
-            let redirect = matches!(&pair[1], Ok(Value::Int(n)) if *n > 0);
-            fetched.push((tool.clone(), ToolRoutes::new(routes, has_routes_key, redirect)));
-        }
-        Ok(fetched)
+        Ok(replies)
+    }
+
+    /// One tool's entry from its two replies in [`Loader::fetch`]. A tool with
+    /// neither key comes back absent, so the caller removes it.
+    fn build(&mut self, tool: &ToolName, pair: &[redis::RedisResult<Value>]) -> ToolRoutes {
+        let (routes, has_routes_key) = match &pair[0] {
+            Ok(value) => self.parse_routes(tool, value),
+            Err(error) => {
+                self.warn_once(
+                    format!("{tool}:wrongtype"),
+                    || warn!(key = %routes_key(tool.as_str()), %error, "skipping route table key that is not a hash"),
+                );
+                (Vec::new(), false)
+            }
+        };
+        let redirect = matches!(pair.get(1), Some(Ok(Value::Int(n))) if *n > 0);
+        ToolRoutes::new(routes, has_routes_key, redirect)
     }
 
     /// Turns one `HGETALL` reply into valid routes, logging each bad field

@@ -157,6 +157,33 @@ async fn keeps_serving_through_an_outage_and_converges_after() {
     assert!(synced.cache.status().age.unwrap() < Duration::from_secs(2));
 }
 
+/// A full reload (after every reconnect, and every 5 minutes) that finds a
+/// tool as it was keeps the cached entry itself: building the whole table a
+/// second time beside the first left the proxy's memory a table larger for good.
+#[tokio::test]
+async fn a_full_reload_keeps_the_entries_it_finds_unchanged() {
+    let redis = RedisServer::start();
+    let mut c = redis.client();
+    let _: () = c.hset("prefix:same", ".*", "http://10.0.0.1:1").unwrap();
+    let _: () = c.hset("prefix:same", "/api.*", "http://10.0.0.2:2").unwrap();
+    let _: () = c.hset("redirect:same", ".*", "same.toolforge.org").unwrap();
+    let synced = SyncedCache::start(&redis).await;
+    let before = synced.cache.tool("same").unwrap();
+    let loads = synced.cache.status().full_loads;
+
+    // Redis drops the sync task's connection (not this one): it reconnects and reloads everything.
+    let killed: i64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("normal").query(&mut c).unwrap();
+    assert!(killed >= 1, "no connection to kill");
+    eventually(WAIT, "a full reload after the reconnect", || async {
+        let status = synced.cache.status();
+        (status.full_loads > loads && status.redis_connected).then_some(())
+    })
+    .await;
+    let after = synced.cache.tool("same").unwrap();
+    assert!(std::sync::Arc::ptr_eq(&before, &after), "the unchanged entry was rebuilt");
+    assert_eq!(synced.backend("same", "/x/api").as_deref(), Some("http://10.0.0.2:2"));
+}
+
 #[tokio::test]
 async fn starts_while_redis_is_down() {
     let mut redis = RedisServer::start();
