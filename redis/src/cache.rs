@@ -152,11 +152,10 @@ impl RouteCache {
         }
     }
 
-    /// Sets or removes one tool's entry. An entry equal to the cached one
-    /// leaves the cached one in place: a full reload, which finds nearly
-    /// every tool unchanged, then frees each new entry at once instead of
-    /// moving the whole table to fresh memory. Only the sync task writes, so
-    /// nothing changes the entry between the comparison and the insert.
+    /// Sets or removes one tool's entry. The entry is always a new one, even
+    /// when equal to the cached one: a tool's write (a `webservice restart`
+    /// registering the same backend again) is news to those who watch the
+    /// entry, such as the outlier marks that a new registration clears.
     pub(crate) fn put(&self, tool: ToolName, routes: ToolRoutes) {
         if routes.is_absent() {
             if let Some((name, old)) = self.inner.tools.remove(tool.as_str()) {
@@ -164,12 +163,23 @@ impl RouteCache {
             }
             return;
         }
-        if self.tool(tool.as_str()).is_some_and(|old| *old == routes) {
-            return;
-        }
         let routes = Arc::new(routes);
         let old = self.inner.tools.insert(tool.clone(), Arc::clone(&routes));
-        self.changed(tool.as_str(), old.as_deref(), Some(&routes));
+        if old.as_deref() != Some(&*routes) {
+            self.changed(tool.as_str(), old.as_deref(), Some(&routes));
+        }
+    }
+
+    /// As [`RouteCache::put`], but an entry equal to the cached one leaves
+    /// the cached one in place: a full reload, which finds nearly every tool
+    /// unchanged and is no tool's write, then frees each new entry at once
+    /// instead of moving the whole table to fresh memory. Only the sync task
+    /// writes, so nothing changes the entry between the comparison and the insert.
+    pub(crate) fn put_if_changed(&self, tool: ToolName, routes: ToolRoutes) {
+        if !routes.is_absent() && self.tool(tool.as_str()).is_some_and(|old| *old == routes) {
+            return;
+        }
+        self.put(tool, routes);
     }
 
     /// Ends a full load: drops tools the load did not see and counts the load.

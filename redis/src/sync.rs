@@ -352,7 +352,7 @@ impl Loader {
                 if !routes.is_absent() {
                     seen.insert(tool.clone());
                 }
-                self.cache.put(tool.clone(), routes);
+                self.cache.put_if_changed(tool.clone(), routes);
             }
         }
         self.cache.finish_full_load(&seen);
