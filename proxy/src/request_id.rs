@@ -38,8 +38,18 @@ pub fn of(headers: &HeaderMap) -> HeaderValue {
 /// A new id: 16 hex digits.
 pub fn new() -> HeaderValue {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let id = format!("{:016x}", KEYS.hash_one(n));
-    HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("0000000000000000"))
+    HeaderValue::from_bytes(&hex16(KEYS.hash_one(n))).unwrap_or(HeaderValue::from_static("0000000000000000"))
+}
+
+/// `n` as 16 lower-case hex digits, built on the stack: an id costs one
+/// copy into its header value and no formatting.
+fn hex16(n: u64) -> [u8; 16] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 16];
+    for (i, digit) in id.iter_mut().enumerate() {
+        *digit = DIGITS[((n >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    id
 }
 
 #[cfg(test)]
@@ -58,5 +68,12 @@ mod tests {
         let (a, b) = (new(), new());
         assert_ne!(a, b);
         assert!(a.to_str().unwrap().bytes().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn ids_are_sixteen_hex_digits_with_leading_zeros() {
+        for n in [0, 1, 0xabc, 0x0123_4567_89ab_cdef, u64::MAX] {
+            assert_eq!(hex16(n), format!("{n:016x}").as_bytes(), "{n:x}");
+        }
     }
 }

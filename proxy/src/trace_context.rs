@@ -111,17 +111,33 @@ fn write_hex(out: &mut String, bytes: &[u8]) {
     }
 }
 
+impl TraceParent {
+    /// The version-00 header value, as bytes: built on the stack, so a
+    /// request's `traceparent` costs one copy into its header value.
+    fn encode(&self) -> [u8; LEN] {
+        let mut out = [b'-'; LEN];
+        out[..2].copy_from_slice(b"00");
+        hex_into(&mut out[3..35], &self.trace_id);
+        hex_into(&mut out[36..52], &self.parent_id);
+        hex_into(&mut out[53..55], &[self.flags]);
+        out
+    }
+}
+
+/// Lower-case hex of `bytes` into `out` (twice as long).
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
+    }
+}
+
 impl fmt::Display for TraceParent {
     /// The version-00 header value.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut out = String::with_capacity(LEN);
-        out.push_str("00-");
-        write_hex(&mut out, &self.trace_id);
-        out.push('-');
-        write_hex(&mut out, &self.parent_id);
-        out.push('-');
-        write_hex(&mut out, &[self.flags]);
-        f.write_str(&out)
+        // Hex digits and dashes only: always UTF-8.
+        f.write_str(std::str::from_utf8(&self.encode()).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -159,9 +175,9 @@ impl TraceContext {
 
     /// The trace id, as 32 lower-case hex digits (for the access log).
     pub fn trace_id(&self) -> String {
-        let mut out = String::with_capacity(32);
-        write_hex(&mut out, &self.upstream.trace_id);
-        out
+        let mut out = [0u8; 32];
+        hex_into(&mut out, &self.upstream.trace_id);
+        String::from_utf8_lossy(&out).into_owned()
     }
 
     /// The `traceparent` the backend is sent.
@@ -173,7 +189,7 @@ impl TraceContext {
     /// only when the client's trace is continued (the specification forbids
     /// keeping it next to a `traceparent` it does not belong to).
     pub fn to_upstream(&self, headers: &mut HeaderMap) {
-        if let Ok(value) = HeaderValue::from_str(&self.upstream.to_string()) {
+        if let Ok(value) = HeaderValue::from_bytes(&self.upstream.encode()) {
             headers.insert(TRACEPARENT, value);
         }
         if !self.continued {
