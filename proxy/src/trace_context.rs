@@ -103,14 +103,6 @@ fn hex_byte(two: &[u8]) -> Option<u8> {
     Some(hex_digit(two[0])? << 4 | hex_digit(two[1])?)
 }
 
-fn write_hex(out: &mut String, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 0xf)] as char);
-    }
-}
-
 impl TraceParent {
     /// The version-00 header value, as bytes: built on the stack, so a
     /// request's `traceparent` costs one copy into its header value.
