@@ -198,8 +198,22 @@ async fn one_gib_download_streams_in_bounded_memory() {
 
 #[tokio::test]
 async fn large_upload_streams_and_oversize_is_413() {
-    // The backend counts body bytes as they arrive.
-    let backend = Backend::echo("sink").await;
+    // The backend counts body bytes as they arrive and keeps none: the RSS
+    // figure is then the proxy's and the client's alone (a backend that
+    // collected the body made it a measure of how glibc trims its heap).
+    let backend = Backend::start(Arc::new(|req: hyper::Request<hyper::body::Incoming>| {
+        Box::pin(async move {
+            let chunked = req.headers().get("transfer-encoding").is_some_and(|v| v == "chunked");
+            let mut body = req.into_body();
+            let mut bytes = 0u64;
+            while let Some(Ok(frame)) = body.frame().await {
+                bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
+            }
+            let encoding = if chunked { "transfer-encoding: chunked" } else { "no transfer-encoding" };
+            Response::new(Full::new(Bytes::from(format!("body-bytes={bytes}\n{encoding}\n"))))
+        })
+    }))
+    .await;
     let proxy = proxy_to(&backend, Config { max_body_size: 1 << 30, ..Config::default() }).await;
     const TOTAL: u64 = 512 << 20;
     let before = rss_bytes();
