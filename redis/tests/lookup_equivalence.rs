@@ -84,10 +84,37 @@ fn reference<'a>(patterns: &'a [(String, Regex)], path: &str) -> Option<&'a str>
     patterns.iter().find(|(_, regex)| regex.is_match(path)).map(|(p, _)| p.as_str())
 }
 
+/// The backend of a tool's `i`-th route: tells the routes apart.
+fn backend(i: usize) -> BackendUrl {
+    BackendUrl::parse(&format!("http://10.0.0.1:{}", 1000 + i)).unwrap()
+}
+
+/// A tool holding `sources` (valid patterns, in match order), each to its own backend.
+fn tool_of(sources: &[String]) -> ToolRoutes {
+    let routes = sources
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Route { pattern: RoutePattern::parse(s).unwrap(), backend: backend(i) })
+        .collect();
+    ToolRoutes::new(routes, true, false)
+}
+
+/// The routes `tool` kept, as regexes for [`reference`].
+fn reference_patterns(tool: &ToolRoutes) -> Vec<(String, Regex)> {
+    tool.routes()
+        .iter()
+        .map(|r| (r.pattern.as_str().to_string(), Regex::new(r.pattern.as_str()).expect("a route pattern is a regex")))
+        .collect()
+}
+
+/// The pattern of the route the one-pass lookup picks for `path`.
+fn picked<'a>(tool: &'a ToolRoutes, path: &str) -> Option<&'a str> {
+    tool.find(path).and_then(|b| tool.routes().iter().find(|r| &r.backend == b).map(|r| r.pattern.as_str()))
+}
+
 #[test]
 fn one_pass_lookup_picks_what_trying_each_pattern_in_order_picks() {
     let mut rng = StdRng::seed_from_u64(10);
-    let backend = |i: usize| BackendUrl::parse(&format!("http://10.0.0.1:{}", 1000 + i)).unwrap();
     let (mut compared, mut matched) = (0, 0);
     let (mut trimmed_sets, mut trimmed_set) = (0, None);
     for set in 0..400 {
@@ -116,17 +143,12 @@ fn one_pass_lookup_picks_what_trying_each_pattern_in_order_picks() {
             }
         }
         assert!(rest.next().is_none(), "routes {shown:?} are not those of {capped:?}");
-        let kept: Vec<(String, Regex)> = shown
-            .iter()
-            .map(|s| (s.to_string(), Regex::new(s).expect("a valid route pattern is a valid regex")))
-            .collect();
+        let kept = reference_patterns(&tool);
         let expected = &shown;
         for _ in 0..40 {
             let path = path(&mut rng);
             let want = reference(&kept, &path);
-            let got = tool
-                .find(&path)
-                .and_then(|b| tool.routes().iter().find(|r| &r.backend == b).map(|r| r.pattern.as_str()));
+            let got = picked(&tool, &path);
             assert_eq!(got, want, "path {:?} ({} bytes) with routes {expected:?}", path.get(..200), path.len());
             compared += 1;
             matched += usize::from(want.is_some());
@@ -160,23 +182,13 @@ fn unbounded_pattern(rng: &mut StdRng) -> String {
 #[test]
 fn unbounded_regex_routes_on_long_paths_pick_what_trying_each_pattern_in_order_picks() {
     let mut rng = StdRng::seed_from_u64(11);
-    let backend = |i: usize| BackendUrl::parse(&format!("http://10.0.0.1:{}", 1000 + i)).unwrap();
     let mut matched = 0;
     for _ in 0..40 {
         let mut sources: Vec<String> = (0..rng.random_range(2..6)).map(|_| unbounded_pattern(&mut rng)).collect();
         sources.sort_by(|a, b| match_order(a, b));
         sources.dedup();
-        let routes: Vec<Route> = sources
-            .iter()
-            .enumerate()
-            .map(|(i, s)| Route { pattern: RoutePattern::parse(s).unwrap(), backend: backend(i) })
-            .collect();
-        let tool = ToolRoutes::new(routes, true, false);
-        let kept: Vec<(String, Regex)> = tool
-            .routes()
-            .iter()
-            .map(|r| (r.pattern.as_str().to_string(), Regex::new(r.pattern.as_str()).unwrap()))
-            .collect();
+        let tool = tool_of(&sources);
+        let kept = reference_patterns(&tool);
         for _ in 0..10 {
             // One piece over and over, a few others here and there.
             let mut pieces = vec![*PATH_PIECES.choose(&mut rng).unwrap(); rng.random_range(8000..12000)];
@@ -186,9 +198,7 @@ fn unbounded_regex_routes_on_long_paths_pick_what_trying_each_pattern_in_order_p
             }
             let path = pieces.concat();
             let want = reference(&kept, &path);
-            let got = tool
-                .find(&path)
-                .and_then(|b| tool.routes().iter().find(|r| &r.backend == b).map(|r| r.pattern.as_str()));
+            let got = picked(&tool, &path);
             assert_eq!(got, want, "path of {} bytes with routes {sources:?}", path.len());
             matched += usize::from(want.is_some());
         }
@@ -205,7 +215,6 @@ fn unbounded_regex_routes_on_long_paths_pick_what_trying_each_pattern_in_order_p
 #[test]
 fn anchored_routes_alive_over_a_whole_long_path_pick_what_trying_each_pattern_in_order_picks() {
     let mut rng = StdRng::seed_from_u64(12);
-    let backend = |i: usize| BackendUrl::parse(&format!("http://10.0.0.1:{}", 1000 + i)).unwrap();
     let len = 64 * 1024;
     let base: String = "/ab".chars().cycle().take(len).collect();
     let mut matched = 0;
@@ -216,17 +225,8 @@ fn anchored_routes_alive_over_a_whole_long_path_pick_what_trying_each_pattern_in
             sources.push("q[ab/]*z$".to_string());
         }
         sources.sort_by(|a, b| match_order(a, b));
-        let routes: Vec<Route> = sources
-            .iter()
-            .enumerate()
-            .map(|(i, s)| Route { pattern: RoutePattern::parse(s).unwrap(), backend: backend(i) })
-            .collect();
-        let tool = ToolRoutes::new(routes, true, false);
-        let kept: Vec<(String, Regex)> = tool
-            .routes()
-            .iter()
-            .map(|r| (r.pattern.as_str().to_string(), Regex::new(r.pattern.as_str()).unwrap()))
-            .collect();
+        let tool = tool_of(&sources);
+        let kept = reference_patterns(&tool);
         assert_eq!(kept.len(), sources.len(), "every route fits the DFA budget");
         for case in 0..120 {
             let mut path = base.clone().into_bytes();
@@ -252,9 +252,7 @@ fn anchored_routes_alive_over_a_whole_long_path_pick_what_trying_each_pattern_in
             }
             let path = String::from_utf8(path).unwrap();
             let want = reference(&kept, &path);
-            let got = tool
-                .find(&path)
-                .and_then(|b| tool.routes().iter().find(|r| &r.backend == b).map(|r| r.pattern.as_str()));
+            let got = picked(&tool, &path);
             assert_eq!(got, want, "case {case} with routes {sources:?}");
             matched += usize::from(want.is_some());
         }
