@@ -119,79 +119,17 @@ async fn a_regex_route_the_proxy_would_drop_for_the_tools_dfa_budget_is_refused(
     let h = Harness::start(user("tools.foo"), |_| {}).await;
     // Each alone fits the tool's 256 KiB DFA budget; the two together do not,
     // and the proxy would drop the second when loading the tool.
-    assert_eq!(
-        h.send(
-            b"register
-x[xy]{10}
-http://h:1
-"
-        )
-        .await,
-        "ok"
-    );
-    assert_eq!(
-        h.send(
-            b"register
-y[xy]{10}
-http://h:1
-"
-        )
-        .await,
-        TOO_MANY_ROUTES
-    );
-    assert_eq!(
-        h.send(
-            b"registerCanonical
-y[xy]{10}
-http://h:1
-"
-        )
-        .await,
-        TOO_MANY_ROUTES
-    );
+    assert_eq!(h.send(b"register\nx[xy]{10}\nhttp://h:1\n").await, "ok");
+    assert_eq!(h.send(b"register\ny[xy]{10}\nhttp://h:1\n").await, TOO_MANY_ROUTES);
+    assert_eq!(h.send(b"registerCanonical\ny[xy]{10}\nhttp://h:1\n").await, TOO_MANY_ROUTES);
     assert_eq!(h.keys(), ["prefix:foo"], "a refused registerCanonical must not write its redirect");
     assert_eq!(h.hash("prefix:foo"), map(&[("x[xy]{10}", "http://h:1")]));
     // Literal routes take nothing from the budget, and replacing a route does not add one.
-    assert_eq!(
-        h.send(
-            b"register
-/docs.*
-http://h:1
-"
-        )
-        .await,
-        "ok"
-    );
-    assert_eq!(
-        h.send(
-            b"register
-x[xy]{10}
-http://h:2
-"
-        )
-        .await,
-        "ok"
-    );
+    assert_eq!(h.send(b"register\n/docs.*\nhttp://h:1\n").await, "ok");
+    assert_eq!(h.send(b"register\nx[xy]{10}\nhttp://h:2\n").await, "ok");
     // Room again after an unregister.
-    assert_eq!(
-        h.send(
-            b"unregister
-x[xy]{10}
-"
-        )
-        .await,
-        "ok"
-    );
-    assert_eq!(
-        h.send(
-            b"register
-y[xy]{10}
-http://h:1
-"
-        )
-        .await,
-        "ok"
-    );
+    assert_eq!(h.send(b"unregister\nx[xy]{10}\n").await, "ok");
+    assert_eq!(h.send(b"register\ny[xy]{10}\nhttp://h:1\n").await, "ok");
     assert_eq!(h.hash("prefix:foo"), map(&[("/docs.*", "http://h:1"), ("y[xy]{10}", "http://h:1")]));
     let text = h.metrics_text();
     assert!(text.contains(r#"registrar_commands_total{command="register",result="too_many_routes"} 1"#), "{text}");
