@@ -61,7 +61,7 @@ for n in backend peer; do nginx -p "$RUN/$n" -e "$RUN/$n/logs/error.log" -c "$RU
 
 # Each binary on its own port, all running the whole time (idle ones cost nothing).
 TARGETS=("nginx-static-ka $P_STATIC_KA 1")
-SERVING=(0)  # nginx-static-ka: its master, set once its pid file exists
+SERVING=(0)  # the processes whose CPU each target costs; nginx's master is read below
 port=$((P_STATIC_KA + 1))
 for c in "${CANDS[@]}"; do
   port=$(free_port "$port")
@@ -97,8 +97,7 @@ cpu_ticks() {  # cpu_ticks PID: utime + stime of PID and its children (nginx's w
   done
   echo "$sum"
 }
-nginx_master_pid=$(cat "$RUN/peer/nginx.pid")
-SERVING[0]=$nginx_master_pid
+SERVING[0]=$(cat "$RUN/peer/nginx.pid")  # written by now: the targets answered above
 
 for ((r = 1; r <= ROUNDS; r++)); do
   i=0
