@@ -293,16 +293,18 @@ for ((i = 1; i <= RESTARTS; i++)); do RESTART_AT+=($((MINUTES * 60 * i / (RESTAR
 echo "soak.sh: $MINUTES min (warm-up $WARMUP min), $RATE req/s over $TOOLS tools, $CHURN route writes/s," \
   "$WS WebSockets/s, Redis restarts at ${RESTART_AT[*]:-none} s; proxy pid $PROXY; run dir $RUN"
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
-printf 't_s\trss_kib\tfds\tthreads\n' > "$RUN/samples.tsv"
+printf 't_s\trss_kib\tfds\tthreads\tanon_kib\tfile_kib\n' > "$RUN/samples.tsv"
 START=$(date +%s)
 RESTARTED=0
 : > "$RUN/restart_at"
 while :; do
   NOW=$(($(date +%s) - START))
   rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$PROXY/status")
+  anon=$(awk '/^RssAnon:/ {print $2}' "/proc/$PROXY/status")
+  file=$(awk '/^RssFile:/ {print $2}' "/proc/$PROXY/status")
   threads=$(awk '/^Threads:/ {print $2}' "/proc/$PROXY/status")
   fds=$(find "/proc/$PROXY/fd" -mindepth 1 -maxdepth 1 | wc -l)
-  printf '%d\t%d\t%d\t%d\n' "$NOW" "$rss" "$fds" "$threads" | tee -a "$RUN/samples.tsv"
+  printf '%d\t%d\t%d\t%d\t%d\t%d\n' "$NOW" "$rss" "$fds" "$threads" "$anon" "$file" | tee -a "$RUN/samples.tsv"
   [ "$NOW" -ge $((MINUTES * 60)) ] && break
   if [ "$RESTARTED" -lt "$RESTARTS" ] && [ "$NOW" -ge "${RESTART_AT[$RESTARTED]}" ]; then
     echo "soak.sh: restarting Redis (SHUTDOWN SAVE, start from the dump)"
@@ -338,6 +340,14 @@ for col, name in [(1, "rss_kib"), (2, "fds"), (3, "threads")]:
     ok &= verdict == "PASS"
     print(f"{name:8} first {ys[0]:>8} last {ys[-1]:>8} min {min(ys):>8} max {max(ys):>8} "
           f"slope {slope:+.1f}/10min = {pct:+.2f} %/10min  {verdict}")
+# RSS split: anonymous memory (the heap, stacks) and file pages (the
+# binary's code and data as they are first run), for information.
+if all(len(r) > 5 for r in after):
+    for col, name in [(4, "anon_kib"), (5, "file_kib")]:
+        ys = [r[col] for r in after]
+        slope, pct = fit(after, col)
+        print(f"{name:8} first {ys[0]:>8} last {ys[-1]:>8} min {min(ys):>8} max {max(ys):>8} "
+              f"slope {slope:+.1f}/10min = {pct:+.2f} %/10min  (part of rss_kib)")
 # Each restart makes the proxy reload its whole table: show its step apart
 # from the trend, so a step that comes back at every restart is seen as one.
 restarts = [int(l) for l in open(run + "/restart_at").read().split()]
@@ -345,7 +355,8 @@ for at in restarts:
     before = [r for r in rows if r[0] <= at][-1]
     settled = [r for r in rows if r[0] >= at + 30][:1] or rows[-1:]
     print(f"redis restart at {at} s: rss_kib {before[1]} -> {settled[0][1]} at {settled[0][0]} s "
-          f"({settled[0][1] - before[1]:+d}), fds {before[2]} -> {settled[0][2]}, threads {before[3]} -> {settled[0][3]}")
+          f"({settled[0][1] - before[1]:+d}), fds {before[2]} -> {settled[0][2]}, threads {before[3]} -> {settled[0][3]}"
+          + (f", anon {settled[0][4] - before[4]:+d}, file {settled[0][5] - before[5]:+d}" if len(before) > 5 else ""))
 if restarts:
     # The trend on each side of the first step, for information (the verdict is the whole fit above).
     at = restarts[0]

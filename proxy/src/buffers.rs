@@ -21,15 +21,19 @@ pub const MAX_HEAD_BYTES: usize = 32 * 1024;
 pub const CLIENT_WRITE_BUF: usize = MAX_HEAD_BYTES;
 
 /// hyper's HTTP/1 client `max_buf_size`: the read buffer of a backend
-/// connection. hyper's default (about 400 KiB) made each slow reader cost
-/// about 1 MiB. 16 KiB still reads a response head twice nginx's default
-/// `proxy_buffer_size` (8k), and keeps a body chunk to one TLS record's size.
-pub const UPSTREAM_MAX_BUF: usize = 16 * 1024;
+/// connection, and so the largest backend response head (502 beyond).
+/// hyper's default (about 400 KiB) made each slow reader cost about 1 MiB;
+/// 8 KiB is hyper's minimum and at least nginx's `proxy_buffer_size` default
+/// (one page), which the nginx edge this proxy replaces enforced. A slow
+/// reader holds at most two such chunks (one being written, one queued) and
+/// the buffer being read into: 16 KiB held about 40 KiB per reader.
+pub const UPSTREAM_MAX_BUF: usize = 8 * 1024;
 
 /// rustls' buffer of encrypted bytes not yet taken by the socket (rustls'
-/// default: 64 KiB). One TLS record's worth: a client that does not read
-/// stops the proxy after 16 KiB instead of 64.
-pub const TLS_SEND_BUF: usize = 16 * 1024;
+/// default: 64 KiB). One backend chunk's worth ([`UPSTREAM_MAX_BUF`]): a
+/// client that does not read stops the proxy after 8 KiB instead of 64, and
+/// a reading client still gets every chunk in one write.
+pub const TLS_SEND_BUF: usize = 8 * 1024;
 
 /// HTTP/2 streams a client may open at once (hyper's default is 200; RFC
 /// 9113 suggests at least 100, as nginx's `http2_max_concurrent_streams`).

@@ -294,6 +294,33 @@ async fn a_client_that_stops_reading_is_cut_off() {
     .await;
 }
 
+// ---- Point 3: a backend's response head is bounded ----
+
+#[tokio::test]
+async fn a_backend_response_head_over_8_kib_is_502_and_one_under_passes() {
+    let backend = Backend::start(Arc::new(|req| {
+        let size: usize = req.uri().path().trim_start_matches('/').parse().unwrap_or(0);
+        Box::pin(async move {
+            Response::builder().header("x-big", "b".repeat(size)).body(Full::new(Bytes::from_static(b"ok\n"))).unwrap()
+        })
+    }))
+    .await;
+    let proxy = proxy_to(&backend, Config::default()).await;
+    let under = get_with_head_of(proxy.http, 6000).await;
+    assert_eq!(status_of(&under), 200, "{}", &under[..200.min(under.len())]);
+    assert_eq!(header(&under, "x-big").map(str::len), Some(6000));
+    let over = get_with_head_of(proxy.http, 10_000).await;
+    assert_eq!(status_of(&over), 502, "{over}");
+    assert!(!over.contains("bbbb"), "the oversized head leaked through: {over}");
+}
+
+/// Asks the backend above for a response with an `x-big` header of `size` bytes.
+async fn get_with_head_of(proxy: std::net::SocketAddr, size: usize) -> String {
+    let request =
+        format!("GET /{size} HTTP/1.1\r\nHost: foo.toolforge.org\r\nUser-Agent: t\r\nConnection: close\r\n\r\n");
+    raw(proxy, request.as_bytes()).await
+}
+
 // ---- Point 2: WebSocket tunnels keep the long idle ----
 
 #[tokio::test]
