@@ -265,6 +265,9 @@ asyncio.run(main())
 EOF
 python3 "$RUN/soak.py" ws-backend "$RUN/ws-backend.json" "$WS_PORT" > "$RUN/ws-backend.log" 2>&1 &
 PIDS+=($!)
+# The first WebSocket client must not find the echo backend still starting
+# (one 502 at second 0 failed a run that was otherwise clean).
+for _ in $(seq 100); do (: > "/dev/tcp/127.0.0.1/$WS_PORT") 2>/dev/null && break; sleep 0.1; done
 
 cat > "$RUN/proxy.toml" <<EOF
 [proxy]

@@ -271,6 +271,10 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
             "route cache",
             run_cache_sync(CacheSyncConfig::new(plan.redis_read.clone()), route_cache.clone(), shutdown.child_token()),
         ));
+        tasks.spawn(named(
+            "allocator trim",
+            crate::allocator::trim_periodically(route_cache.clone(), shutdown.child_token()),
+        ));
         let metrics = Arc::new(dynamicproxy_proxy::Metrics::new(&mut registry));
         let handle = dynamicproxy_proxy::ProxyHandle::new(&config).with_sources(store.clone());
         // The admin API explains with a router built as the proxy builds its own, over the same cache.
