@@ -5,7 +5,7 @@
 //!
 //! - [`RedisServer`]: starts `redis-server`, kills it on drop, can stop and restart on the same port.
 //! - [`eventually`]: polls an async condition until it holds or a deadline passes.
-//! - [`free_port`]: a currently unused TCP port on 127.0.0.1.
+//! - [`free_port`]: a currently unused TCP port on 127.0.0.1, below the ephemeral range.
 //! - [`sentinel`]: [`SentinelGroup`], a master, a replica and three Sentinels that fail over in seconds.
 
 use std::future::Future;
@@ -17,9 +17,45 @@ use std::time::{Duration, Instant};
 pub mod sentinel;
 pub use sentinel::SentinelGroup;
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago, for a server a test
+/// starts itself (a daemon, `redis-server`) and that must be named before it
+/// binds.
+///
+/// It is taken below the kernel's ephemeral range (`ip_local_port_range`),
+/// where no outgoing connection lands. `bind(0)` hands out ports in that
+/// range, and a test running beside this one could take the port for a
+/// connection of its own before the server bound it: a daemon then failed to
+/// start, about once in four full runs. Each process starts at its own place
+/// in the range and moves on at each call, so two calls never return the
+/// same port and two processes rarely meet.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static START: OnceLock<u32> = OnceLock::new();
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral <= LOWEST + 1_000 {
+        return TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind 127.0.0.1:0");
+    }
+    let span = ephemeral - LOWEST;
+    let start = *START.get_or_init(|| {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        std::process::id().wrapping_mul(7_919).wrapping_add(nanos)
+    });
+    for _ in 0..span {
+        let port = LOWEST + start.wrapping_add(CALLS.fetch_add(1, Ordering::Relaxed)) % span;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free port on 127.0.0.1 between {LOWEST} and {ephemeral}")
 }
 
 /// A `redis-server` owned by one test. Killed on drop.
