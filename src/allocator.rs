@@ -23,8 +23,9 @@ use tracing::debug;
 const CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// Longest time between two trims. A trim walks the free lists of every
-/// arena, each under its lock (about a millisecond for this proxy's heap):
-/// once a minute costs nothing measurable.
+/// arena, each under its lock: 1.9-2.6 ms for the soak's 1,000-tool proxy,
+/// the blocking thread's start included, so an allocation on an event loop
+/// waits at most that long, once a minute.
 const TRIM_AT_LEAST_EVERY: Duration = Duration::from_secs(60);
 
 /// Trims the allocator after each full load of `cache` and at least once a
