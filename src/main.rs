@@ -27,6 +27,8 @@ use crate::cli::{Cli, Command};
 use crate::daemons::{EXIT_CONFIG, Selection};
 
 fn main() -> ExitCode {
+    // Before any other thread exists: the arena count is fixed as threads first allocate.
+    allocator::use_one_arena();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
