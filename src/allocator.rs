@@ -17,7 +17,7 @@
 //! 10 min over 30 min): each thread that allocates gets an arena of its own
 //! (three here: the event loop, the runtime's workers), and long-lived
 //! allocations scattered over three heaps keep more pages partly used. With
-//! one arena the same soak grew about 0.6 % per 10 min. The event loop does
+//! one arena the same soak grew 0.5 % per 10 min. The event loop does
 //! nearly all the allocating and small blocks come from each thread's cache
 //! (tcache) without the arena's lock, so sharing one arena costs little.
 
