@@ -15,7 +15,8 @@
 #   - --restarts Redis restarts (default 1: half-way; N spreads them evenly,
 #     at i/(N+1) of the run), each SHUTDOWN SAVE and start again from the
 #     dump, so the proxy reconnects and reloads its whole table each time.
-# Every 10 s it samples the proxy's RSS, open fds and threads (tokio's task
+# Every 10 s it samples the proxy's RSS (with its anonymous and file parts,
+# to tell heap growth from code pages first run), open fds and threads (tokio's task
 # count is not exposed; threads are the proxy's fixed workers plus blocking
 # I/O helpers). After the warm-up (default: a sixth of the run, at least 1
 # minute) it fits a line to each series and prints its growth per 10
