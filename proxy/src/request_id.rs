@@ -44,11 +44,8 @@ pub fn new() -> HeaderValue {
 /// `n` as 16 lower-case hex digits, built on the stack: an id costs one
 /// copy into its header value and no formatting.
 fn hex16(n: u64) -> [u8; 16] {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut id = [0u8; 16];
-    for (i, digit) in id.iter_mut().enumerate() {
-        *digit = DIGITS[((n >> (60 - 4 * i)) & 0xf) as usize];
-    }
+    crate::trace_context::hex_into(&mut id, &n.to_be_bytes());
     id
 }
 

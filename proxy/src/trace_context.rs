@@ -116,8 +116,8 @@ impl TraceParent {
     }
 }
 
-/// Lower-case hex of `bytes` into `out` (twice as long).
-fn hex_into(out: &mut [u8], bytes: &[u8]) {
+/// Lower-case hex of `bytes` into `out` (twice as long); also builds request ids.
+pub(crate) fn hex_into(out: &mut [u8], bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
         pair[0] = DIGITS[usize::from(b >> 4)];
