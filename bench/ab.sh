@@ -18,6 +18,7 @@
 {
 set -euo pipefail
 . "$(dirname "$0")/peer/lib.sh"
+. "$(dirname "$0")/lib.sh"
 ROUNDS=5 DURATION=5 CONNS=64 THREADS=2 NTOOLS=10000 PROFILE=
 CANDS=()
 while (($#)); do
@@ -89,14 +90,6 @@ for t in "${TARGETS[@]}"; do
 done
 
 CLK_TCK=$(getconf CLK_TCK)
-cpu_ticks() {  # cpu_ticks PID: utime + stime of PID and its children (nginx's workers), in clock ticks
-  local pid sum=0 t
-  for pid in "$1" $(pgrep -P "$1"); do
-    t=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{ print $12 + $13 }') || continue
-    sum=$((sum + ${t:-0}))
-  done
-  echo "$sum"
-}
 SERVING[0]=$(cat "$RUN/peer/nginx.pid")  # written by now: the targets answered above
 
 for ((r = 1; r <= ROUNDS; r++)); do

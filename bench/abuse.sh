@@ -27,6 +27,7 @@
 #                       [--only 'idle-h1|idle-h2'] [--no-build]
 # Needs: slowhttptest nghttp2-client (h2load) redis-server nginx python3 openssl curl.
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 
 binary=target/release/dynamicproxy seconds=30 ramp=180 conns=1000 idle=10000 build=1 only=.
 while [ $# -gt 0 ]; do
@@ -167,14 +168,13 @@ EOF
 }
 stop_proxy() { kill "$proxy_pid" 2>/dev/null || true; wait "$proxy_pid" 2>/dev/null || true; }
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$proxy_pid/status" 2>/dev/null || echo 0; }
-# The proxy's CPU time (user + system, clock ticks), to tell a saturated
-# proxy from a saturated box when the probe is slow.
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$proxy_pid/stat" 2>/dev/null || echo 0; }
+# The proxy's CPU time over a phase (cpu_ticks, bench/lib.sh), to tell a
+# saturated proxy from a saturated box when the probe is slow.
 ticks=$(getconf CLK_TCK)
 phase_started=0 phase_ticks=0
-phase_begin() { phase_started=$SECONDS phase_ticks=$(cpu_ticks); }
+phase_begin() { phase_started=$SECONDS phase_ticks=$(cpu_ticks "$proxy_pid"); }
 phase_cpu() {
-  local wall=$((SECONDS - phase_started)) used=$(( $(cpu_ticks) - phase_ticks ))
+  local wall=$((SECONDS - phase_started)) used=$(( $(cpu_ticks "$proxy_pid") - phase_ticks ))
   [ "$wall" -gt 0 ] || wall=1
   echo "proxy CPU $((100 * used / ticks / wall))% of a core over ${wall}s, load $(cut -d' ' -f1 /proc/loadavg)"
 }

@@ -31,6 +31,7 @@
 {
 set -euo pipefail
 . "$(dirname "$0")/peer/lib.sh"
+. "$(dirname "$0")/lib.sh"
 BINARY=target/release/dynamicproxy FLOOD=2000 SHARE=256 DURATION=10 ROUNDS=3 CONNS=32 SYNC=0 PIN= PERF= STRACE=
 while (($#)); do
   case $1 in
@@ -165,14 +166,13 @@ done
 p99_ms() {
   awk '/^ *99%/ { v = $2; if (v ~ /us$/) v = v / 1000; else if (v ~ /ms$/) v = v + 0; else if (v ~ /s$/) v = v * 1000; print v }' "$1"
 }
-# The proxy's CPU time so far, in clock ticks (utime + stime of all its threads).
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$PROXY_PID/stat"; }
+# Clock ticks per second, for the proxy's CPU time (cpu_ticks, bench/lib.sh).
 TICK=$(getconf CLK_TCK)
 measure() {
   ${MINE[@]+"${MINE[@]}"} wrk -t1 -c"$CONNS" -d1s -H 'Host: fast.toolforge.org' "http://127.0.0.1:$PROXY_PORT/" > /dev/null
-  local before; before=$(cpu_ticks)
+  local before; before=$(cpu_ticks "$PROXY_PID")
   ${MINE[@]+"${MINE[@]}"} wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H 'Host: fast.toolforge.org' "http://127.0.0.1:$PROXY_PORT/" > "$1"
-  echo $(($(cpu_ticks) - before)) > "$1.cpu"
+  echo $(($(cpu_ticks "$PROXY_PID") - before)) > "$1.cpu"
 }
 
 for i in $(seq "$ROUNDS"); do measure "$RUN/alone.$i.txt"; done

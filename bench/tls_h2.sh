@@ -25,6 +25,7 @@
 {
 set -euo pipefail
 . "$(dirname "$0")/peer/lib.sh"
+. "$(dirname "$0")/lib.sh"
 BINARY=target/release/dynamicproxy DURATION=10 ROUNDS=1
 while (($#)); do
   case $1 in
@@ -122,14 +123,6 @@ NGINX_PID=$(cat "$RUN/front/nginx.pid")
 TARGETS=("nginx $NGINX_PORT $NGINX_PID" "candidate $PROXY_PORT $PROXY_PID")
 
 CLK_TCK=$(getconf CLK_TCK)
-cpu_ticks() {  # cpu_ticks PID: utime + stime of PID (all its threads) and its children, in clock ticks
-  local pid sum=0 t
-  for pid in "$1" $(pgrep -P "$1"); do
-    t=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{ print $12 + $13 }') || continue
-    sum=$((sum + ${t:-0}))
-  done
-  echo "$sum"
-}
 load() {  # load PORT ARGS...: h2load against the target on PORT, as a browser-like client of $HOST
   timeout $((DURATION + 30)) h2load --connect-to "127.0.0.1:$1" -H 'user-agent: h2load' "${@:2}" "https://$HOST:$1/"
 }
