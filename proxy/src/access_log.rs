@@ -3,37 +3,34 @@
 //!
 //! Fit for logrotate: SIGUSR1 (or [`crate::ProxyHandle::reopen_access_log`])
 //! reopens the file by name, so a rotated file is let go of without a
-//! restart. Lines that never reach the file (queue full, disk full,
+//! restart. Lines that never reach the file (writer too far behind, disk full,
 //! unwritable file) are counted in
 //! `dynamicproxy_proxy_access_log_lost_lines_total`, since on a full disk
 //! there is nowhere else to tell.
 
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::error::Error;
 
-/// Lines buffered before new ones are dropped: about a second of a busy
-/// proxy's lines, ten times [`FLUSH_AFTER`].
-const QUEUE: usize = 16 * 1024;
-/// Bytes written with one system call at most, so a burst is not one huge write.
-const BATCH_BYTES: usize = 256 * 1024;
-/// How long the writer gathers lines before writing them, as nginx's
-/// `access_log ... buffer= flush=`. Written as they came, each line cost
-/// two thread hand-offs (waking the writer, then the blocking pool for the
-/// write) and a write: 16 us per request, +46 % of the proxy's CPU per
-/// request in `bench/ab.sh`. A crash loses at most this much of the log.
+/// Bytes of lines waiting for the writer before new ones are dropped: about
+/// a second of a busy proxy's lines, ten times [`FLUSH_AFTER`].
+const PENDING_BYTES: usize = 4 * 1024 * 1024;
+/// How long lines gather before one write, as nginx's `access_log ...
+/// buffer= flush=`. Written as they came, each line cost two thread
+/// hand-offs (waking the writer, then the blocking pool for the write) and a
+/// write: 16 us per request, +46 % of the proxy's CPU per request in
+/// `bench/ab.sh`. A crash loses at most this much of the log.
 const FLUSH_AFTER: Duration = Duration::from_millis(100);
 
 /// The shape of access log lines (`[proxy] access_log_format`).
@@ -50,9 +47,55 @@ pub enum Format {
 /// A handle to the access log writer.
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: mpsc::Sender<String>,
+    pending: Arc<Pending>,
     format: Format,
     lost: Counter,
+}
+
+/// Lines formatted by the request path and not yet taken by the writer: one
+/// buffer that every line is written straight into, with no allocation or
+/// wake-up per line; the writer swaps it for an empty one every
+/// [`FLUSH_AFTER`].
+struct Pending {
+    lines: Mutex<Lines>,
+    limit: usize,
+}
+
+/// The buffer behind [`Pending`]'s lock.
+#[derive(Default)]
+struct Lines {
+    bytes: Vec<u8>,
+    /// Lines in `bytes`, counted as lost if their write fails.
+    count: u64,
+}
+
+impl Pending {
+    fn new(limit: usize) -> Pending {
+        Pending { lines: Mutex::new(Lines::default()), limit }
+    }
+
+    /// Appends one line written by `write`; false, with nothing appended, when
+    /// the buffer is full or the line could not be formatted.
+    fn push(&self, write: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>) -> bool {
+        let mut lines = self.lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if lines.bytes.len() >= self.limit {
+            return false;
+        }
+        let before = lines.bytes.len();
+        if write(&mut lines.bytes).is_err() {
+            lines.bytes.truncate(before);
+            return false;
+        }
+        lines.count += 1;
+        true
+    }
+
+    /// Swaps the lines gathered so far for `empty`; returns how many there were.
+    fn take(&self, empty: &mut Vec<u8>) -> u64 {
+        let mut lines = self.lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::swap(&mut lines.bytes, empty);
+        std::mem::take(&mut lines.count)
+    }
 }
 
 /// One request, as logged.
@@ -115,27 +158,26 @@ impl AccessLog {
                 Sink::File { path, file: Arc::new(file) }
             }
         };
-        let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_lines(rx, sink, reopen, lost.clone()));
-        Ok(Some(AccessLog { tx, format, lost }))
+        let pending = Arc::new(Pending::new(PENDING_BYTES));
+        tokio::spawn(write_lines(pending.clone(), sink, reopen, lost.clone()));
+        Ok(Some(AccessLog { pending, format, lost }))
     }
 
-    /// Queues one line; counts it as lost when the queue is full.
+    /// Adds one line; counts it as lost when the writer is too far behind.
     pub fn log(&self, entry: &Entry<'_>) {
-        let line = match self.format {
-            Format::Text => text_line(entry),
-            Format::Json => json_line(entry),
-        };
-        if self.tx.try_send(line).is_err() {
+        let written = self.pending.push(|out| match self.format {
+            Format::Text => text_line(out, entry),
+            Format::Json => json_line(out, entry),
+        });
+        if !written {
             self.lost.inc();
         }
     }
 }
 
-fn text_line(entry: &Entry<'_>) -> String {
-    let mut line = String::with_capacity(160);
-    let _ = writeln!(
-        line,
+fn text_line(out: &mut Vec<u8>, entry: &Entry<'_>) -> std::io::Result<()> {
+    writeln!(
+        out,
         "{} {} \"{} {}\" {} {} upstream={} upstream_time={} time={:.3} trace_id={} tool={} request_id={}",
         entry.client.ip(),
         entry.host,
@@ -149,8 +191,7 @@ fn text_line(entry: &Entry<'_>) -> String {
         entry.trace_id.unwrap_or("-"),
         entry.tool.unwrap_or("-"),
         entry.request_id,
-    );
-    line
+    )
 }
 
 /// A value, or `-` when there is none, written straight into the line.
@@ -174,7 +215,7 @@ impl std::fmt::Display for Seconds {
     }
 }
 
-fn json_line(entry: &Entry<'_>) -> String {
+fn json_line(out: &mut Vec<u8>, entry: &Entry<'_>) -> std::io::Result<()> {
     let json = JsonLine {
         time: jiff::Timestamp::now().to_string(),
         client: entry.client.ip().to_string(),
@@ -190,10 +231,9 @@ fn json_line(entry: &Entry<'_>) -> String {
         tool: entry.tool,
         request_id: entry.request_id,
     };
-    // Serialising plain strings and numbers cannot fail; an empty object keeps the line count right if it did.
-    let mut line = serde_json::to_string(&json).unwrap_or_else(|_| "{}".into());
-    line.push('\n');
-    line
+    serde_json::to_writer(&mut *out, &json)?;
+    out.push(b'\n');
+    Ok(())
 }
 
 /// Where lines go.
@@ -246,55 +286,47 @@ fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
     std::fs::OpenOptions::new().create(true).append(true).open(path)
 }
 
-async fn write_lines(mut rx: mpsc::Receiver<String>, mut sink: Sink, reopen: Arc<Notify>, lost: Counter) {
+/// Writes what the request path gathered in `pending` every [`FLUSH_AFTER`],
+/// until every [`AccessLog`] handle is gone (then once more, so the last lines
+/// are not lost).
+async fn write_lines(pending: Arc<Pending>, mut sink: Sink, reopen: Arc<Notify>, lost: Counter) {
     let mut batch = Vec::with_capacity(64 * 1024);
     // Whether the last write failed: the failure is logged once, not per line, on a full disk.
     let mut failing = false;
-    let mut backlog = false;
     loop {
-        let first = tokio::select! {
-            // A reopen goes before lines queued after it, so they land in the new file.
-            biased;
-            _ = reopen.notified() => {
-                sink.reopen();
-                continue;
-            }
-            line = rx.recv() => match line {
-                Some(line) => line,
-                None => return,
-            },
+        let reopening = tokio::select! {
+            _ = reopen.notified() => true,
+            _ = tokio::time::sleep(FLUSH_AFTER) => false,
         };
-        if !backlog {
-            // Lines arriving meanwhile do not wake this task: it is not waiting on the queue.
-            tokio::time::sleep(FLUSH_AFTER).await;
-        }
-        batch.extend_from_slice(first.as_bytes());
-        let mut lines: u64 = 1;
-        while batch.len() < BATCH_BYTES
-            && let Ok(line) = rx.try_recv()
-        {
-            batch.extend_from_slice(line.as_bytes());
-            lines += 1;
-        }
-        // A full batch leaves lines queued: write those next, without waiting.
-        backlog = batch.len() >= BATCH_BYTES;
-        let (returned, result) = sink.write(std::mem::take(&mut batch)).await;
-        batch = returned;
-        batch.clear();
-        match result {
-            Ok(()) if failing => {
-                failing = false;
-                info!("access log writable again");
-            }
-            Ok(()) => {}
-            Err(error) => {
-                // A partial write may have landed some of them; all are counted, as none can be trusted.
-                lost.inc_by(lines);
-                if !failing {
-                    failing = true;
-                    warn!(%error, "cannot write the access log; counting lost lines in access_log_lost_lines_total");
+        // Checked before taking the lines, so none can come after the last write.
+        let last = Arc::strong_count(&pending) == 1;
+        // Lines gathered before a reopen go to the old file, the ones after it to the new one.
+        let lines = pending.take(&mut batch);
+        if lines > 0 {
+            let (returned, result) = sink.write(std::mem::take(&mut batch)).await;
+            batch = returned;
+            match result {
+                Ok(()) if failing => {
+                    failing = false;
+                    info!("access log writable again");
+                }
+                Ok(()) => {}
+                Err(error) => {
+                    // A partial write may have landed some of them; all are counted, as none can be trusted.
+                    lost.inc_by(lines);
+                    if !failing {
+                        failing = true;
+                        warn!(%error, "cannot write the access log; counting lost lines in access_log_lost_lines_total");
+                    }
                 }
             }
+        }
+        batch.clear();
+        if last {
+            return;
+        }
+        if reopening {
+            sink.reopen();
         }
     }
 }
@@ -321,5 +353,37 @@ pub(crate) async fn reopen_on_sigusr1(reopen: Arc<Notify>, stop: CancellationTok
                 reopen.notify_one();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_past_the_limit_are_refused_whole_until_the_writer_takes_them() {
+        let pending = Pending::new(10);
+        assert!(pending.push(|out| writeln!(out, "first")));
+        assert!(pending.push(|out| writeln!(out, "second")));
+        // 13 bytes gathered: over the limit, so the third line is refused and not cut.
+        assert!(!pending.push(|out| writeln!(out, "third")));
+        let mut batch = Vec::new();
+        assert_eq!(pending.take(&mut batch), 2);
+        assert_eq!(batch, b"first\nsecond\n");
+        // The writer took them: there is room again.
+        assert!(pending.push(|out| writeln!(out, "third")));
+        assert_eq!(pending.take(&mut Vec::new()), 1);
+    }
+
+    #[test]
+    fn a_line_that_fails_to_format_leaves_nothing_behind() {
+        let pending = Pending::new(1024);
+        assert!(!pending.push(|out| {
+            out.extend_from_slice(b"half a li");
+            Err(std::io::Error::other("cannot format"))
+        }));
+        let mut batch = Vec::new();
+        assert_eq!(pending.take(&mut batch), 0);
+        assert!(batch.is_empty());
     }
 }

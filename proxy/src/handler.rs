@@ -167,6 +167,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Reques
     if let (Some(log), Some((method, uri))) = (&shared.access_log, logged) {
         let host = ctx.host.as_deref().unwrap_or("-");
         let tool = shared.router.tool_of(host, uri.path());
+        let trace_id = ctx.trace.trace_id();
         log.log(&Entry {
             client: conn.client,
             host,
@@ -179,7 +180,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Reques
             total_time: ctx.start.elapsed(),
             tool,
             request_id: ctx.request_id.to_str().unwrap_or("-"),
-            trace_id: Some(&ctx.trace.trace_id()),
+            trace_id: Some(trace_id.as_str()),
         });
     }
     response

@@ -133,6 +133,17 @@ impl fmt::Display for TraceParent {
     }
 }
 
+/// A trace id in hex, held on the stack: the access log writes one per request.
+pub struct TraceIdHex([u8; 32]);
+
+impl TraceIdHex {
+    /// The 32 hex digits.
+    pub fn as_str(&self) -> &str {
+        // Hex digits only: always UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or("-")
+    }
+}
+
 /// One request's trace: the incoming one continued, or a new one.
 #[derive(Debug, Clone, Copy)]
 pub struct TraceContext {
@@ -166,10 +177,10 @@ impl TraceContext {
     }
 
     /// The trace id, as 32 lower-case hex digits (for the access log).
-    pub fn trace_id(&self) -> String {
+    pub fn trace_id(&self) -> TraceIdHex {
         let mut out = [0u8; 32];
         hex_into(&mut out, &self.upstream.trace_id);
-        String::from_utf8_lossy(&out).into_owned()
+        TraceIdHex(out)
     }
 
     /// The `traceparent` the backend is sent.
@@ -252,7 +263,7 @@ mod tests {
         headers.insert(TRACEPARENT, HeaderValue::from_static(VALID));
         headers.insert(TRACESTATE, HeaderValue::from_static("congo=t61rcWkgMzE"));
         let trace = TraceContext::from_headers(&headers);
-        assert_eq!(trace.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(trace.trace_id().as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
         trace.to_upstream(&mut headers);
         let sent = parse_traceparent(headers[TRACEPARENT].as_bytes()).unwrap();
         assert_eq!((sent.trace_id, sent.flags), (trace.upstream().trace_id, 1));
@@ -267,13 +278,13 @@ mod tests {
         trace.to_upstream(&mut headers);
         let sent = parse_traceparent(headers[TRACEPARENT].as_bytes()).unwrap();
         assert_eq!(sent.flags, 0);
-        assert_ne!(trace.trace_id(), "00000000000000000000000000000000");
+        assert_ne!(trace.trace_id().as_str(), "00000000000000000000000000000000");
         assert!(headers.get(TRACESTATE).is_none());
 
         // Two values: which one is meant is unknown, so neither is trusted.
         let mut headers = HeaderMap::new();
         headers.append(TRACEPARENT, HeaderValue::from_static(VALID));
         headers.append(TRACEPARENT, HeaderValue::from_static(VALID));
-        assert_ne!(TraceContext::from_headers(&headers).trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(TraceContext::from_headers(&headers).trace_id().as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
     }
 }
