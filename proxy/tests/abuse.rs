@@ -264,6 +264,71 @@ async fn h2_connection_fans_out_to_at_most_32_backend_requests() {
     }
 }
 
+/// The HTTP/2 connection lets go of its read, write and HPACK buffers when
+/// idle (vendor/h2/PATCHES.md) and takes them again: large bodies (frames
+/// written straight from the body), headers that HPACK indexes and then
+/// refers to, and pauses between requests all come through byte for byte.
+#[tokio::test]
+async fn h2_buffers_released_when_idle_are_taken_again_without_a_lost_byte() {
+    let cert = Cert::new("buffers");
+    let backend = Backend::start(Arc::new(|req: hyper::Request<hyper::body::Incoming>| {
+        Box::pin(async move {
+            let n: usize = req.uri().path().trim_start_matches('/').parse().unwrap_or(0);
+            // Every byte differs from its neighbours, so a lost or repeated chunk shows.
+            let body: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            Response::builder()
+                .header("x-size", n.to_string())
+                .header("x-same", "a value every response repeats, for the HPACK table")
+                .header("x-long", "v".repeat(2000 + n % 3000))
+                .body(Full::new(Bytes::from(body)))
+                .unwrap()
+        })
+    }))
+    .await;
+    let proxy = Proxy::start(cert.config(Config::default())).await;
+    proxy.set_route("foo", ".*", &backend.url()).await;
+    let mut sender = h2_client(&cert, proxy.https.unwrap().port()).await;
+    for (round, size) in [0usize, 1, 16_383, 16_384, 16_385, 1 << 20, 70_000, 5, 3 << 20].into_iter().enumerate() {
+        let req = hyper::Request::get(format!("https://{HOST}/{size}"))
+            .header("user-agent", "abuse-tests/1")
+            .header("x-round", round.to_string())
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+            .await
+            .expect("answer within 10 s")
+            .expect("response");
+        assert_eq!(response.status(), 200, "size {size}");
+        let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        assert_eq!(header("x-size"), size.to_string());
+        assert_eq!(header("x-same"), "a value every response repeats, for the HPACK table");
+        assert_eq!(header("x-long"), "v".repeat(2000 + size % 3000));
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body.len(), size);
+        assert!(body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8), "body of {size} bytes corrupted");
+        // Idle between requests: the connection drops its buffers and must take them again.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Concurrent streams on the same connection after the pauses.
+    let requests: Vec<_> = (0..20)
+        .map(|i| {
+            let mut sender = sender.clone();
+            let req = hyper::Request::get(format!("https://{HOST}/{}", 7000 * i))
+                .header("user-agent", "abuse-tests/1")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            tokio::spawn(async move {
+                sender.send_request(req).await.unwrap().into_body().collect().await.unwrap().to_bytes()
+            })
+        })
+        .collect();
+    for (i, request) in requests.into_iter().enumerate() {
+        let body = request.await.unwrap();
+        assert_eq!(body.len(), 7000 * i);
+        assert!(body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8), "concurrent body {i} corrupted");
+    }
+}
+
 /// Rapid reset (CVE-2023-44487): streams opened and reset at once, by the
 /// thousand. The proxy ends the connection with GOAWAY, the backend sees a
 /// bounded number of requests, and another client is served meanwhile.
