@@ -71,6 +71,13 @@ impl<T> FramedRead<T> {
         self.inner.get_ref()
     }
 
+    /// dynamicproxy: lets go of the read buffer when no partial frame waits in it.
+    pub fn release_buffer_if_empty(&mut self) {
+        if self.inner.read_buffer().is_empty() && self.inner.read_buffer().capacity() != 0 {
+            *self.inner.read_buffer_mut() = BytesMut::new();
+        }
+    }
+
     pub fn get_mut(&mut self) -> &mut T {
         self.inner.get_mut()
     }
@@ -424,17 +431,12 @@ where
         let _e = span.enter();
         loop {
             tracing::trace!("poll");
-            // dynamicproxy: an idle connection holds no read buffer. It is taken back
-            // whole before reading (tokio-util would grow an empty one from 8 bytes) and
-            // let go while the peer sends nothing and no partial frame waits in it.
+            // dynamicproxy: a buffer released while idle (`release_buffer_if_empty`) is
+            // taken back whole before reading; tokio-util would grow it from 8 bytes.
             if self.inner.read_buffer().capacity() == 0 {
                 self.inner.read_buffer_mut().reserve(READ_BUFFER_CAPACITY);
             }
-            let polled = Pin::new(&mut self.inner).poll_next(cx);
-            if polled.is_pending() && self.inner.read_buffer().is_empty() {
-                *self.inner.read_buffer_mut() = BytesMut::new();
-            }
-            let bytes = match ready!(polled) {
+            let bytes = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
                 Some(Ok(bytes)) => bytes,
                 Some(Err(e)) => return Poll::Ready(Some(Err(map_err(e)))),
                 None => return Poll::Ready(None),

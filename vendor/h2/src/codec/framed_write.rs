@@ -93,7 +93,7 @@ where
             final_flush_done: false,
             encoder: Encoder {
                 hpack: hpack::Encoder::default(),
-                // dynamicproxy: allocated on the first frame, freed when flushed empty.
+                // dynamicproxy: allocated on the first frame, freed while the connection is idle.
                 buf: Cursor::new(BytesMut::new()),
                 next: None,
                 last_data_frame: None,
@@ -171,12 +171,15 @@ where
         }
 
         tracing::trace!("flushing buffer");
-        // dynamicproxy: everything is written, so an idle connection holds no write buffer.
-        self.encoder.release_buffer();
         // Flush the upstream
         ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
 
         Poll::Ready(Ok(()))
+    }
+
+    /// dynamicproxy: lets go of the write buffer when nothing in it is left to write.
+    pub fn release_buffer_if_empty(&mut self) {
+        self.encoder.release_buffer();
     }
 
     /// Close the codec

@@ -131,6 +131,13 @@ where
     T: AsyncWrite + Unpin,
     B: Buf,
 {
+    /// dynamicproxy: lets go of the read and write buffers when both are empty
+    /// of frames; they are taken again when the connection reads or writes.
+    pub(crate) fn release_idle_buffers(&mut self) {
+        self.inner.release_buffer_if_empty();
+        self.framed_write().release_buffer_if_empty();
+    }
+
     /// Returns `Ready` when the codec can buffer a frame
     pub fn poll_ready(&mut self, cx: &mut Context) -> Poll<io::Result<()>> {
         self.framed_write().poll_ready(cx)

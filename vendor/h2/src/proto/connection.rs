@@ -332,6 +332,13 @@ where
                                 continue;
                             }
 
+                            // dynamicproxy: everything is read and flushed and no stream is
+                            // open: an idle connection holds no read or write buffer. A
+                            // busy one keeps them, rather than take them again per frame.
+                            if !self.inner.streams.has_streams() {
+                                self.codec.release_idle_buffers();
+                            }
+
                             return Poll::Pending;
                         }
                     };
