@@ -195,6 +195,8 @@ impl Sockets {
 }
 
 async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogControl) -> Result<(), Failure> {
+    // Before anything serves: from then on a SIGHUP must not stop the process.
+    let hangup = crate::shutdown::ignore_hangup();
     let started = Instant::now();
     let component = selection.name();
     let shutdown = CancellationToken::new();
@@ -406,7 +408,7 @@ async fn start_and_serve(plan: Plan, selection: Selection, log: telemetry::LogCo
     }
     info!(component, redis = %plan.redis, admin = %plan.admin_listen, "dynamicproxy started");
 
-    let hangup = tokio::spawn(crate::shutdown::ignore_hangup());
+    let hangup = tokio::spawn(hangup);
     let mut failed = false;
     // Until the signal, any component that stops is a failure: stop the others too.
     while let Some(joined) = tasks.join_next().await {

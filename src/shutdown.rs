@@ -27,9 +27,16 @@ pub async fn shutdown_signal(token: CancellationToken) {
 /// Keeps SIGHUP from killing the process (its default action): operators
 /// send it to reload certificates, which the proxy handles itself when TLS
 /// is configured; otherwise there is nothing to reload and it is only logged.
-pub async fn ignore_hangup() {
-    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
-    while hup.recv().await.is_some() {
-        info!("SIGHUP received");
+///
+/// The handler is registered when this is called, not when the returned
+/// future first runs: a SIGHUP that arrives once the proxy serves, before a
+/// spawned task got its turn, would otherwise still kill the process.
+pub fn ignore_hangup() -> impl std::future::Future<Output = ()> {
+    let hup = signal(SignalKind::hangup());
+    async move {
+        let Ok(mut hup) = hup else { return };
+        while hup.recv().await.is_some() {
+            info!("SIGHUP received");
+        }
     }
 }
