@@ -265,15 +265,21 @@ async fn h2_connection_fans_out_to_at_most_32_backend_requests() {
 }
 
 /// The HTTP/2 connection lets go of its read, write and HPACK buffers when
-/// idle (vendor/h2/PATCHES.md) and takes them again: large bodies (frames
-/// written straight from the body), headers that HPACK indexes and then
-/// refers to, and pauses between requests all come through byte for byte.
+/// idle (vendor/h2/PATCHES.md) and takes them again: large bodies both ways
+/// (frames written straight from the body), headers that HPACK indexes and
+/// then refers to, and pauses between requests all come through byte for byte.
 #[tokio::test]
 async fn h2_buffers_released_when_idle_are_taken_again_without_a_lost_byte() {
     let cert = Cert::new("buffers");
     let backend = Backend::start(Arc::new(|req: hyper::Request<hyper::body::Incoming>| {
         Box::pin(async move {
             let n: usize = req.uri().path().trim_start_matches('/').parse().unwrap_or(0);
+            if req.method() == hyper::Method::POST {
+                // An upload: whether every byte arrived in order.
+                let got = req.into_body().collect().await.unwrap().to_bytes();
+                let intact = got.len() == n && got.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8);
+                return Response::new(Full::new(Bytes::from(format!("{} {intact}", got.len()))));
+            }
             // Every byte differs from its neighbours, so a lost or repeated chunk shows.
             let body: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
             Response::builder()
@@ -307,6 +313,18 @@ async fn h2_buffers_released_when_idle_are_taken_again_without_a_lost_byte() {
         assert_eq!(body.len(), size);
         assert!(body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8), "body of {size} bytes corrupted");
         // Idle between requests: the connection drops its buffers and must take them again.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Uploads: the proxy reads them through the buffers it takes again after each pause.
+    for size in [1usize, 16_385, 1 << 20] {
+        let body: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let req = hyper::Request::post(format!("https://{HOST}/{size}"))
+            .header("user-agent", "abuse-tests/1")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let response = sender.send_request(req).await.expect("response");
+        let text = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(String::from_utf8_lossy(&text), format!("{size} true"), "upload of {size} bytes");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Concurrent streams on the same connection after the pauses.
