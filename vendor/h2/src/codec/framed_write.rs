@@ -300,6 +300,9 @@ where
             }
 
             Frame::Priority(_) => {
+                // dynamicproxy: upstream's stub, kept as published. h2 never queues a
+                // PRIORITY frame to send (one received is only logged, in
+                // proto/connection.rs), so no peer can reach this arm.
                 /*
                 v.encode(self.buf.get_mut());
                 tracing::trace!("encoded priority; rem={:?}", self.buf.remaining());
