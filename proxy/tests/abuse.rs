@@ -93,17 +93,31 @@ async fn h2_client(cert: &Cert, port: u16) -> hyper::client::conn::http2::SendRe
 }
 
 async fn h2_get(sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>, path: &str) -> (u16, String) {
-    let req = hyper::Request::get(format!("https://{HOST}{path}"))
-        .header("user-agent", "abuse-tests/1")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
-        .await
-        .expect("answer within 10 s")
-        .expect("response");
+    let response = h2_send(sender, h2_request(hyper::Method::GET, path, Bytes::new())).await;
     let status = response.status().as_u16();
     let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A request for [`HOST`] as a browser would send it (with a User-Agent).
+fn h2_request(method: hyper::Method, path: &str, body: Bytes) -> hyper::Request<Full<Bytes>> {
+    hyper::Request::builder()
+        .method(method)
+        .uri(format!("https://{HOST}{path}"))
+        .header("user-agent", "abuse-tests/1")
+        .body(Full::new(body))
+        .unwrap()
+}
+
+/// Sends `req` and waits at most 10 s for the response head.
+async fn h2_send(
+    sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    req: hyper::Request<Full<Bytes>>,
+) -> Response<hyper::body::Incoming> {
+    tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .expect("answer within 10 s")
+        .expect("response")
 }
 
 // Raw HTTP/2 frames (RFC 9113 §4.1), for what no well-behaved client sends.
@@ -277,16 +291,15 @@ async fn h2_buffers_released_when_idle_are_taken_again_without_a_lost_byte() {
             if req.method() == hyper::Method::POST {
                 // An upload: whether every byte arrived in order.
                 let got = req.into_body().collect().await.unwrap().to_bytes();
-                let intact = got.len() == n && got.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8);
+                let intact = got.len() == n && is_pattern(&got);
                 return Response::new(Full::new(Bytes::from(format!("{} {intact}", got.len()))));
             }
-            // Every byte differs from its neighbours, so a lost or repeated chunk shows.
-            let body: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            let body = pattern(n);
             Response::builder()
                 .header("x-size", n.to_string())
                 .header("x-same", "a value every response repeats, for the HPACK table")
                 .header("x-long", "v".repeat(2000 + n % 3000))
-                .body(Full::new(Bytes::from(body)))
+                .body(Full::new(body))
                 .unwrap()
         })
     }))
@@ -295,15 +308,9 @@ async fn h2_buffers_released_when_idle_are_taken_again_without_a_lost_byte() {
     proxy.set_route("foo", ".*", &backend.url()).await;
     let mut sender = h2_client(&cert, proxy.https.unwrap().port()).await;
     for (round, size) in [0usize, 1, 16_383, 16_384, 16_385, 1 << 20, 70_000, 5, 3 << 20].into_iter().enumerate() {
-        let req = hyper::Request::get(format!("https://{HOST}/{size}"))
-            .header("user-agent", "abuse-tests/1")
-            .header("x-round", round.to_string())
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
-            .await
-            .expect("answer within 10 s")
-            .expect("response");
+        let mut req = h2_request(hyper::Method::GET, &format!("/{size}"), Bytes::new());
+        req.headers_mut().insert("x-round", round.into());
+        let response = h2_send(&mut sender, req).await;
         assert_eq!(response.status(), 200, "size {size}");
         let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         assert_eq!(header("x-size"), size.to_string());
@@ -311,18 +318,13 @@ async fn h2_buffers_released_when_idle_are_taken_again_without_a_lost_byte() {
         assert_eq!(header("x-long"), "v".repeat(2000 + size % 3000));
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body.len(), size);
-        assert!(body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8), "body of {size} bytes corrupted");
+        assert!(is_pattern(&body), "body of {size} bytes corrupted");
         // Idle between requests: the connection drops its buffers and must take them again.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Uploads: the proxy reads them through the buffers it takes again after each pause.
     for size in [1usize, 16_385, 1 << 20] {
-        let body: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-        let req = hyper::Request::post(format!("https://{HOST}/{size}"))
-            .header("user-agent", "abuse-tests/1")
-            .body(Full::new(Bytes::from(body)))
-            .unwrap();
-        let response = sender.send_request(req).await.expect("response");
+        let response = h2_send(&mut sender, h2_request(hyper::Method::POST, &format!("/{size}"), pattern(size))).await;
         let text = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(String::from_utf8_lossy(&text), format!("{size} true"), "upload of {size} bytes");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -331,20 +333,25 @@ async fn h2_buffers_released_when_idle_are_taken_again_without_a_lost_byte() {
     let requests: Vec<_> = (0..20)
         .map(|i| {
             let mut sender = sender.clone();
-            let req = hyper::Request::get(format!("https://{HOST}/{}", 7000 * i))
-                .header("user-agent", "abuse-tests/1")
-                .body(Full::new(Bytes::new()))
-                .unwrap();
-            tokio::spawn(async move {
-                sender.send_request(req).await.unwrap().into_body().collect().await.unwrap().to_bytes()
-            })
+            let req = h2_request(hyper::Method::GET, &format!("/{}", 7000 * i), Bytes::new());
+            tokio::spawn(async move { h2_send(&mut sender, req).await.into_body().collect().await.unwrap().to_bytes() })
         })
         .collect();
     for (i, request) in requests.into_iter().enumerate() {
         let body = request.await.unwrap();
         assert_eq!(body.len(), 7000 * i);
-        assert!(body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8), "concurrent body {i} corrupted");
+        assert!(is_pattern(&body), "concurrent body {i} corrupted");
     }
+}
+
+/// `n` bytes, each different from its neighbours, so a lost or repeated chunk shows.
+fn pattern(n: usize) -> Bytes {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}
+
+/// Whether `bytes` are [`pattern`]'s, in order.
+fn is_pattern(bytes: &[u8]) -> bool {
+    bytes.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8)
 }
 
 /// Rapid reset (CVE-2023-44487): streams opened and reset at once, by the
