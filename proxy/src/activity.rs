@@ -7,12 +7,12 @@
 //! `http2_idle_timeout_secs` (HTTP/2, no open stream).
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http_body::{Body, Frame, SizeHint};
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 #[derive(Clone, Copy)]
@@ -22,49 +22,59 @@ struct State {
 }
 
 /// The requests in flight on one connection.
+///
+/// A lock and one `Notify`, not a watch channel: every open connection has
+/// one, and a watch channel's eight wake-up lists made it 360 bytes.
 pub struct Activity {
-    state: watch::Sender<State>,
+    state: Mutex<State>,
+    /// Woken when the last request in flight ends.
+    idle_again: Notify,
 }
 
 impl Activity {
     /// A connection that has just been accepted: idle from now.
     pub fn new() -> Arc<Self> {
-        let (state, _) = watch::channel(State { in_flight: 0, idle_since: Instant::now() });
-        Arc::new(Activity { state })
+        Arc::new(Activity {
+            state: Mutex::new(State { in_flight: 0, idle_since: Instant::now() }),
+            idle_again: Notify::new(),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // The state is two plain fields, whole after any panic.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// A request has arrived; it is in flight until the guard is dropped.
     pub fn begin(self: &Arc<Self>) -> InFlight {
         // No wake-up: a waiter sleeping toward the idle deadline finds the
         // request when it wakes, and waits for the end instead.
-        self.state.send_if_modified(|s| {
-            s.in_flight += 1;
-            false
-        });
+        self.state().in_flight += 1;
         InFlight(self.clone())
     }
 
     /// Requests in flight now.
     pub fn in_flight(&self) -> usize {
-        self.state.borrow().in_flight
+        self.state().in_flight
     }
 
     /// Since when the connection has had no request in flight (its start, or
     /// the end of its last request); meaningful while none is in flight.
     pub fn idle_since(&self) -> Instant {
-        self.state.borrow().idle_since
+        self.state().idle_since
     }
 
     /// Resolves once the connection has had no request in flight for `timeout`.
     pub async fn idle_for(&self, timeout: Duration) {
-        let mut changes = self.state.subscribe();
         loop {
-            let state = *changes.borrow_and_update();
+            // Registered before the state is read, so an end between the two
+            // still wakes this waiter.
+            let idle_again = self.idle_again.notified();
+            let mut idle_again = std::pin::pin!(idle_again);
+            idle_again.as_mut().enable();
+            let state = *self.state();
             if state.in_flight > 0 {
-                if changes.changed().await.is_err() {
-                    // Cannot happen while `self` holds the sender; never resolve.
-                    std::future::pending::<()>().await;
-                }
+                idle_again.await;
                 continue;
             }
             // Checked again after the sleep: requests begin without waking us.
@@ -74,7 +84,7 @@ impl Activity {
             }
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => {}
-                _ = changes.changed() => {}
+                _ = idle_again => {}
             }
         }
     }
@@ -87,13 +97,13 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         // Only the last request's end restarts the idle clock: waiters are
         // woken then and only then.
-        self.0.state.send_if_modified(|s| {
-            s.in_flight -= 1;
-            if s.in_flight == 0 {
-                s.idle_since = Instant::now();
-            }
-            s.in_flight == 0
-        });
+        let mut state = self.0.state();
+        state.in_flight -= 1;
+        if state.in_flight == 0 {
+            state.idle_since = Instant::now();
+            drop(state);
+            self.0.idle_again.notify_waiters();
+        }
     }
 }
 

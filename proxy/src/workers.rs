@@ -38,7 +38,7 @@ pub(crate) struct Workers {
     next: AtomicUsize,
     fallback: Arc<UpstreamClient>,
     shared: Arc<Shared>,
-    settings: ServeSettings,
+    settings: Arc<ServeSettings>,
 }
 
 impl Workers {
@@ -50,6 +50,9 @@ impl Workers {
         upstream: UpstreamSettings,
         stop: CancellationToken,
     ) -> Self {
+        // One copy for every connection: each used to clone the settings'
+        // tokens and handles (160 bytes, and a lock per token).
+        let settings = Arc::new(settings);
         let mut queues = Vec::with_capacity(count);
         for index in 0..count {
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -109,7 +112,7 @@ fn event_loop(
     runtime: tokio::runtime::Runtime,
     mut queue: mpsc::UnboundedReceiver<Accepted>,
     shared: Arc<Shared>,
-    settings: ServeSettings,
+    settings: Arc<ServeSettings>,
     upstream: UpstreamSettings,
     stop: CancellationToken,
 ) {
@@ -140,16 +143,23 @@ fn event_loop(
     runtime.shutdown_timeout(Duration::from_secs(1));
 }
 
-async fn serve(
+/// Serves one connection, counted as open from here until it closes.
+///
+/// Not an async fn: one would keep its arguments in the task beside the
+/// copies `serve_tcp`'s future holds, for the connection's whole life.
+fn serve(
     stream: TcpStream,
     client: SocketAddr,
     tls: Option<TlsAcceptor>,
     slot: Slot,
     shared: Arc<Shared>,
-    settings: ServeSettings,
+    settings: Arc<ServeSettings>,
     pool: Arc<UpstreamClient>,
-) {
+) -> impl Future<Output = ()> + Send {
     shared.metrics.connection_opened();
-    serve_tcp(stream, client, shared.clone(), settings, tls, pool, slot).await;
-    shared.metrics.connection_closed();
+    let serving = serve_tcp(stream, client, shared.clone(), settings, tls, pool, slot);
+    async move {
+        serving.await;
+        shared.metrics.connection_closed();
+    }
 }

@@ -119,9 +119,13 @@ async fn idle_tls_keepalive_connections_let_go_of_their_read_buffers() {
     const IDLE: usize = 1000;
     let pki = Pki::new("idle-tls");
     let (cert, key) = pki.leaf("a", "idle", &["*.toolforge.org"]);
-    let proxy =
-        Proxy::start(Config { max_connections_per_client: 0, tls_cert: vec![cert], tls_key: vec![key], ..Config::default() })
-            .await;
+    let proxy = Proxy::start(Config {
+        max_connections_per_client: 0,
+        tls_cert: vec![cert],
+        tls_key: vec![key],
+        ..Config::default()
+    })
+    .await;
     let port = proxy.https.unwrap().port();
     let connector = tls_connector(&pki);
     for _ in 0..2 {
