@@ -161,7 +161,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Reques
             error_response(&shared.pages, &error, &vars)
         }
     };
-    response.headers_mut().insert(X_REQUEST_ID, ctx.request_id.clone());
+    response.headers_mut().insert(X_REQUEST_ID, request_id::never_indexed(&ctx.request_id));
     apply_policy(&shared, &conn, &mut response);
     shared.metrics.response(response.status().as_u16());
     if let (Some(log), Some((method, uri))) = (&shared.access_log, logged) {

@@ -41,6 +41,15 @@ pub fn new() -> HeaderValue {
     HeaderValue::from_bytes(&hex16(KEYS.hash_one(n))).unwrap_or(HeaderValue::from_static("0000000000000000"))
 }
 
+/// The id as a response header that HTTP/2's HPACK never adds to its
+/// table: each id is sent once, and indexed it would only push the headers
+/// that do repeat out of the table, and hold memory on an idle connection.
+pub fn never_indexed(id: &HeaderValue) -> HeaderValue {
+    let mut id = id.clone();
+    id.set_sensitive(true);
+    id
+}
+
 /// `n` as 16 lower-case hex digits, built on the stack: an id costs one
 /// copy into its header value and no formatting.
 fn hex16(n: u64) -> [u8; 16] {
@@ -52,6 +61,15 @@ fn hex16(n: u64) -> [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_on_responses_are_never_indexed_and_unchanged() {
+        let id = new();
+        let sent = never_indexed(&id);
+        assert!(sent.is_sensitive());
+        assert_eq!(sent, id);
+        assert!(!id.is_sensitive(), "the request's own copy, sent to the backend, is not marked");
+    }
 
     #[test]
     fn sane_ids_are_kept_and_others_replaced() {

@@ -330,6 +330,7 @@ where
         if self.next.is_none() && !self.buf.has_remaining() && self.buf.get_ref().capacity() != 0 {
             self.buf = Cursor::new(BytesMut::new());
         }
+        self.hpack.release_scratch();
     }
 
     fn is_empty(&self) -> bool {

@@ -62,6 +62,13 @@ impl Encoder {
         self.scratch = scratch;
     }
 
+    /// dynamicproxy: lets go of the header-block buffer while the connection
+    /// is idle. It holds the largest block sent so far (about 1 KiB with the
+    /// proxy's response headers) for the connection's life otherwise.
+    pub(crate) fn release_scratch(&mut self) {
+        self.scratch = BytesMut::new();
+    }
+
     /// Queues a max size update.
     ///
     /// The next call to `encode` will include a dynamic size update frame.
