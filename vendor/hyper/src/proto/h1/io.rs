@@ -14,6 +14,9 @@ use crate::common::buf::BufList;
 /// The initial buffer size allocated before trying to read from IO.
 pub(crate) const INIT_BUFFER_SIZE: usize = 8192;
 
+/// dynamicproxy: the head write buffer's first size (see `WriteBuf::new`).
+const INIT_HEAD_BUFFER_SIZE: usize = 2048;
+
 /// The minimum value that can be set to max buffer size.
 pub(crate) const MINIMUM_MAX_BUFFER_SIZE: usize = INIT_BUFFER_SIZE;
 
@@ -545,11 +548,13 @@ pub(super) struct WriteBuf<B> {
 impl<B: Buf> WriteBuf<B> {
     fn new(strategy: WriteStrategy) -> WriteBuf<B> {
         WriteBuf {
-            // dynamicproxy: grown to the first head written, not 8 KiB up
-            // front. A head is rarely over 2 KiB, and the buffer lives as
-            // long as the connection does, on both the client's side and
-            // the backend's.
-            headers: Cursor::new(Vec::new()),
+            // dynamicproxy: 2 KiB up front, not 8. A head is rarely over
+            // 2 KiB, and the buffer lives as long as the connection does, on
+            // both the client's side and the backend's. Not empty: grown
+            // from nothing, a head took three or four allocations, and the
+            // proxy starts a new server connection for each run of
+            // requests on a client's connection.
+            headers: Cursor::new(Vec::with_capacity(INIT_HEAD_BUFFER_SIZE)),
             max_buf_size: DEFAULT_MAX_BUFFER_SIZE,
             queue: BufList::new(),
             strategy,
