@@ -156,10 +156,27 @@ fn serve(
     settings: Arc<ServeSettings>,
     pool: Arc<UpstreamClient>,
 ) -> impl Future<Output = ()> + Send {
-    shared.metrics.connection_opened();
-    let serving = serve_tcp(stream, client, shared.clone(), settings, tls, pool, slot);
+    let open = OpenConnection::count(shared.clone());
+    let serving = serve_tcp(stream, client, shared, settings, tls, pool, slot);
     async move {
         serving.await;
-        shared.metrics.connection_closed();
+        drop(open);
+    }
+}
+
+/// A connection counted as open in the metrics until this is dropped, even
+/// when its task is dropped before it ends (a hard stop).
+struct OpenConnection(Arc<Shared>);
+
+impl OpenConnection {
+    fn count(shared: Arc<Shared>) -> Self {
+        shared.metrics.connection_opened();
+        OpenConnection(shared)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.metrics.connection_closed();
     }
 }
