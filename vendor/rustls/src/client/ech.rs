@@ -1289,6 +1289,9 @@ mod tests {
         };
     }
 
+    // dynamicproxy: upstream's test mock, kept as published. Its `todo!()`
+    // methods are ones the ECH tests never call, and rustls' own tests are
+    // not built here (the manifest has no dev-dependencies).
     impl Hpke for MockHpke {
         #[cfg_attr(coverage_nightly, coverage(off))]
         fn seal(

@@ -598,6 +598,8 @@ where
 mod tests {
 
     #[tokio::test]
+    // dynamicproxy: upstream's compile-only check, kept as published; hyper's
+    // own tests are not built here (the manifest has no dev-dependencies).
     #[ignore] // only compilation is checked
     async fn send_sync_executor_of_non_send_futures() {
         #[derive(Clone)]
@@ -630,6 +632,8 @@ mod tests {
     }
 
     #[tokio::test]
+    // dynamicproxy: upstream's compile-only check, kept as published; hyper's
+    // own tests are not built here (the manifest has no dev-dependencies).
     #[ignore] // only compilation is checked
     async fn not_send_not_sync_executor_of_not_send_futures() {
         #[derive(Clone)]
@@ -666,6 +670,8 @@ mod tests {
     }
 
     #[tokio::test]
+    // dynamicproxy: upstream's compile-only check, kept as published; hyper's
+    // own tests are not built here (the manifest has no dev-dependencies).
     #[ignore] // only compilation is checked
     async fn send_not_sync_executor_of_not_send_futures() {
         #[derive(Clone)]
@@ -702,6 +708,8 @@ mod tests {
     }
 
     #[tokio::test]
+    // dynamicproxy: upstream's compile-only check, kept as published; hyper's
+    // own tests are not built here (the manifest has no dev-dependencies).
     #[ignore] // only compilation is checked
     async fn send_sync_executor_of_send_futures() {
         #[derive(Clone)]
@@ -734,6 +742,8 @@ mod tests {
     }
 
     #[tokio::test]
+    // dynamicproxy: upstream's compile-only check, kept as published; hyper's
+    // own tests are not built here (the manifest has no dev-dependencies).
     #[ignore] // only compilation is checked
     async fn send_not_sync_executor_of_send_futures() {
         #[derive(Clone)]
