@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::pki::tls_connector;
 use common::*;
 use dynamicproxy_proxy::Config;
 use dynamicproxy_test_support::eventually;
@@ -63,18 +64,7 @@ impl Drop for Cert {
 
 /// A TLS connection to the proxy that negotiated `h2`.
 async fn h2_connect(cert: &Cert, port: u16) -> TlsStream<TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(cert.dir.join("cert.pem")).unwrap();
-    for c in rustls_pemfile::certs(&mut &pem[..]) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = tls_connector(&cert.dir.join("cert.pem"), &[b"h2"]);
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let tls = connector.connect(HOST.try_into().unwrap(), tcp).await.unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));

@@ -5,17 +5,19 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::pki::Pki;
+use common::pki::{Pki, tls_connector};
 use common::*;
 use dynamicproxy_proxy::Config;
 use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
+
+/// Connections each memory test holds.
+const IDLE: usize = 1000;
 
 const HEALTHZ: &[u8] = b"GET /.well-known/healthz HTTP/1.1\r\nHost: x\r\nUser-Agent: t\r\n\r\n";
 
@@ -63,24 +65,49 @@ async fn idle_connection(addr: std::net::SocketAddr) -> TcpStream {
     stream
 }
 
-#[tokio::test]
-async fn idle_keepalive_connections_cost_a_few_kib_each() {
-    const IDLE: usize = 1000;
-    let proxy = Proxy::start(Config { max_connections_per_client: 0, ..Config::default() }).await;
-    // Warm up the allocator and the event loop, so the baseline is the proxy at work.
-    for _ in 0..2 {
-        let warm = futures::future::join_all((0..100).map(|_| idle_connection(proxy.http))).await;
-        drop(warm);
+/// Opens `IDLE` connections with `open`, `batch` at a time, after 200 more
+/// opened and closed to warm up the allocator and the event loop (so the
+/// baseline is the proxy at work); returns them, still open, with the RSS
+/// they added per connection, and prints it under `what`.
+async fn hold_idle<T, F>(what: &str, batch: usize, open: impl Fn() -> F) -> (Vec<T>, u64)
+where
+    F: Future<Output = T>,
+{
+    for _ in 0..200 / batch {
+        drop(futures::future::join_all((0..batch).map(|_| open())).await);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = rss_bytes();
     let mut held = Vec::with_capacity(IDLE);
-    for _ in 0..IDLE / 100 {
-        held.extend(futures::future::join_all((0..100).map(|_| idle_connection(proxy.http))).await);
+    for _ in 0..IDLE / batch {
+        held.extend(futures::future::join_all((0..batch).map(|_| open())).await);
     }
+    // Idle: every connection answered, its last stream released.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let growth = rss_bytes().saturating_sub(before);
     let per_connection = growth / IDLE as u64;
-    eprintln!("{IDLE} idle keep-alive connections: RSS +{} KiB, {per_connection} bytes each", growth >> 10);
+    eprintln!("{IDLE} {what}: RSS +{} KiB, {per_connection} bytes each", growth >> 10);
+    (held, per_connection)
+}
+
+/// The proxy serving HTTPS with `pki`'s certificate for `*.toolforge.org`,
+/// with no per-client connection cap.
+async fn tls_proxy(pki: &Pki) -> Proxy {
+    let (cert, key) = pki.leaf("a", "idle", &["*.toolforge.org"]);
+    Proxy::start(Config {
+        max_connections_per_client: 0,
+        tls_cert: vec![cert],
+        tls_key: vec![key],
+        ..Config::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn idle_keepalive_connections_cost_a_few_kib_each() {
+    let proxy = Proxy::start(Config { max_connections_per_client: 0, ..Config::default() }).await;
+    let (mut held, per_connection) =
+        hold_idle("idle keep-alive connections", 100, || idle_connection(proxy.http)).await;
     // hyper's read and write buffers alone are 16 KiB a connection; the
     // figure includes this test's own client sockets.
     assert!(per_connection < 8 * 1024, "{per_connection} bytes per idle connection");
@@ -95,22 +122,6 @@ async fn idle_keepalive_connections_cost_a_few_kib_each() {
 /// while the others' handshakes share the test's one thread.
 const TLS_BATCH: usize = 25;
 
-/// A TLS client for `pki`'s certificates, offering `alpn` (none: HTTP/1.1).
-fn tls_connector(pki: &Pki, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = std::fs::read(pki.ca()).unwrap();
-    for cert in rustls_pemfile::certs(&mut &ca[..]) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-}
-
 /// One HTTPS keep-alive connection that has been answered once and is now idle.
 async fn idle_tls_connection(connector: &tokio_rustls::TlsConnector, port: u16) -> TlsStream<TcpStream> {
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -123,31 +134,12 @@ async fn idle_tls_connection(connector: &tokio_rustls::TlsConnector, port: u16) 
 
 #[tokio::test]
 async fn idle_tls_keepalive_connections_let_go_of_their_read_buffers() {
-    const IDLE: usize = 1000;
     let pki = Pki::new("idle-tls");
-    let (cert, key) = pki.leaf("a", "idle", &["*.toolforge.org"]);
-    let proxy = Proxy::start(Config {
-        max_connections_per_client: 0,
-        tls_cert: vec![cert],
-        tls_key: vec![key],
-        ..Config::default()
-    })
-    .await;
+    let proxy = tls_proxy(&pki).await;
     let port = proxy.https.unwrap().port();
-    let connector = tls_connector(&pki, &[]);
-    for _ in 0..200 / TLS_BATCH {
-        let warm = futures::future::join_all((0..TLS_BATCH).map(|_| idle_tls_connection(&connector, port))).await;
-        drop(warm);
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let before = rss_bytes();
-    let mut held = Vec::with_capacity(IDLE);
-    for _ in 0..IDLE / TLS_BATCH {
-        held.extend(futures::future::join_all((0..TLS_BATCH).map(|_| idle_tls_connection(&connector, port))).await);
-    }
-    let growth = rss_bytes().saturating_sub(before);
-    let per_connection = growth / IDLE as u64;
-    eprintln!("{IDLE} idle TLS keep-alive connections: RSS +{} KiB, {per_connection} bytes each", growth >> 10);
+    let connector = tls_connector(&pki.ca(), &[]);
+    let (mut held, per_connection) =
+        hold_idle("idle TLS keep-alive connections", TLS_BATCH, || idle_tls_connection(&connector, port)).await;
     // Both ends of each connection are in this process. Measured: about 11 KiB
     // for the two, and 19 KiB when rustls kept each end's 4 KiB read buffer
     // for good (before vendor/rustls let go of an empty one).
@@ -190,35 +182,14 @@ async fn h2_get(sender: &mut H2Sender) {
 
 #[tokio::test]
 async fn idle_h2_connections_keep_no_buffers() {
-    const IDLE: usize = 1000;
     let pki = Pki::new("idle-h2");
-    let (cert, key) = pki.leaf("a", "idle", &["*.toolforge.org"]);
+    let proxy = tls_proxy(&pki).await;
     let backend = Backend::echo("b").await;
-    let proxy = Proxy::start(Config {
-        max_connections_per_client: 0,
-        tls_cert: vec![cert],
-        tls_key: vec![key],
-        ..Config::default()
-    })
-    .await;
     proxy.set_route("foo", ".*", &backend.url()).await;
     let port = proxy.https.unwrap().port();
-    let connector = tls_connector(&pki, &[b"h2"]);
-    for _ in 0..200 / TLS_BATCH {
-        let warm = futures::future::join_all((0..TLS_BATCH).map(|_| idle_h2_connection(&connector, port))).await;
-        drop(warm);
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let before = rss_bytes();
-    let mut held = Vec::with_capacity(IDLE);
-    for _ in 0..IDLE / TLS_BATCH {
-        held.extend(futures::future::join_all((0..TLS_BATCH).map(|_| idle_h2_connection(&connector, port))).await);
-    }
-    // Idle: the last stream released and every buffer let go of.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let growth = rss_bytes().saturating_sub(before);
-    let per_connection = growth / IDLE as u64;
-    eprintln!("{IDLE} idle h2 connections: RSS +{} KiB, {per_connection} bytes each", growth >> 10);
+    let connector = tls_connector(&pki.ca(), &[b"h2"]);
+    let (mut held, per_connection) =
+        hold_idle("idle h2 connections", TLS_BATCH, || idle_h2_connection(&connector, port)).await;
     // Both ends of each connection are in this process: hyper's h2 client
     // shares the patched h2 and rustls. Measured: 26.5 KiB for the two, and
     // 43.7 KiB before the connection future shrank and h2 and rustls let go

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::pki::Pki;
+use common::pki::{Pki, tls_connector};
 use common::*;
 use dynamicproxy_proxy::Config;
 use dynamicproxy_test_support::eventually;
@@ -161,17 +161,7 @@ async fn certificates_reload_without_dropping_connections_and_bad_files_are_refu
     assert_eq!(served_org(port, Some("foo.toolforge.org")).await, "first");
 
     // An open HTTP/1.1 connection from a rustls client.
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = std::fs::read(pki.ca()).unwrap();
-    for cert in rustls_pemfile::certs(&mut &ca[..]) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let client_config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+    let connector = tls_connector(&pki.ca(), &[]);
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let tls = connector.connect("foo.toolforge.org".try_into().unwrap(), tcp).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
@@ -225,19 +215,7 @@ async fn certificates_reload_without_dropping_connections_and_bad_files_are_refu
 /// from `authority` and, when given, a separate `host` header: (status,
 /// reason header, body).
 async fn h2_get(ca: &Path, port: u16, authority: &str, host: Option<&str>) -> (u16, String, String) {
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = std::fs::read(ca).unwrap();
-    for cert in rustls_pemfile::certs(&mut &ca[..]) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut client_config =
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    client_config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+    let connector = tls_connector(ca, &[b"h2"]);
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let tls = connector.connect("foo.toolforge.org".try_into().unwrap(), tcp).await.unwrap();
     let (mut sender, conn) =
