@@ -14,6 +14,7 @@ use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use dynamicproxy_redis::BackendUrl;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ProxyError;
@@ -44,7 +45,7 @@ pub struct BackendLimitSettings {
 pub struct BackendLimits {
     settings: BackendLimitSettings,
     hasher: std::collections::hash_map::RandomState,
-    shards: Vec<Mutex<HashMap<String, Arc<Semaphore>>>>,
+    shards: Vec<Mutex<HashMap<BackendUrl, Arc<Semaphore>>>>,
 }
 
 /// A request's place under both caps; dropping it frees both.
@@ -52,7 +53,7 @@ pub struct BackendPermit {
     // Field order matters: the slot is released before the idle check.
     backend: Option<OwnedSemaphorePermit>,
     _connection: OwnedSemaphorePermit,
-    entry: Option<(Arc<BackendLimits>, String, Arc<Semaphore>)>,
+    entry: Option<(Arc<BackendLimits>, BackendUrl, Arc<Semaphore>)>,
 }
 
 impl std::fmt::Debug for BackendPermit {
@@ -81,12 +82,11 @@ impl BackendLimits {
         self.shards.iter().map(|s| s.lock().map_or(0, |m| m.len())).sum()
     }
 
-    /// Waits for a slot on `connection`, then on the backend `host:port`.
+    /// Waits for a slot on `connection`, then on `backend`.
     pub async fn acquire(
         self: &Arc<Self>,
         connection: &Arc<Semaphore>,
-        host: &str,
-        port: u16,
+        backend: &BackendUrl,
     ) -> Result<BackendPermit, ProxyError> {
         // The connection's semaphore is never closed; a closed one would mean
         // the connection is gone, and the request with it.
@@ -94,15 +94,15 @@ impl BackendLimits {
         if self.settings.max_per_backend == 0 {
             return Ok(BackendPermit { backend: None, _connection: connection, entry: None });
         }
-        let backend = format!("{host}:{port}");
-        let backend = backend.as_str();
+        // Keyed by the backend itself, whose clone shares its host: a
+        // request allocates nothing here.
         let semaphore = self.semaphore(backend);
         // Built before waiting, so a cancelled request (client gone, stream
         // reset) still removes an entry it was the last user of.
         let mut permit = BackendPermit {
             backend: None,
             _connection: connection,
-            entry: Some((self.clone(), backend.to_string(), semaphore.clone())),
+            entry: Some((self.clone(), backend.clone(), semaphore.clone())),
         };
         match tokio::time::timeout(self.settings.queue_timeout, semaphore.acquire_owned()).await {
             Ok(Ok(slot)) => {
@@ -113,11 +113,11 @@ impl BackendLimits {
         }
     }
 
-    fn shard(&self, backend: &str) -> &Mutex<HashMap<String, Arc<Semaphore>>> {
+    fn shard(&self, backend: &BackendUrl) -> &Mutex<HashMap<BackendUrl, Arc<Semaphore>>> {
         &self.shards[self.hasher.hash_one(backend) as usize % SHARDS]
     }
 
-    fn semaphore(&self, backend: &str) -> Arc<Semaphore> {
+    fn semaphore(&self, backend: &BackendUrl) -> Arc<Semaphore> {
         let Ok(mut map) = self.shard(backend).lock() else {
             // A poisoned shard still caps: this request gets its own full
             // semaphore, so the cap is at worst per request, never absent.
@@ -127,13 +127,13 @@ impl BackendLimits {
             return semaphore.clone();
         }
         let semaphore = Arc::new(Semaphore::new(self.settings.max_per_backend));
-        map.insert(backend.to_string(), semaphore.clone());
+        map.insert(backend.clone(), semaphore.clone());
         semaphore
     }
 
     /// Removes `backend`'s entry when nobody holds or waits for it. Clones
     /// are only made under the shard lock, so the count read here is exact.
-    fn release(&self, backend: &str, semaphore: Arc<Semaphore>) {
+    fn release(&self, backend: &BackendUrl, semaphore: Arc<Semaphore>) {
         let Ok(mut map) = self.shard(backend).lock() else { return };
         let idle = map.get(backend).is_some_and(|s| Arc::ptr_eq(s, &semaphore))
             && Arc::strong_count(&semaphore) == 2
@@ -157,6 +157,10 @@ impl Drop for BackendPermit {
 mod tests {
     use super::*;
 
+    fn url(host: &str) -> BackendUrl {
+        BackendUrl::parse(&format!("http://{host}:1")).unwrap()
+    }
+
     fn limits(max: usize) -> Arc<BackendLimits> {
         BackendLimits::new(BackendLimitSettings { max_per_backend: max, queue_timeout: Duration::from_millis(50) })
     }
@@ -165,13 +169,13 @@ mod tests {
     async fn caps_per_backend_and_forgets_idle_backends() {
         let limits = limits(2);
         let conn = Arc::new(Semaphore::new(100));
-        let a = limits.acquire(&conn, "a", 1).await.unwrap();
-        let b = limits.acquire(&conn, "a", 1).await.unwrap();
-        assert!(matches!(limits.acquire(&conn, "a", 1).await, Err(ProxyError::OverCapacity)));
-        let other = limits.acquire(&conn, "b", 1).await.unwrap();
+        let a = limits.acquire(&conn, &url("a")).await.unwrap();
+        let b = limits.acquire(&conn, &url("a")).await.unwrap();
+        assert!(matches!(limits.acquire(&conn, &url("a")).await, Err(ProxyError::OverCapacity)));
+        let other = limits.acquire(&conn, &url("b")).await.unwrap();
         assert_eq!(limits.tracked(), 2);
         drop(a);
-        let c = limits.acquire(&conn, "a", 1).await.unwrap();
+        let c = limits.acquire(&conn, &url("a")).await.unwrap();
         drop((b, c, other));
         assert_eq!(limits.tracked(), 0);
     }
@@ -180,8 +184,9 @@ mod tests {
     async fn cancelled_waiters_leave_no_entry() {
         let limits = limits(1);
         let conn = Arc::new(Semaphore::new(100));
-        let held = limits.acquire(&conn, "a", 1).await.unwrap();
-        let waiting = limits.acquire(&conn, "a", 1);
+        let a = url("a");
+        let held = limits.acquire(&conn, &a).await.unwrap();
+        let waiting = limits.acquire(&conn, &a);
         assert!(tokio::time::timeout(Duration::from_millis(5), waiting).await.is_err());
         drop(held);
         assert_eq!(limits.tracked(), 0);
@@ -191,8 +196,9 @@ mod tests {
     async fn connection_slots_queue_instead_of_failing() {
         let limits = limits(0);
         let conn = Arc::new(Semaphore::new(1));
-        let first = limits.acquire(&conn, "a", 1).await.unwrap();
-        let second = limits.acquire(&conn, "a", 1);
+        let a = url("a");
+        let first = limits.acquire(&conn, &a).await.unwrap();
+        let second = limits.acquire(&conn, &a);
         tokio::pin!(second);
         assert!(tokio::time::timeout(Duration::from_millis(20), second.as_mut()).await.is_err());
         drop(first);

@@ -8,8 +8,16 @@
 //! one shard's lock for an increment and again for the decrement, and a
 //! tool's entry is removed when its count falls to zero, so the map holds
 //! only tools with requests in flight.
+//!
+//! Tools are counted under a keyed 64-bit hash of their name rather than the
+//! name itself: a request to a tool with nothing in flight would otherwise
+//! copy the name into a new key, one allocation per request on a busy proxy
+//! whose requests spread over many tools. The key is random per process, so
+//! nobody outside can pick two names that share a count, and two of a
+//! table's names sharing one by chance is about as likely as 2^-64 per pair.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -21,15 +29,18 @@ pub struct FairShare {
     default_limit: u32,
     /// Shares raised (or lowered) for named tools by the operator.
     overrides: HashMap<Box<str>, u32>,
-    /// Requests in flight per tool; an entry exists only while above zero.
-    in_flight: DashMap<Arc<str>, u32>,
+    /// Requests in flight per tool (by [`FairShare::key`]); an entry exists
+    /// only while above zero.
+    in_flight: DashMap<u64, u32>,
+    /// The random key of the tools' hashes.
+    keys: RandomState,
 }
 
 /// One request's place in its tool's share; dropping it frees the place.
 #[derive(Debug)]
 #[must_use = "the place is freed when this is dropped"]
 pub struct Slot {
-    held: Option<(Arc<FairShare>, Arc<str>)>,
+    held: Option<(Arc<FairShare>, u64)>,
 }
 
 impl FairShare {
@@ -39,7 +50,13 @@ impl FairShare {
             default_limit,
             overrides: overrides.iter().map(|(tool, limit)| (tool.as_str().into(), *limit)).collect(),
             in_flight: DashMap::new(),
+            keys: RandomState::new(),
         })
+    }
+
+    /// The count `tool` is kept under.
+    fn key(&self, tool: &str) -> u64 {
+        self.keys.hash_one(tool)
     }
 
     /// The share of `tool`; 0 = no limit.
@@ -54,27 +71,18 @@ impl FairShare {
         if limit == 0 {
             return Some(Slot { held: None });
         }
-        // The common case, a tool already in flight, allocates nothing.
-        if let Some(mut count) = self.in_flight.get_mut(tool) {
-            if *count >= limit {
-                return None;
-            }
-            *count += 1;
-            let key = count.key().clone();
-            return Some(Slot { held: Some((self.clone(), key)) });
-        }
-        let mut entry = self.in_flight.entry(Arc::from(tool)).or_insert(0);
-        if *entry >= limit {
+        let key = self.key(tool);
+        let mut count = self.in_flight.entry(key).or_insert(0);
+        if *count >= limit {
             return None;
         }
-        *entry += 1;
-        let key = entry.key().clone();
+        *count += 1;
         Some(Slot { held: Some((self.clone(), key)) })
     }
 
     /// Requests in flight to `tool` now.
     pub fn in_flight(&self, tool: &str) -> u32 {
-        self.in_flight.get(tool).map_or(0, |count| *count)
+        self.in_flight.get(&self.key(tool)).map_or(0, |count| *count)
     }
 
     /// Tools with requests in flight now.
@@ -85,8 +93,8 @@ impl FairShare {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some((share, tool)) = self.held.take() {
-            share.in_flight.remove_if_mut(&tool, |_, count| {
+        if let Some((share, key)) = self.held.take() {
+            share.in_flight.remove_if_mut(&key, |_, count| {
                 *count = count.saturating_sub(1);
                 *count == 0
             });

@@ -81,6 +81,8 @@ pub(crate) struct Shared {
 /// The client connection a request arrived on.
 pub(crate) struct ConnInfo {
     pub client: SocketAddr,
+    /// The client's address as `X-Forwarded-For` gives it, made once.
+    pub client_ip: HeaderValue,
     /// `X-Forwarded-Port`: the port the client connected to.
     pub port: HeaderValue,
     pub tls: bool,
@@ -283,7 +285,7 @@ async fn respond(
             if let Some(tool) = shared.router.tool_of(&host, req.uri().path()) {
                 ctx.share = Some(shared.fair_share.try_acquire(tool).ok_or(ProxyError::OverCapacity)?);
             }
-            let permit = shared.backend_limits.acquire(&conn.upstream_slots, backend.host(), backend.port()).await?;
+            let permit = shared.backend_limits.acquire(&conn.upstream_slots, &backend).await?;
             let result = forward(shared, conn, req, &backend, &host, (&raw_host, raw_host_str), ctx).await;
             shared.outliers.record(&backend, ctx.outcome, routes);
             Ok(result?.map(|body| body.holding(permit)))
@@ -337,7 +339,7 @@ async fn forward(
 
     let (mut parts, body) = req.into_parts();
     let original_uri = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let fwd = Forwarded { client_ip: conn.client.ip(), host, port: &conn.port, proto: conn.proto(), original_uri };
+    let fwd = Forwarded { client_ip: &conn.client_ip, host, port: &conn.port, proto: conn.proto(), original_uri };
     headers::to_upstream(&mut parts.headers, &fwd, upgrade);
     parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
     ctx.trace.to_upstream(&mut parts.headers);

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// `X-Forwarded-Host`.
@@ -50,16 +50,19 @@ fn hop_by_hop() -> [&'static HeaderName; 10] {
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
+    // Cloned values share the parsed head's bytes, and a second `Connection`
+    // field is rare: usually nothing is allocated. Names are removed by
+    // `&str`, which finds a header without building a `HeaderName`: that
+    // copied every name not among http's standard ones, such as the
+    // `keep-alive` of nearly every backend's `Connection: keep-alive`.
+    let mut connection = headers.get_all(header::CONNECTION).iter().cloned();
+    if let Some(first) = connection.next() {
+        let more: Vec<HeaderValue> = connection.collect();
+        for value in std::iter::once(&first).chain(&more) {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',') {
+                headers.remove(token.trim());
+            }
         }
     }
     for name in hop_by_hop() {
@@ -71,8 +74,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The connection a request came in on, as the backend is told about it.
 pub struct Forwarded<'a> {
-    /// The client's address.
-    pub client_ip: IpAddr,
+    /// The client's address, as a header value made once per connection.
+    pub client_ip: &'a HeaderValue,
     /// The normalised Host.
     pub host: &'a str,
     /// `X-Forwarded-Port` value: the port the client connected to.
@@ -100,21 +103,18 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, upgrade: Option
         headers.insert(header::UPGRADE, upgrade);
     }
 
-    let mut xff = BytesMut::with_capacity(48);
-    for previous in headers.get_all(&X_FORWARDED_FOR) {
-        if !xff.is_empty() {
+    // Usually the client sent none: the connection's own value is shared.
+    if headers.contains_key(&X_FORWARDED_FOR) {
+        let mut xff = BytesMut::with_capacity(48);
+        for previous in headers.get_all(&X_FORWARDED_FOR) {
+            xff.put_slice(previous.as_bytes());
             xff.put_slice(b", ");
         }
-        xff.put_slice(previous.as_bytes());
+        xff.put_slice(fwd.client_ip.as_bytes());
+        set(headers, &X_FORWARDED_FOR, HeaderValue::from_maybe_shared(xff.freeze()).ok());
+    } else {
+        headers.insert(X_FORWARDED_FOR.clone(), fwd.client_ip.clone());
     }
-    if !xff.is_empty() {
-        xff.put_slice(b", ");
-    }
-    {
-        use std::fmt::Write;
-        let _ = write!(FmtBytes(&mut xff), "{}", fwd.client_ip);
-    }
-    set(headers, &X_FORWARDED_FOR, HeaderValue::from_maybe_shared(xff.freeze()).ok());
     // Usually the client's Host is already normalised: share its bytes instead of copying.
     let forwarded_host = match headers.get(header::HOST) {
         Some(raw) if raw.as_bytes() == fwd.host.as_bytes() => Some(raw.clone()),
@@ -163,13 +163,11 @@ fn set(headers: &mut HeaderMap, name: &HeaderName, value: Option<HeaderValue>) {
     }
 }
 
-struct FmtBytes<'a>(&'a mut BytesMut);
-
-impl std::fmt::Write for FmtBytes<'_> {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        self.0.put_slice(s.as_bytes());
-        Ok(())
-    }
+/// `ip` as the `X-Forwarded-For` value of a client with no proxy before
+/// ours; made once per connection, so that each request shares it.
+pub fn client_ip_value(ip: IpAddr) -> HeaderValue {
+    // An address's text is always a valid header value.
+    HeaderValue::from_maybe_shared(Bytes::from(ip.to_string())).unwrap_or(HeaderValue::from_static("-"))
 }
 
 /// Rewrites `Location: http://<host>/...` to the scheme the client used, so a
@@ -226,8 +224,9 @@ mod tests {
             ("user-agent", "ua"),
         ]);
         let port = HeaderValue::from_static("8080");
+        let client = client_ip_value("192.0.2.7".parse().unwrap());
         let fwd = Forwarded {
-            client_ip: "192.0.2.7".parse().unwrap(),
+            client_ip: &client,
             host: "foo.toolforge.org",
             port: &port,
             proto: "http",
@@ -248,6 +247,34 @@ mod tests {
     }
 
     #[test]
+    fn every_connection_field_names_headers_to_drop_in_any_case() {
+        let mut headers = map(&[
+            ("connection", "X-One"),
+            ("connection", " x-two ,close,, not a name"),
+            ("x-one", "1"),
+            ("x-two", "2"),
+            ("x-three", "3"),
+            ("keep-alive", "timeout=5"),
+        ]);
+        remove_hop_by_hop(&mut headers);
+        let left: Vec<&str> = headers.keys().map(|name| name.as_str()).collect();
+        assert_eq!(left, ["x-three"]);
+    }
+
+    #[test]
+    fn a_client_s_forwarded_for_is_extended_and_otherwise_the_connection_s_is_shared() {
+        let port = HeaderValue::from_static("80");
+        let client = client_ip_value("192.0.2.7".parse().unwrap());
+        let fwd = Forwarded { client_ip: &client, host: "h", port: &port, proto: "http", original_uri: "/" };
+        let mut headers = map(&[]);
+        to_upstream(&mut headers, &fwd, None);
+        assert_eq!(headers["x-forwarded-for"], "192.0.2.7");
+        let mut headers = map(&[("x-forwarded-for", "10.0.0.1")]);
+        to_upstream(&mut headers, &fwd, None);
+        assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+    }
+
+    #[test]
     fn http2_cookie_fields_are_joined() {
         let mut headers = map(&[("cookie", "a=1"), ("cookie", "b=2"), ("cookie", "c=3")]);
         join_cookies(&mut headers);
@@ -264,8 +291,8 @@ mod tests {
     fn upgrade_is_kept() {
         let mut headers = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
         let port = HeaderValue::from_static("80");
-        let fwd =
-            Forwarded { client_ip: "::1".parse().unwrap(), host: "h", port: &port, proto: "http", original_uri: "/" };
+        let client = client_ip_value("::1".parse().unwrap());
+        let fwd = Forwarded { client_ip: &client, host: "h", port: &port, proto: "http", original_uri: "/" };
         to_upstream(&mut headers, &fwd, Some(HeaderValue::from_static("websocket")));
         assert_eq!(headers["connection"], "upgrade");
         assert_eq!(headers["upgrade"], "websocket");

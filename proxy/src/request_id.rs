@@ -6,6 +6,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 
@@ -38,7 +39,11 @@ pub fn of(headers: &HeaderMap) -> HeaderValue {
 /// A new id: 16 hex digits.
 pub fn new() -> HeaderValue {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    HeaderValue::from_bytes(&hex16(KEYS.hash_one(n))).unwrap_or(HeaderValue::from_static("0000000000000000"))
+    // Owned by a shared allocation from the start: the id is cloned for the
+    // backend and for the response, and a value copied from a slice would
+    // take a second allocation at its first clone.
+    let id = Bytes::from_owner(hex16(KEYS.hash_one(n)));
+    HeaderValue::from_maybe_shared(id).unwrap_or(HeaderValue::from_static("0000000000000000"))
 }
 
 /// The id as a response header that HTTP/2's HPACK never adds to its

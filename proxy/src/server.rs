@@ -158,8 +158,10 @@ pub(crate) async fn serve_tcp(
     let _ = stream.set_nodelay(true);
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
     let port = HeaderValue::from(local_port);
+    let client_ip = crate::headers::client_ip_value(client.ip());
     let info = move |tls: bool, smuggle: Option<Arc<SmuggleFlags>>| {
-        Arc::new(ConnInfo { client, port, tls, smuggle, pool, permit, upstream_slots: connection_slots() })
+        let upstream_slots = connection_slots();
+        Arc::new(ConnInfo { client, client_ip, port, tls, smuggle, pool, permit, upstream_slots })
     };
     // Each phase's future is boxed and built outside any await: a task is as
     // large as its largest state, and every idle connection would otherwise
