@@ -13,7 +13,9 @@
 # completed request (steady on a shared box, where req/s is not).
 # --profile NAME (a binary's name or nginx-static-ka) then loads NAME once
 # more under perf (cpu-clock samples, self time per symbol) and once under
-# strace -c (syscalls per request), into $RUN/NAME.perf.txt and .strace.txt. BENCH_LEGACY=1 uses the tools.wmflabs.org/<tool>/ form.
+# strace -c (syscalls per request) and once counting libc's allocation calls
+# (uprobes, allocations per request), into $RUN/NAME.perf.txt, .strace.txt
+# and .allocs.txt. BENCH_LEGACY=1 uses the tools.wmflabs.org/<tool>/ form.
 # Everything listens on 127.0.0.1 only. Run from the workspace root.
 {
 set -euo pipefail
@@ -154,6 +156,28 @@ if [ -n "$PROFILE" ]; then
   awk -v n="$n" '$1 ~ /^[0-9.]+$/ && NF >= 5 { calls = $4; name = $NF; if (calls ~ /^[0-9]+$/) printf "%-16s %8.3f per request\n", name, calls / n }' \
     "$RUN/$PROFILE.strace-raw.txt" | sort -k2 -gr > "$RUN/$PROFILE.strace.txt"
   echo "$PROFILE: syscalls per request under strace ($n requests)"; cat "$RUN/$PROFILE.strace.txt"
+  # Allocations per request: uprobes on libc's allocation functions, counted
+  # by perf stat (exact, for the proxy and nginx alike; each hit traps into
+  # the kernel, so the load is slower than in the rounds above). The probes
+  # stay defined after the run; `perf probe -d 'probe_libc:*'` removes them.
+  libc=$(ldd "$(command -v nginx)" | awk '/libc\.so/ { print $3 }')
+  for fn in malloc calloc realloc posix_memalign; do
+    perf probe -l "probe_libc:$fn" 2>/dev/null | grep -q . || perf probe -q -x "$libc" --add "$fn" 2>/dev/null || true
+  done
+  events=$(perf probe -l 2>/dev/null | awk '$1 ~ /^probe_libc:(malloc|calloc|realloc|posix_memalign)$/ { print $1 }' | paste -sd,)
+  if [ -n "$events" ]; then
+    perf stat -x, -e "$events" -p "$pids" -o "$RUN/$PROFILE.allocs-raw.txt" -- sleep "$((DURATION + 1))" &
+    stat_pid=$!
+    sleep 0.5
+    load > "$RUN/$PROFILE.allocs-load.txt"
+    wait "$stat_pid" 2>/dev/null || true
+    n=$(awk '/requests in/ { print $1 }' "$RUN/$PROFILE.allocs-load.txt")
+    awk -F, -v n="$n" '$1 ~ /^[0-9]+$/ { sub(/^probe_libc:/, "", $3); total += $1; printf "%-16s %8.2f per request\n", $3, $1 / n }
+      END { printf "%-16s %8.2f per request\n", "all", total / n }' "$RUN/$PROFILE.allocs-raw.txt" > "$RUN/$PROFILE.allocs.txt"
+    echo "$PROFILE: allocation calls per request ($n requests)"; cat "$RUN/$PROFILE.allocs.txt"
+  else
+    echo "$PROFILE: allocation counts skipped (perf probe could not place uprobes on $libc)"
+  fi
 fi
 # The request path must not touch Redis: only the route cache's own sync shows here.
 redis-cli -p "$REDIS_PORT" info commandstats > "$RUN/redis-commandstats.txt"
