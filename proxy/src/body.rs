@@ -14,6 +14,7 @@ use tokio::time::Sleep;
 use crate::backend_limit::BackendPermit;
 use crate::compress::GzipBody;
 use crate::error::BoxError;
+use crate::fair_share::Slot as ShareSlot;
 use crate::upstream_pool::UpstreamBody;
 
 /// A response body sent to a client.
@@ -26,9 +27,11 @@ pub enum ProxyBody {
     Upstream(UpstreamBody),
     /// The backend's body, gzip-compressed on the fly.
     Gzip(Box<GzipBody>),
-    /// A backend's response holding its place under the backend caps until
-    /// the body is sent or dropped: the backend connection is busy until then.
-    Held(Box<ProxyBody>, BackendPermit),
+    /// A backend's response holding its places until the body is sent or
+    /// dropped: under the backend caps, because the backend connection is
+    /// busy until then, and in its tool's share, because a response still
+    /// streaming is a request still in flight.
+    Held(Box<ProxyBody>, BackendPermit, Option<ShareSlot>),
 }
 
 impl ProxyBody {
@@ -37,9 +40,9 @@ impl ProxyBody {
         ProxyBody::Full(Some(bytes.into()))
     }
 
-    /// This body, keeping `permit` until it is sent or dropped.
-    pub fn holding(self, permit: BackendPermit) -> Self {
-        ProxyBody::Held(Box::new(self), permit)
+    /// This body, keeping `permit` and `share` until it is sent or dropped.
+    pub fn holding(self, permit: BackendPermit, share: Option<ShareSlot>) -> Self {
+        ProxyBody::Held(Box::new(self), permit, share)
     }
 }
 
@@ -53,7 +56,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Upstream(incoming) => Pin::new(incoming).poll_frame(cx).map_err(Into::into),
             ProxyBody::Gzip(gzip) => Pin::new(gzip.as_mut()).poll_frame(cx),
-            ProxyBody::Held(body, _) => Pin::new(body.as_mut()).poll_frame(cx),
+            ProxyBody::Held(body, ..) => Pin::new(body.as_mut()).poll_frame(cx),
         }
     }
 
@@ -63,7 +66,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => bytes.is_none(),
             ProxyBody::Upstream(incoming) => incoming.is_end_stream(),
             ProxyBody::Gzip(gzip) => gzip.is_end_stream(),
-            ProxyBody::Held(body, _) => body.is_end_stream(),
+            ProxyBody::Held(body, ..) => body.is_end_stream(),
         }
     }
 
@@ -73,7 +76,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             ProxyBody::Upstream(incoming) => incoming.size_hint(),
             ProxyBody::Gzip(_) => SizeHint::default(),
-            ProxyBody::Held(body, _) => body.size_hint(),
+            ProxyBody::Held(body, ..) => body.size_hint(),
         }
     }
 }

@@ -288,7 +288,7 @@ async fn respond(
             let permit = shared.backend_limits.acquire(&conn.upstream_slots, &backend).await?;
             let result = forward(shared, conn, req, &backend, &host, (&raw_host, raw_host_str), ctx).await;
             shared.outliers.record(&backend, ctx.outcome, routes);
-            Ok(result?.map(|body| body.holding(permit)))
+            Ok(result?.map(|body| body.holding(permit, ctx.share.take())))
         }
         Decision::Redirect(status, location) => Ok(redirect_response(status, &location)),
         Decision::NoWebservice => Err(ProxyError::NoWebservice),

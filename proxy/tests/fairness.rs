@@ -113,6 +113,66 @@ async fn an_open_websocket_tunnel_holds_its_tools_place() {
     .await;
 }
 
+/// A response still streaming is a request still in flight: its place in
+/// the tool's share is kept until the body has been sent, not given back at
+/// the response head (a tool streaming slowly would otherwise hold many more
+/// backend connections than its share).
+#[tokio::test]
+async fn a_streaming_response_keeps_its_place_until_its_body_ends() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let release = CancellationToken::new();
+    let _release_guard = release.clone().drop_guard();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let backend_release = release.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let release = backend_release.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nfirst").await;
+                release.cancelled().await;
+                let _ = stream.write_all(b"-last").await;
+            });
+        }
+    });
+    let proxy = Proxy::start(Config { tool_max_concurrent_requests: 1, ..Config::default() }).await;
+    proxy.set_route("stream", ".*", &format!("http://{backend}")).await;
+
+    let mut client = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nhost: stream.toolforge.org\r\nuser-agent: proxy-tests/1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    while !received.ends_with(b"first") {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "the proxy closed: {}", String::from_utf8_lossy(&received));
+        received.extend_from_slice(&buf[..n]);
+    }
+    assert!(received.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&received));
+    // Let through, the second request would wait on the held backend: bounded
+    // here, so that the failure is a message rather than a hang.
+    tokio::time::timeout(Duration::from_secs(10), assert_over_capacity(&proxy, "stream.toolforge.org", "/"))
+        .await
+        .expect("a second request went to the tool while its first response was still streaming");
+
+    release.cancel();
+    while !received.ends_with(b"first-last") {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "the body was cut short");
+        received.extend_from_slice(&buf[..n]);
+    }
+    eventually(Duration::from_secs(5), "the finished response gives its place back", || async {
+        let got = get(proxy.http, "stream.toolforge.org", "/", &[]).await;
+        (got.header("x-dynamicproxy-reason") != Some("over-capacity")).then_some(())
+    })
+    .await;
+}
+
 /// Sends one request on `sender`'s connection and returns its status, its
 /// reason header and whether the proxy asked to close.
 async fn exchange(
