@@ -106,7 +106,7 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, upgrade: Option
     // Usually the client sent none: the connection's own value is shared.
     if headers.contains_key(&X_FORWARDED_FOR) {
         let mut xff = BytesMut::with_capacity(48);
-        for previous in headers.get_all(&X_FORWARDED_FOR) {
+        for previous in headers.get_all(&X_FORWARDED_FOR).iter().filter(|v| !v.is_empty()) {
             xff.put_slice(previous.as_bytes());
             xff.put_slice(b", ");
         }
@@ -272,6 +272,9 @@ mod tests {
         let mut headers = map(&[("x-forwarded-for", "10.0.0.1")]);
         to_upstream(&mut headers, &fwd, None);
         assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+        let mut headers = map(&[("x-forwarded-for", "")]);
+        to_upstream(&mut headers, &fwd, None);
+        assert_eq!(headers["x-forwarded-for"], "192.0.2.7");
     }
 
     #[test]
