@@ -146,12 +146,7 @@ async fn a_streaming_response_keeps_its_place_until_its_body_ends() {
         .await
         .unwrap();
     let mut received = Vec::new();
-    while !received.ends_with(b"first") {
-        let mut buf = [0u8; 4096];
-        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await.unwrap().unwrap();
-        assert!(n > 0, "the proxy closed: {}", String::from_utf8_lossy(&received));
-        received.extend_from_slice(&buf[..n]);
-    }
+    read_until_it_ends_with(&mut client, &mut received, b"first").await;
     assert!(received.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&received));
     // Let through, the second request would wait on the held backend: bounded
     // here, so that the failure is a message rather than a hang.
@@ -160,17 +155,23 @@ async fn a_streaming_response_keeps_its_place_until_its_body_ends() {
         .expect("a second request went to the tool while its first response was still streaming");
 
     release.cancel();
-    while !received.ends_with(b"first-last") {
-        let mut buf = [0u8; 4096];
-        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await.unwrap().unwrap();
-        assert!(n > 0, "the body was cut short");
-        received.extend_from_slice(&buf[..n]);
-    }
+    read_until_it_ends_with(&mut client, &mut received, b"first-last").await;
     eventually(Duration::from_secs(5), "the finished response gives its place back", || async {
         let got = get(proxy.http, "stream.toolforge.org", "/", &[]).await;
         (got.header("x-dynamicproxy-reason") != Some("over-capacity")).then_some(())
     })
     .await;
+}
+
+/// Reads from `client` into `received` until it ends with `end`.
+async fn read_until_it_ends_with(client: &mut tokio::net::TcpStream, received: &mut Vec<u8>, end: &[u8]) {
+    use tokio::io::AsyncReadExt;
+    while !received.ends_with(end) {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "the proxy closed the connection after: {}", String::from_utf8_lossy(received));
+        received.extend_from_slice(&buf[..n]);
+    }
 }
 
 /// Sends one request on `sender`'s connection and returns its status, its
