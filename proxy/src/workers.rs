@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, warn};
 
 use crate::handler::Shared;
+use crate::metrics::Metrics;
 use crate::server::{ServeSettings, Slot, serve_tcp};
 use crate::tls::TlsAcceptor;
 use crate::upstream::{UpstreamClient, UpstreamSettings};
@@ -156,7 +157,7 @@ fn serve(
     settings: Arc<ServeSettings>,
     pool: Arc<UpstreamClient>,
 ) -> impl Future<Output = ()> + Send {
-    let open = OpenConnection::count(shared.clone());
+    let open = OpenConnection::count(shared.metrics.clone());
     let serving = serve_tcp(stream, client, shared, settings, tls, pool, slot);
     async move {
         serving.await;
@@ -166,17 +167,17 @@ fn serve(
 
 /// A connection counted as open in the metrics until this is dropped, even
 /// when its task is dropped before it ends (a hard stop).
-struct OpenConnection(Arc<Shared>);
+struct OpenConnection(Arc<Metrics>);
 
 impl OpenConnection {
-    fn count(shared: Arc<Shared>) -> Self {
-        shared.metrics.connection_opened();
-        OpenConnection(shared)
+    fn count(metrics: Arc<Metrics>) -> Self {
+        metrics.connection_opened();
+        OpenConnection(metrics)
     }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.0.metrics.connection_closed();
+        self.0.connection_closed();
     }
 }
