@@ -4,18 +4,22 @@
 # On a shared 2-core box, slow drift hits every binary alike, so the ratio
 # between them means something even when absolute numbers wander.
 #
-#   bench/ab.sh [--rounds 5] [--duration 5] [--conns 64] [--threads 2] [--profile NAME] NAME=BINARY...
+#   bench/ab.sh [--rounds 5] [--duration 5] [--conns 64] [--threads 2] [--tools 10000] [--profile NAME] NAME=BINARY...
 #   e.g. cp target/release/dynamicproxy /tmp/dp-old; (change, build)
 #        bench/ab.sh old=/tmp/dp-old new=target/release/dynamicproxy
 #
 # Prints req/s per round and the median, and each binary's median next to
 # nginx-static-ka's, with the CPU time the serving processes spent per
-# completed request (steady on a shared box, where req/s is not).
+# completed request (steady on a shared box, where req/s is not), and the
+# TCP segments per request on loopback (nstat, all hops together: 4 when
+# every ACK rides on data).
 # --profile NAME (a binary's name or nginx-static-ka) then loads NAME once
 # more under perf (cpu-clock samples, self time per symbol) and once under
 # strace -c (syscalls per request) and once counting libc's allocation calls
 # (uprobes, allocations per request), into $RUN/NAME.perf.txt, .strace.txt
-# and .allocs.txt. BENCH_LEGACY=1 uses the tools.wmflabs.org/<tool>/ form.
+# and .allocs.txt. --tools N spreads the binaries' requests over N tools
+# (1: every request to the same tool, so every lookup hits a warm cache).
+# BENCH_LEGACY=1 uses the tools.wmflabs.org/<tool>/ form.
 # Everything listens on 127.0.0.1 only. Run from the workspace root.
 {
 set -euo pipefail
@@ -29,6 +33,7 @@ while (($#)); do
     --duration) DURATION=$2; shift 2 ;;
     --conns) CONNS=$2; shift 2 ;;
     --threads) THREADS=$2; shift 2 ;;
+    --tools) NTOOLS=$2; shift 2 ;;
     --profile) PROFILE=$2; shift 2 ;;
     *=*) CANDS+=("$1"); shift ;;
     *) echo "ab.sh: unknown argument $1 (see the header)" >&2; exit 64 ;;
@@ -103,9 +108,13 @@ for ((r = 1; r <= ROUNDS; r++)); do
     read -r name p tools <<< "${TARGETS[$i]}"
     BENCH_TOOLS=$tools wrk -t"$THREADS" -c"$CONNS" -d1s -s bench/peer/hosts.lua "http://127.0.0.1:$p/" > /dev/null
     before=$(cpu_ticks "${SERVING[$i]}")
+    nstat -n 2>/dev/null || true
     BENCH_TOOLS=$tools wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s bench/peer/hosts.lua \
       "http://127.0.0.1:$p/" > "$RUN/$name.r$r.txt"
     echo "cpu_ticks: $(($(cpu_ticks "${SERVING[$i]}") - before))" >> "$RUN/$name.r$r.txt"
+    # TCP segments on loopback while only this target was loaded (the whole
+    # box's counters: wrk, this target and the backend).
+    nstat -z TcpOutSegs TcpExtTCPPureAcks TcpExtDelayedACKs 2>/dev/null | awk '/^Tcp/ { print "nstat: " $1, $2 }' >> "$RUN/$name.r$r.txt" || true
   done
   echo "round $r: $(for t in "${TARGETS[@]}"; do read -r name _ <<< "$t"; printf '%s %s  ' "$name" "$(awk '/^Requests\/sec/ { printf "%.0f", $2 }' "$RUN/$name.r$r.txt")"; done)"
 done
@@ -121,9 +130,13 @@ for t in "${TARGETS[@]}"; do
   cpu=$(for f in "$RUN/$name".r*.txt; do
     awk -v hz="$CLK_TCK" '/requests in/ { n = $1 } /^cpu_ticks:/ { t = $2 } END { if (n > 0) printf "%.1f\n", t * 1e6 / hz / n }' "$f"
   done | median)
+  # Loopback segments per request, all hops (client, proxy, backend), and how many carried only an ACK.
+  segs=$(for f in "$RUN/$name".r*.txt; do
+    awk '/requests in/ { n = $1 } /^nstat: TcpOutSegs/ { s = $3 } /^nstat: TcpExtTCPPureAcks/ { a = $3 } END { if (n > 0) printf "%.2f %.2f\n", s / n, a / n }' "$f"
+  done | sort -g | awk '{ v[NR] = $0 } END { print v[int((NR + 1) / 2)] }')
   [ -n "$ref" ] || ref=$m
-  printf '%-20s median %8.0f req/s  p99 %6.2f ms  errors %d  %.2fx nginx-static-ka  cpu %5.1f us/req\n' \
-    "$name" "$m" "$p99" "$errs" "$(echo "$m / $ref" | bc -l)" "$cpu"
+  printf '%-20s median %8.0f req/s  p99 %6.2f ms  errors %d  %.2fx nginx-static-ka  cpu %5.1f us/req  segments/req %s\n' \
+    "$name" "$m" "$p99" "$errs" "$(echo "$m / $ref" | bc -l)" "$cpu" "${segs:-?}"
 done
 if [ -n "$PROFILE" ]; then
   i=0; pids=
