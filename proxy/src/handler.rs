@@ -419,6 +419,11 @@ async fn forward(
     }
 
     let (mut parts, body) = response.into_parts();
+    // The client's side of the exchange is the proxy's, whatever the backend
+    // speaks: an HTTP/1.0 backend must not turn the reply to a keep-alive
+    // HTTP/1.1 client into HTTP/1.0, which closes its connection after every
+    // response. hyper answers an HTTP/1.0 client in HTTP/1.0 by itself.
+    parts.version = Version::HTTP_11;
     headers::remove_hop_by_hop(&mut parts.headers);
     headers::hide_from_client(&mut parts.headers);
     headers::rewrite_location(&mut parts.headers, raw_host, conn.proto());

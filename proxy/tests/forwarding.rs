@@ -101,6 +101,59 @@ async fn default_files_replace_backend_404() {
     assert_eq!((got.status, got.body.as_str()), (404, "nope"));
 }
 
+/// A raw backend answering every request on a connection in HTTP/1.0, as
+/// Python's `http.server` does: with a length, then without one (the body
+/// ends when it closes).
+async fn http10_backend() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut served = 0;
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            served += 1;
+            let reply: &[u8] = if served % 2 == 1 {
+                b"HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nsized\n"
+            } else {
+                b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil close\n"
+            };
+            let _ = stream.write_all(reply).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_http10_backend_leaves_the_client_connection_open() {
+    let backend = http10_backend().await;
+    let proxy = Proxy::start(Config::default()).await;
+    proxy.set_route("foo", ".*", &format!("http://{backend}")).await;
+    let mut client = TcpStream::connect(proxy.http).await.unwrap();
+    let request = b"GET / HTTP/1.1\r\nHost: foo.toolforge.org\r\nUser-Agent: test\r\n\r\n";
+    let mut seen = String::new();
+    for expected in ["sized\n", "until close\n"] {
+        client.write_all(request).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let before = seen.len();
+        while !seen[before..].contains(expected) {
+            let n = tokio::time::timeout_at(deadline, client.read(&mut buf))
+                .await
+                .expect("the answer came in time")
+                .unwrap();
+            assert!(n > 0, "the proxy closed the client connection after:\n{seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        let answer = &seen[before..];
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "answered in the backend's version:\n{answer}");
+        assert!(!answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
+    }
+}
+
 #[tokio::test]
 async fn unreachable_backend_is_502_page() {
     let closed = {
