@@ -12,7 +12,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http_body::{Body, Frame, SizeHint};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 #[derive(Clone, Copy)]
@@ -23,21 +22,18 @@ struct State {
 
 /// The requests in flight on one connection.
 ///
-/// A lock and one `Notify`, not a watch channel: every open connection has
-/// one, and a watch channel's eight wake-up lists made it 360 bytes.
+/// A lock over two fields, and nothing to wake: requests begin and end
+/// without telling anyone, and [`Activity::idle_for`] reads the state when
+/// its timer fires. Every open connection has one, and every request passes
+/// through it twice.
 pub struct Activity {
     state: Mutex<State>,
-    /// Woken when the last request in flight ends.
-    idle_again: Notify,
 }
 
 impl Activity {
     /// A connection that has just been accepted: idle from now.
     pub fn new() -> Arc<Self> {
-        Arc::new(Activity {
-            state: Mutex::new(State { in_flight: 0, idle_since: Instant::now() }),
-            idle_again: Notify::new(),
-        })
+        Arc::new(Activity { state: Mutex::new(State { in_flight: 0, idle_since: Instant::now() }) })
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -65,28 +61,30 @@ impl Activity {
     }
 
     /// Resolves once the connection has had no request in flight for `timeout`.
+    ///
+    /// One timer, re-armed when it fires early, instead of a wake-up at the
+    /// end of every request: a busy connection costs it one timer expiry per
+    /// `timeout`, and the deadline is still exact (the end of the last
+    /// request plus `timeout`).
     pub async fn idle_for(&self, timeout: Duration) {
+        let first = self.due(timeout);
+        let timer = tokio::time::sleep_until(first);
+        let mut timer = std::pin::pin!(timer);
         loop {
-            // Registered before the state is read, so an end between the two
-            // still wakes this waiter.
-            let idle_again = self.idle_again.notified();
-            let mut idle_again = std::pin::pin!(idle_again);
-            idle_again.as_mut().enable();
-            let state = *self.state();
-            if state.in_flight > 0 {
-                idle_again.await;
-                continue;
-            }
-            // Checked again after the sleep: requests begin without waking us.
-            let deadline = state.idle_since + timeout;
-            if deadline <= Instant::now() {
+            timer.as_mut().await;
+            let due = self.due(timeout);
+            if due <= Instant::now() {
                 return;
             }
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => {}
-                _ = idle_again => {}
-            }
+            timer.as_mut().reset(due);
         }
+    }
+
+    /// When the connection becomes idle for `timeout` if nothing changes; a
+    /// request in flight pushes that a whole `timeout` past now.
+    fn due(&self, timeout: Duration) -> Instant {
+        let state = *self.state();
+        if state.in_flight > 0 { Instant::now() + timeout } else { state.idle_since + timeout }
     }
 }
 
@@ -95,14 +93,11 @@ pub struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        // Only the last request's end restarts the idle clock: waiters are
-        // woken then and only then.
+        // Only the last request's end restarts the idle clock.
         let mut state = self.0.state();
         state.in_flight -= 1;
         if state.in_flight == 0 {
             state.idle_since = Instant::now();
-            drop(state);
-            self.0.idle_again.notify_waiters();
         }
     }
 }
