@@ -249,3 +249,49 @@ async fn a_silent_connection_is_closed_by_the_shorter_of_head_and_keepalive_time
     assert!(started.elapsed() >= Duration::from_millis(900), "closed after {:?}", started.elapsed());
     assert_eq!(timeouts(&proxy, "header"), 1);
 }
+
+/// Sends `head` one byte every `gap`; true when the proxy gave up on it
+/// (closed the connection, or answered 408) before it was whole.
+async fn send_slowly(stream: &mut TcpStream, head: &[u8], gap: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let Some((last, rest)) = head.split_last() else { return false };
+    for byte in rest {
+        if stream.write_all(&[*byte]).await.is_err() {
+            return true;
+        }
+        // The wait between bytes; anything read during it is the proxy giving up.
+        if tokio::time::timeout(gap, stream.read(&mut buf)).await.is_ok() {
+            return true;
+        }
+    }
+    stream.write_all(&[*last]).await.is_err()
+}
+
+#[tokio::test]
+async fn every_head_on_a_busy_connection_gets_the_whole_header_timeout() {
+    // Back-to-back requests keep one hyper connection (and its head timer)
+    // across heads: the timer armed for an early head must neither cut a
+    // later head short nor let a slow one run on.
+    let proxy = Proxy::start(Config { header_timeout_secs: 2, ..Config::default() }).await;
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(2500) {
+        stream.write_all(HEALTHZ).await.unwrap();
+        let answer = responses(&mut stream, 1).await.remove(0);
+        assert_eq!(status_of(&answer), 200, "{answer}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // 1.4 s for a head that began just now: past the first head's deadline, within its own.
+    let slow = Instant::now();
+    let cut = send_slowly(&mut stream, HEALTHZ, Duration::from_millis(1400 / HEALTHZ.len() as u64)).await;
+    assert!(!cut, "a head sent over {:?} was cut off; the timeout is 2 s", slow.elapsed());
+    let answer = responses(&mut stream, 1).await.remove(0);
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    // 3.5 s for the next one: cut off at its own deadline.
+    let slow = Instant::now();
+    let cut = send_slowly(&mut stream, HEALTHZ, Duration::from_millis(3500 / HEALTHZ.len() as u64)).await;
+    let took = slow.elapsed();
+    assert!(cut, "a head sent over {took:?} was let through; the timeout is 2 s");
+    assert!(took >= Duration::from_millis(1800) && took < Duration::from_millis(3400), "cut off after {took:?}");
+    assert_eq!(timeouts(&proxy, "header"), 1);
+}

@@ -66,6 +66,8 @@ where
                 #[cfg(feature = "server")]
                 h1_header_read_timeout_running: false,
                 #[cfg(feature = "server")]
+                h1_header_read_deadline: None,
+                #[cfg(feature = "server")]
                 date_header: true,
                 #[cfg(feature = "server")]
                 timer: Time::Empty,
@@ -220,21 +222,21 @@ where
         debug_assert!(self.can_read_head());
         trace!("Conn::read_head");
 
+        // dynamicproxy: the timer is made once per connection and left armed
+        // between heads. A new head only moves the deadline; the timer, which
+        // then fires early, is re-armed for it below. Resetting it at every
+        // head cost a timer-wheel insertion and removal per request, and
+        // making a new one an allocation too.
         #[cfg(feature = "server")]
         if !self.state.h1_header_read_timeout_running {
             if let Some(h1_header_read_timeout) = self.state.h1_header_read_timeout {
                 let deadline = self.state.timer.now() + h1_header_read_timeout;
                 self.state.h1_header_read_timeout_running = true;
-                match &mut self.state.h1_header_read_timeout_fut {
-                    Some(h1_header_read_timeout_fut) => {
-                        trace!("resetting h1 header read timeout timer");
-                        self.state.timer.reset(h1_header_read_timeout_fut, deadline);
-                    }
-                    None => {
-                        trace!("setting h1 header read timeout timer");
-                        self.state.h1_header_read_timeout_fut =
-                            Some(self.state.timer.sleep_until(deadline));
-                    }
+                self.state.h1_header_read_deadline = Some(deadline);
+                if self.state.h1_header_read_timeout_fut.is_none() {
+                    trace!("setting h1 header read timeout timer");
+                    self.state.h1_header_read_timeout_fut =
+                        Some(self.state.timer.sleep_until(deadline));
                 }
             }
         }
@@ -260,14 +262,21 @@ where
             Poll::Pending => {
                 #[cfg(feature = "server")]
                 if self.state.h1_header_read_timeout_running {
-                    if let Some(h1_header_read_timeout_fut) =
-                        &mut self.state.h1_header_read_timeout_fut
-                    {
-                        if Pin::new(h1_header_read_timeout_fut).poll(cx).is_ready() {
-                            self.state.h1_header_read_timeout_running = false;
+                    if let (Some(h1_header_read_timeout_fut), Some(deadline)) = (
+                        &mut self.state.h1_header_read_timeout_fut,
+                        self.state.h1_header_read_deadline,
+                    ) {
+                        if Future::poll(h1_header_read_timeout_fut.as_mut(), cx).is_ready() {
+                            if self.state.timer.now() >= deadline {
+                                self.state.h1_header_read_timeout_running = false;
 
-                            warn!("read header from client timeout");
-                            return Poll::Ready(Some(Err(crate::Error::new_header_timeout())));
+                                warn!("read header from client timeout");
+                                return Poll::Ready(Some(Err(crate::Error::new_header_timeout())));
+                            }
+                            // Fired for an earlier head's deadline: wait for this one's.
+                            trace!("resetting h1 header read timeout timer");
+                            self.state.timer.reset(h1_header_read_timeout_fut, deadline);
+                            let _ = Future::poll(h1_header_read_timeout_fut.as_mut(), cx);
                         }
                     }
                 }
@@ -276,10 +285,10 @@ where
             }
         };
 
+        // dynamicproxy: the timer stays, armed, for the next head (see above).
         #[cfg(feature = "server")]
         {
             self.state.h1_header_read_timeout_running = false;
-            self.state.h1_header_read_timeout_fut = None;
         }
 
         // Note: don't deconstruct `msg` into local variables, it appears
@@ -959,6 +968,10 @@ struct State {
     h1_header_read_timeout_fut: Option<Pin<Box<dyn Sleep>>>,
     #[cfg(feature = "server")]
     h1_header_read_timeout_running: bool,
+    /// dynamicproxy: when the head being read times out. The timer above may
+    /// be armed for an earlier deadline; it is re-armed when it fires.
+    #[cfg(feature = "server")]
+    h1_header_read_deadline: Option<std::time::Instant>,
     #[cfg(feature = "server")]
     date_header: bool,
     #[cfg(feature = "server")]
