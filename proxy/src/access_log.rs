@@ -29,14 +29,15 @@ const PENDING_BYTES: usize = 4 * 1024 * 1024;
 /// Bytes of lines that make the writer take them before [`FLUSH_AFTER`], as
 /// nginx's `access_log ... buffer=64k`. A busy proxy gathers 0.6 MiB in
 /// 100 ms; written into at that size, the buffer pushed the route table and
-/// the connections' state out of the event loop's cache, and logging cost
-/// 20 % more CPU per request instead of about 10 % (bench/ab.sh).
+/// the connections' state out of the event loop's cache: logging cost 14 to
+/// 20 % more CPU per request, and 6.7 % with this (bench/ab.sh).
 const FLUSH_BYTES: usize = 64 * 1024;
 /// How long lines gather before one write, as nginx's `access_log ...
 /// buffer= flush=`. Written as they came, each line cost two thread
 /// hand-offs (waking the writer, then the blocking pool for the write) and a
 /// write: 16 us per request, +46 % of the proxy's CPU per request in
-/// `bench/ab.sh`. A crash loses at most this much of the log.
+/// `bench/ab.sh`. A crash loses the lines gathered since the last write:
+/// normally no more than this, more only while the disk falls behind.
 const FLUSH_AFTER: Duration = Duration::from_millis(100);
 
 /// The shape of access log lines (`[proxy] access_log_format`).
