@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dynamicproxy_redis::BackendUrl;
+use foldhash::fast::RandomState;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ProxyError;
@@ -44,15 +45,17 @@ pub struct BackendLimitSettings {
 /// The per-backend caps, shared by all event loops.
 pub struct BackendLimits {
     settings: BackendLimitSettings,
-    hasher: std::collections::hash_map::RandomState,
-    shards: Vec<Mutex<HashMap<BackendUrl, Arc<Semaphore>>>>,
+    /// Seeded at random per process: backends are named by tools, so their
+    /// names are hostile input, and foldhash costs a tenth of SipHash.
+    hasher: RandomState,
+    shards: Vec<Mutex<HashMap<BackendUrl, Arc<Semaphore>, RandomState>>>,
 }
 
 /// A request's place under both caps; dropping it frees both.
 pub struct BackendPermit {
     // Field order matters: the slot is released before the idle check.
     backend: Option<OwnedSemaphorePermit>,
-    _connection: OwnedSemaphorePermit,
+    _connection: Option<OwnedSemaphorePermit>,
     entry: Option<(Arc<BackendLimits>, BackendUrl, Arc<Semaphore>)>,
 }
 
@@ -73,7 +76,7 @@ impl BackendLimits {
         Arc::new(BackendLimits {
             settings,
             hasher: Default::default(),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::default())).collect(),
         })
     }
 
@@ -82,15 +85,19 @@ impl BackendLimits {
         self.shards.iter().map(|s| s.lock().map_or(0, |m| m.len())).sum()
     }
 
-    /// Waits for a slot on `connection`, then on `backend`.
+    /// Waits for a slot on `connection` (an HTTP/2 connection's; an HTTP/1
+    /// connection has none, serving one request at a time), then on `backend`.
     pub async fn acquire(
         self: &Arc<Self>,
-        connection: &Arc<Semaphore>,
+        connection: Option<&Arc<Semaphore>>,
         backend: &BackendUrl,
     ) -> Result<BackendPermit, ProxyError> {
         // The connection's semaphore is never closed; a closed one would mean
         // the connection is gone, and the request with it.
-        let connection = connection.clone().acquire_owned().await.map_err(|_| ProxyError::OverCapacity)?;
+        let connection = match connection {
+            Some(slots) => Some(slots.clone().acquire_owned().await.map_err(|_| ProxyError::OverCapacity)?),
+            None => None,
+        };
         if self.settings.max_per_backend == 0 {
             return Ok(BackendPermit { backend: None, _connection: connection, entry: None });
         }
@@ -113,7 +120,7 @@ impl BackendLimits {
         }
     }
 
-    fn shard(&self, backend: &BackendUrl) -> &Mutex<HashMap<BackendUrl, Arc<Semaphore>>> {
+    fn shard(&self, backend: &BackendUrl) -> &Mutex<HashMap<BackendUrl, Arc<Semaphore>, RandomState>> {
         &self.shards[self.hasher.hash_one(backend) as usize % SHARDS]
     }
 
@@ -169,13 +176,13 @@ mod tests {
     async fn caps_per_backend_and_forgets_idle_backends() {
         let limits = limits(2);
         let conn = Arc::new(Semaphore::new(100));
-        let a = limits.acquire(&conn, &url("a")).await.unwrap();
-        let b = limits.acquire(&conn, &url("a")).await.unwrap();
-        assert!(matches!(limits.acquire(&conn, &url("a")).await, Err(ProxyError::OverCapacity)));
-        let other = limits.acquire(&conn, &url("b")).await.unwrap();
+        let a = limits.acquire(Some(&conn), &url("a")).await.unwrap();
+        let b = limits.acquire(Some(&conn), &url("a")).await.unwrap();
+        assert!(matches!(limits.acquire(Some(&conn), &url("a")).await, Err(ProxyError::OverCapacity)));
+        let other = limits.acquire(Some(&conn), &url("b")).await.unwrap();
         assert_eq!(limits.tracked(), 2);
         drop(a);
-        let c = limits.acquire(&conn, &url("a")).await.unwrap();
+        let c = limits.acquire(Some(&conn), &url("a")).await.unwrap();
         drop((b, c, other));
         assert_eq!(limits.tracked(), 0);
     }
@@ -185,8 +192,8 @@ mod tests {
         let limits = limits(1);
         let conn = Arc::new(Semaphore::new(100));
         let a = url("a");
-        let held = limits.acquire(&conn, &a).await.unwrap();
-        let waiting = limits.acquire(&conn, &a);
+        let held = limits.acquire(Some(&conn), &a).await.unwrap();
+        let waiting = limits.acquire(Some(&conn), &a);
         assert!(tokio::time::timeout(Duration::from_millis(5), waiting).await.is_err());
         drop(held);
         assert_eq!(limits.tracked(), 0);
@@ -197,8 +204,8 @@ mod tests {
         let limits = limits(0);
         let conn = Arc::new(Semaphore::new(1));
         let a = url("a");
-        let first = limits.acquire(&conn, &a).await.unwrap();
-        let second = limits.acquire(&conn, &a);
+        let first = limits.acquire(Some(&conn), &a).await.unwrap();
+        let second = limits.acquire(Some(&conn), &a);
         tokio::pin!(second);
         assert!(tokio::time::timeout(Duration::from_millis(20), second.as_mut()).await.is_err());
         drop(first);

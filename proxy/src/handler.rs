@@ -95,9 +95,10 @@ pub(crate) struct ConnInfo {
     /// count, shared with any tunnel the connection becomes: an upgraded
     /// connection still counts.
     pub permit: Arc<Slot>,
-    /// Backend requests this connection may have in flight
-    /// ([`crate::backend_limit::PER_CONNECTION`]).
-    pub upstream_slots: Arc<Semaphore>,
+    /// Backend requests this HTTP/2 connection may have in flight
+    /// ([`crate::backend_limit::PER_CONNECTION`]); `None` for HTTP/1, whose
+    /// requests come one at a time.
+    pub upstream_slots: Option<Arc<Semaphore>>,
 }
 
 impl ConnInfo {
@@ -285,7 +286,7 @@ async fn respond(
             if let Some(tool) = shared.router.tool_of(&host, req.uri().path()) {
                 ctx.share = Some(shared.fair_share.try_acquire(tool).ok_or(ProxyError::OverCapacity)?);
             }
-            let permit = shared.backend_limits.acquire(&conn.upstream_slots, &backend).await?;
+            let permit = shared.backend_limits.acquire(conn.upstream_slots.as_ref(), &backend).await?;
             let result = forward(shared, conn, req, &backend, &host, (&raw_host, raw_host_str), ctx).await;
             shared.outliers.record(&backend, ctx.outcome, routes);
             Ok(result?.map(|body| body.holding(permit, ctx.share.take())))
@@ -424,8 +425,7 @@ async fn forward(
     // HTTP/1.1 client into HTTP/1.0, which closes its connection after every
     // response. hyper answers an HTTP/1.0 client in HTTP/1.0 by itself.
     parts.version = Version::HTTP_11;
-    headers::remove_hop_by_hop(&mut parts.headers);
-    headers::hide_from_client(&mut parts.headers);
+    headers::from_upstream(&mut parts.headers);
     headers::rewrite_location(&mut parts.headers, raw_host, conn.proto());
     headers::rewrite_location(&mut parts.headers, host, conn.proto());
     if parts.status == StatusCode::NOT_FOUND

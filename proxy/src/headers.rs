@@ -31,45 +31,115 @@ static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// would let one tool register a service worker over every tool's paths.
 static SERVICE_WORKER_ALLOWED: HeaderName = HeaderName::from_static("service-worker-allowed");
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1 and the usual legacy ones): they
-/// describe one connection and never cross the proxy.
-fn hop_by_hop() -> [&'static HeaderName; 10] {
-    [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-        &HTTP2_SETTINGS,
-    ]
+/// Every name the proxy strips from a message, in one table: a message is
+/// checked with one pass over its names, where a lookup per listed name
+/// hashed each of them on every request.
+static STRIPPED: [&HeaderName; 15] = [
+    // Hop-by-hop (RFC 9110 §7.6.1 and the usual legacy ones): they describe
+    // one connection and never cross the proxy.
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::TE,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+    &header::PROXY_AUTHENTICATE,
+    &header::PROXY_AUTHORIZATION,
+    &HTTP2_SETTINGS,
+    // From a client only.
+    &PROXY,
+    &FORWARDED,
+    &X_REAL_IP,
+    // The 100-continue exchange happens between client and proxy.
+    &header::EXPECT,
+    // From a backend only.
+    &SERVICE_WORKER_ALLOWED,
+];
+
+/// Bits of [`STRIPPED`]: the hop-by-hop names.
+const HOP_BY_HOP: u16 = 0x03ff;
+/// Bits of [`STRIPPED`]: what a request loses on its way to a backend.
+const FROM_CLIENT: u16 = HOP_BY_HOP | 0b1111 << 10;
+/// Bits of [`STRIPPED`]: what a response loses on its way to the client.
+const FROM_BACKEND: u16 = HOP_BY_HOP | 1 << 14;
+/// The bit of `Connection` in [`STRIPPED`].
+const CONNECTION_BIT: u16 = 1;
+
+/// `name`'s place in [`STRIPPED`], in any case. Matched by length first:
+/// most names a message carries are none of these, and are told apart by
+/// one compare.
+fn stripped_index(name: &str) -> Option<u32> {
+    let candidates: &[u32] = match name.len() {
+        2 => &[3],
+        5 => &[10],
+        6 => &[13],
+        7 => &[4, 6],
+        9 => &[11, 12],
+        10 => &[0, 1],
+        14 => &[9],
+        16 => &[2],
+        17 => &[5],
+        18 => &[7],
+        19 => &[8],
+        22 => &[14],
+        _ => return None,
+    };
+    candidates.iter().copied().find(|&i| STRIPPED[i as usize].as_str().eq_ignore_ascii_case(name))
+}
+
+/// Removes the [`STRIPPED`] names selected by `which`, and, when
+/// `Connection` is among them, the headers its tokens name.
+fn strip(headers: &mut HeaderMap, which: u16) {
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = stripped_index(name.as_str()) {
+            present |= 1 << i;
+        }
+    }
+    present &= which;
+    if present == 0 {
+        return;
+    }
+    if present & CONNECTION_BIT != 0 {
+        // Cloned values share the parsed head's bytes, and a second
+        // `Connection` field is rare: usually nothing is allocated. Names are
+        // removed by `&str`, which finds a header without building a
+        // `HeaderName`: that copied every name not among http's standard
+        // ones, such as the `keep-alive` of `Connection: keep-alive`.
+        let mut connection = headers.get_all(header::CONNECTION).iter().cloned();
+        if let Some(first) = connection.next() {
+            let more: Vec<HeaderValue> = connection.collect();
+            for value in std::iter::once(&first).chain(&more) {
+                let Ok(value) = value.to_str() else { continue };
+                for token in value.split(',') {
+                    let token = token.trim();
+                    // `keep-alive` and the like go below, by their bit.
+                    let stripped_anyway = stripped_index(token).is_some_and(|i| which & 1 << i != 0);
+                    if !token.is_empty() && !stripped_anyway {
+                        headers.remove(token);
+                    }
+                }
+            }
+        }
+    }
+    while present != 0 {
+        let i = present.trailing_zeros();
+        present &= present - 1;
+        headers.remove(STRIPPED[i as usize]);
+    }
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Cloned values share the parsed head's bytes, and a second `Connection`
-    // field is rare: usually nothing is allocated. Names are removed by
-    // `&str`, which finds a header without building a `HeaderName`: that
-    // copied every name not among http's standard ones, such as the
-    // `keep-alive` of nearly every backend's `Connection: keep-alive`.
-    let mut connection = headers.get_all(header::CONNECTION).iter().cloned();
-    if let Some(first) = connection.next() {
-        let more: Vec<HeaderValue> = connection.collect();
-        for value in std::iter::once(&first).chain(&more) {
-            let Ok(value) = value.to_str() else { continue };
-            for token in value.split(',') {
-                headers.remove(token.trim());
-            }
-        }
-    }
-    for name in hop_by_hop() {
-        if headers.contains_key(name) {
-            headers.remove(name);
-        }
-    }
+    strip(headers, HOP_BY_HOP);
+}
+
+/// Removes from a backend's response what never reaches the client: the
+/// hop-by-hop headers, and what a backend may not tell the client (SPEC §3
+/// "Response to client").
+pub fn from_upstream(headers: &mut HeaderMap) {
+    strip(headers, FROM_BACKEND);
 }
 
 /// The connection a request came in on, as the backend is told about it.
@@ -92,12 +162,7 @@ pub struct Forwarded<'a> {
 /// appended), `Forwarded` and `X-Real-IP` dropped, the upgrade kept when
 /// `upgrade` is given. Host is kept.
 pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, upgrade: Option<HeaderValue>) {
-    remove_hop_by_hop(headers);
-    headers.remove(&PROXY);
-    headers.remove(&FORWARDED);
-    headers.remove(&X_REAL_IP);
-    // The 100-continue exchange happens between client and proxy.
-    headers.remove(header::EXPECT);
+    strip(headers, FROM_CLIENT);
     if let Some(upgrade) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, upgrade);
@@ -124,11 +189,6 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, upgrade: Option
     headers.insert(X_FORWARDED_PORT.clone(), fwd.port.clone());
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(fwd.proto));
     set(headers, &X_ORIGINAL_URI, HeaderValue::from_str(fwd.original_uri).ok());
-}
-
-/// Removes what a backend may not tell the client (SPEC §3 "Response to client").
-pub fn hide_from_client(headers: &mut HeaderMap) {
-    headers.remove(&SERVICE_WORKER_ALLOWED);
 }
 
 /// Joins an HTTP/2 request's `Cookie` fields into one with `; ` (RFC 9113
@@ -259,6 +319,36 @@ mod tests {
         remove_hop_by_hop(&mut headers);
         let left: Vec<&str> = headers.keys().map(|name| name.as_str()).collect();
         assert_eq!(left, ["x-three"]);
+    }
+
+    #[test]
+    fn every_stripped_name_is_found_by_its_index() {
+        for (i, name) in STRIPPED.iter().enumerate() {
+            assert_eq!(stripped_index(name.as_str()), Some(i as u32), "{name}");
+        }
+        assert_eq!(stripped_index("Keep-Alive"), Some(1));
+        for other in ["host", "user-agent", "x-forwarded-for", "te2", "proxy-connectio", "cookie", ""] {
+            assert_eq!(stripped_index(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn a_backend_s_hop_by_hop_and_service_worker_scope_do_not_reach_the_client() {
+        let mut headers = map(&[
+            ("connection", "keep-alive, x-backend-private"),
+            ("keep-alive", "timeout=5"),
+            ("x-backend-private", "1"),
+            ("transfer-encoding", "chunked"),
+            ("service-worker-allowed", "/"),
+            ("content-type", "text/html"),
+            ("proxy", "kept: only a client's is dropped"),
+        ]);
+        from_upstream(&mut headers);
+        let left: Vec<&str> = headers.keys().map(|name| name.as_str()).collect();
+        assert_eq!(left, ["content-type", "proxy"]);
+        let mut plain = map(&[("content-type", "text/plain"), ("content-length", "2")]);
+        from_upstream(&mut plain);
+        assert_eq!(plain.len(), 2);
     }
 
     #[test]

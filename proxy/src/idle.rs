@@ -6,7 +6,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -52,6 +52,10 @@ pub struct IdleIo<T> {
     /// Since when a write (or flush) has been waiting for the client to read.
     write_blocked_since: Option<Instant>,
     timer: Pin<Box<Sleep>>,
+    /// The waker `timer` holds, while it holds one: polling the timer again
+    /// with the same waker before it fires changes nothing, and a busy
+    /// connection's reads wait several times per request.
+    armed_for: Option<Waker>,
 }
 
 impl<T> IdleIo<T> {
@@ -66,6 +70,7 @@ impl<T> IdleIo<T> {
             last_activity: now,
             write_blocked_since: None,
             timer: Box::pin(tokio::time::sleep_until(now + timeout)),
+            armed_for: None,
         }
     }
 
@@ -104,6 +109,8 @@ impl<T> IdleIo<T> {
                     // The timer may be set for the far longer idle deadline.
                     if now + self.send_timeout < self.timer.deadline() {
                         self.timer.as_mut().reset(now + self.send_timeout);
+                        // A timer that fired has given its waker away.
+                        self.armed_for = None;
                     }
                 }
             }
@@ -113,7 +120,21 @@ impl<T> IdleIo<T> {
 
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         loop {
-            ready!(self.timer.as_mut().poll(cx));
+            if !self.timer.is_elapsed() && self.armed_for.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                return Poll::Pending;
+            }
+            // Outside the task's budget: a poll refused for budget would
+            // leave the timer without this waker, yet be taken as armed.
+            let mut timer = tokio::task::unconstrained(self.timer.as_mut());
+            if Pin::new(&mut timer).poll(cx).is_pending() {
+                if !self.armed_for.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    self.armed_for = Some(cx.waker().clone());
+                }
+                return Poll::Pending;
+            }
+            // Fired: its waker is spent, and the reset below re-arms it
+            // for the next turn of the loop to register again.
+            self.armed_for = None;
             let now = Instant::now();
             if let Some(since) = self.write_blocked_since
                 && since + self.send_timeout <= now

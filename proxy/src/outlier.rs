@@ -9,14 +9,16 @@
 //! they were when it was set, and the route cache replaces them on every
 //! registration.
 //!
-//! Only backends that failed recently have an entry, so the request path
-//! costs one shard lookup of a small map.
+//! Only backends that failed recently have an entry, and a count of them
+//! spares the request path every lookup while none has failed.
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
 use dynamicproxy_redis::{BackendUrl, ToolRoutes};
 use hyper::Response;
 
@@ -62,6 +64,9 @@ pub enum Admission {
 pub struct Outliers {
     settings: OutlierSettings,
     backends: DashMap<BackendUrl, Health>,
+    /// Entries in `backends`, changed under the entry's shard lock: while it
+    /// is 0, a request takes no lock and hashes no key.
+    entries: AtomicUsize,
     metrics: Arc<Metrics>,
 }
 
@@ -99,17 +104,20 @@ impl Health {
 impl Outliers {
     /// An empty set: every backend starts up.
     pub fn new(settings: OutlierSettings, metrics: Arc<Metrics>) -> Self {
-        Outliers { settings, backends: DashMap::new(), metrics }
+        Outliers { settings, backends: DashMap::new(), entries: AtomicUsize::new(0), metrics }
     }
 
     /// May a request go to `backend`? `routes` gives the tool's routes now
     /// (asked only when the backend has an entry).
     pub fn admit(&self, backend: &BackendUrl, routes: impl FnOnce() -> Option<Arc<ToolRoutes>>) -> Admission {
+        if self.entries.load(Ordering::Relaxed) == 0 {
+            return Admission::Go;
+        }
         let Some(mut health) = self.backends.get_mut(backend) else { return Admission::Go };
         if health.routes_changed(routes().as_ref()) {
             let was_down = health.down.is_some();
             drop(health);
-            self.backends.remove(backend);
+            self.remove(backend);
             if was_down {
                 self.metrics.backend_up();
             }
@@ -131,7 +139,7 @@ impl Outliers {
         match outcome {
             Outcome::Neutral => {}
             Outcome::Answered => {
-                if let Some((_, health)) = self.backends.remove(backend)
+                if let Some(health) = self.remove(backend)
                     && health.down.is_some()
                 {
                     self.metrics.backend_up();
@@ -140,11 +148,13 @@ impl Outliers {
             }
             Outcome::Failed if self.settings.after_failures == 0 => {}
             Outcome::Failed => {
-                let mut health = self.backends.entry(backend.clone()).or_insert_with(|| Health {
-                    failures: 0,
-                    down: None,
-                    routes: routes().as_ref().map(Arc::downgrade),
-                });
+                let mut health = match self.backends.entry(backend.clone()) {
+                    Entry::Occupied(health) => health.into_ref(),
+                    Entry::Vacant(slot) => {
+                        self.entries.fetch_add(1, Ordering::Relaxed);
+                        slot.insert(Health { failures: 0, down: None, routes: routes().as_ref().map(Arc::downgrade) })
+                    }
+                };
                 health.failures = health.failures.saturating_add(1);
                 let failures = health.failures;
                 let now = Instant::now();
@@ -169,6 +179,16 @@ impl Outliers {
                 }
             }
         }
+    }
+
+    /// Removes `backend`'s entry, if it has one.
+    fn remove(&self, backend: &BackendUrl) -> Option<Health> {
+        if self.entries.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let (_, health) = self.backends.remove(backend)?;
+        self.entries.fetch_sub(1, Ordering::Relaxed);
+        Some(health)
     }
 }
 

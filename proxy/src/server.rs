@@ -160,7 +160,8 @@ pub(crate) async fn serve_tcp(
     let port = HeaderValue::from(local_port);
     let client_ip = crate::headers::client_ip_value(client.ip());
     let info = move |tls: bool, smuggle: Option<Arc<SmuggleFlags>>| {
-        let upstream_slots = connection_slots();
+        // Only HTTP/2 (no smuggling flags) runs requests side by side.
+        let upstream_slots = smuggle.is_none().then(connection_slots);
         Arc::new(ConnInfo { client, client_ip, port, tls, smuggle, pool, permit, upstream_slots })
     };
     // Each phase's future is boxed and built outside any await: a task is as

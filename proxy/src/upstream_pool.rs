@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dynamicproxy_redis::BackendUrl;
+use foldhash::fast::RandomState;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
@@ -24,7 +25,8 @@ pub type Sender = SendRequest<LimitedBody>;
 
 /// Idle connections per backend, with their limits.
 pub struct IdlePool {
-    lists: Mutex<HashMap<BackendUrl, Vec<IdleConnection>>>,
+    /// foldhash, seeded per process: backends are named by tools.
+    lists: Mutex<HashMap<BackendUrl, Vec<IdleConnection>, RandomState>>,
     max_per_backend: usize,
     idle_timeout: Duration,
 }
@@ -38,7 +40,7 @@ impl IdlePool {
     /// An empty pool keeping at most `max_per_backend` idle connections per
     /// backend, each for at most `idle_timeout`.
     pub fn new(max_per_backend: usize, idle_timeout: Duration) -> Arc<Self> {
-        Arc::new(IdlePool { lists: Mutex::new(HashMap::new()), max_per_backend, idle_timeout })
+        Arc::new(IdlePool { lists: Mutex::new(HashMap::default()), max_per_backend, idle_timeout })
     }
 
     /// The most recently used idle connection to `backend` that is still
@@ -97,7 +99,7 @@ impl IdlePool {
         });
     }
 
-    fn lists(&self) -> MutexGuard<'_, HashMap<BackendUrl, Vec<IdleConnection>>> {
+    fn lists(&self) -> MutexGuard<'_, HashMap<BackendUrl, Vec<IdleConnection>, RandomState>> {
         // A panic while holding the lock leaves only a list of connections behind.
         self.lists.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }

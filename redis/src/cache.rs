@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use foldhash::fast::RandomState;
 
 use crate::origin::CacheOrigin;
 use crate::table::ToolRoutes;
@@ -18,7 +19,9 @@ pub struct RouteCache {
 }
 
 struct CacheInner {
-    tools: DashMap<ToolName, Arc<ToolRoutes>>,
+    /// foldhash, seeded per process: every request looks a name up, and
+    /// SipHash cost more than the rest of the lookup.
+    tools: DashMap<ToolName, Arc<ToolRoutes>, RandomState>,
     /// Reference point for the millisecond timestamps below.
     epoch: Instant,
     /// Milliseconds after `epoch` when the cache was last known to match
@@ -62,7 +65,7 @@ impl RouteCache {
     pub fn new() -> Self {
         RouteCache {
             inner: Arc::new(CacheInner {
-                tools: DashMap::new(),
+                tools: DashMap::default(),
                 epoch: Instant::now(),
                 confirmed_at_ms: AtomicU64::new(0),
                 connected: AtomicBool::new(false),
