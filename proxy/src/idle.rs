@@ -6,11 +6,13 @@
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
+
+use crate::deadline::Deadline;
 
 /// Which limit of [`IdleIo`] ended a connection; the source of its `TimedOut` error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -51,11 +53,7 @@ pub struct IdleIo<T> {
     last_activity: Instant,
     /// Since when a write (or flush) has been waiting for the client to read.
     write_blocked_since: Option<Instant>,
-    timer: Pin<Box<Sleep>>,
-    /// The waker `timer` holds, while it holds one: polling the timer again
-    /// with the same waker before it fires changes nothing, and a busy
-    /// connection's reads wait several times per request.
-    armed_for: Option<Waker>,
+    timer: Deadline,
 }
 
 impl<T> IdleIo<T> {
@@ -69,8 +67,7 @@ impl<T> IdleIo<T> {
             send_timeout: timeout,
             last_activity: now,
             write_blocked_since: None,
-            timer: Box::pin(tokio::time::sleep_until(now + timeout)),
-            armed_for: None,
+            timer: Deadline::new(now + timeout),
         }
     }
 
@@ -107,11 +104,7 @@ impl<T> IdleIo<T> {
                     let now = Instant::now();
                     self.write_blocked_since = Some(now);
                     // The timer may be set for the far longer idle deadline.
-                    if now + self.send_timeout < self.timer.deadline() {
-                        self.timer.as_mut().reset(now + self.send_timeout);
-                        // A timer that fired has given its waker away.
-                        self.armed_for = None;
-                    }
+                    self.timer.bring_forward(now + self.send_timeout);
                 }
             }
         }
@@ -119,38 +112,12 @@ impl<T> IdleIo<T> {
     }
 
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        loop {
-            if !self.timer.is_elapsed() && self.armed_for.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                return Poll::Pending;
-            }
-            // Outside the task's budget: a poll refused for budget would
-            // leave the timer without this waker, yet be taken as armed.
-            let mut timer = tokio::task::unconstrained(self.timer.as_mut());
-            if Pin::new(&mut timer).poll(cx).is_pending() {
-                if !self.armed_for.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    self.armed_for = Some(cx.waker().clone());
-                }
-                return Poll::Pending;
-            }
-            // Fired: its waker is spent, and the reset below re-arms it
-            // for the next turn of the loop to register again.
-            self.armed_for = None;
-            let now = Instant::now();
-            if let Some(since) = self.write_blocked_since
-                && since + self.send_timeout <= now
-            {
-                return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, IdleTimeout::Send));
-            }
-            let deadline = self.last_activity + self.timeout;
-            if deadline <= now {
-                return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, IdleTimeout::Idle));
-            }
-            let next = match self.write_blocked_since {
-                Some(since) => deadline.min(since + self.send_timeout),
-                None => deadline,
-            };
-            self.timer.as_mut().reset(next);
-        }
+        let (last_activity, timeout) = (self.last_activity, self.timeout);
+        let send = self.write_blocked_since.map(|since| since + self.send_timeout);
+        let idle = || last_activity + timeout;
+        ready!(self.timer.poll_until(cx, || send.map_or_else(idle, |send| send.min(idle()))));
+        let timeout = if send.is_some_and(|send| send <= idle()) { IdleTimeout::Send } else { IdleTimeout::Idle };
+        Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, timeout))
     }
 }
 

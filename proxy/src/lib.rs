@@ -34,6 +34,7 @@
 //! - [`sniff`]: HTTP/1 request-smuggling guard.
 //! - [`snapshot`]: the last-known-good route table on disk, written atomically and read at start.
 //! - [`idle`]: idle and send timeouts for connections.
+//! - [`deadline`]: a timer re-armed only when it fires early, for deadlines checked on every wait.
 //! - [`tls`]: certificates by SNI, hot reload.
 //! - [`cert_expiry`]: a certificate's expiry, for the metrics.
 //! - [`pages`]: built-in and overridden error pages.
@@ -82,6 +83,7 @@ pub mod client_limit;
 pub mod compress;
 pub mod config;
 pub mod dead;
+pub mod deadline;
 pub mod drain;
 pub mod egress;
 pub mod error;

@@ -29,10 +29,11 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 
 use crate::activity::Activity;
+use crate::deadline::Deadline;
 use crate::idle::IdleIo;
 use crate::linger::Linger;
 use crate::pace::Pace;
@@ -92,8 +93,9 @@ pub struct ParkIo<S> {
     /// The client's last request came within [`HOT_GAP`]: park only after
     /// [`PARK_AFTER`] of silence.
     hot: bool,
-    /// The [`PARK_AFTER`] deadline of a hot connection's current wait.
-    park_timer: Option<Pin<Box<Sleep>>>,
+    /// The [`PARK_AFTER`] deadline of a hot connection's current wait; armed
+    /// once, and moved on only when it fires, not at every request.
+    park_timer: Option<Deadline>,
 }
 
 impl<S> ParkIo<S> {
@@ -130,12 +132,8 @@ impl<S> ParkIo<S> {
     /// Ready once a hot connection has waited [`PARK_AFTER`] since `since`;
     /// until then the timer wakes the connection to look again.
     fn wait_before_parking(&mut self, since: Instant, cx: &mut Context<'_>) -> Poll<()> {
-        let deadline = since + PARK_AFTER;
-        let timer = self.park_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if timer.deadline() != deadline {
-            timer.as_mut().reset(deadline);
-        }
-        timer.as_mut().poll(cx)
+        let deadline = || since + PARK_AFTER;
+        self.park_timer.get_or_insert_with(|| Deadline::new(deadline())).poll_until(cx, deadline)
     }
 
     /// Whether parking now would lose nothing: no request in flight, every
