@@ -122,7 +122,9 @@ impl<T> SniffIo<T> {
                     self.state = if n == take { State::ChunkEnd } else { State::ChunkData(n - take) };
                 }
                 State::Head | State::ChunkSize | State::ChunkEnd | State::Trailers => {
-                    match data.iter().position(|b| *b == b'\n') {
+                    // memchr: a byte-by-byte search cost four instructions
+                    // per byte of every request head.
+                    match memchr::memchr(b'\n', data) {
                         None => {
                             self.keep(data);
                             return;
