@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds (and optionally runs) the proxy's fuzz targets: host (Host and
-# HTTP/2 :authority normalisation, and their comparison) and traceparent
-# (W3C Trace Context parsing).
+# HTTP/2 :authority normalisation, and their comparison), traceparent
+# (W3C Trace Context parsing) and smuggle (the HTTP/1 request-smuggling
+# guard, whatever the bytes and however they are cut into reads).
 #
 #   proxy/fuzz/build.sh               # build, as CI does
 #   proxy/fuzz/build.sh run 300       # also fuzz for 300 s
@@ -22,4 +23,5 @@ if [[ "${1:-}" == run ]]; then
     seconds="${2:-300}"
     cargo +nightly fuzz run host -- -max_total_time="$seconds" -max_len=512
     cargo +nightly fuzz run traceparent -- -max_total_time="$seconds" -max_len=128
+    cargo +nightly fuzz run smuggle -- -max_total_time="$seconds" -max_len=4096
 fi
