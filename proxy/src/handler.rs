@@ -322,14 +322,12 @@ fn request_host(req: &Request<Incoming>) -> Result<HeaderValue, ProxyError> {
 async fn forward(
     shared: &Shared,
     conn: &ConnInfo,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     backend: &BackendUrl,
     host: &str,
     (raw_host_value, raw_host): (&HeaderValue, &str),
     ctx: &mut RequestContext,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let upgrade = if req.version() == Version::HTTP_11 { upgrade::tunnelled_upgrade(req.headers()) } else { None };
-    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let default_file = match req.uri().path() {
         "/favicon.ico" => Some(Page::Favicon),
         "/robots.txt" => Some(Page::Robots),
@@ -337,37 +335,16 @@ async fn forward(
     };
     let is_head = req.method() == Method::HEAD;
     let gzip_ok = shared.gzip && compress::accepts_gzip(req.headers());
-
-    let (mut parts, body) = req.into_parts();
-    let original_uri = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let fwd = Forwarded { client_ip: &conn.client_ip, host, port: &conn.port, proto: conn.proto(), original_uri };
-    headers::to_upstream(&mut parts.headers, &fwd, upgrade);
-    parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
-    ctx.trace.to_upstream(&mut parts.headers);
-    if parts.version == Version::HTTP_2 {
-        headers::join_cookies(&mut parts.headers);
-    }
-    // The normalised host, as nginx's `proxy_set_header Host $host`: tools
-    // compare it with their own name, and HTTP/2 clients send :authority only.
-    let upstream_host = if raw_host_value.as_bytes() == host.as_bytes() {
-        raw_host_value.clone()
-    } else {
-        HeaderValue::from_str(host).map_err(|_| ProxyError::BadRequest("bad Host"))?
-    };
-    parts.headers.insert(header::HOST, upstream_host);
-    parts.uri = origin_form(&parts.uri);
-    parts.version = Version::HTTP_11;
-    // A bodiless request can be sent again if its backend refuses (hold_secs).
-    let replay = (shared.hold.enabled() && http_body::Body::is_end_stream(&body))
-        .then(|| (parts.uri.clone(), parts.method.clone(), parts.headers.clone()));
-    let upstream_req =
-        Request::from_parts(parts, LimitedBody::new(body, shared.max_body).with_pause_limit(shared.body_timeout));
+    // Built outside this future: what a function borrows while it builds
+    // stays in its future's state across the exchange below.
+    let Upstream { request, replay, client_upgrade } = upstream_request(shared, conn, req, host, raw_host_value, ctx)?;
 
     let sent = Instant::now();
-    let mut result = conn.pool.request(backend, upstream_req).await;
-    if let Some((uri, method, headers)) = replay
+    let mut result = conn.pool.request(backend, request).await;
+    if let Some(replay) = replay
         && result.as_ref().is_err_and(hold::refused)
     {
+        let (uri, method, headers) = *replay;
         let request = (host, uri.path(), uri.query());
         if let Some(next) = shared.hold.after_refusal(&shared.router, request, backend, &shared.hard_stop).await {
             let mut again = Request::new(LimitedBody::empty());
@@ -446,6 +423,55 @@ async fn forward(
         return Ok(Response::from_parts(parts, ProxyBody::Gzip(Box::new(GzipBody::new(body)))));
     }
     Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
+}
+
+/// The client's request as its backend gets it, and what `forward` keeps
+/// of it for after the exchange.
+struct Upstream {
+    request: Request<LimitedBody>,
+    /// The head again, for a bodiless request a refusing backend lets the
+    /// proxy send elsewhere (`hold_secs`); boxed, as it is rarely there.
+    replay: Option<Box<(Uri, Method, http::HeaderMap)>>,
+    /// The client's side of an upgrade the backend may accept.
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+/// Rewrites the client's request for its backend (SPEC §3 "Request to upstream").
+fn upstream_request(
+    shared: &Shared,
+    conn: &ConnInfo,
+    mut req: Request<Incoming>,
+    host: &str,
+    raw_host_value: &HeaderValue,
+    ctx: &mut RequestContext,
+) -> Result<Upstream, ProxyError> {
+    let upgrade = if req.version() == Version::HTTP_11 { upgrade::tunnelled_upgrade(req.headers()) } else { None };
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let original_uri = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let fwd = Forwarded { client_ip: &conn.client_ip, host, port: &conn.port, proto: conn.proto(), original_uri };
+    headers::to_upstream(&mut parts.headers, &fwd, upgrade);
+    parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
+    ctx.trace.to_upstream(&mut parts.headers);
+    if parts.version == Version::HTTP_2 {
+        headers::join_cookies(&mut parts.headers);
+    }
+    // The normalised host, as nginx's `proxy_set_header Host $host`: tools
+    // compare it with their own name, and HTTP/2 clients send :authority only.
+    let upstream_host = if raw_host_value.as_bytes() == host.as_bytes() {
+        raw_host_value.clone()
+    } else {
+        HeaderValue::from_str(host).map_err(|_| ProxyError::BadRequest("bad Host"))?
+    };
+    parts.headers.insert(header::HOST, upstream_host);
+    parts.uri = origin_form(&parts.uri);
+    parts.version = Version::HTTP_11;
+    // A bodiless request can be sent again if its backend refuses (hold_secs).
+    let replay = (shared.hold.enabled() && http_body::Body::is_end_stream(&body))
+        .then(|| Box::new((parts.uri.clone(), parts.method.clone(), parts.headers.clone())));
+    let request =
+        Request::from_parts(parts, LimitedBody::new(body, shared.max_body).with_pause_limit(shared.body_timeout));
+    Ok(Upstream { request, replay, client_upgrade })
 }
 
 /// The request line's target as the backend gets it: the path and query

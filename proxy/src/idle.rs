@@ -1,11 +1,8 @@
 //! An I/O wrapper that fails a connection silent for too long, or whose
 //! writes have been blocked for too long (a client that stopped reading the
 //! response: nginx's send_timeout). The deadlines are checked lazily: traffic
-//! only sets a flag, turned into a timestamp when the connection next waits
-//! (in the same task poll as the traffic, since hyper reads until it must
-//! wait), and the timer is re-armed when it fires early, so busy connections
-//! pay almost nothing: the clock was read on every read and write, about
-//! fifteen times per request.
+//! only records a timestamp, and the timer is re-armed when it fires early, so
+//! busy connections pay almost nothing.
 
 use std::io;
 use std::pin::Pin;
@@ -54,8 +51,6 @@ pub struct IdleIo<T> {
     timeout: Duration,
     send_timeout: Duration,
     last_activity: Instant,
-    /// A read or write made progress since `last_activity` was stamped.
-    progressed: bool,
     /// Since when a write (or flush) has been waiting for the client to read.
     write_blocked_since: Option<Instant>,
     timer: Deadline,
@@ -71,7 +66,6 @@ impl<T> IdleIo<T> {
             timeout,
             send_timeout: timeout,
             last_activity: now,
-            progressed: false,
             write_blocked_since: None,
             timer: Deadline::new(now + timeout),
         }
@@ -94,15 +88,13 @@ impl<T> IdleIo<T> {
     fn track<R>(&mut self, cx: &mut Context<'_>, progress: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
         match progress {
             Poll::Ready(result) => {
-                self.progressed = true;
+                // Stamped now, not when the connection next waits: that may
+                // be long after, when the timer wakes it, and a stamp then
+                // would put the deadline off at every wake.
+                self.last_activity = Instant::now();
                 Poll::Ready(result)
             }
-            Poll::Pending => {
-                if std::mem::take(&mut self.progressed) {
-                    self.last_activity = Instant::now();
-                }
-                self.poll_idle(cx).map(Err)
-            }
+            Poll::Pending => self.poll_idle(cx).map(Err),
         }
     }
 
