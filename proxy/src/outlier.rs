@@ -64,8 +64,9 @@ pub enum Admission {
 pub struct Outliers {
     settings: OutlierSettings,
     backends: DashMap<BackendUrl, Health>,
-    /// Entries in `backends`, changed under the entry's shard lock: while it
-    /// is 0, a request takes no lock and hashes no key.
+    /// Raised before an entry is added and lowered after one is removed, so
+    /// never below the number of entries: while it is 0, a request takes no
+    /// lock and hashes no key.
     entries: AtomicUsize,
     metrics: Arc<Metrics>,
 }
