@@ -53,6 +53,9 @@ pub struct IdleIo<T> {
     last_activity: Instant,
     /// Since when a write (or flush) has been waiting for the client to read.
     write_blocked_since: Option<Instant>,
+    /// Bytes were written since the last flush that completed: only such a
+    /// flush moves anything, and counts as activity.
+    unflushed: bool,
     timer: Deadline,
 }
 
@@ -67,6 +70,7 @@ impl<T> IdleIo<T> {
             send_timeout: timeout,
             last_activity: now,
             write_blocked_since: None,
+            unflushed: false,
             timer: Deadline::new(now + timeout),
         }
     }
@@ -83,15 +87,18 @@ impl<T> IdleIo<T> {
         &self.inner
     }
 
-    /// Records progress, or, while the inner I/O waits, fails it once the
-    /// connection has been idle for too long.
-    fn track<R>(&mut self, cx: &mut Context<'_>, progress: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+    /// Records progress when bytes `moved`, or, while the inner I/O waits,
+    /// fails it once the connection has been idle for too long. Only moved
+    /// bytes count: an empty flush, done each time the connection is polled,
+    /// would otherwise put the deadline off at every wake of its own timer.
+    fn track<R>(&mut self, cx: &mut Context<'_>, progress: Poll<io::Result<R>>, moved: bool) -> Poll<io::Result<R>> {
         match progress {
             Poll::Ready(result) => {
                 // Stamped now, not when the connection next waits: that may
-                // be long after, when the timer wakes it, and a stamp then
-                // would put the deadline off at every wake.
-                self.last_activity = Instant::now();
+                // be long after, when the timer wakes it.
+                if moved {
+                    self.last_activity = Instant::now();
+                }
                 Poll::Ready(result)
             }
             Poll::Pending => self.poll_idle(cx).map(Err),
@@ -99,7 +106,12 @@ impl<T> IdleIo<T> {
     }
 
     /// As `track`, for writes: also starts or ends the write stall.
-    fn track_write<R>(&mut self, cx: &mut Context<'_>, progress: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+    fn track_write<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        progress: Poll<io::Result<R>>,
+        moved: bool,
+    ) -> Poll<io::Result<R>> {
         match progress {
             Poll::Ready(_) => self.write_blocked_since = None,
             Poll::Pending => {
@@ -111,7 +123,7 @@ impl<T> IdleIo<T> {
                 }
             }
         }
-        self.track(cx, progress)
+        self.track(cx, progress, moved)
     }
 
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
@@ -127,8 +139,10 @@ impl<T> IdleIo<T> {
 impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let before = buf.filled().len();
         let progress = Pin::new(&mut this.inner).poll_read(cx, buf);
-        this.track(cx, progress)
+        let moved = buf.filled().len() > before;
+        this.track(cx, progress, moved)
     }
 }
 
@@ -136,7 +150,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let progress = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.track_write(cx, progress)
+        let moved = matches!(progress, Poll::Ready(Ok(n)) if n > 0);
+        this.unflushed |= moved;
+        this.track_write(cx, progress, moved)
     }
 
     fn poll_write_vectored(
@@ -146,7 +162,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let progress = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.track_write(cx, progress)
+        let moved = matches!(progress, Poll::Ready(Ok(n)) if n > 0);
+        this.unflushed |= moved;
+        this.track_write(cx, progress, moved)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -157,10 +175,73 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         // A TLS flush writes the records it holds: blocked like a write.
         let this = self.get_mut();
         let progress = Pin::new(&mut this.inner).poll_flush(cx);
-        this.track_write(cx, progress)
+        let moved = progress.is_ready() && std::mem::take(&mut this.unflushed);
+        this.track_write(cx, progress, moved)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+
+    use super::*;
+
+    /// A peer that never sends, and whose flushes always complete at once.
+    struct Silent;
+
+    impl AsyncRead for Silent {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Silent {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_times_out_however_often_the_connection_flushes_nothing() {
+        let mut io = IdleIo::new(Silent, Duration::from_millis(200));
+        let start = Instant::now();
+        // Each wake flushes first, then reads, as a connection task may.
+        let waited = poll_fn(|cx| {
+            let mut io = Pin::new(&mut io);
+            assert!(io.as_mut().poll_flush(cx).is_ready());
+            let mut space = [0u8; 16];
+            io.poll_read(cx, &mut ReadBuf::new(&mut space))
+        });
+        let result = tokio::time::timeout(Duration::from_secs(5), waited).await.expect("the idle timeout never fired");
+        let error = result.expect_err("a silent peer sent nothing");
+        assert_eq!(IdleTimeout::find(&error), Some(IdleTimeout::Idle));
+        assert!(start.elapsed() >= Duration::from_millis(200));
+    }
+
+    #[tokio::test]
+    async fn a_flush_after_a_write_counts_as_activity() {
+        let mut io = IdleIo::new(Silent, Duration::from_millis(300));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let written = Instant::now();
+        poll_fn(|cx| Pin::new(&mut io).poll_write(cx, b"x")).await.unwrap();
+        poll_fn(|cx| Pin::new(&mut io).poll_flush(cx)).await.unwrap();
+        let mut space = [0u8; 16];
+        let read = poll_fn(|cx| Pin::new(&mut io).poll_read(cx, &mut ReadBuf::new(&mut space)));
+        let error = tokio::time::timeout(Duration::from_secs(5), read).await.expect("timed out").unwrap_err();
+        assert_eq!(IdleTimeout::find(&error), Some(IdleTimeout::Idle));
+        // Measured from the write, not from the connection's start.
+        assert!(written.elapsed() >= Duration::from_millis(300), "{:?}", written.elapsed());
     }
 }
