@@ -14,7 +14,8 @@ use std::task::{Context, Poll, Waker};
 
 use tokio::time::{Instant, Sleep};
 
-/// A timer polled with the deadline it should wait for now.
+/// A timer for a deadline that may move: re-armed only when it fires early
+/// or the deadline is brought forward.
 #[derive(Debug)]
 pub struct Deadline {
     sleep: Pin<Box<Sleep>>,
