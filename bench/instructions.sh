@@ -61,10 +61,10 @@ bench/peer/seed.sh "$REDIS_PORT" "$NTOOLS" "http://127.0.0.1:$BACKEND_PORT" > "$
 mk_nginx "$RUN/backend" "backend:$BACKEND_PORT"
 nginx -p "$RUN/backend" -e "$RUN/backend/logs/error.log" -c "$RUN/backend/nginx.conf"
 
-# split FILE REQUESTS: instructions per request by where they ran. The
+# by_crate FILE REQUESTS: instructions per request by where they ran. The
 # frames on the stack when the counters were dumped carry the whole run as
 # their own cost (a callgrind artefact), so lines over 99 % are left out.
-split() {
+by_crate() {
   callgrind_annotate --threshold=100 --auto=no "$1" 2>/dev/null | awk -v n="$2" '
     /^ *[0-9,]+ \(/ {
       if ($2 ~ /100.0|99\./) next
@@ -82,7 +82,8 @@ split() {
       else if (f ~ /dashmap|hashbrown/) c = "dashmap and hashbrown"
       else if (f ~ /\/bytes-[0-9]/) c = "bytes"
       else if (f ~ /tracing/) c = "tracing"
-      else if (f ~ / (\/[^ ]*\/)?(proxy|redis|src)\/src\/|floor\/src\//) c = "our crates"
+      else if (f ~ /vendor\//) c = "vendored h2 and rustls"
+      else if (f !~ /\.cargo\/registry|\/rustc\// && f ~ /src\/[^ ]*\.rs:/) c = "our crates"
       else if (f ~ /\/rustc\//) c = "std (inlined into any of these)"
       a[c] += v; t += v
     }
@@ -125,6 +126,6 @@ for c in "${CANDS[@]}"; do
   errors=$(awk '/Non-2xx/ { s += $NF } /Socket errors/ { gsub(",", ""); s += $4 + $6 + $8 + $10 } END { print s + 0 }' "$RUN/$name.wrk.txt")
   mv "$RUN/$name.cg.1" "$RUN/$name.cg"
   echo "$name: $n requests measured, $errors errors; instructions per request:"
-  split "$RUN/$name.cg" "$n"
+  by_crate "$RUN/$name.cg" "$n"
 done
 }
