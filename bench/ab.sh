@@ -57,9 +57,7 @@ trap 'exit 130' INT TERM
 REDIS_HOST=127.0.0.1
 REDIS_PORT=$(free_port 6490)
 BACKEND_PORT=$(free_port 18180)
-redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no --daemonize yes \
-  --pidfile "$RUN/redis.pid" --logfile "$RUN/redis.log" --dir "$RUN"
-for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done
+start_redis "$RUN" "$REDIS_PORT"
 bench/peer/seed.sh "$REDIS_PORT" "$NTOOLS" "http://127.0.0.1:$BACKEND_PORT" > "$RUN/seed.log"
 P_STATIC_KA=$(free_port $((BACKEND_PORT + 1)))
 # Two instances, as in peer.sh: nginx proxying to its own workers would skip the hop between processes.
@@ -73,14 +71,9 @@ SERVING=(0)  # the processes whose CPU each target costs; nginx's master is read
 port=$((P_STATIC_KA + 1))
 for c in "${CANDS[@]}"; do
   port=$(free_port "$port")
-  # The backend listens on loopback, which denied_backend_networks refuses by
-  # default; binaries from before that key refuse it as unknown, so ask first.
-  open_env=()
-  if DYNAMICPROXY_PROXY_DENIED_BACKEND_NETWORKS='[]' "${c#*=}" proxy --check >/dev/null 2>&1; then
-    open_env=(DYNAMICPROXY_PROXY_DENIED_BACKEND_NETWORKS='[]')
-  fi
+  proxy_env "${c#*=}"
   # wrk's script sends a User-Agent, as browsers do: production defaults.
-  env "${open_env[@]}" DYNAMICPROXY_PROXY_MAX_CONNECTIONS_PER_CLIENT=0 "${c#*=}" proxy --http-listen "127.0.0.1:$port" \
+  env "${PROXY_ENV[@]}" "${c#*=}" proxy --http-listen "127.0.0.1:$port" \
     --list-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --redis-url "redis://127.0.0.1:$REDIS_PORT" \
     --default-backend "http://127.0.0.1:$BACKEND_PORT" > "$RUN/${c%%=*}.log" 2>&1 &
   PIDS+=($!)
@@ -90,10 +83,7 @@ for c in "${CANDS[@]}"; do
 done
 for t in "${TARGETS[@]}"; do
   read -r name p _ <<< "$t"
-  for _ in $(seq 100); do
-    [ "$(curl -s -m 1 -H 'Host: tool1.toolforge.org' "http://127.0.0.1:$p/")" = ok ] && break
-    sleep 0.2
-  done
+  wait_ok "$p" 20 || true
 done
 
 CLK_TCK=$(getconf CLK_TCK)

@@ -12,3 +12,37 @@ cpu_ticks() {
   done
   echo "$sum"
 }
+
+# start_redis DIR PORT: a throwaway redis-server on 127.0.0.1:PORT (no
+# periodic snapshots), its pid, log and files in DIR; returns once it
+# answers (at most 10 s: a restart may load a dump first).
+start_redis() {
+  redis-server --bind 127.0.0.1 --port "$2" --save '' --appendonly no --daemonize yes \
+    --pidfile "$1/redis.pid" --logfile "$1/redis.log" --dir "$1"
+  local _
+  for _ in $(seq 100); do redis-cli -p "$2" ping 2>/dev/null | grep -q PONG && return 0; sleep 0.1; done
+  echo "redis-server on port $2 did not answer; see $1/redis.log" >&2
+  return 1
+}
+
+# proxy_env BINARY: sets PROXY_ENV, the environment a proxy binary is measured
+# with: no per-client connection cap (every wrk connection comes from one
+# address), and loopback backends allowed. denied_backend_networks refuses
+# loopback by default, and binaries from before that key refuse it as
+# unknown, so the binary is asked first.
+proxy_env() {
+  PROXY_ENV=(DYNAMICPROXY_PROXY_MAX_CONNECTIONS_PER_CLIENT=0)
+  if DYNAMICPROXY_PROXY_DENIED_BACKEND_NETWORKS='[]' "$1" proxy --check >/dev/null 2>&1; then
+    PROXY_ENV+=(DYNAMICPROXY_PROXY_DENIED_BACKEND_NETWORKS='[]')
+  fi
+}
+
+# wait_ok PORT SECONDS: waits until the proxy on PORT answers tool1's `ok`.
+wait_ok() {
+  local _
+  for _ in $(seq $(($2 * 5))); do
+    [ "$(curl -s -m 1 -H 'Host: tool1.toolforge.org' "http://127.0.0.1:$1/")" = ok ] && return 0
+    sleep 0.2
+  done
+  return 1
+}

@@ -30,6 +30,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/peer/lib.sh
+. bench/lib.sh
 BINARY=target/release/dynamicproxy MINUTES=30 WARMUP= RATE=300 TOOLS=1000 CHURN=50 WS=5 RESTARTS=1 BUILD=1
 while (($#)); do
   case $1 in
@@ -77,13 +78,7 @@ WS_PORT=$(free_port $((BACKEND_PORT + 1)))
 HTTP_PORT=$(free_port $((WS_PORT + 1)))
 LIST_PORT=$(free_port $((HTTP_PORT + 1)))
 ADMIN_PORT=$(free_port $((LIST_PORT + 1)))
-start_redis() {
-  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no --daemonize yes \
-    --pidfile "$RUN/redis.pid" --logfile "$RUN/redis.log" --dir "$RUN"
-  for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG && return; sleep 0.1; done
-  echo "soak.sh: redis-server did not start" >&2; exit 1
-}
-start_redis
+start_redis "$RUN" "$REDIS_PORT" || exit 1
 bench/peer/seed.sh "$REDIS_PORT" "$TOOLS" "http://127.0.0.1:$BACKEND_PORT" > /dev/null
 redis-cli -p "$REDIS_PORT" hset prefix:ws '.*' "http://127.0.0.1:$WS_PORT" > /dev/null
 mk_nginx "$RUN/backend" "backend:$BACKEND_PORT"
@@ -314,7 +309,7 @@ while :; do
     echo "soak.sh: restarting Redis (SHUTDOWN SAVE, start from the dump)"
     redis-cli -p "$REDIS_PORT" shutdown save > /dev/null 2>&1 || true
     for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping > /dev/null 2>&1 || break; sleep 0.1; done
-    start_redis
+    start_redis "$RUN" "$REDIS_PORT" || exit 1
     echo "$NOW" >> "$RUN/restart_at"
     RESTARTED=$((RESTARTED + 1))
   fi

@@ -102,9 +102,7 @@ nginx_conf front auto "
     }
   }"
 
-redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no --daemonize yes \
-  --pidfile "$RUN/redis.pid" --logfile "$RUN/redis.log" --dir "$RUN"
-for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done
+start_redis "$RUN" "$REDIS_PORT"
 env DYNAMICPROXY_PROXY_DENIED_BACKEND_NETWORKS='[]' DYNAMICPROXY_PROXY_MAX_CONNECTIONS_PER_CLIENT=0 \
   "$BINARY" proxy --redis-url "redis://127.0.0.1:$REDIS_PORT" --http-listen 127.0.0.1:0 \
   --https-listen "127.0.0.1:$PROXY_PORT" --tls-cert "$RUN/cert.pem" --tls-key "$RUN/key.pem" \
