@@ -14,6 +14,8 @@ use std::time::Duration;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
+use crate::deadline::Deadline;
+
 #[derive(Clone, Copy)]
 struct State {
     in_flight: usize,
@@ -67,17 +69,8 @@ impl Activity {
     /// `timeout`, and the deadline is still exact (the end of the last
     /// request plus `timeout`).
     pub async fn idle_for(&self, timeout: Duration) {
-        let first = self.due(timeout);
-        let timer = tokio::time::sleep_until(first);
-        let mut timer = std::pin::pin!(timer);
-        loop {
-            timer.as_mut().await;
-            let due = self.due(timeout);
-            if due <= Instant::now() {
-                return;
-            }
-            timer.as_mut().reset(due);
-        }
+        let mut timer = Deadline::new(self.due(timeout));
+        std::future::poll_fn(|cx| timer.poll_until(cx, || self.due(timeout))).await
     }
 
     /// When the connection becomes idle for `timeout` if nothing changes; a

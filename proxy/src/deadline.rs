@@ -1,5 +1,7 @@
-//! A deadline timer for I/O wrappers that look at their deadline on every
-//! read that waits: several times per request on a busy connection.
+//! A deadline timer for deadlines that move later with traffic: the idle
+//! and send timeouts of the I/O wrappers, which look at theirs on every read
+//! that waits (several times per request), the park delay of a keep-alive
+//! connection, and a connection's keep-alive idle close.
 //!
 //! A tokio `Sleep` costs a timer-wheel removal and insertion per `reset`,
 //! and a waker registration per poll. Here the `Sleep` is re-armed only

@@ -130,11 +130,6 @@ fn strip(headers: &mut HeaderMap, which: u16) {
     }
 }
 
-/// Removes hop-by-hop headers, including those the `Connection` header names.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    strip(headers, HOP_BY_HOP);
-}
-
 /// Removes from a backend's response what never reaches the client: the
 /// hop-by-hop headers, and what a backend may not tell the client (SPEC §3
 /// "Response to client").
@@ -316,7 +311,7 @@ mod tests {
             ("x-three", "3"),
             ("keep-alive", "timeout=5"),
         ]);
-        remove_hop_by_hop(&mut headers);
+        strip(&mut headers, HOP_BY_HOP);
         let left: Vec<&str> = headers.keys().map(|name| name.as_str()).collect();
         assert_eq!(left, ["x-three"]);
     }
