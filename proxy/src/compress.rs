@@ -61,7 +61,11 @@ pub fn is_compressible_type(response: &HeaderMap) -> bool {
     let Some(content_type) = response.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return false;
     };
-    let essence = content_type.split(';').next().unwrap_or("").trim();
+    let essence = match memchr::memchr(b';', content_type.as_bytes()) {
+        Some(end) => &content_type[..end],
+        None => content_type,
+    }
+    .trim();
     GZIP_TYPES.iter().any(|t| essence.eq_ignore_ascii_case(t))
 }
 

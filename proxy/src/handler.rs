@@ -448,22 +448,26 @@ fn upstream_request(
     let upgrade = if req.version() == Version::HTTP_11 { upgrade::tunnelled_upgrade(req.headers()) } else { None };
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    // Usually the client's Host is normalised already: its bytes are shared.
+    let upstream_host = if raw_host_value.as_bytes() == host.as_bytes() {
+        raw_host_value.clone()
+    } else {
+        HeaderValue::from_str(host).map_err(|_| ProxyError::BadRequest("bad Host"))?
+    };
     let original_uri = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let fwd = Forwarded { client_ip: &conn.client_ip, host, port: &conn.port, proto: conn.proto(), original_uri };
+    let fwd = Forwarded {
+        client_ip: &conn.client_ip,
+        host: &upstream_host,
+        port: &conn.port,
+        proto: conn.proto(),
+        original_uri,
+    };
     headers::to_upstream(&mut parts.headers, &fwd, upgrade);
     parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
     ctx.trace.to_upstream(&mut parts.headers);
     if parts.version == Version::HTTP_2 {
         headers::join_cookies(&mut parts.headers);
     }
-    // The normalised host, as nginx's `proxy_set_header Host $host`: tools
-    // compare it with their own name, and HTTP/2 clients send :authority only.
-    let upstream_host = if raw_host_value.as_bytes() == host.as_bytes() {
-        raw_host_value.clone()
-    } else {
-        HeaderValue::from_str(host).map_err(|_| ProxyError::BadRequest("bad Host"))?
-    };
-    parts.headers.insert(header::HOST, upstream_host);
     parts.uri = origin_form(&parts.uri);
     parts.version = Version::HTTP_11;
     // A bodiless request can be sent again if its backend refuses (hold_secs).

@@ -141,8 +141,8 @@ pub fn from_upstream(headers: &mut HeaderMap) {
 pub struct Forwarded<'a> {
     /// The client's address, as a header value made once per connection.
     pub client_ip: &'a HeaderValue,
-    /// The normalised Host.
-    pub host: &'a str,
+    /// The normalised Host, as the backend's `Host` and `X-Forwarded-Host`.
+    pub host: &'a HeaderValue,
     /// `X-Forwarded-Port` value: the port the client connected to.
     pub port: &'a HeaderValue,
     /// `http` or `https`.
@@ -155,7 +155,9 @@ pub struct Forwarded<'a> {
 /// `Proxy` dropped, `Expect` handled here, `X-Forwarded-*` and
 /// `X-Original-URI` set (client copies replaced, `X-Forwarded-For`
 /// appended), `Forwarded` and `X-Real-IP` dropped, the upgrade kept when
-/// `upgrade` is given. Host is kept.
+/// `upgrade` is given. `Host` is the normalised host, as nginx's
+/// `proxy_set_header Host $host`: tools compare it with their own name, and
+/// HTTP/2 clients send `:authority` only.
 pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, upgrade: Option<HeaderValue>) {
     strip(headers, FROM_CLIENT);
     if let Some(upgrade) = upgrade {
@@ -164,23 +166,33 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, upgrade: Option
     }
 
     // Usually the client sent none: the connection's own value is shared.
-    if headers.contains_key(&X_FORWARDED_FOR) {
-        let mut xff = BytesMut::with_capacity(48);
-        for previous in headers.get_all(&X_FORWARDED_FOR).iter().filter(|v| !v.is_empty()) {
-            xff.put_slice(previous.as_bytes());
-            xff.put_slice(b", ");
+    match headers.entry(&X_FORWARDED_FOR) {
+        header::Entry::Vacant(vacant) => {
+            vacant.insert(fwd.client_ip.clone());
         }
-        xff.put_slice(fwd.client_ip.as_bytes());
-        set(headers, &X_FORWARDED_FOR, HeaderValue::from_maybe_shared(xff.freeze()).ok());
-    } else {
-        headers.insert(X_FORWARDED_FOR.clone(), fwd.client_ip.clone());
+        header::Entry::Occupied(mut previous) => {
+            let mut xff = BytesMut::with_capacity(48);
+            for previous in previous.iter().filter(|v| !v.is_empty()) {
+                xff.put_slice(previous.as_bytes());
+                xff.put_slice(b", ");
+            }
+            xff.put_slice(fwd.client_ip.as_bytes());
+            match HeaderValue::from_maybe_shared(xff.freeze()) {
+                Ok(joined) => {
+                    previous.insert(joined);
+                }
+                Err(_) => {
+                    previous.remove_entry_mult();
+                }
+            }
+        }
     }
-    // Usually the client's Host is already normalised: share its bytes instead of copying.
-    let forwarded_host = match headers.get(header::HOST) {
-        Some(raw) if raw.as_bytes() == fwd.host.as_bytes() => Some(raw.clone()),
-        _ => HeaderValue::from_str(fwd.host).ok(),
-    };
-    set(headers, &X_FORWARDED_HOST, forwarded_host);
+    headers.insert(X_FORWARDED_HOST.clone(), fwd.host.clone());
+    // Usually the client's one `Host` is that already, and is left in place.
+    let mut hosts = headers.get_all(header::HOST).iter();
+    if !(hosts.next() == Some(fwd.host) && hosts.next().is_none()) {
+        headers.insert(header::HOST, fwd.host.clone());
+    }
     headers.insert(X_FORWARDED_PORT.clone(), fwd.port.clone());
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(fwd.proto));
     set(headers, &X_ORIGINAL_URI, HeaderValue::from_str(fwd.original_uri).ok());
@@ -282,13 +294,13 @@ mod tests {
         let client = client_ip_value("192.0.2.7".parse().unwrap());
         let fwd = Forwarded {
             client_ip: &client,
-            host: "foo.toolforge.org",
+            host: &HeaderValue::from_static("foo.toolforge.org"),
             port: &port,
             proto: "http",
             original_uri: "/a?b=c",
         };
         to_upstream(&mut headers, &fwd, None);
-        assert_eq!(headers["host"], "Foo.toolforge.org");
+        assert_eq!(headers["host"], "foo.toolforge.org");
         assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 192.0.2.7");
         assert_eq!(headers["x-forwarded-host"], "foo.toolforge.org");
         assert_eq!(headers["x-forwarded-proto"], "http");
@@ -299,6 +311,20 @@ mod tests {
             assert!(!headers.contains_key(gone), "{gone}");
         }
         assert_eq!(headers.get_all("x-forwarded-host").iter().count(), 1);
+    }
+
+    #[test]
+    fn the_backend_gets_one_host_the_normalised_one() {
+        let port = HeaderValue::from_static("443");
+        let client = client_ip_value("192.0.2.7".parse().unwrap());
+        let host = HeaderValue::from_static("foo.toolforge.org");
+        let fwd = Forwarded { client_ip: &client, host: &host, port: &port, proto: "https", original_uri: "/" };
+        for sent in [&[][..], &["foo.toolforge.org"], &["FOO.toolforge.org"], &["foo.toolforge.org", "evil.example"]] {
+            let mut headers = map(&sent.iter().map(|h| ("host", *h)).collect::<Vec<_>>());
+            to_upstream(&mut headers, &fwd, None);
+            let hosts: Vec<_> = headers.get_all("host").iter().collect();
+            assert_eq!(hosts, ["foo.toolforge.org"], "{sent:?}");
+        }
     }
 
     #[test]
@@ -350,7 +376,8 @@ mod tests {
     fn a_client_s_forwarded_for_is_extended_and_otherwise_the_connection_s_is_shared() {
         let port = HeaderValue::from_static("80");
         let client = client_ip_value("192.0.2.7".parse().unwrap());
-        let fwd = Forwarded { client_ip: &client, host: "h", port: &port, proto: "http", original_uri: "/" };
+        let host = HeaderValue::from_static("h");
+        let fwd = Forwarded { client_ip: &client, host: &host, port: &port, proto: "http", original_uri: "/" };
         let mut headers = map(&[]);
         to_upstream(&mut headers, &fwd, None);
         assert_eq!(headers["x-forwarded-for"], "192.0.2.7");
@@ -380,7 +407,8 @@ mod tests {
         let mut headers = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
         let port = HeaderValue::from_static("80");
         let client = client_ip_value("::1".parse().unwrap());
-        let fwd = Forwarded { client_ip: &client, host: "h", port: &port, proto: "http", original_uri: "/" };
+        let host = HeaderValue::from_static("h");
+        let fwd = Forwarded { client_ip: &client, host: &host, port: &port, proto: "http", original_uri: "/" };
         to_upstream(&mut headers, &fwd, Some(HeaderValue::from_static("websocket")));
         assert_eq!(headers["connection"], "upgrade");
         assert_eq!(headers["upgrade"], "websocket");

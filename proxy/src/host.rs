@@ -36,8 +36,8 @@ pub fn normalize_host(raw: &str) -> Result<Cow<'_, str>, BadHost> {
             rest => (&raw[..=end], Some(rest.strip_prefix(':').ok_or(BadHost::Port)?)),
         }
     } else {
-        match raw.split_once(':') {
-            Some((host, port)) => (host, Some(port)),
+        match memchr::memchr(b':', raw.as_bytes()) {
+            Some(colon) => (&raw[..colon], Some(&raw[colon + 1..])),
             None => (raw, None),
         }
     };
