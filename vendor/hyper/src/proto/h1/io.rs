@@ -241,7 +241,15 @@ where
                 .max()
                 .saturating_sub(self.read_buf.len()),
         );
-        if self.read_buf_remaining_mut() < next {
+        // dynamicproxy: while messages are small (the strategy at its first
+        // size), the rest of the buffer is read into as long as a quarter of
+        // that size is left. Upstream reserved the full size before every
+        // read; the parsed head still holds the buffer's front (its header
+        // values are slices of it) until the exchange ends, so that reserve
+        // allocated a new 8 KiB buffer for every message, on the client's
+        // side and the backend's, often for a read that then found nothing.
+        let remaining = self.read_buf_remaining_mut();
+        if remaining < next && (next > INIT_BUFFER_SIZE || remaining < next / 4) {
             self.read_buf.reserve(next);
         }
 
