@@ -44,14 +44,7 @@ bench/peer/setup.sh >/dev/null
 
 RUN=$(mktemp -d /tmp/proxy-ab.XXXXXX)
 PIDS=()
-cleanup() {
-  set +e
-  local p; for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-  for f in "$RUN/backend/nginx.pid" "$RUN/peer/nginx.pid"; do [ -s "$f" ] && kill -QUIT "$(cat "$f")"; done
-  [ -s "$RUN/redis.pid" ] && kill "$(cat "$RUN/redis.pid")"
-  echo "ab.sh: stopped; raw output in $RUN"
-}
-trap cleanup EXIT
+trap 'stop_started ab.sh "raw output"' EXIT
 trap 'exit 130' INT TERM
 
 REDIS_HOST=127.0.0.1

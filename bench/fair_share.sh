@@ -61,14 +61,7 @@ ulimit -n "$(ulimit -Hn)" # 2,000 flood clients, their backend connections and t
 
 RUN=$(mktemp -d /tmp/proxy-fair.XXXXXX)
 PIDS=()
-cleanup() {
-  set +e
-  local p; for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-  [ -s "$RUN/backend/nginx.pid" ] && kill -QUIT "$(cat "$RUN/backend/nginx.pid")"
-  [ -s "$RUN/redis.pid" ] && kill "$(cat "$RUN/redis.pid")"
-  echo "fair_share.sh: stopped; raw output in $RUN"
-}
-trap cleanup EXIT
+trap 'stop_started fair_share.sh "raw output"' EXIT
 trap 'exit 130' INT TERM
 
 REDIS_HOST=127.0.0.1

@@ -41,14 +41,7 @@ bench/peer/setup.sh >/dev/null
 
 RUN=$(mktemp -d /tmp/proxy-instructions.XXXXXX)
 PIDS=()
-cleanup() {
-  set +e
-  local p; for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-  [ -s "$RUN/backend/nginx.pid" ] && kill -QUIT "$(cat "$RUN/backend/nginx.pid")"
-  [ -s "$RUN/redis.pid" ] && kill "$(cat "$RUN/redis.pid")"
-  echo "instructions.sh: stopped; callgrind files in $RUN"
-}
-trap cleanup EXIT
+trap 'stop_started instructions.sh "callgrind files"' EXIT
 trap 'exit 130' INT TERM
 
 REDIS_HOST=127.0.0.1

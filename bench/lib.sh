@@ -46,3 +46,17 @@ wait_ok() {
   done
   return 1
 }
+
+# stop_started NAME WHAT [wait]: the EXIT trap of a bench script that keeps its
+# processes in PIDS and its files in RUN: kills PIDS (and with `wait`, waits for
+# them, so none still writes to RUN), stops the nginx instances in RUN/backend
+# and RUN/peer and the Redis in RUN, and says where RUN is.
+stop_started() {
+  set +e
+  local p f
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  if [ "${3:-}" = wait ]; then for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done; fi
+  for f in "$RUN/backend/nginx.pid" "$RUN/peer/nginx.pid"; do [ -s "$f" ] && kill -QUIT "$(cat "$f")"; done
+  [ -s "$RUN/redis.pid" ] && kill "$(cat "$RUN/redis.pid")"
+  echo "$1: stopped; $2 in $RUN"
+}

@@ -60,15 +60,7 @@ ulimit -n "$(ulimit -Hn)"
 
 RUN=$(mktemp -d /tmp/proxy-soak.XXXXXX)
 PIDS=()
-cleanup() {
-  set +e
-  local p; for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done
-  [ -s "$RUN/backend/nginx.pid" ] && kill -QUIT "$(cat "$RUN/backend/nginx.pid")"
-  [ -s "$RUN/redis.pid" ] && kill "$(cat "$RUN/redis.pid")"
-  echo "soak.sh: stopped; samples and logs in $RUN"
-}
-trap cleanup EXIT
+trap 'stop_started soak.sh "samples and logs" wait' EXIT
 trap 'exit 130' INT TERM
 
 REDIS_HOST=127.0.0.1
