@@ -248,8 +248,11 @@ where
         // values are slices of it) until the exchange ends, so that reserve
         // allocated a new 8 KiB buffer for every message, on the client's
         // side and the backend's, often for a read that then found nothing.
+        // Rounded up: with `next` cut to the last bytes under the maximum, an
+        // empty buffer must still be reserved, or the read would find no room
+        // and be taken for the end of the stream.
         let remaining = self.read_buf_remaining_mut();
-        if remaining < next && (next > INIT_BUFFER_SIZE || remaining < next / 4) {
+        if remaining < next && (next > INIT_BUFFER_SIZE || remaining < next.div_ceil(4)) {
             self.read_buf.reserve(next);
         }
 
