@@ -77,7 +77,7 @@ impl Activity {
     /// request in flight pushes that a whole `timeout` past now.
     fn due(&self, timeout: Duration) -> Instant {
         let state = *self.state();
-        if state.in_flight > 0 { Instant::now() + timeout } else { state.idle_since + timeout }
+        if state.in_flight > 0 { crate::clock::tokio_now() + timeout } else { state.idle_since + timeout }
     }
 }
 
@@ -90,7 +90,7 @@ impl Drop for InFlight {
         let mut state = self.0.state();
         state.in_flight -= 1;
         if state.in_flight == 0 {
-            state.idle_since = Instant::now();
+            state.idle_since = crate::clock::tokio_now();
         }
     }
 }

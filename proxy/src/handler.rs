@@ -20,6 +20,7 @@ use tracing::{debug, warn};
 use crate::access_log::{AccessLog, Entry};
 use crate::backend_limit::BackendLimits;
 use crate::body::{LimitedBody, ProxyBody};
+use crate::clock;
 use crate::compress::{self, GzipBody};
 use crate::error::ProxyError;
 use crate::fair_share::{FairShare, Slot as ShareSlot};
@@ -128,7 +129,7 @@ struct RequestContext {
 /// Handles one request; never fails (errors become pages).
 pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<ProxyBody> {
     let mut ctx = RequestContext {
-        start: Instant::now(),
+        start: clock::now(),
         upstream: None,
         upstream_time: None,
         host: None,
@@ -180,7 +181,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Reques
             bytes: http_body::Body::size_hint(response.body()).exact(),
             upstream: ctx.upstream.as_ref().map(|u| u as &dyn std::fmt::Display),
             upstream_time: ctx.upstream_time,
-            total_time: ctx.start.elapsed(),
+            total_time: clock::now().saturating_duration_since(ctx.start),
             tool,
             request_id: ctx.request_id.to_str().unwrap_or("-"),
             trace_id: Some(trace_id.as_str()),
@@ -339,7 +340,7 @@ async fn forward(
     // stays in its future's state across the exchange below.
     let Upstream { request, replay, client_upgrade } = upstream_request(shared, conn, req, host, raw_host_value, ctx)?;
 
-    let sent = Instant::now();
+    let sent = clock::now();
     let mut result = conn.pool.request(backend, request).await;
     if let Some(replay) = replay
         && result.as_ref().is_err_and(hold::refused)
@@ -356,7 +357,7 @@ async fn forward(
         }
     }
     ctx.outcome = outlier::outcome(&result);
-    let elapsed = sent.elapsed();
+    let elapsed = clock::now().saturating_duration_since(sent);
     ctx.upstream_time = Some(elapsed);
     let mut response = result.map_err(classify)?;
     shared.metrics.upstream(elapsed.as_secs_f64());

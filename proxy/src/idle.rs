@@ -63,7 +63,7 @@ impl<T> IdleIo<T> {
     /// Wraps `inner`; it fails with `TimedOut` after `timeout` without
     /// progress either way.
     pub fn new(inner: T, timeout: Duration) -> Self {
-        let now = Instant::now();
+        let now = crate::clock::tokio_now();
         IdleIo {
             inner,
             timeout,
@@ -97,7 +97,7 @@ impl<T> IdleIo<T> {
                 // Stamped now, not when the connection next waits: that may
                 // be long after, when the timer wakes it.
                 if moved {
-                    self.last_activity = Instant::now();
+                    self.last_activity = crate::clock::tokio_now();
                 }
                 Poll::Ready(result)
             }
@@ -116,7 +116,7 @@ impl<T> IdleIo<T> {
             Poll::Ready(_) => self.write_blocked_since = None,
             Poll::Pending => {
                 if self.write_blocked_since.is_none() {
-                    let now = Instant::now();
+                    let now = crate::clock::tokio_now();
                     self.write_blocked_since = Some(now);
                     // The timer may be set for the far longer idle deadline.
                     self.timer.bring_forward(now + self.send_timeout);

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use dynamicproxy_redis::BackendUrl;
 
+use crate::clock;
+
 /// Last request per backend; cloning gives another handle on the same map.
 #[derive(Clone, Debug)]
 pub struct LastUse {
@@ -41,7 +43,7 @@ impl LastUse {
     /// Records a request to `backend` now.
     #[inline]
     pub fn touch(&self, backend: &BackendUrl) {
-        let now = self.inner.epoch.elapsed().as_secs();
+        let now = clock::now().saturating_duration_since(self.inner.epoch).as_secs();
         if let Some(seen) = self.inner.backends.get(backend) {
             if seen.load(Ordering::Relaxed) != now {
                 seen.store(now, Ordering::Relaxed);

@@ -34,6 +34,7 @@
 //! - [`sniff`]: HTTP/1 request-smuggling guard.
 //! - [`snapshot`]: the last-known-good route table on disk, written atomically and read at start.
 //! - [`idle`]: idle and send timeouts for connections.
+//! - [`clock`]: the time, read once per poll of a connection's task.
 //! - [`deadline`]: a timer re-armed only when it fires early, for deadlines checked on every wait.
 //! - [`tls`]: certificates by SNI, hot reload.
 //! - [`cert_expiry`]: a certificate's expiry, for the metrics.
@@ -80,6 +81,7 @@ pub mod body;
 pub mod buffers;
 pub mod cert_expiry;
 pub mod client_limit;
+pub mod clock;
 pub mod compress;
 pub mod config;
 pub mod dead;

@@ -166,10 +166,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ParkIo<S> {
             if let Some(since) = this.waiting_since.take()
                 && this.responded
             {
-                this.hot = since.elapsed() < HOT_GAP;
+                this.hot = crate::clock::tokio_now().saturating_duration_since(since) < HOT_GAP;
             }
         } else if result.is_pending() && this.idle_at_boundary() {
-            let since = *this.waiting_since.get_or_insert_with(Instant::now);
+            let since = *this.waiting_since.get_or_insert_with(crate::clock::tokio_now);
             if this.flushed {
                 if this.hot && this.wait_before_parking(since, cx).is_pending() {
                     return Poll::Pending;

@@ -99,7 +99,7 @@ impl Protection {
             return Verdict::Blocked;
         }
         if let Some(limiter) = &self.limiter
-            && !limiter.allow(client, Instant::now())
+            && !limiter.allow(client, crate::clock::now())
         {
             return Verdict::RateLimited;
         }

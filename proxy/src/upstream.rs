@@ -23,6 +23,7 @@ use tracing::debug;
 
 use crate::backend_tls::{BackendTls, untrusted_cause};
 use crate::body::{LimitedBody, TooLarge};
+use crate::clock::PollClock;
 use crate::egress::{Egress, denied_cause};
 use crate::error::{BoxError, ProxyError};
 use crate::idle::IdleIo;
@@ -132,11 +133,11 @@ impl UpstreamClient {
     async fn open(&self, backend: &BackendUrl) -> Result<Sender, UpstreamError> {
         let io = self.connector.connect(backend).await.map_err(UpstreamError::Connect)?;
         let (sender, connection) = self.http1.handshake(io).await.map_err(UpstreamError::Exchange)?;
-        tokio::spawn(async move {
+        tokio::spawn(PollClock::new(async move {
             if let Err(error) = connection.with_upgrades().await {
                 debug!(%error, "backend connection ended with an error");
             }
-        });
+        }));
         Ok(sender)
     }
 }

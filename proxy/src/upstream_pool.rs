@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 
 use crate::body::LimitedBody;
+use crate::clock;
 
 /// A connection's request side, as the pool keeps it.
 pub type Sender = SendRequest<LimitedBody>;
@@ -48,7 +49,7 @@ impl IdlePool {
     pub fn take(&self, backend: &BackendUrl) -> Option<Sender> {
         let mut lists = self.lists();
         let list = lists.get_mut(backend)?;
-        let now = Instant::now();
+        let now = clock::now();
         while let Some(idle) = list.pop() {
             if idle.sender.is_ready() && now.duration_since(idle.since) < self.idle_timeout {
                 return Some(idle.sender);
@@ -85,7 +86,7 @@ impl IdlePool {
         let mut lists = self.lists();
         let list = lists.entry(backend).or_default();
         if list.len() < self.max_per_backend {
-            list.push(IdleConnection { sender, since: Instant::now() });
+            list.push(IdleConnection { sender, since: clock::now() });
         }
     }
 

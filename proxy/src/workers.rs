@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, warn};
 
+use crate::clock::PollClock;
 use crate::handler::Shared;
 use crate::metrics::Metrics;
 use crate::server::{ServeSettings, Slot, serve_tcp};
@@ -98,9 +99,10 @@ impl Workers {
         match TcpStream::from_std(job.stream) {
             Ok(stream) => {
                 let (shared, settings, pool) = (self.shared.clone(), self.settings.clone(), self.fallback.clone());
-                self.settings
-                    .tracker
-                    .spawn(serve(stream, job.client, job.tls, job.slot, shared, settings, pool).instrument(job.span));
+                self.settings.tracker.spawn(
+                    PollClock::new(serve(stream, job.client, job.tls, job.slot, shared, settings, pool))
+                        .instrument(job.span),
+                );
             }
             Err(error) => debug!(%error, "cannot register the connection"),
         }
@@ -136,7 +138,7 @@ fn event_loop(
                 }
             };
             let task = serve(stream, job.client, job.tls, job.slot, shared.clone(), settings.clone(), pool.clone());
-            settings.tracker.spawn(task.instrument(job.span));
+            settings.tracker.spawn(PollClock::new(task).instrument(job.span));
         }
         stop.cancelled().await;
     });

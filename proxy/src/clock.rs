@@ -1,0 +1,132 @@
+//! The time, read once per poll of a connection's task.
+//!
+//! A proxied request read the clock about eighteen times: activity stamps on
+//! each read and write, its start, its backend's answer, the idle pool, the
+//! outlier and keep-alive bookkeeping. Each read is a vDSO call, slow under
+//! a hypervisor. The reads made within one poll of a task are microseconds
+//! apart, far below any timeout or any time the logs and metrics show, so the
+//! time read when the poll began serves them all, as nginx reads its clock
+//! once per turn of its event loop.
+//!
+//! [`PollClock`] wraps a task's future and reads the time at the start of
+//! each poll; [`now`] returns that time within the poll, and reads the clock
+//! itself anywhere else. Time never goes backwards on a thread: each poll
+//! reads afresh, and a poll nested in another (rare) reads afresh too and
+//! gives the outer one its own time back when it ends.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+thread_local! {
+    /// The time the current [`PollClock`] poll on this thread began, if any.
+    static POLL_START: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// The time: when the current task poll began, inside a [`PollClock`];
+/// the clock itself outside one.
+pub fn now() -> Instant {
+    POLL_START.with(Cell::get).unwrap_or_else(Instant::now)
+}
+
+/// [`now`] as a tokio timer instant.
+pub fn tokio_now() -> tokio::time::Instant {
+    tokio::time::Instant::from_std(now())
+}
+
+pin_project_lite::pin_project! {
+    /// A future whose polls each read the time once, for [`now`].
+    pub struct PollClock<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F> PollClock<F> {
+    /// Wraps a task's future.
+    pub fn new(inner: F) -> Self {
+        PollClock { inner }
+    }
+}
+
+impl<F: Future> Future for PollClock<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        // Put back on drop: a poll that panics (the runtime catches it) must
+        // not leave the thread reading a time that no longer moves.
+        struct Restore(Option<Instant>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                POLL_START.with(|start| start.set(self.0));
+            }
+        }
+        let _restore = Restore(POLL_START.with(|start| start.replace(Some(Instant::now()))));
+        self.project().inner.poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn outside_a_poll_the_clock_moves() {
+        let first = now();
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(now() >= first + Duration::from_millis(2));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn within_a_poll_the_time_holds_and_the_next_poll_reads_again() {
+        let mut seen = Vec::new();
+        let mut polls = 0;
+        PollClock::new(poll_fn(|cx| {
+            let first = now();
+            std::thread::sleep(Duration::from_millis(2));
+            assert_eq!(now(), first, "one time per poll");
+            seen.push(first);
+            polls += 1;
+            if polls < 2 {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        }))
+        .await;
+        assert!(seen[1] >= seen[0] + Duration::from_millis(2), "{seen:?}");
+        // After the poll the clock is read again.
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(now() >= seen[1] + Duration::from_millis(2));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_nested_poll_reads_afresh_and_gives_the_outer_time_back() {
+        PollClock::new(async {
+            let outer = now();
+            std::thread::sleep(Duration::from_millis(2));
+            let inner = PollClock::new(async { now() }).await;
+            assert!(inner >= outer + Duration::from_millis(2));
+            assert_eq!(now(), outer);
+        })
+        .await;
+    }
+
+    #[test]
+    fn a_poll_that_panics_leaves_the_clock_moving() {
+        let panicked = std::panic::catch_unwind(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            runtime.block_on(PollClock::new(async { panic!("in the poll") }))
+        });
+        assert!(panicked.is_err());
+        let first = now();
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(now() >= first + Duration::from_millis(2), "the poll's time was left behind");
+    }
+}
