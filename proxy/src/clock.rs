@@ -10,9 +10,10 @@
 //!
 //! [`PollClock`] wraps a task's future and reads the time at the start of
 //! each poll; [`now`] returns that time within the poll, and reads the clock
-//! itself anywhere else. Time never goes backwards on a thread: each poll
-//! reads afresh, and a poll nested in another (rare) reads afresh too and
-//! gives the outer one its own time back when it ends.
+//! itself anywhere else. [`PollClockExecutor`] wraps the tasks hyper spawns
+//! for HTTP/2 streams. Time never goes backwards on a thread: each poll reads
+//! afresh, and a poll nested in another (rare) reads afresh too and gives the
+//! outer one its own time back when it ends.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -65,6 +66,21 @@ impl<F: Future> Future for PollClock<F> {
         }
         let _restore = Restore(POLL_START.with(|start| start.replace(Some(Instant::now()))));
         self.project().inner.poll(cx)
+    }
+}
+
+/// hyper's executor for HTTP/2 streams: each stream's task reads the time
+/// once per poll, as a connection's does.
+#[derive(Debug, Clone, Copy)]
+pub struct PollClockExecutor;
+
+impl<F> hyper::rt::Executor<F> for PollClockExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        tokio::spawn(PollClock::new(future));
     }
 }
 

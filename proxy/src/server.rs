@@ -27,7 +27,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -39,6 +39,7 @@ use tracing::{debug, info_span, warn};
 use crate::activity::{Activity, TrackedBody};
 use crate::backend_limit::connection_slots;
 use crate::buffers;
+use crate::clock::PollClockExecutor;
 use crate::client_limit::{ClientGuard, ClientLimit};
 use crate::drain;
 use crate::handler::{ConnInfo, Shared, handle};
@@ -415,12 +416,14 @@ where
         let in_flight = streams.begin();
         let shared = shared.clone();
         let conn = conn.clone();
-        async move {
+        // Boxed: hyper moves each stream's future into a task of its own,
+        // several times on the way, and a request's future is kilobytes.
+        Box::pin(async move {
             let response = handle(shared, conn, req).await;
             Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
-        }
+        })
     });
-    let mut builder = http2::Builder::new(TokioExecutor::new());
+    let mut builder = http2::Builder::new(PollClockExecutor);
     builder
         .timer(TokioTimer::new())
         .max_concurrent_streams(buffers::H2_MAX_CONCURRENT_STREAMS)
