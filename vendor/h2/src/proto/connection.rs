@@ -337,6 +337,7 @@ where
                             // busy one keeps them, rather than take them again per frame.
                             if !self.inner.streams.has_streams() {
                                 self.codec.release_idle_buffers();
+                                self.inner.streams.release_idle_slots();
                             }
 
                             return Poll::Pending;

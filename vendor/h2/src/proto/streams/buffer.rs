@@ -33,6 +33,14 @@ impl<T> Buffer<T> {
     pub fn is_empty(&self) -> bool {
         self.slab.is_empty()
     }
+
+    /// dynamicproxy: lets go of the frame slots when none is in use (they
+    /// never shrink otherwise); no key into an empty slab is alive.
+    pub fn release_if_empty(&mut self) {
+        if self.slab.is_empty() {
+            self.slab = Slab::new();
+        }
+    }
 }
 
 impl Deque {
@@ -82,11 +90,6 @@ impl Deque {
         match self.indices {
             Some(mut idxs) => {
                 let mut slot = buf.slab.remove(idxs.head);
-                // dynamicproxy: an idle connection keeps no frame slots; no key
-                // into an empty slab is alive.
-                if buf.slab.is_empty() {
-                    buf.slab = Slab::new();
-                }
 
                 if idxs.head == idxs.tail {
                     assert!(slot.next.is_none());

@@ -86,6 +86,15 @@ impl Store {
         }
     }
 
+    /// dynamicproxy: lets go of the stream slots when no stream is left
+    /// (they never shrink otherwise); no key into an empty slab is alive.
+    pub fn release_if_empty(&mut self) {
+        if self.slab.is_empty() && self.ids.is_empty() {
+            self.slab = slab::Slab::new();
+            self.ids = IndexMap::new();
+        }
+    }
+
     pub fn find_mut(&mut self, id: &StreamId) -> Option<Ptr<'_>> {
         let index = {
             let key = self.ids.get(id)?;
@@ -406,12 +415,6 @@ impl<'a> Ptr<'a> {
         // Remove the stream state
         let stream = self.store.slab.remove(self.key.index.0 as usize);
         assert_eq!(stream.id, self.key.stream_id);
-        // dynamicproxy: a connection with no stream left keeps no stream slots
-        // (they never shrink otherwise); no key into an empty slab is alive.
-        if self.store.slab.is_empty() && self.store.ids.is_empty() {
-            self.store.slab = slab::Slab::new();
-            self.store.ids = IndexMap::new();
-        }
         stream.id
     }
 

@@ -1144,6 +1144,21 @@ where
         me.counts.has_streams()
     }
 
+    /// dynamicproxy: called when the connection goes idle (all read and
+    /// flushed, no stream open). Lets go of the stream and frame slots, which
+    /// never shrink otherwise. Done here rather than as each last slot is
+    /// freed: a busy connection empties its frame queue after nearly every
+    /// response, and took the slots again for the next one.
+    pub fn release_idle_slots(&self) {
+        {
+            let mut me = self.inner.lock().unwrap();
+            let me = &mut *me;
+            me.store.release_if_empty();
+            me.actions.recv.release_idle_buffer();
+        }
+        self.send_buffer.inner.lock().unwrap().release_if_empty();
+    }
+
     pub fn has_streams_or_other_references(&self) -> bool {
         let me = self.inner.lock().unwrap();
         me.counts.has_streams() || me.refs > 1
