@@ -214,10 +214,13 @@ impl DeframerVecBuffer {
                 // all its peer sent (an idle keep-alive or HTTP/2
                 // connection, or a client waiting for a slow response) ends
                 // on such a read, and held 4 KiB here for its whole life.
-                // `prepare_read` takes it again before the next read; a
-                // busy connection takes it once per wake-up, not per record.
+                // The buffer goes to this thread's spares, where
+                // `prepare_read` takes one before the next read: a busy
+                // connection ends each wake-up on such a read, and taking
+                // a new buffer from the allocator, zeroed, every time cost
+                // more than the rest of its TLS work.
                 if self.used == 0 {
-                    self.buf = Vec::new();
+                    spare_buffers::give(mem::take(&mut self.buf));
                 }
                 return Err(error);
             }
@@ -232,8 +235,6 @@ impl DeframerVecBuffer {
         /// restrict that to 64KB to limit potential for denial-of-
         /// service.
         const MAX_HANDSHAKE_SIZE: u32 = 0xffff;
-
-        const READ_SIZE: usize = 4096;
 
         // We allow a maximum of 64k of buffered data for handshake messages only. Enforce this
         // by varying the maximum allowed buffer size here based on whether a prefix of a
@@ -257,6 +258,13 @@ impl DeframerVecBuffer {
         // Also, reduce the buffer size if there are neither full nor partial messages in it,
         // which usually means that the other side suspended sending data.
         let need_capacity = Ord::min(allow_max, self.used + READ_SIZE);
+        // dynamicproxy: an empty buffer (let go of by `read`) is replaced by
+        // a spare one of this thread's, when there is one.
+        if self.buf.is_empty() && need_capacity == READ_SIZE {
+            if let Some(spare) = spare_buffers::take() {
+                self.buf = spare;
+            }
+        }
         if need_capacity > self.buf.len() {
             self.buf.resize(need_capacity, 0);
         } else if self.used == 0 || self.buf.len() > allow_max {
@@ -280,6 +288,55 @@ impl DeframerVecBuffer {
         self.buf[start..end].copy_from_slice(bytes);
         self.used += len;
         Range { start, end }
+    }
+}
+
+/// The size of each read into a [`DeframerVecBuffer`]; dynamicproxy: moved
+/// out of `prepare_read` for the spare buffers, which are of this size.
+#[cfg(feature = "std")]
+const READ_SIZE: usize = 4096;
+
+/// dynamicproxy: read buffers that connections let go of, kept per thread
+/// for the next connection that reads. They are not zeroed again: like
+/// memory back from the allocator, a spare may hold bytes of the connection
+/// that gave it, and nothing reads a buffer beyond `used` (reads write
+/// there, then `used` moves over what they wrote).
+#[cfg(feature = "std")]
+mod spare_buffers {
+    use alloc::vec::Vec;
+    use core::cell::RefCell;
+
+    /// At most this many spares per thread (32 KiB at 4 KiB each): enough
+    /// for the connections one event loop wakes in a turn. Past that,
+    /// buffers go back to the allocator, so idle connections cost nothing.
+    const MAX_SPARES: usize = 8;
+
+    std::thread_local! {
+        static SPARES: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Keeps `buf` for a later [`take`] if it is a plain read buffer (one
+    /// grown for a large record goes back to the allocator).
+    pub(super) fn give(buf: Vec<u8>) {
+        if buf.len() != super::READ_SIZE {
+            return;
+        }
+        let _ = SPARES.try_with(|spares| {
+            if let Ok(mut spares) = spares.try_borrow_mut() {
+                if spares.len() < MAX_SPARES {
+                    spares.push(buf);
+                }
+            }
+        });
+    }
+
+    /// A spare buffer (`READ_SIZE` bytes), if this thread has one: the one
+    /// given back last, likely still in the cache.
+    pub(super) fn take() -> Option<Vec<u8>> {
+        SPARES
+            .try_with(|spares| spares.try_borrow_mut().ok()?.pop())
+            .ok()
+            .flatten()
     }
 }
 
