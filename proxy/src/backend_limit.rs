@@ -111,7 +111,9 @@ impl BackendLimits {
             _connection: connection,
             entry: Some((self.clone(), backend.clone(), semaphore.clone())),
         };
-        match tokio::time::timeout(self.settings.queue_timeout, semaphore.acquire_owned()).await {
+        // From the poll's time (`clock`): `timeout` would read the clock.
+        let deadline = crate::clock::tokio_now() + self.settings.queue_timeout;
+        match tokio::time::timeout_at(deadline, semaphore.acquire_owned()).await {
             Ok(Ok(slot)) => {
                 permit.backend = Some(slot);
                 Ok(permit)
