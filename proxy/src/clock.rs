@@ -2,7 +2,7 @@
 //!
 //! A proxied request read the clock about eighteen times: activity stamps on
 //! each read and write, its start, its backend's answer, the idle pool, the
-//! outlier and keep-alive bookkeeping. Each read is a vDSO call, slow under
+//! rate limiter, the keep-alive bookkeeping. Each read is a vDSO call, slow under
 //! a hypervisor. The reads made within one poll of a task are microseconds
 //! apart, far below any timeout or any time the logs and metrics show, so the
 //! time read when the poll began serves them all, as nginx reads its clock

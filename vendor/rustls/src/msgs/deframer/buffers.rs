@@ -216,9 +216,9 @@ impl DeframerVecBuffer {
                 // on such a read, and held 4 KiB here for its whole life.
                 // The buffer goes to this thread's spares, where
                 // `prepare_read` takes one before the next read: a busy
-                // connection ends each wake-up on such a read, and taking
-                // a new buffer from the allocator, zeroed, every time cost
-                // more than the rest of its TLS work.
+                // connection ends each wake-up on such a read, and took a
+                // new 4 KiB buffer from the allocator, and zeroed it, for
+                // every wake-up.
                 if self.used == 0 {
                     spare_buffers::give(mem::take(&mut self.buf));
                 }
