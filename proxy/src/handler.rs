@@ -173,7 +173,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Reques
         let tool = shared.router.tool_of(host, uri.path());
         let trace_id = ctx.trace.trace_id();
         log.log(&Entry {
-            client: conn.client,
+            client: conn.client_ip.to_str().unwrap_or("-"),
             host,
             method: method.as_str(),
             uri: uri.path_and_query().map_or("/", |pq| pq.as_str()),
