@@ -40,9 +40,12 @@ impl Drop for Node {
 }
 
 fn client_on(port: u16) -> redis::Connection {
+    try_client_on(port).expect("connect to test redis")
+}
+
+fn try_client_on(port: u16) -> redis::RedisResult<redis::Connection> {
     redis::Client::open(format!("redis://127.0.0.1:{port}/0"))
         .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
-        .expect("connect to test redis")
 }
 
 fn answers(port: u16) -> bool {
@@ -191,6 +194,12 @@ impl SentinelGroup {
     /// A client on the first master.
     pub fn master_client(&self) -> redis::Connection {
         client_on(self.master_port())
+    }
+
+    /// A client on the first master, or `None` when it does not take one
+    /// now: a master being turned into a replica resets new connections.
+    pub fn try_master_client(&self) -> Option<redis::Connection> {
+        try_client_on(self.master_port()).ok()
     }
 
     /// A client on the first replica.
