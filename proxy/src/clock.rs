@@ -8,12 +8,13 @@
 //! time read when the poll began serves them all, as nginx reads its clock
 //! once per turn of its event loop.
 //!
-//! [`PollClock`] wraps a task's future and reads the time at the start of
-//! each poll; [`now`] returns that time within the poll, and reads the clock
-//! itself anywhere else. [`PollClockExecutor`] wraps the tasks hyper spawns
-//! for HTTP/2 streams. Time never goes backwards on a thread: each poll reads
-//! afresh, and a poll nested in another (rare) reads afresh too and gives the
-//! outer one its own time back when it ends.
+//! [`PollClock`] wraps a task's future; within each of its polls, [`now`]
+//! reads the clock at its first call and returns that time from then on (a
+//! poll that never asks reads nothing). Outside a poll it reads the clock
+//! every time. [`PollClockExecutor`] wraps the tasks hyper spawns for HTTP/2
+//! streams. Time never goes backwards on a thread: each poll reads afresh, and
+//! a poll nested in another (rare) reads afresh too and gives the outer one
+//! its own time back when it ends.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -21,15 +22,33 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-thread_local! {
-    /// The time the current [`PollClock`] poll on this thread began, if any.
-    static POLL_START: Cell<Option<Instant>> = const { Cell::new(None) };
+/// Where this thread is, for [`now`].
+#[derive(Clone, Copy)]
+enum PollTime {
+    /// In no [`PollClock`] poll.
+    Outside,
+    /// In a poll that has not asked for the time yet.
+    Unread,
+    /// In a poll that read the clock at this time.
+    Read(Instant),
 }
 
-/// The time: when the current task poll began, inside a [`PollClock`];
-/// the clock itself outside one.
+thread_local! {
+    static POLL_TIME: Cell<PollTime> = const { Cell::new(PollTime::Outside) };
+}
+
+/// The time: inside a [`PollClock`] poll, the clock as read at the poll's
+/// first call; the clock itself outside one.
 pub fn now() -> Instant {
-    POLL_START.with(Cell::get).unwrap_or_else(Instant::now)
+    POLL_TIME.with(|time| match time.get() {
+        PollTime::Outside => Instant::now(),
+        PollTime::Unread => {
+            let now = Instant::now();
+            time.set(PollTime::Read(now));
+            now
+        }
+        PollTime::Read(now) => now,
+    })
 }
 
 /// [`now`] as a tokio timer instant.
@@ -38,7 +57,7 @@ pub fn tokio_now() -> tokio::time::Instant {
 }
 
 pin_project_lite::pin_project! {
-    /// A future whose polls each read the time once, for [`now`].
+    /// A future whose polls each read the time at most once, for [`now`].
     pub struct PollClock<F> {
         #[pin]
         inner: F,
@@ -58,13 +77,13 @@ impl<F: Future> Future for PollClock<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         // Put back on drop: a poll that panics (the runtime catches it) must
         // not leave the thread reading a time that no longer moves.
-        struct Restore(Option<Instant>);
+        struct Restore(PollTime);
         impl Drop for Restore {
             fn drop(&mut self) {
-                POLL_START.with(|start| start.set(self.0));
+                POLL_TIME.with(|time| time.set(self.0));
             }
         }
-        let _restore = Restore(POLL_START.with(|start| start.replace(Some(Instant::now()))));
+        let _restore = Restore(POLL_TIME.with(|time| time.replace(PollTime::Unread)));
         self.project().inner.poll(cx)
     }
 }
