@@ -229,11 +229,8 @@ impl std::fmt::Display for Seconds {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // In integers: `{:.3}` of an `f64` took a quarter of a line's
         // formatting, twice per line.
-        let millis = (self.0.as_nanos() + 500_000) / 1_000_000;
-        let fraction = (millis % 1000) as u16;
-        let digits = [b'0' + (fraction / 100) as u8, b'0' + (fraction / 10 % 10) as u8, b'0' + (fraction % 10) as u8];
-        write!(f, "{}.", millis / 1000)?;
-        f.write_str(std::str::from_utf8(&digits).map_err(|_| std::fmt::Error)?)
+        let millis = u64::try_from((self.0.as_nanos() + 500_000) / 1_000_000).unwrap_or(u64::MAX);
+        write!(f, "{}.{:03}", millis / 1000, millis % 1000)
     }
 }
 
