@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds (and optionally runs) the proxy's fuzz targets: host (Host and
 # HTTP/2 :authority normalisation, and their comparison), traceparent
-# (W3C Trace Context parsing) and smuggle (the HTTP/1 request-smuggling
-# guard, whatever the bytes and however they are cut into reads).
+# (W3C Trace Context parsing), smuggle (the HTTP/1 request-smuggling
+# guard, whatever the bytes and however they are cut into reads), chunked
+# (backends' chunked bodies) and response_head (backends' response heads).
 #
 #   proxy/fuzz/build.sh               # build, as CI does
 #   proxy/fuzz/build.sh run 300       # also fuzz for 300 s
@@ -24,4 +25,6 @@ if [[ "${1:-}" == run ]]; then
     cargo +nightly fuzz run host -- -max_total_time="$seconds" -max_len=512
     cargo +nightly fuzz run traceparent -- -max_total_time="$seconds" -max_len=128
     cargo +nightly fuzz run smuggle -- -max_total_time="$seconds" -max_len=4096
+    cargo +nightly fuzz run chunked -- -max_total_time="$seconds" -max_len=20000
+    cargo +nightly fuzz run response_head -- -max_total_time="$seconds" -max_len=12000
 fi

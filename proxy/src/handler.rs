@@ -359,14 +359,17 @@ async fn forward(
     ctx.outcome = outlier::outcome(&result);
     let elapsed = clock::now().saturating_duration_since(sent);
     ctx.upstream_time = Some(elapsed);
-    let mut response = result.map_err(classify)?;
+    let response = result.map_err(classify)?;
     shared.metrics.upstream(elapsed.as_secs_f64());
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
             return Err(ProxyError::UnaskedUpgrade);
         };
-        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let (parts, body) = response.into_parts();
+        let Some(mut upstream_io) = body.into_tunnel() else {
+            return Err(ProxyError::UnaskedUpgrade);
+        };
         let hard_stop = shared.hard_stop.clone();
         let client = conn.client;
         let permit = conn.permit.clone();
@@ -375,15 +378,14 @@ async fn forward(
         shared.tunnels.spawn(async move {
             let _permit = permit;
             let _share = share;
-            let (client_io, upstream_io) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok(pair) => pair,
+            let client_io = match client_upgrade.await {
+                Ok(io) => io,
                 Err(error) => {
                     debug!(%client, %error, "upgrade did not complete");
                     return;
                 }
             };
             let mut client_io = TokioIo::new(client_io);
-            let mut upstream_io = TokioIo::new(upstream_io);
             tokio::select! {
                 result = tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io) => {
                     if let Err(error) = result {
@@ -393,7 +395,6 @@ async fn forward(
                 _ = hard_stop.cancelled() => {}
             }
         });
-        let (parts, _) = response.into_parts();
         return Ok(Response::from_parts(parts, ProxyBody::Empty));
     }
 

@@ -87,6 +87,13 @@ impl<T> IdleIo<T> {
         &self.inner
     }
 
+    /// Counts from now: a connection taken from a pool starts its exchange
+    /// with the whole timeout, however long it lay idle.
+    pub fn touch(&mut self) {
+        self.last_activity = crate::clock::tokio_now();
+        self.write_blocked_since = None;
+    }
+
     /// Records progress when bytes `moved`, or, while the inner I/O waits,
     /// fails it once the connection has been idle for too long. Only moved
     /// bytes count: an empty flush, done each time the connection is polled,

@@ -22,6 +22,7 @@
 //! - [`protect`]: bans, User-Agent/Referer block lists, per-client rate limit.
 //! - [`headers`]: request and response header rewriting.
 //! - [`upstream`]: the client for backends: exchanges, connect and idle timeouts, failure classification.
+//! - [`backend_conn`]: one HTTP/1.1 connection to a backend, driven by the task of the request using it.
 //! - [`upstream_pool`]: idle keep-alive connections per backend, one pool per event loop.
 //! - [`egress`]: where the proxy may connect: resolution, then `denied_backend_networks`.
 //! - [`backend_tls`]: TLS to `https://` backends: system roots plus `backend_ca_file`, SNI.
@@ -30,6 +31,7 @@
 //! - [`backend_limit`]: requests in flight per backend and per client connection.
 //! - [`buffers`]: buffer, window and stream limits (memory per connection).
 //! - [`body`]: response and request body types (streamed, never buffered whole).
+//! - [`chunked`]: chunked response bodies from backends, decoded strictly and without copying.
 //! - [`compress`]: on-the-fly gzip.
 //! - [`sniff`]: HTTP/1 request-smuggling guard.
 //! - [`snapshot`]: the last-known-good route table on disk, written atomically and read at start.
@@ -75,11 +77,13 @@
 
 pub mod access_log;
 pub mod activity;
+pub mod backend_conn;
 pub mod backend_limit;
 pub mod backend_tls;
 pub mod body;
 pub mod buffers;
 pub mod cert_expiry;
+pub mod chunked;
 pub mod client_limit;
 pub mod clock;
 pub mod compress;

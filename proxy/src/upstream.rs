@@ -3,9 +3,10 @@
 //! timeouts, TLS to `https://` backends, and the classification of upstream
 //! failures into 502 and 504.
 //!
-//! Each connection is driven by a task on the loop that opened it, and a
-//! request goes straight to it: no pool-wide lock, no key parsing from a
-//! URI, no task per request to return the connection (its body does that).
+//! Each exchange runs in the task of the request it serves
+//! ([`crate::backend_conn`]): no pool-wide lock, no key parsing from a URI,
+//! no task per connection, and no task per request to return the
+//! connection (its body does that).
 
 use std::io;
 use std::pin::Pin;
@@ -15,19 +16,17 @@ use std::time::Duration;
 
 use dynamicproxy_redis::{BackendUrl, Scheme};
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::backend_conn::{BackendConn, BodyReader, ExchangeError, Failed, Outgoing};
 use crate::backend_tls::{BackendTls, untrusted_cause};
 use crate::body::{LimitedBody, TooLarge};
-use crate::clock::PollClock;
 use crate::egress::{Egress, denied_cause};
 use crate::error::{BoxError, ProxyError};
 use crate::idle::IdleIo;
-use crate::upstream_pool::{IdlePool, Lease, Sender, UpstreamBody, sweep_until_dropped};
+use crate::upstream_pool::{IdlePool, Lease, UpstreamBody, sweep_until_dropped};
 
 /// Settings of the upstream client.
 #[derive(Debug, Clone)]
@@ -51,7 +50,6 @@ pub struct UpstreamSettings {
 pub struct UpstreamClient {
     pool: Arc<IdlePool>,
     connector: Connector,
-    http1: http1::Builder,
 }
 
 /// Why a backend exchange failed.
@@ -61,15 +59,28 @@ pub enum UpstreamError {
     /// timeout, TLS).
     #[error("cannot connect to the backend")]
     Connect(#[source] io::Error),
-    /// The exchange on an open connection failed.
+    /// The exchange on an open connection failed: writing, reading, or an
+    /// answer that is not HTTP/1.1 (`InvalidData`).
     #[error("backend exchange failed")]
-    Exchange(#[source] hyper::Error),
+    Exchange(#[source] io::Error),
+    /// The client's request body failed on its way to the backend.
+    #[error("the client's request body failed")]
+    ClientBody(#[source] BoxError),
 }
 
 impl UpstreamError {
     /// True when nothing was sent: the connection itself failed.
     pub fn is_connect(&self) -> bool {
         matches!(self, UpstreamError::Connect(_))
+    }
+}
+
+impl From<ExchangeError> for UpstreamError {
+    fn from(error: ExchangeError) -> Self {
+        match error {
+            ExchangeError::Io(error) => UpstreamError::Exchange(error),
+            ExchangeError::ClientBody(error) => UpstreamError::ClientBody(error),
+        }
     }
 }
 
@@ -80,65 +91,55 @@ impl UpstreamClient {
         let pool = IdlePool::new(settings.max_idle_per_backend, settings.idle_timeout);
         let every = (settings.idle_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
         tokio::spawn(sweep_until_dropped(Arc::downgrade(&pool), every));
-        let mut http1 = http1::Builder::new();
-        http1
-            .max_buf_size(crate::buffers::UPSTREAM_MAX_BUF)
-            // Body chunks are queued, not copied into a growing buffer.
-            .writev(true);
         let connector = Connector {
             connect_timeout: settings.connect_timeout,
             read_timeout: settings.read_timeout,
             egress: settings.egress,
             tls: settings.tls,
         };
-        UpstreamClient { pool, connector, http1 }
+        UpstreamClient { pool, connector }
     }
 
     /// Sends `req` (origin-form URI) to `backend`, on an idle connection if
-    /// there is one. A request that an idle connection gives back unsent (the
-    /// backend closed it as we sent) goes out on a new connection.
+    /// there is one. A repeatable request that a reused connection fails
+    /// before any answer (the backend closed it as it was taken) goes out
+    /// again, on the next idle connection or a new one.
     pub async fn request(
         &self,
         backend: &BackendUrl,
-        mut req: Request<LimitedBody>,
+        req: Request<LimitedBody>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        while let Some(mut sender) = self.pool.take(backend) {
-            match sender.try_send_request(req).await {
-                Ok(response) => return Ok(self.lend(response, backend, sender)),
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => return Err(UpstreamError::Exchange(error.into_error())),
-                },
+        let mut out = Outgoing::new(req);
+        while let Some(conn) = self.pool.take(backend) {
+            match conn.exchange(&mut out).await {
+                Ok((parts, reader)) => return Ok(self.lend(parts, reader, backend)),
+                Err(Failed { retry: true, error }) => {
+                    debug!(%error, "reused backend connection was closed; sending again")
+                }
+                Err(Failed { error, .. }) => return Err(error.into()),
             }
         }
-        // Boxed: opening a connection (connect, TLS, handshake) is rare on a
-        // warm pool, and its 1.7 KiB state inlined here made every request's
-        // future, which hyper moves at least twice, that much larger.
-        let mut sender = Box::pin(self.open(backend)).await?;
-        match sender.try_send_request(req).await {
-            Ok(response) => Ok(self.lend(response, backend, sender)),
-            Err(error) => Err(UpstreamError::Exchange(error.into_error())),
+        // Boxed: opening a connection (connect, TLS) is rare on a warm pool,
+        // and its state inlined here made every request's future that much larger.
+        let conn = Box::pin(self.open(backend)).await?;
+        match conn.exchange(&mut out).await {
+            Ok((parts, reader)) => Ok(self.lend(parts, reader, backend)),
+            Err(Failed { error, .. }) => Err(error.into()),
         }
     }
 
     /// The response, with a body that returns the connection to the pool at
     /// its end (a switched protocol keeps it: the tunnel owns it now).
-    fn lend(&self, response: Response<Incoming>, backend: &BackendUrl, sender: Sender) -> Response<UpstreamBody> {
-        let lease = (response.status() != StatusCode::SWITCHING_PROTOCOLS)
-            .then(|| Lease::new(self.pool.clone(), backend.clone(), sender));
-        response.map(|incoming| UpstreamBody::new(incoming, lease))
+    fn lend(&self, parts: http::response::Parts, reader: BodyReader, backend: &BackendUrl) -> Response<UpstreamBody> {
+        let lease =
+            (parts.status != StatusCode::SWITCHING_PROTOCOLS).then(|| Lease::new(self.pool.clone(), backend.clone()));
+        Response::from_parts(parts, UpstreamBody::new(reader, lease))
     }
 
-    /// A new connection to `backend`, its task started on this loop.
-    async fn open(&self, backend: &BackendUrl) -> Result<Sender, UpstreamError> {
+    /// A new connection to `backend`.
+    async fn open(&self, backend: &BackendUrl) -> Result<Box<BackendConn>, UpstreamError> {
         let io = self.connector.connect(backend).await.map_err(UpstreamError::Connect)?;
-        let (sender, connection) = self.http1.handshake(io).await.map_err(UpstreamError::Exchange)?;
-        tokio::spawn(PollClock::new(async move {
-            if let Err(error) = connection.with_upgrades().await {
-                debug!(%error, "backend connection ended with an error");
-            }
-        }));
-        Ok(sender)
+        Ok(BackendConn::new(io))
     }
 }
 
@@ -158,12 +159,12 @@ pub struct UpstreamIo(Inner);
 /// The two kinds of backend connection.
 enum Inner {
     /// `http://`.
-    Plain(TokioIo<IdleIo<TcpStream>>),
+    Plain(IdleIo<TcpStream>),
     /// `https://` (boxed: the TLS state is large and the plain case is the common one).
-    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<IdleIo<TcpStream>>>>),
+    Tls(Box<tokio_rustls::client::TlsStream<IdleIo<TcpStream>>>),
 }
 
-/// Forwards a hyper I/O call to whichever connection `$io` (`&mut Inner`) holds.
+/// Forwards an I/O call to whichever connection `$io` (`&mut Inner`) holds.
 macro_rules! each {
     ($io:expr, $inner:ident => $call:expr) => {
         match $io {
@@ -176,17 +177,35 @@ macro_rules! each {
     };
 }
 
-impl hyper::rt::Read for UpstreamIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
+impl UpstreamIo {
+    /// The socket under any TLS.
+    fn tcp(&mut self) -> &mut IdleIo<TcpStream> {
+        match &mut self.0 {
+            Inner::Plain(io) => io,
+            Inner::Tls(tls) => tls.get_mut().0,
+        }
+    }
+
+    /// Starts the idle timeout afresh: time spent idle in the pool is not
+    /// an exchange stalling.
+    pub fn touch(&mut self) {
+        self.tcp().touch();
+    }
+
+    /// Whether the socket has become readable since its last read hit the
+    /// end of what was there (data, or the backend closing).
+    pub fn poll_tcp_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.tcp().get_ref().poll_read_ready(cx)
+    }
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         each!(&mut self.get_mut().0, io => Pin::new(io).poll_read(cx, buf))
     }
 }
 
-impl hyper::rt::Write for UpstreamIo {
+impl AsyncWrite for UpstreamIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         each!(&mut self.get_mut().0, io => Pin::new(io).poll_write(cx, buf))
     }
@@ -197,21 +216,6 @@ impl hyper::rt::Write for UpstreamIo {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         each!(&mut self.get_mut().0, io => Pin::new(io).poll_shutdown(cx))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match &self.0 {
-            Inner::Plain(io) => io.is_write_vectored(),
-            Inner::Tls(io) => io.is_write_vectored(),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        each!(&mut self.get_mut().0, io => Pin::new(io).poll_write_vectored(cx, bufs))
     }
 }
 
@@ -229,12 +233,12 @@ impl Connector {
         let _ = stream.set_nodelay(true);
         let stream = IdleIo::new(stream, self.read_timeout);
         if !https {
-            return Ok(UpstreamIo(Inner::Plain(TokioIo::new(stream))));
+            return Ok(UpstreamIo(Inner::Plain(stream)));
         }
         let tls = tokio::time::timeout(self.connect_timeout, self.tls.handshake(host, stream))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
-        Ok(UpstreamIo(Inner::Tls(Box::new(TokioIo::new(tls)))))
+        Ok(UpstreamIo(Inner::Tls(Box::new(tls))))
     }
 }
 
@@ -243,7 +247,7 @@ impl Connector {
 /// else the backend did (refused, reset, garbage) → 502.
 pub fn classify(error: UpstreamError) -> ProxyError {
     let mut timeout = false;
-    let mut client_body = false;
+    let client_body = matches!(error, UpstreamError::ClientBody(_));
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
     while let Some(e) = source {
         if e.is::<TooLarge>() {
@@ -259,12 +263,6 @@ pub fn classify(error: UpstreamError) -> ProxyError {
             && io.kind() == io::ErrorKind::TimedOut
         {
             timeout = true;
-        }
-        if let Some(h) = e.downcast_ref::<hyper::Error>()
-            && h.is_user()
-            && !error.is_connect()
-        {
-            client_body = true;
         }
         source = e.source();
     }

@@ -15,14 +15,9 @@ use bytes::Bytes;
 use dynamicproxy_redis::BackendUrl;
 use foldhash::fast::RandomState;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 
-use crate::body::LimitedBody;
+use crate::backend_conn::{BackendConn, BodyReader};
 use crate::clock;
-
-/// A connection's request side, as the pool keeps it.
-pub type Sender = SendRequest<LimitedBody>;
 
 /// Idle connections per backend, with their limits.
 pub struct IdlePool {
@@ -33,7 +28,7 @@ pub struct IdlePool {
 }
 
 struct IdleConnection {
-    sender: Sender,
+    conn: Box<BackendConn>,
     since: Instant,
 }
 
@@ -45,48 +40,29 @@ impl IdlePool {
     }
 
     /// The most recently used idle connection to `backend` that is still
-    /// open and ready for a request; stale ones met on the way are closed.
-    pub fn take(&self, backend: &BackendUrl) -> Option<Sender> {
+    /// open; stale ones met on the way are closed.
+    pub fn take(&self, backend: &BackendUrl) -> Option<Box<BackendConn>> {
         let mut lists = self.lists();
         let list = lists.get_mut(backend)?;
         let now = clock::now();
-        while let Some(idle) = list.pop() {
-            if idle.sender.is_ready() && now.duration_since(idle.since) < self.idle_timeout {
-                return Some(idle.sender);
+        while let Some(mut idle) = list.pop() {
+            if now.duration_since(idle.since) < self.idle_timeout && idle.conn.is_open_and_idle() {
+                return Some(idle.conn);
             }
         }
         None
     }
 
     /// Puts a connection whose exchange is over back for the next request.
-    /// One the backend closed, or one over the per-backend limit, is dropped
-    /// (which closes it).
-    pub fn put(self: &Arc<Self>, backend: BackendUrl, sender: Sender) {
-        if sender.is_ready() {
-            self.insert(backend, sender);
-        } else if !sender.is_closed() {
-            // The connection's task has not yet taken in the end of the
-            // response; it turns ready as soon as it runs.
-            let pool = Arc::downgrade(self);
-            tokio::spawn(async move {
-                let mut sender = sender;
-                if sender.ready().await.is_ok()
-                    && let Some(pool) = pool.upgrade()
-                {
-                    pool.insert(backend, sender);
-                }
-            });
-        }
-    }
-
-    fn insert(&self, backend: BackendUrl, sender: Sender) {
+    /// One over the per-backend limit is dropped (which closes it).
+    pub fn put(&self, backend: BackendUrl, conn: Box<BackendConn>) {
         if self.max_per_backend == 0 {
             return;
         }
         let mut lists = self.lists();
         let list = lists.entry(backend).or_default();
         if list.len() < self.max_per_backend {
-            list.push(IdleConnection { sender, since: clock::now() });
+            list.push(IdleConnection { conn, since: clock::now() });
         }
     }
 
@@ -95,7 +71,7 @@ impl IdlePool {
     pub fn sweep(&self) {
         let now = Instant::now();
         self.lists().retain(|_, list| {
-            list.retain(|idle| !idle.sender.is_closed() && now.duration_since(idle.since) < self.idle_timeout);
+            list.retain_mut(|idle| now.duration_since(idle.since) < self.idle_timeout && idle.conn.is_open_and_idle());
             !list.is_empty()
         });
     }
@@ -121,22 +97,17 @@ pub async fn sweep_until_dropped(pool: Weak<IdlePool>, every: Duration) {
     }
 }
 
-/// A connection lent to one exchange, returned to its pool when the
-/// response has been read to its end.
+/// Where a lent connection goes back to when its response has been read to
+/// its end.
 pub struct Lease {
     pool: Arc<IdlePool>,
     backend: BackendUrl,
-    sender: Sender,
 }
 
 impl Lease {
-    /// Lends `sender` (a connection to `backend`) out of `pool`.
-    pub fn new(pool: Arc<IdlePool>, backend: BackendUrl, sender: Sender) -> Self {
-        Lease { pool, backend, sender }
-    }
-
-    fn release(self) {
-        self.pool.put(self.backend, self.sender);
+    /// A connection to `backend`, lent out of `pool`.
+    pub fn new(pool: Arc<IdlePool>, backend: BackendUrl) -> Self {
+        Lease { pool, backend }
     }
 }
 
@@ -144,49 +115,57 @@ impl Lease {
 /// pool; dropped before its end, the connection closes with it (the rest of
 /// the body is never read).
 pub struct UpstreamBody {
-    incoming: Incoming,
+    reader: BodyReader,
     lease: Option<Lease>,
 }
 
 impl UpstreamBody {
-    /// `incoming`, returning `lease` at its end (at once when it is empty).
-    pub fn new(incoming: Incoming, lease: Option<Lease>) -> Self {
-        let mut body = UpstreamBody { incoming, lease };
-        if body.incoming.is_end_stream() {
+    /// The body `reader` reads, returning its connection under `lease` at
+    /// its end (at once when it is empty).
+    pub fn new(reader: BodyReader, lease: Option<Lease>) -> Self {
+        let mut body = UpstreamBody { reader, lease };
+        if body.reader.is_end() {
             body.release();
         }
         body
     }
 
     fn release(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.release();
+        if let Some(lease) = self.lease.take()
+            && let Some(conn) = self.reader.take_reusable()
+        {
+            lease.pool.put(lease.backend, conn);
         }
+    }
+
+    /// The backend's side of a `101 Switching Protocols`, for the tunnel.
+    pub fn into_tunnel(self) -> Option<Box<BackendConn>> {
+        self.reader.into_tunnel()
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = self.get_mut();
-        let frame = Pin::new(&mut this.incoming).poll_frame(cx);
-        match &frame {
+        let polled = this.reader.poll_data(cx);
+        match &polled {
             Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Ok(_))) if this.incoming.is_end_stream() => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.reader.is_end() => this.release(),
             // A broken body leaves the connection in an unknown state.
             Poll::Ready(Some(Err(_))) => this.lease = None,
             _ => {}
         }
-        frame
+        polled.map(|data| data.map(|data| data.map(Frame::data)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.incoming.is_end_stream()
+        self.reader.is_end()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.incoming.size_hint()
+        self.reader.size_hint()
     }
 }
