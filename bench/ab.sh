@@ -10,7 +10,8 @@
 #
 # Prints req/s per round and the median, and each binary's median next to
 # nginx-static-ka's, with the CPU time the serving processes spent per
-# completed request (steady on a shared box, where req/s is not), and the
+# completed request (steady on a shared box, where req/s is not), the same
+# for the backend nginx and for the whole box busy (wrk and kernel included), and the
 # TCP segments per request on loopback (nstat, all hops together: 4 when
 # every ACK rides on data).
 # --profile NAME (a binary's name or nginx-static-ka) then loads NAME once
@@ -91,10 +92,14 @@ for ((r = 1; r <= ROUNDS; r++)); do
     read -r name p tools <<< "${TARGETS[$i]}"
     BENCH_TOOLS=$tools wrk -t"$THREADS" -c"$CONNS" -d1s -s bench/peer/hosts.lua "http://127.0.0.1:$p/" > /dev/null
     before=$(cpu_ticks "${SERVING[$i]}")
+    backend_before=$(cpu_ticks "$(cat "$RUN/backend/nginx.pid")")
+    box_before=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat)
     nstat -n 2>/dev/null || true
     BENCH_TOOLS=$tools wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s bench/peer/hosts.lua \
       "http://127.0.0.1:$p/" > "$RUN/$name.r$r.txt"
     echo "cpu_ticks: $(($(cpu_ticks "${SERVING[$i]}") - before))" >> "$RUN/$name.r$r.txt"
+    echo "backend_ticks: $(($(cpu_ticks "$(cat "$RUN/backend/nginx.pid")") - backend_before))" >> "$RUN/$name.r$r.txt"
+    echo "box_ticks: $(($(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat) - box_before))" >> "$RUN/$name.r$r.txt"
     # TCP segments on loopback while only this target was loaded (the whole
     # box's counters: wrk, this target and the backend).
     nstat -z TcpOutSegs TcpExtTCPPureAcks TcpExtDelayedACKs 2>/dev/null | awk '/^Tcp/ { print "nstat: " $1, $2 }' >> "$RUN/$name.r$r.txt" || true
@@ -113,13 +118,22 @@ for t in "${TARGETS[@]}"; do
   cpu=$(for f in "$RUN/$name".r*.txt; do
     awk -v hz="$CLK_TCK" '/requests in/ { n = $1 } /^cpu_ticks:/ { t = $2 } END { if (n > 0) printf "%.1f\n", t * 1e6 / hz / n }' "$f"
   done | median)
+  # The same for the backend (a proxy's requests can cost it more), and
+  # for the whole box busy (user, nice, system, irq, softirq): wrk, the
+  # target, its backend and the kernel's loopback work together.
+  backend_cpu=$(for f in "$RUN/$name".r*.txt; do
+    awk -v hz="$CLK_TCK" '/requests in/ { n = $1 } /^backend_ticks:/ { t = $2 } END { if (n > 0) printf "%.1f\n", t * 1e6 / hz / n }' "$f"
+  done | median)
+  box_cpu=$(for f in "$RUN/$name".r*.txt; do
+    awk -v hz="$CLK_TCK" '/requests in/ { n = $1 } /^box_ticks:/ { t = $2 } END { if (n > 0) printf "%.1f\n", t * 1e6 / hz / n }' "$f"
+  done | median)
   # Loopback segments per request, all hops (client, proxy, backend), and how many carried only an ACK.
   segs=$(for f in "$RUN/$name".r*.txt; do
     awk '/requests in/ { n = $1 } /^nstat: TcpOutSegs/ { s = $3 } /^nstat: TcpExtTCPPureAcks/ { a = $3 } END { if (n > 0) printf "%.2f %.2f\n", s / n, a / n }' "$f"
   done | sort -g | awk '{ v[NR] = $0 } END { print v[int((NR + 1) / 2)] }')
   [ -n "$ref" ] || ref=$m
-  printf '%-20s median %8.0f req/s  p99 %6.2f ms  errors %d  %.2fx nginx-static-ka  cpu %5.1f us/req  segments/req %s\n' \
-    "$name" "$m" "$p99" "$errs" "$(echo "$m / $ref" | bc -l)" "$cpu" "${segs:-?}"
+  printf '%-20s median %8.0f req/s  p99 %6.2f ms  errors %d  %.2fx nginx-static-ka  cpu %5.1f us/req  backend %4.1f  box %5.1f  segments/req %s\n' \
+    "$name" "$m" "$p99" "$errs" "$(echo "$m / $ref" | bc -l)" "$cpu" "$backend_cpu" "$box_cpu" "${segs:-?}"
 done
 if [ -n "$PROFILE" ]; then
   i=0; pids=

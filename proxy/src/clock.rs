@@ -84,6 +84,7 @@ impl<F: Future> Future for PollClock<F> {
             }
         }
         let _restore = Restore(POLL_TIME.with(|time| time.replace(PollTime::Unread)));
+        crate::loop_turn::polled();
         self.project().inner.poll(cx)
     }
 }

@@ -37,6 +37,7 @@
 //! - [`snapshot`]: the last-known-good route table on disk, written atomically and read at start.
 //! - [`idle`]: idle and send timeouts for connections.
 //! - [`clock`]: the time, read once per poll of a connection's task.
+//! - [`loop_turn`]: how busy the event loop's turn is; a backend write waits for the turn's other tasks in a burst.
 //! - [`deadline`]: a timer re-armed only when it fires early, for deadlines checked on every wait.
 //! - [`tls`]: certificates by SNI, hot reload.
 //! - [`cert_expiry`]: a certificate's expiry, for the metrics.
@@ -103,6 +104,7 @@ pub mod idle;
 pub mod last_use;
 pub mod linger;
 pub mod list;
+pub mod loop_turn;
 pub mod metrics;
 pub mod outlier;
 mod pace;

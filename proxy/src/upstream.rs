@@ -26,6 +26,7 @@ use crate::body::{LimitedBody, TooLarge};
 use crate::egress::{Egress, denied_cause};
 use crate::error::{BoxError, ProxyError};
 use crate::idle::IdleIo;
+use crate::loop_turn;
 use crate::upstream_pool::{IdlePool, Lease, UpstreamBody, sweep_until_dropped};
 
 /// Settings of the upstream client.
@@ -110,6 +111,7 @@ impl UpstreamClient {
         req: Request<LimitedBody>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let mut out = Outgoing::new(req);
+        loop_turn::after_others().await;
         while let Some(conn) = self.pool.take(backend) {
             match conn.exchange(&mut out).await {
                 Ok((parts, reader)) => return Ok(self.lend(parts, reader, backend)),

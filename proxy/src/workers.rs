@@ -57,7 +57,11 @@ impl Workers {
         let settings = Arc::new(settings);
         let mut queues = Vec::with_capacity(count);
         for index in 0..count {
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .on_thread_park(crate::loop_turn::slept)
+                .build()
+            {
                 Ok(runtime) => runtime,
                 Err(error) => {
                     warn!(%error, "cannot create an event loop; serving on the main runtime");
