@@ -34,7 +34,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info_span, warn};
+use tracing::{debug, debug_span, warn};
 
 use crate::activity::{Activity, TrackedBody};
 use crate::backend_limit::connection_slots;
@@ -123,7 +123,11 @@ pub(crate) async fn accept_loop(
                 continue;
             }
         };
-        let span = info_span!("conn", client.addr = %client);
+        // At debug level: a span is entered and left on every poll of the
+        // connection's task (about 270 instructions a request, three polls),
+        // and the events logged above debug in a connection name their client
+        // themselves ("upstream failed").
+        let span = debug_span!("conn", client.addr = %client);
         workers.dispatch(Accepted { stream, client, tls: tls.clone(), slot, span });
     }
 }
