@@ -71,6 +71,8 @@
 //!               └─ forward (upstream client pool; headers rewritten; body streamed; WebSocket tunnelled)
 //!                   ├─ new connection: resolve (resolver cache) → drop denied addresses (egress) → connect
 //!                   │   └─ https:// backend: TLS handshake, SNI from the host, certificate verified (backend_tls)
+//!                   ├─ exchange in the request's own task (backend_conn; in a busy loop turn the write
+//!                   │   waits for the turn's other tasks, loop_turn): head and body out, response head in
 //!                   └─ response policy (hop-by-hop, Location, default files, gzip, extra headers, HSTS)
 //! ```
 
