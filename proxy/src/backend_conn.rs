@@ -36,6 +36,9 @@ pub struct BackendConn {
     /// Bytes read from the backend and not yet taken: the rest of a head, or
     /// body bytes that came with it.
     buf: BytesMut,
+    /// While a request's body goes out: whether the backend's bytes are
+    /// still read, to see whether they say to stop sending.
+    watching: bool,
 }
 
 /// A request as it goes on the wire: its head encoded once, so that it can
@@ -195,7 +198,7 @@ fn malformed(what: impl Into<BoxError>) -> io::Error {
 impl BackendConn {
     /// A connection with nothing read yet.
     pub fn new(io: UpstreamIo) -> Box<Self> {
-        Box::new(BackendConn { io, buf: BytesMut::new() })
+        Box::new(BackendConn { io, buf: BytesMut::new(), watching: false })
     }
 
     /// Sends `out` and reads the response head. The body is read later, from
@@ -247,6 +250,7 @@ impl BackendConn {
             self.io.flush().await.map_err(io)?;
             return Ok(Sent::Whole);
         }
+        self.watching = true;
         let mut pending = out.head.clone();
         let mut sent = 0u64;
         let first = std::future::poll_fn(|cx| match Pin::new(&mut out.body).poll_frame(cx) {
@@ -338,14 +342,33 @@ impl BackendConn {
         .await
     }
 
-    /// Ready once the backend has sent bytes, closed, or failed, while the
-    /// request is still going out. The bytes stay in the buffer for
-    /// [`BackendConn::read_head`]; an error or a close shows there again.
+    /// Ready when the backend's answer, come while the request is still
+    /// going out, says to stop sending: an error status, `Connection: close`,
+    /// a `101`, a head that does not parse, or the backend closing or
+    /// failing. Informational heads (a `103 Early Hints`) are dropped and the
+    /// body goes on, as does a final head that says none of this (a backend
+    /// that answers as it reads, as an echo does), which is then left for
+    /// [`BackendConn::read_head`] with nothing more watched. The bytes stay
+    /// in the buffer; an error or a close shows there again.
     fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if !self.buf.is_empty() {
-            return Poll::Ready(());
+        loop {
+            if !self.watching {
+                return Poll::Pending;
+            }
+            match early_head(&mut self.buf) {
+                Early::Nothing | Early::Partial => {}
+                Early::Stops => return Poll::Ready(()),
+                Early::GoesOn => {
+                    self.watching = false;
+                    return Poll::Pending;
+                }
+            }
+            match self.poll_fill(cx) {
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Pending => return Poll::Pending,
+            }
         }
-        self.poll_fill(cx).map(|_| ())
     }
 
     /// Reads until a final response head has come (informational ones other
@@ -403,6 +426,46 @@ impl BackendConn {
     }
 }
 
+/// What the backend has sent so far while a request's body goes out.
+#[derive(Debug, PartialEq, Eq)]
+enum Early {
+    /// Nothing.
+    Nothing,
+    /// Part of a head.
+    Partial,
+    /// A final head that lets the body go on.
+    GoesOn,
+    /// A head (or bytes) that means the body should stop.
+    Stops,
+}
+
+/// Looks at the front of `buf` while a request's body goes out, dropping
+/// complete informational heads (not `101`) as it goes.
+fn early_head(buf: &mut BytesMut) -> Early {
+    loop {
+        if buf.is_empty() {
+            return Early::Nothing;
+        }
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut fields);
+        let len = match response.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() < UPSTREAM_MAX_BUF => return Early::Partial,
+            Ok(httparse::Status::Partial) | Err(_) => return Early::Stops,
+        };
+        let code = response.code.unwrap_or(0);
+        if (100..200).contains(&code) && code != 101 {
+            buf.advance(len);
+            continue;
+        }
+        let close = response.headers.iter().any(|field| {
+            field.name.eq_ignore_ascii_case("connection")
+                && field.value.split(|&b| b == b',').any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
+        });
+        return if code >= 400 || code == 101 || close { Early::Stops } else { Early::GoesOn };
+    }
+}
+
 /// Whether an I/O error means that the backend closed or reset the connection.
 fn closed_by_peer(error: &io::Error) -> bool {
     matches!(
@@ -452,7 +515,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> io::Result<Parsed> {
     // Where each name and value lies in the head, to slice them out of it
     // once it is split off the buffer.
     let mut spans = [[0u32; 4]; MAX_HEADERS];
-    let (len, code, minor, count) = {
+    let (len, code, minor, count, reason) = {
         let mut response = httparse::Response::new(&mut []);
         let len =
             match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut response, buf, &mut fields)
@@ -467,7 +530,14 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> io::Result<Parsed> {
             let value = field.value.as_ptr() as usize - base;
             *span = [name as u32, (name + field.name.len()) as u32, value as u32, (value + field.value.len()) as u32];
         }
-        (len, response.code.unwrap_or(0), response.version.unwrap_or(1), response.headers.len())
+        // A reason phrase other than the status's own is passed on, as
+        // hyper's client did: kept as where it lies in the head.
+        let code = response.code.unwrap_or(0);
+        let reason = response
+            .reason
+            .filter(|r| !r.is_empty() && StatusCode::from_u16(code).ok().and_then(|s| s.canonical_reason()) != Some(*r))
+            .map(|r| (r.as_ptr() as usize - base, r.len()));
+        (len, code, response.version.unwrap_or(1), response.headers.len(), reason)
     };
     if (100..200).contains(&code) && code != 101 {
         buf.advance(len);
@@ -490,7 +560,12 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> io::Result<Parsed> {
             if length.is_some_and(|l| l != n) {
                 return Err(malformed("conflicting Content-Length values"));
             }
+            if length.is_none() {
+                // One value, as the number it means (`5, 5` goes on as `5`).
+                headers.append(name, HeaderValue::from(n));
+            }
             length = Some(n);
+            continue;
         } else if name == header::TRANSFER_ENCODING {
             transfer_encoding = true;
             // Only the last coding of the last field says whether it is chunked.
@@ -511,6 +586,10 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> io::Result<Parsed> {
     if transfer_encoding && length.is_some() {
         // Both framings at once is how responses are smuggled (RFC 9112 §6.1).
         return Err(malformed("both Transfer-Encoding and Content-Length"));
+    }
+    if transfer_encoding && minor == 0 {
+        // HTTP/1.0 has no transfer codings: its framing is faulty (RFC 9112 §6.1).
+        return Err(malformed("Transfer-Encoding in an HTTP/1.0 response"));
     }
     let framing = if status == StatusCode::SWITCHING_PROTOCOLS {
         ResponseFraming::Upgraded
@@ -533,6 +612,11 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> io::Result<Parsed> {
     parts.status = status;
     parts.version = version;
     parts.headers = headers;
+    if let Some((start, len)) = reason
+        && let Ok(reason) = hyper::ext::ReasonPhrase::try_from(head.slice(start..start + len))
+    {
+        parts.extensions.insert(reason);
+    }
     Ok(Parsed::Final(parts, framing, reusable))
 }
 
@@ -730,6 +814,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
             b"HTTP/1.1 099 Low\r\n\r\n",
@@ -742,6 +827,37 @@ mod tests {
             let error =
                 parse(head, false).err().unwrap_or_else(|| panic!("accepted {:?}", String::from_utf8_lossy(head)));
             assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{:?}", String::from_utf8_lossy(head));
+        }
+    }
+
+    #[test]
+    fn a_reason_of_its_own_is_kept_and_a_repeated_length_goes_on_as_one_number() {
+        let (parts, _, _) = final_head(b"HTTP/1.1 200 Everything Fine\r\nContent-Length: 5, 5\r\n\r\n", false);
+        let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>().expect("the reason is kept");
+        assert_eq!(reason.as_bytes(), b"Everything Fine");
+        assert_eq!(parts.headers.get_all("content-length").iter().collect::<Vec<_>>(), ["5"]);
+        let (parts, _, _) = final_head(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", false);
+        assert!(parts.extensions.get::<hyper::ext::ReasonPhrase>().is_none(), "the status's own reason is not stored");
+    }
+
+    #[test]
+    fn what_a_backend_sends_during_an_upload_says_whether_to_stop() {
+        for (bytes, early, rest) in [
+            (&b""[..], Early::Nothing, &b""[..]),
+            (b"HTTP/1.1 103 Early", Early::Partial, b"HTTP/1.1 103 Early"),
+            (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", Early::Nothing, b""),
+            (b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 200 OK\r\n\r\n", Early::GoesOn, b"HTTP/1.1 200 OK\r\n\r\n"),
+            (b"HTTP/1.1 413 Too Large\r\n\r\n", Early::Stops, b"HTTP/1.1 413 Too Large\r\n\r\n"),
+            (
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n",
+                Early::Stops,
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n",
+            ),
+            (b"garbage\r\n\r\n", Early::Stops, b"garbage\r\n\r\n"),
+        ] {
+            let mut buf = BytesMut::from(bytes);
+            assert_eq!(early_head(&mut buf), early, "{:?}", String::from_utf8_lossy(bytes));
+            assert_eq!(&buf[..], rest);
         }
     }
 

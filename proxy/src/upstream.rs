@@ -104,7 +104,7 @@ impl UpstreamClient {
     /// Sends `req` (origin-form URI) to `backend`, on an idle connection if
     /// there is one. A repeatable request that a reused connection fails
     /// before any answer (the backend closed it as it was taken) goes out
-    /// again, on the next idle connection or a new one.
+    /// once more, on a new connection.
     pub async fn request(
         &self,
         backend: &BackendUrl,
@@ -112,9 +112,13 @@ impl UpstreamClient {
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let mut out = Outgoing::new(req);
         loop_turn::after_others().await;
-        while let Some(conn) = self.pool.take(backend) {
+        if let Some(conn) = self.pool.take(backend) {
             match conn.exchange(&mut out).await {
                 Ok((parts, reader)) => return Ok(self.lend(parts, reader, backend)),
+                // Once only, on a new connection: a backend that closes on
+                // this request every time (one that crashes on it) must not
+                // get it again and again. Closed idle connections were
+                // already passed over by `take`.
                 Err(Failed { retry: true, error }) => {
                     debug!(%error, "reused backend connection was closed; sending again")
                 }

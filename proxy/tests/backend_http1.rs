@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use dynamicproxy_proxy::Config;
+use futures::StreamExt;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -21,6 +22,8 @@ struct ScriptedBackend {
     addr: SocketAddr,
     /// Connections accepted.
     opened: Arc<AtomicUsize>,
+    /// Request heads received.
+    requests: Arc<AtomicUsize>,
 }
 
 /// What the backend does with the n-th request on a connection.
@@ -32,21 +35,31 @@ enum Script {
     /// any later one unanswered (as a backend whose keep-alive timeout ran
     /// out as the request came).
     DropSecond { reply: &'static [u8] },
+    /// Answers `reply` after 300 ms, but closes the connection unanswered on
+    /// a request for `/crash` (a backend that crashes on it).
+    CrashOnOnePath { reply: &'static [u8] },
+    /// Sends `103 Early Hints` as soon as a head has come, then reads the
+    /// body and answers how many bytes it got.
+    EarlyHintsThenCount,
 }
 
 impl ScriptedBackend {
     async fn start(script: Script) -> ScriptedBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let opened = Arc::new(AtomicUsize::new(0));
-        let counter = opened.clone();
+        let (opened, requests) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (counter, heads) = (opened.clone(), requests.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(serve(stream, script));
+                tokio::spawn(serve(stream, script, heads.clone()));
             }
         });
-        ScriptedBackend { addr, opened }
+        ScriptedBackend { addr, opened, requests }
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
     }
 
     fn url(&self) -> String {
@@ -58,7 +71,7 @@ impl ScriptedBackend {
     }
 }
 
-async fn serve(mut stream: TcpStream, script: Script) {
+async fn serve(mut stream: TcpStream, script: Script, requests: Arc<AtomicUsize>) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let mut served = 0;
@@ -76,6 +89,18 @@ async fn serve(mut stream: TcpStream, script: Script) {
             .find_map(|l| l.strip_prefix("content-length: "))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0);
+        requests.fetch_add(1, Ordering::SeqCst);
+        if matches!(script, Script::CrashOnOnePath { .. }) {
+            if head.starts_with("get /crash ") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        if matches!(script, Script::EarlyHintsThenCount)
+            && stream.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n").await.is_err()
+        {
+            return;
+        }
         while buf.len() < end + 4 + length {
             match stream.read(&mut chunk).await {
                 Ok(0) | Err(_) => return,
@@ -84,10 +109,16 @@ async fn serve(mut stream: TcpStream, script: Script) {
         }
         buf.drain(..end + 4 + length);
         served += 1;
+        let counted;
         let (reply, close) = match script {
             Script::Reply { reply, close } => (reply, close),
             Script::DropSecond { .. } if served > 1 => return,
-            Script::DropSecond { reply } => (reply, false),
+            Script::DropSecond { reply } | Script::CrashOnOnePath { reply } => (reply, false),
+            Script::EarlyHintsThenCount => {
+                let text = format!("got {length} bytes");
+                counted = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}", text.len()).into_bytes();
+                (&counted[..], false)
+            }
         };
         if stream.write_all(reply).await.is_err() || close {
             return;
@@ -103,9 +134,14 @@ async fn proxy_to(backend: &ScriptedBackend) -> Proxy {
 
 /// The status and body a client gets, or the error that cut the body.
 async fn fetch(proxy: &Proxy, method: &str, body: &'static str) -> (u16, Result<String, String>) {
+    fetch_at(proxy, method, "/", body).await
+}
+
+/// As [`fetch`], for `path`.
+async fn fetch_at(proxy: &Proxy, method: &str, path: &str, body: &'static str) -> (u16, Result<String, String>) {
     let request = hyper::Request::builder()
         .method(method)
-        .uri(format!("http://{}/", proxy.http))
+        .uri(format!("http://{}{path}", proxy.http))
         .header("host", "foo.toolforge.org")
         .header("user-agent", "t")
         .body(http_body_util::Full::new(bytes::Bytes::from_static(body.as_bytes())))
@@ -240,4 +276,46 @@ async fn a_get_on_a_connection_closed_as_it_was_taken_goes_out_again_but_a_post_
     let (status, _) = fetch(&proxy, "POST", "data").await;
     assert_eq!(status, 502);
     assert_eq!(backend.opened(), 2);
+}
+
+#[tokio::test]
+async fn a_get_is_sent_again_once_only() {
+    let backend =
+        ScriptedBackend::start(Script::CrashOnOnePath { reply: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" })
+            .await;
+    let proxy = proxy_to(&backend).await;
+    // Four requests at once leave four idle connections in the pool.
+    let answers = futures::future::join_all((0..4).map(|_| fetch(&proxy, "GET", ""))).await;
+    assert!(answers.iter().all(|answer| answer.0 == 200), "{answers:?}");
+    assert_eq!(backend.opened(), 4);
+    // The backend closes on this request every time: it goes out on one
+    // idle connection and then on one new one, not on every idle one.
+    let (status, _) = fetch_at(&proxy, "GET", "/crash", "").await;
+    assert_eq!(status, 502);
+    assert_eq!(backend.requests(), 4 + 2, "the failing request went out twice, no more");
+}
+
+#[tokio::test]
+async fn early_hints_during_an_upload_do_not_stop_it() {
+    let backend = ScriptedBackend::start(Script::EarlyHintsThenCount).await;
+    let proxy = proxy_to(&backend).await;
+    // The body comes in two parts, the second well after the backend's 103.
+    let parts = Box::pin(futures::stream::iter([b"01234", b"56789"]).then(|part| async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from_static(part)))
+    }));
+    let request = hyper::Request::post(format!("http://{}/upload", proxy.http))
+        .header("host", "foo.toolforge.org")
+        .header("user-agent", "t")
+        .header("content-length", "10")
+        .body(http_body_util::StreamBody::new(parts))
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
+        .await
+        .expect("answer within 10 s")
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"got 10 bytes");
 }
