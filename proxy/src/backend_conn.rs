@@ -561,8 +561,10 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> io::Result<Parsed> {
                 return Err(malformed("conflicting Content-Length values"));
             }
             if length.is_none() {
-                // One value, as the number it means (`5, 5` goes on as `5`).
-                headers.append(name, HeaderValue::from(n));
+                // One value, as the number it means: `5, 5` goes on as `5`
+                // (made anew only then: the usual value shares the head's bytes).
+                let value = if value.as_bytes().contains(&b',') { HeaderValue::from(n) } else { value };
+                headers.append(name, value);
             }
             length = Some(n);
             continue;
