@@ -22,7 +22,7 @@ use crate::body::LimitedBody;
 use crate::buffers::UPSTREAM_MAX_BUF;
 use crate::chunked::{Chunk, ChunkedDecoder};
 use crate::error::BoxError;
-use crate::upstream::UpstreamIo;
+use crate::upstream::{UpstreamError, UpstreamIo};
 
 /// Header fields a backend's response head may carry (hyper's limit).
 const MAX_HEADERS: usize = 100;
@@ -90,23 +90,12 @@ enum Sent {
     AnsweredEarly,
 }
 
-/// Why an exchange failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ExchangeError {
-    /// Writing, reading, or a malformed or oversized answer (`InvalidData`).
-    #[error("backend exchange failed")]
-    Io(#[source] io::Error),
-    /// The client's request body failed on its way (too large, paused, cut).
-    #[error("the client's request body failed")]
-    ClientBody(#[source] BoxError),
-}
-
 /// A failed exchange, and whether its request may go out again on a new
 /// connection.
 #[derive(Debug)]
 pub struct Failed {
     /// What went wrong.
-    pub error: ExchangeError,
+    pub error: UpstreamError,
     /// The backend answered nothing and the request is repeatable: a reused
     /// connection closed by its backend just as it was taken.
     pub retry: bool,
@@ -210,16 +199,16 @@ impl BackendConn {
         self.io.touch();
         let answered_early = match self.send(out).await {
             Ok(sent) => sent == Sent::AnsweredEarly,
-            Err(ExchangeError::Io(error)) if out.framing != RequestFraming::Empty => {
+            Err(UpstreamError::Exchange(error)) if out.framing != RequestFraming::Empty => {
                 // The backend may have answered and closed as the body went
                 // out: its answer is what the client needs, if it came.
                 return match self.read_head(out.is_head).await {
                     Ok((parts, framing, _)) => Ok((parts, BodyReader::new(self, framing, false))),
-                    Err(_) => Err(Failed { error: ExchangeError::Io(error), retry: false }),
+                    Err(_) => Err(Failed { error: UpstreamError::Exchange(error), retry: false }),
                 };
             }
             Err(error) => {
-                let retry = out.repeatable && matches!(&error, ExchangeError::Io(e) if closed_by_peer(e));
+                let retry = out.repeatable && matches!(&error, UpstreamError::Exchange(e) if closed_by_peer(e));
                 return Err(Failed { error, retry });
             }
         };
@@ -230,7 +219,7 @@ impl BackendConn {
             }
             Err((error, answered)) => {
                 let retry = out.repeatable && !answered && closed_by_peer(&error);
-                Err(Failed { error: ExchangeError::Io(error), retry })
+                Err(Failed { error: UpstreamError::Exchange(error), retry })
             }
         }
     }
@@ -243,11 +232,10 @@ impl BackendConn {
     /// While the body goes out, the backend is read too: one that answers
     /// before it has the whole body (a 401, a 413) stops the upload, and its
     /// answer goes to the client (`Sent::AnsweredEarly`).
-    async fn send(&mut self, out: &mut Outgoing) -> Result<Sent, ExchangeError> {
-        let io = |e| ExchangeError::Io(e);
+    async fn send(&mut self, out: &mut Outgoing) -> Result<Sent, UpstreamError> {
         if out.framing == RequestFraming::Empty {
-            self.io.write_all(&out.head).await.map_err(io)?;
-            self.io.flush().await.map_err(io)?;
+            self.io.write_all(&out.head).await.map_err(UpstreamError::Exchange)?;
+            self.io.flush().await.map_err(UpstreamError::Exchange)?;
             return Ok(Sent::Whole);
         }
         self.watching = true;
@@ -261,7 +249,7 @@ impl BackendConn {
         let mut first = match first {
             Some(frame) => Some(frame),
             None => {
-                if self.write_unless_answered(&pending).await.map_err(io)? {
+                if self.write_unless_answered(&pending).await.map_err(UpstreamError::Exchange)? {
                     return Ok(Sent::AnsweredEarly);
                 }
                 pending.clear();
@@ -277,7 +265,7 @@ impl BackendConn {
                 },
             };
             let Some(frame) = frame else { break };
-            let frame = frame.map_err(ExchangeError::ClientBody)?;
+            let frame = frame.map_err(UpstreamError::ClientBody)?;
             // Trailers are dropped, as hyper's client did without a `Trailer` header.
             let Ok(data) = frame.into_data() else { continue };
             if data.is_empty() {
@@ -293,7 +281,7 @@ impl BackendConn {
                 }
                 _ => pending.extend_from_slice(&data),
             }
-            if self.write_unless_answered(&pending).await.map_err(io)? {
+            if self.write_unless_answered(&pending).await.map_err(UpstreamError::Exchange)? {
                 return Ok(Sent::AnsweredEarly);
             }
             pending.clear();
@@ -303,10 +291,10 @@ impl BackendConn {
             RequestFraming::Chunked => pending.extend_from_slice(b"0\r\n\r\n"),
             _ => {}
         }
-        if self.write_unless_answered(&pending).await.map_err(io)? {
+        if self.write_unless_answered(&pending).await.map_err(UpstreamError::Exchange)? {
             return Ok(Sent::AnsweredEarly);
         }
-        self.io.flush().await.map_err(io)?;
+        self.io.flush().await.map_err(UpstreamError::Exchange)?;
         Ok(Sent::Whole)
     }
 
@@ -477,8 +465,8 @@ fn closed_by_peer(error: &io::Error) -> bool {
     )
 }
 
-fn body_length_error() -> ExchangeError {
-    ExchangeError::ClientBody(Box::new(io::Error::new(
+fn body_length_error() -> UpstreamError {
+    UpstreamError::ClientBody(Box::new(io::Error::new(
         io::ErrorKind::InvalidData,
         "request body length differs from its Content-Length",
     )))
@@ -530,14 +518,10 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> io::Result<Parsed> {
             let value = field.value.as_ptr() as usize - base;
             *span = [name as u32, (name + field.name.len()) as u32, value as u32, (value + field.value.len()) as u32];
         }
-        // A reason phrase other than the status's own is passed on, as
-        // hyper's client did: kept as where it lies in the head.
-        let code = response.code.unwrap_or(0);
-        let reason = response
-            .reason
-            .filter(|r| !r.is_empty() && StatusCode::from_u16(code).ok().and_then(|s| s.canonical_reason()) != Some(*r))
-            .map(|r| (r.as_ptr() as usize - base, r.len()));
-        (len, code, response.version.unwrap_or(1), response.headers.len(), reason)
+        // Where the reason phrase lies in the head: one other than the
+        // status's own is passed on, as hyper's client did.
+        let reason = response.reason.filter(|r| !r.is_empty()).map(|r| (r.as_ptr() as usize - base, r.len()));
+        (len, response.code.unwrap_or(0), response.version.unwrap_or(1), response.headers.len(), reason)
     };
     if (100..200).contains(&code) && code != 101 {
         buf.advance(len);
@@ -615,6 +599,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> io::Result<Parsed> {
     parts.version = version;
     parts.headers = headers;
     if let Some((start, len)) = reason
+        && status.canonical_reason().map(str::as_bytes) != head.get(start..start + len)
         && let Ok(reason) = hyper::ext::ReasonPhrase::try_from(head.slice(start..start + len))
     {
         parts.extensions.insert(reason);

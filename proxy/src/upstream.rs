@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::backend_conn::{BackendConn, BodyReader, ExchangeError, Failed, Outgoing};
+use crate::backend_conn::{BackendConn, BodyReader, Failed, Outgoing};
 use crate::backend_tls::{BackendTls, untrusted_cause};
 use crate::body::{LimitedBody, TooLarge};
 use crate::egress::{Egress, denied_cause};
@@ -76,15 +76,6 @@ impl UpstreamError {
     }
 }
 
-impl From<ExchangeError> for UpstreamError {
-    fn from(error: ExchangeError) -> Self {
-        match error {
-            ExchangeError::Io(error) => UpstreamError::Exchange(error),
-            ExchangeError::ClientBody(error) => UpstreamError::ClientBody(error),
-        }
-    }
-}
-
 impl UpstreamClient {
     /// A client with an empty pool; must be called on the event loop that
     /// will use it, where its sweeper runs.
@@ -122,7 +113,7 @@ impl UpstreamClient {
                 Err(Failed { retry: true, error }) => {
                     debug!(%error, "reused backend connection was closed; sending again")
                 }
-                Err(Failed { error, .. }) => return Err(error.into()),
+                Err(Failed { error, .. }) => return Err(error),
             }
         }
         // Boxed: opening a connection (connect, TLS) is rare on a warm pool,
@@ -130,7 +121,7 @@ impl UpstreamClient {
         let conn = Box::pin(self.open(backend)).await?;
         match conn.exchange(&mut out).await {
             Ok((parts, reader)) => Ok(self.lend(parts, reader, backend)),
-            Err(Failed { error, .. }) => Err(error.into()),
+            Err(Failed { error, .. }) => Err(error),
         }
     }
 
