@@ -114,7 +114,9 @@ impl Outgoing {
     /// follows hyper's client, which it replaces: the client's
     /// `Content-Length` when it sent one, the body's known length, nothing for
     /// a `GET`, `HEAD` or `CONNECT` of unknown length, chunked otherwise.
-    pub fn new(req: Request<LimitedBody>) -> Self {
+    /// `added` is header lines (`name: value\r\n`), written after the
+    /// request's own.
+    pub fn new(req: Request<LimitedBody>, added: &[u8]) -> Self {
         let (mut parts, body) = req.into_parts();
         let framing = if body.is_end_stream() {
             RequestFraming::Empty
@@ -131,7 +133,7 @@ impl Outgoing {
             RequestFraming::Chunked
         };
         let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let mut head = Vec::with_capacity(64 + target.len() + parts.headers.len() * 32);
+        let mut head = Vec::with_capacity(64 + target.len() + parts.headers.len() * 32 + added.len());
         head.extend_from_slice(parts.method.as_str().as_bytes());
         head.push(b' ');
         head.extend_from_slice(target.as_bytes());
@@ -142,6 +144,7 @@ impl Outgoing {
             head.extend_from_slice(value.as_bytes());
             head.extend_from_slice(b"\r\n");
         }
+        head.extend_from_slice(added);
         head.extend_from_slice(b"\r\n");
         Outgoing {
             head,
@@ -849,15 +852,15 @@ mod tests {
     }
 
     #[test]
-    fn a_bodiless_request_head_is_written_as_the_map_holds_it() {
+    fn a_bodiless_request_head_is_written_as_the_map_holds_it_then_the_added_lines() {
         let mut request = Request::new(LimitedBody::empty());
         *request.uri_mut() = "/a/b?c=d".parse().unwrap();
         request.headers_mut().insert("host", HeaderValue::from_static("foo.toolforge.org"));
-        request.headers_mut().insert("x-forwarded-for", HeaderValue::from_static("192.0.2.1"));
-        let out = Outgoing::new(request);
+        request.headers_mut().insert("accept", HeaderValue::from_static("*/*"));
+        let out = Outgoing::new(request, b"x-forwarded-for: 192.0.2.1\r\n");
         assert_eq!(
             String::from_utf8_lossy(&out.head),
-            "GET /a/b?c=d HTTP/1.1\r\nhost: foo.toolforge.org\r\nx-forwarded-for: 192.0.2.1\r\n\r\n"
+            "GET /a/b?c=d HTTP/1.1\r\nhost: foo.toolforge.org\r\naccept: */*\r\nx-forwarded-for: 192.0.2.1\r\n\r\n"
         );
         assert_eq!(out.framing, RequestFraming::Empty);
         assert!(out.repeatable);

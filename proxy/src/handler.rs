@@ -338,10 +338,11 @@ async fn forward(
     let gzip_ok = shared.gzip && compress::accepts_gzip(req.headers());
     // Built outside this future: what a function borrows while it builds
     // stays in its future's state across the exchange below.
-    let Upstream { request, replay, client_upgrade } = upstream_request(shared, conn, req, host, raw_host_value, ctx)?;
+    let Upstream { request, added, replay, client_upgrade } =
+        upstream_request(shared, conn, req, host, raw_host_value, ctx)?;
 
     let sent = clock::now();
-    let mut result = conn.pool.request(backend, request).await;
+    let mut result = conn.pool.request(backend, request, &added).await;
     if let Some(replay) = replay
         && result.as_ref().is_err_and(hold::refused)
     {
@@ -352,7 +353,7 @@ async fn forward(
             *again.method_mut() = method;
             *again.headers_mut() = headers;
             *again.uri_mut() = uri;
-            result = conn.pool.request(&next, again).await;
+            result = conn.pool.request(&next, again, &added).await;
             ctx.upstream = Some(next);
         }
     }
@@ -431,6 +432,8 @@ async fn forward(
 /// of it for after the exchange.
 struct Upstream {
     request: Request<LimitedBody>,
+    /// The header lines the proxy adds to the request's head.
+    added: Vec<u8>,
     /// The head again, for a bodiless request a refusing backend lets the
     /// proxy send elsewhere (`hold_secs`); boxed, as it is rarely there.
     replay: Option<Box<(Uri, Method, http::HeaderMap)>>,
@@ -463,10 +466,11 @@ fn upstream_request(
         port: &conn.port,
         proto: conn.proto(),
         original_uri,
+        request_id: &ctx.request_id,
+        traceparent: &ctx.trace.traceparent(),
+        keep_tracestate: ctx.trace.keeps_tracestate(),
     };
-    headers::to_upstream(&mut parts.headers, &fwd, upgrade);
-    parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
-    ctx.trace.to_upstream(&mut parts.headers);
+    let added = headers::to_upstream(&mut parts.headers, &fwd, upgrade);
     if parts.version == Version::HTTP_2 {
         headers::join_cookies(&mut parts.headers);
     }
@@ -477,7 +481,7 @@ fn upstream_request(
         .then(|| Box::new((parts.uri.clone(), parts.method.clone(), parts.headers.clone())));
     let request =
         Request::from_parts(parts, LimitedBody::new(body, shared.max_body).with_pause_limit(shared.body_timeout));
-    Ok(Upstream { request, replay, client_upgrade })
+    Ok(Upstream { request, added, replay, client_upgrade })
 }
 
 /// The request line's target as the backend gets it: the path and query

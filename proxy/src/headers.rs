@@ -6,6 +6,9 @@ use std::net::IpAddr;
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::request_id::X_REQUEST_ID;
+use crate::trace_context::{TRACEPARENT, TRACESTATE};
+
 /// `X-Forwarded-Host`.
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// `X-Forwarded-Port`.
@@ -31,10 +34,15 @@ static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// would let one tool register a service worker over every tool's paths.
 static SERVICE_WORKER_ALLOWED: HeaderName = HeaderName::from_static("service-worker-allowed");
 
+// Statics of the names other modules keep as constants, for the table below.
+static X_REQUEST_ID_NAME: HeaderName = X_REQUEST_ID;
+static TRACEPARENT_NAME: HeaderName = TRACEPARENT;
+static TRACESTATE_NAME: HeaderName = TRACESTATE;
+
 /// Every name the proxy strips from a message, in one table: a message is
 /// checked with one pass over its names, where a lookup per listed name
 /// hashed each of them on every request.
-static STRIPPED: [&HeaderName; 15] = [
+static STRIPPED: [&HeaderName; 23] = [
     // Hop-by-hop (RFC 9110 §7.6.1 and the usual legacy ones): they describe
     // one connection and never cross the proxy.
     &header::CONNECTION,
@@ -55,16 +63,32 @@ static STRIPPED: [&HeaderName; 15] = [
     &header::EXPECT,
     // From a backend only.
     &SERVICE_WORKER_ALLOWED,
+    // From a client, what the proxy itself sets: written into the head
+    // after the client's headers (see [`to_upstream`]).
+    &X_FORWARDED_HOST,
+    &X_FORWARDED_PORT,
+    &X_FORWARDED_PROTO,
+    &X_ORIGINAL_URI,
+    &X_REQUEST_ID_NAME,
+    &TRACEPARENT_NAME,
+    &TRACESTATE_NAME,
+    &X_FORWARDED_FOR,
 ];
 
 /// Bits of [`STRIPPED`]: the hop-by-hop names.
-const HOP_BY_HOP: u16 = 0x03ff;
-/// Bits of [`STRIPPED`]: what a request loses on its way to a backend.
-const FROM_CLIENT: u16 = HOP_BY_HOP | 0b1111 << 10;
+const HOP_BY_HOP: u32 = 0x03ff;
+/// Bits of [`STRIPPED`]: what a request loses on its way to a backend, but
+/// for `tracestate` (kept when the client's trace goes on) and
+/// `X-Forwarded-For` (extended).
+const FROM_CLIENT: u32 = HOP_BY_HOP | 0b1111 << 10 | 0b11_1111 << 15;
 /// Bits of [`STRIPPED`]: what a response loses on its way to the client.
-const FROM_BACKEND: u16 = HOP_BY_HOP | 1 << 14;
+const FROM_BACKEND: u32 = HOP_BY_HOP | 1 << 14;
 /// The bit of `Connection` in [`STRIPPED`].
-const CONNECTION_BIT: u16 = 1;
+const CONNECTION_BIT: u32 = 1;
+/// The bit of `tracestate` in [`STRIPPED`].
+const TRACESTATE_BIT: u32 = 1 << 21;
+/// The bit of `X-Forwarded-For` in [`STRIPPED`].
+const X_FORWARDED_FOR_BIT: u32 = 1 << 22;
 
 /// `name`'s place in [`STRIPPED`], in any case. Matched by length first:
 /// most names a message carries are none of these, and are told apart by
@@ -76,10 +100,13 @@ fn stripped_index(name: &str) -> Option<u32> {
         6 => &[13],
         7 => &[4, 6],
         9 => &[11, 12],
-        10 => &[0, 1],
-        14 => &[9],
-        16 => &[2],
-        17 => &[5],
+        10 => &[0, 1, 21],
+        11 => &[20],
+        12 => &[19],
+        14 => &[9, 18],
+        15 => &[22],
+        16 => &[2, 15, 16],
+        17 => &[5, 17],
         18 => &[7],
         19 => &[8],
         22 => &[14],
@@ -89,17 +116,18 @@ fn stripped_index(name: &str) -> Option<u32> {
 }
 
 /// Removes the [`STRIPPED`] names selected by `which`, and, when
-/// `Connection` is among them, the headers its tokens name.
-fn strip(headers: &mut HeaderMap, which: u16) {
-    let mut present = 0u16;
+/// `Connection` is among them, the headers its tokens name. Returns the
+/// [`STRIPPED`] names the message had, removed or not.
+fn strip(headers: &mut HeaderMap, which: u32) -> u32 {
+    let mut seen = 0u32;
     for name in headers.keys() {
         if let Some(i) = stripped_index(name.as_str()) {
-            present |= 1 << i;
+            seen |= 1 << i;
         }
     }
-    present &= which;
+    let mut present = seen & which;
     if present == 0 {
-        return;
+        return seen;
     }
     if present & CONNECTION_BIT != 0 {
         // Cloned values share the parsed head's bytes, and a second
@@ -128,6 +156,7 @@ fn strip(headers: &mut HeaderMap, which: u16) {
         present &= present - 1;
         headers.remove(STRIPPED[i as usize]);
     }
+    seen
 }
 
 /// Removes from a backend's response what never reaches the client: the
@@ -137,7 +166,8 @@ pub fn from_upstream(headers: &mut HeaderMap) {
     strip(headers, FROM_BACKEND);
 }
 
-/// The connection a request came in on, as the backend is told about it.
+/// What a backend is told about a request: the connection it came in on,
+/// its id and its trace.
 pub struct Forwarded<'a> {
     /// The client's address, as a header value made once per connection.
     pub client_ip: &'a HeaderValue,
@@ -149,53 +179,74 @@ pub struct Forwarded<'a> {
     pub proto: &'static str,
     /// The raw request URI.
     pub original_uri: &'a str,
+    /// `X-Request-Id`.
+    pub request_id: &'a HeaderValue,
+    /// `traceparent`: the client's trace, or a new one, with the proxy's span.
+    pub traceparent: &'a [u8],
+    /// The client's `tracestate` goes on: its trace is continued.
+    pub keep_tracestate: bool,
 }
 
 /// Rewrites a client request's headers for the backend: hop-by-hop and
-/// `Proxy` dropped, `Expect` handled here, `X-Forwarded-*` and
-/// `X-Original-URI` set (client copies replaced, `X-Forwarded-For`
-/// appended), `Forwarded` and `X-Real-IP` dropped, the upgrade kept when
-/// `upgrade` is given. `Host` is the normalised host, as nginx's
-/// `proxy_set_header Host $host`: tools compare it with their own name, and
-/// HTTP/2 clients send `:authority` only.
-pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, upgrade: Option<HeaderValue>) {
-    strip(headers, FROM_CLIENT);
+/// `Proxy` dropped, `Expect` handled here, `Forwarded` and `X-Real-IP`
+/// dropped, the upgrade kept when `upgrade` is given. `Host` is the
+/// normalised host, as nginx's `proxy_set_header Host $host`: tools compare
+/// it with their own name, and HTTP/2 clients send `:authority` only.
+///
+/// Returns the header lines the proxy adds, each `name: value\r\n`, for
+/// the request head: `X-Forwarded-*` and `X-Original-URI` (the client's
+/// copies removed, a client's `X-Forwarded-For` extended), `X-Request-Id`
+/// and `traceparent`. Written straight into the head, they cost no hash,
+/// insert or copy into the header map on every request.
+pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, upgrade: Option<HeaderValue>) -> Vec<u8> {
+    let which = if fwd.keep_tracestate { FROM_CLIENT } else { FROM_CLIENT | TRACESTATE_BIT };
+    // `X-Forwarded-For` is left for below; a `Connection` field naming it
+    // has removed it already.
+    let seen = strip(headers, which);
     if let Some(upgrade) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, upgrade);
     }
-
-    // Usually the client sent none: the connection's own value is shared.
-    match headers.entry(&X_FORWARDED_FOR) {
-        header::Entry::Vacant(vacant) => {
-            vacant.insert(fwd.client_ip.clone());
-        }
-        header::Entry::Occupied(mut previous) => {
-            let mut xff = BytesMut::with_capacity(48);
-            for previous in previous.iter().filter(|v| !v.is_empty()) {
-                xff.put_slice(previous.as_bytes());
-                xff.put_slice(b", ");
-            }
-            xff.put_slice(fwd.client_ip.as_bytes());
-            match HeaderValue::from_maybe_shared(xff.freeze()) {
-                Ok(joined) => {
-                    previous.insert(joined);
-                }
-                Err(_) => {
-                    previous.remove_entry_mult();
-                }
-            }
-        }
-    }
-    headers.insert(X_FORWARDED_HOST.clone(), fwd.host.clone());
     // Usually the client's one `Host` is that already, and is left in place.
     let mut hosts = headers.get_all(header::HOST).iter();
     if !(hosts.next() == Some(fwd.host) && hosts.next().is_none()) {
         headers.insert(header::HOST, fwd.host.clone());
     }
-    headers.insert(X_FORWARDED_PORT.clone(), fwd.port.clone());
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(fwd.proto));
-    set(headers, &X_ORIGINAL_URI, HeaderValue::from_str(fwd.original_uri).ok());
+
+    let mut lines = Vec::with_capacity(ADDED_LINES_LEN + fwd.host.len() + fwd.original_uri.len());
+    // Usually the client sent none: the connection's own value alone.
+    lines.extend_from_slice(b"x-forwarded-for: ");
+    if seen & X_FORWARDED_FOR_BIT != 0 {
+        for previous in headers.get_all(&X_FORWARDED_FOR).iter().filter(|v| !v.is_empty()) {
+            lines.extend_from_slice(previous.as_bytes());
+            lines.extend_from_slice(b", ");
+        }
+        headers.remove(&X_FORWARDED_FOR);
+    }
+    lines.extend_from_slice(fwd.client_ip.as_bytes());
+    lines.extend_from_slice(b"\r\n");
+    add_line(&mut lines, &X_FORWARDED_HOST, fwd.host.as_bytes());
+    add_line(&mut lines, &X_FORWARDED_PORT, fwd.port.as_bytes());
+    add_line(&mut lines, &X_FORWARDED_PROTO, fwd.proto.as_bytes());
+    // A URI is always a valid field value; one that is not is left out,
+    // never sent broken.
+    if fwd.original_uri.bytes().all(|b| b == b'\t' || (b >= b' ' && b != 0x7f)) {
+        add_line(&mut lines, &X_ORIGINAL_URI, fwd.original_uri.as_bytes());
+    }
+    add_line(&mut lines, &X_REQUEST_ID, fwd.request_id.as_bytes());
+    add_line(&mut lines, &TRACEPARENT, fwd.traceparent);
+    lines
+}
+
+/// About what the added lines take but for the host and the URI.
+const ADDED_LINES_LEN: usize = 224;
+
+/// Appends the line `name: value`.
+fn add_line(lines: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
+    lines.extend_from_slice(name.as_str().as_bytes());
+    lines.extend_from_slice(b": ");
+    lines.extend_from_slice(value);
+    lines.extend_from_slice(b"\r\n");
 }
 
 /// Joins an HTTP/2 request's `Cookie` fields into one with `; ` (RFC 9113
@@ -216,17 +267,6 @@ pub fn join_cookies(headers: &mut HeaderMap) {
     }
     if let Ok(value) = HeaderValue::from_maybe_shared(joined.freeze()) {
         headers.insert(header::COOKIE, value);
-    }
-}
-
-fn set(headers: &mut HeaderMap, name: &HeaderName, value: Option<HeaderValue>) {
-    match value {
-        Some(value) => {
-            headers.insert(name.clone(), value);
-        }
-        None => {
-            headers.remove(name);
-        }
     }
 }
 
@@ -263,6 +303,34 @@ pub fn rewrite_location(headers: &mut HeaderMap, host: &str, proto: &'static str
 mod tests {
     use super::*;
 
+    /// `to_upstream`, with the lines it adds put into the map, as the
+    /// backend reads them.
+    fn forward(headers: &mut HeaderMap, fwd: &Forwarded<'_>, upgrade: Option<HeaderValue>) {
+        let lines = to_upstream(headers, fwd, upgrade);
+        let text = std::str::from_utf8(&lines).unwrap();
+        assert!(text.ends_with("\r\n"), "{text:?}");
+        for line in text.trim_end_matches("\r\n").split("\r\n") {
+            let (name, value) = line.split_once(": ").unwrap();
+            headers.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+        }
+    }
+
+    static ID: HeaderValue = HeaderValue::from_static("id-1");
+    const TRACE: &[u8] = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn fwd<'a>(client_ip: &'a HeaderValue, host: &'a HeaderValue, port: &'a HeaderValue) -> Forwarded<'a> {
+        Forwarded {
+            client_ip,
+            host,
+            port,
+            proto: "http",
+            original_uri: "/",
+            request_id: &ID,
+            traceparent: TRACE,
+            keep_tracestate: false,
+        }
+    }
+
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut headers = HeaderMap::new();
         for (k, v) in pairs {
@@ -286,31 +354,36 @@ mod tests {
             ("x-forwarded-proto", "spoofed"),
             ("x-forwarded-port", "1"),
             ("x-original-uri", "/spoofed"),
+            ("x-request-id", "spoofed"),
+            ("traceparent", "spoofed"),
+            ("tracestate", "spoofed"),
             ("forwarded", "for=10.9.9.9;proto=https"),
             ("x-real-ip", "10.9.9.9"),
             ("user-agent", "ua"),
         ]);
         let port = HeaderValue::from_static("8080");
         let client = client_ip_value("192.0.2.7".parse().unwrap());
-        let fwd = Forwarded {
-            client_ip: &client,
-            host: &HeaderValue::from_static("foo.toolforge.org"),
-            port: &port,
-            proto: "http",
-            original_uri: "/a?b=c",
-        };
-        to_upstream(&mut headers, &fwd, None);
+        let host = HeaderValue::from_static("foo.toolforge.org");
+        let fwd = Forwarded { original_uri: "/a?b=c", ..fwd(&client, &host, &port) };
+        forward(&mut headers, &fwd, None);
         assert_eq!(headers["host"], "foo.toolforge.org");
         assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 192.0.2.7");
         assert_eq!(headers["x-forwarded-host"], "foo.toolforge.org");
         assert_eq!(headers["x-forwarded-proto"], "http");
         assert_eq!(headers["x-forwarded-port"], "8080");
         assert_eq!(headers["x-original-uri"], "/a?b=c");
+        assert_eq!(headers["x-request-id"], "id-1");
+        assert_eq!(headers["traceparent"].as_bytes(), TRACE);
         assert_eq!(headers["user-agent"], "ua");
-        for gone in ["connection", "x-private", "keep-alive", "proxy", "te", "forwarded", "x-real-ip"] {
+        for gone in ["connection", "x-private", "keep-alive", "proxy", "te", "forwarded", "x-real-ip", "tracestate"] {
             assert!(!headers.contains_key(gone), "{gone}");
         }
-        assert_eq!(headers.get_all("x-forwarded-host").iter().count(), 1);
+        for once in ["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port", "x-original-uri"] {
+            assert_eq!(headers.get_all(once).iter().count(), 1, "{once}");
+        }
+        for once in ["x-request-id", "traceparent"] {
+            assert_eq!(headers.get_all(once).iter().count(), 1, "{once}");
+        }
     }
 
     #[test]
@@ -318,10 +391,10 @@ mod tests {
         let port = HeaderValue::from_static("443");
         let client = client_ip_value("192.0.2.7".parse().unwrap());
         let host = HeaderValue::from_static("foo.toolforge.org");
-        let fwd = Forwarded { client_ip: &client, host: &host, port: &port, proto: "https", original_uri: "/" };
+        let fwd = Forwarded { proto: "https", ..fwd(&client, &host, &port) };
         for sent in [&[][..], &["foo.toolforge.org"], &["FOO.toolforge.org"], &["foo.toolforge.org", "evil.example"]] {
             let mut headers = map(&sent.iter().map(|h| ("host", *h)).collect::<Vec<_>>());
-            to_upstream(&mut headers, &fwd, None);
+            forward(&mut headers, &fwd, None);
             let hosts: Vec<_> = headers.get_all("host").iter().collect();
             assert_eq!(hosts, ["foo.toolforge.org"], "{sent:?}");
         }
@@ -348,7 +421,7 @@ mod tests {
             assert_eq!(stripped_index(name.as_str()), Some(i as u32), "{name}");
         }
         assert_eq!(stripped_index("Keep-Alive"), Some(1));
-        for other in ["host", "user-agent", "x-forwarded-for", "te2", "proxy-connectio", "cookie", ""] {
+        for other in ["host", "user-agent", "x-forwarded-fo", "te2", "proxy-connectio", "cookie", ""] {
             assert_eq!(stripped_index(other), None, "{other}");
         }
     }
@@ -377,16 +450,32 @@ mod tests {
         let port = HeaderValue::from_static("80");
         let client = client_ip_value("192.0.2.7".parse().unwrap());
         let host = HeaderValue::from_static("h");
-        let fwd = Forwarded { client_ip: &client, host: &host, port: &port, proto: "http", original_uri: "/" };
+        let fwd = fwd(&client, &host, &port);
         let mut headers = map(&[]);
-        to_upstream(&mut headers, &fwd, None);
+        forward(&mut headers, &fwd, None);
         assert_eq!(headers["x-forwarded-for"], "192.0.2.7");
         let mut headers = map(&[("x-forwarded-for", "10.0.0.1")]);
-        to_upstream(&mut headers, &fwd, None);
+        forward(&mut headers, &fwd, None);
         assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
         let mut headers = map(&[("x-forwarded-for", "")]);
-        to_upstream(&mut headers, &fwd, None);
+        forward(&mut headers, &fwd, None);
         assert_eq!(headers["x-forwarded-for"], "192.0.2.7");
+        // A client naming it in `Connection` loses its own, as any hop-by-hop one.
+        let mut headers = map(&[("connection", "X-Forwarded-For"), ("x-forwarded-for", "10.0.0.1")]);
+        forward(&mut headers, &fwd, None);
+        assert_eq!(headers.get_all("x-forwarded-for").iter().collect::<Vec<_>>(), ["192.0.2.7"]);
+    }
+
+    #[test]
+    fn a_continued_trace_keeps_its_state_and_a_uri_that_is_no_field_value_is_left_out() {
+        let port = HeaderValue::from_static("80");
+        let client = client_ip_value("192.0.2.7".parse().unwrap());
+        let host = HeaderValue::from_static("h");
+        let fwd = Forwarded { keep_tracestate: true, original_uri: "/a\x7fb", ..fwd(&client, &host, &port) };
+        let mut headers = map(&[("tracestate", "congo=t61rcWkgMzE"), ("x-original-uri", "/spoofed")]);
+        forward(&mut headers, &fwd, None);
+        assert_eq!(headers["tracestate"], "congo=t61rcWkgMzE");
+        assert!(!headers.contains_key("x-original-uri"));
     }
 
     #[test]
@@ -408,8 +497,8 @@ mod tests {
         let port = HeaderValue::from_static("80");
         let client = client_ip_value("::1".parse().unwrap());
         let host = HeaderValue::from_static("h");
-        let fwd = Forwarded { client_ip: &client, host: &host, port: &port, proto: "http", original_uri: "/" };
-        to_upstream(&mut headers, &fwd, Some(HeaderValue::from_static("websocket")));
+        let fwd = fwd(&client, &host, &port);
+        forward(&mut headers, &fwd, Some(HeaderValue::from_static("websocket")));
         assert_eq!(headers["connection"], "upgrade");
         assert_eq!(headers["upgrade"], "websocket");
         assert_eq!(headers["x-forwarded-for"], "::1");

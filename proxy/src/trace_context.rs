@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use std::fmt;
 
 use http::HeaderMap;
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderName;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -196,16 +196,16 @@ impl TraceContext {
         self.upstream
     }
 
-    /// Sets `traceparent` on a request going upstream; `tracestate` stays
-    /// only when the client's trace is continued (the specification forbids
-    /// keeping it next to a `traceparent` it does not belong to).
-    pub fn to_upstream(&self, headers: &mut HeaderMap) {
-        if let Ok(value) = HeaderValue::from_bytes(&self.upstream.encode()) {
-            headers.insert(TRACEPARENT, value);
-        }
-        if !self.continued {
-            headers.remove(TRACESTATE);
-        }
+    /// The `traceparent` value a request going upstream carries.
+    pub fn traceparent(&self) -> [u8; LEN] {
+        self.upstream.encode()
+    }
+
+    /// The client's `tracestate` goes upstream with the request: only when
+    /// its trace is continued (the specification forbids keeping it next to
+    /// a `traceparent` it does not belong to).
+    pub fn keeps_tracestate(&self) -> bool {
+        self.continued
     }
 }
 
@@ -229,6 +229,7 @@ fn nonzero<const N: usize>(mut draw: impl FnMut() -> [u8; N], zero: [u8; N]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -291,22 +292,20 @@ mod tests {
         headers.insert(TRACESTATE, HeaderValue::from_static("congo=t61rcWkgMzE"));
         let trace = TraceContext::from_headers(&headers);
         assert_eq!(trace.trace_id().as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
-        trace.to_upstream(&mut headers);
-        let sent = parse_traceparent(headers[TRACEPARENT].as_bytes()).unwrap();
+        let sent = parse_traceparent(&trace.traceparent()).unwrap();
         assert_eq!((sent.trace_id, sent.flags), (trace.upstream().trace_id, 1));
         assert_ne!(sent.parent_id, [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7], "the proxy's own span");
-        assert_eq!(headers[TRACESTATE], "congo=t61rcWkgMzE");
+        assert!(trace.keeps_tracestate());
 
         let mut headers = HeaderMap::new();
         headers
             .insert(TRACEPARENT, HeaderValue::from_static("00-00000000000000000000000000000000-00f067aa0ba902b7-01"));
         headers.insert(TRACESTATE, HeaderValue::from_static("congo=t61rcWkgMzE"));
         let trace = TraceContext::from_headers(&headers);
-        trace.to_upstream(&mut headers);
-        let sent = parse_traceparent(headers[TRACEPARENT].as_bytes()).unwrap();
+        let sent = parse_traceparent(&trace.traceparent()).unwrap();
         assert_eq!(sent.flags, 0);
         assert_ne!(trace.trace_id().as_str(), "00000000000000000000000000000000");
-        assert!(headers.get(TRACESTATE).is_none());
+        assert!(!trace.keeps_tracestate());
 
         // Two values: which one is meant is unknown, so neither is trusted.
         let mut headers = HeaderMap::new();

@@ -92,16 +92,18 @@ impl UpstreamClient {
         UpstreamClient { pool, connector }
     }
 
-    /// Sends `req` (origin-form URI) to `backend`, on an idle connection if
-    /// there is one. A repeatable request that a reused connection fails
-    /// before any answer (the backend closed it as it was taken) goes out
-    /// once more, on a new connection.
+    /// Sends `req` (origin-form URI), with the header lines `added` after
+    /// its own, to `backend`, on an idle connection if there is one. A
+    /// repeatable request that a reused connection fails before any answer
+    /// (the backend closed it as it was taken) goes out once more, on a new
+    /// connection.
     pub async fn request(
         &self,
         backend: &BackendUrl,
         req: Request<LimitedBody>,
+        added: &[u8],
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let mut out = Outgoing::new(req);
+        let mut out = Outgoing::new(req, added);
         loop_turn::after_others().await;
         if let Some(conn) = self.pool.take(backend) {
             match conn.exchange(&mut out).await {
