@@ -532,9 +532,9 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> io::Result<Parsed> {
     }
     let status = StatusCode::from_u16(code).map_err(malformed)?;
     let head = buf.split_to(len).freeze();
-    // Room for what the proxy adds on the way out (the default
-    // `extra_headers`, HSTS, `Vary`, the request id): a map that grows
-    // later moves every entry again.
+    // Room for what the proxy adds on the way out (`Vary`, the request id,
+    // and over HTTP/2 the default `extra_headers` and HSTS): a map that
+    // grows later moves every entry again.
     let mut headers = HeaderMap::with_capacity(count + ADDED_HEADERS);
     let mut length: Option<u64> = None;
     let (mut transfer_encoding, mut chunked, mut close, mut keep_alive) = (false, false, false, false);

@@ -23,6 +23,7 @@ use crate::body::{LimitedBody, ProxyBody};
 use crate::clock;
 use crate::compress::{self, GzipBody};
 use crate::error::ProxyError;
+use crate::extra_headers::ExtraHeaders;
 use crate::fair_share::{FairShare, Slot as ShareSlot};
 use crate::headers::{self, Forwarded};
 use crate::hold::{self, Hold};
@@ -45,8 +46,6 @@ pub(crate) const HEALTHZ: &str = "/.well-known/healthz";
 const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
 /// Names why the proxy itself answered (SPEC §3 reason codes).
 pub(crate) const X_DYNAMICPROXY_REASON: HeaderName = HeaderName::from_static("x-dynamicproxy-reason");
-/// `Strict-Transport-Security` on every HTTPS response.
-const HSTS: HeaderValue = HeaderValue::from_static("max-age=31622400");
 
 /// Everything requests share, built once by `run`.
 pub(crate) struct Shared {
@@ -61,7 +60,8 @@ pub(crate) struct Shared {
     pub max_body: u64,
     /// Longest pause in a request body (`client_body_timeout_secs`).
     pub body_timeout: Duration,
-    pub extra_headers: Vec<(HeaderName, HeaderValue)>,
+    /// `extra_headers` and HSTS, added to every response.
+    pub extra_headers: ExtraHeaders,
     pub gzip: bool,
     /// Set when HTTPS is configured: plain HTTP redirects to this port.
     pub https_port: Option<u16>,
@@ -105,6 +105,12 @@ pub(crate) struct ConnInfo {
 impl ConnInfo {
     fn proto(&self) -> &'static str {
         if self.tls { "https" } else { "http" }
+    }
+
+    /// HTTP/1: the connection's writer puts `extra_headers` and HSTS into
+    /// every response head itself (`server::serve_parked`).
+    pub fn writes_extra_headers(&self) -> bool {
+        self.smuggle.is_some()
     }
 }
 
@@ -494,14 +500,14 @@ fn origin_form(uri: &Uri) -> Uri {
     uri.path_and_query().cloned().map_or_else(|| Uri::from_static("/"), Uri::from)
 }
 
-/// Extra headers (replacing the backend's copies) and HSTS.
+/// Extra headers (replacing the backend's copies) and HSTS. An HTTP/1
+/// connection's writer adds them to the head: the response only loses its
+/// own copies.
 fn apply_policy(shared: &Shared, conn: &ConnInfo, response: &mut Response<ProxyBody>) {
-    let headers = response.headers_mut();
-    for (name, value) in &shared.extra_headers {
-        headers.insert(name.clone(), value.clone());
-    }
-    if conn.tls {
-        headers.insert(header::STRICT_TRANSPORT_SECURITY, HSTS);
+    if conn.writes_extra_headers() {
+        shared.extra_headers.remove_copies(response.headers_mut(), conn.tls);
+    } else {
+        shared.extra_headers.insert_into(response.headers_mut(), conn.tls);
     }
 }
 

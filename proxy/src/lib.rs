@@ -21,6 +21,7 @@
 //! - [`host`]: Host normalisation and URI checks.
 //! - [`protect`]: bans, User-Agent/Referer block lists, per-client rate limit.
 //! - [`headers`]: request and response header rewriting.
+//! - [`extra_headers`]: `extra_headers` and HSTS on every response; HTTP/1 heads get them from hyper's writer.
 //! - [`upstream`]: the client for backends: exchanges, connect and idle timeouts, failure classification.
 //! - [`backend_conn`]: one HTTP/1.1 connection to a backend, driven by the task of the request using it.
 //! - [`upstream_pool`]: idle keep-alive connections per backend, one pool per event loop.
@@ -97,6 +98,7 @@ pub mod drain;
 pub mod egress;
 pub mod error;
 pub mod explain;
+pub mod extra_headers;
 pub mod fair_share;
 mod handler;
 pub mod headers;
@@ -271,11 +273,13 @@ pub async fn run(
         metrics.access_log_lost_lines(),
         handle.reopen_log.clone(),
     )?;
-    let extra_headers = config
-        .extra_headers
-        .iter()
-        .filter_map(|(k, v)| Some((HeaderName::from_bytes(k.as_bytes()).ok()?, HeaderValue::from_str(v).ok()?)))
-        .collect();
+    let extra_headers = extra_headers::ExtraHeaders::new(
+        config
+            .extra_headers
+            .iter()
+            .filter_map(|(k, v)| Some((HeaderName::from_bytes(k.as_bytes()).ok()?, HeaderValue::from_str(v).ok()?)))
+            .collect(),
+    );
 
     let tls = match (config.tls_enabled(), &listeners.https) {
         (true, Some(_)) => {

@@ -269,7 +269,8 @@ async fn serve_parked<S>(
         .header_read_timeout(settings.header_timeout)
         .max_buf_size(buffers::CLIENT_WRITE_BUF)
         .writev(true)
-        .keep_alive(true);
+        .keep_alive(true)
+        .response_head_lines(shared.extra_headers.head_lines(conn.tls));
     // Polled on every wake-up of the connection: a child token's lock is this
     // connection's own, where the shared token's lock is taken by every
     // connection on every core.

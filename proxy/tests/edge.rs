@@ -158,6 +158,12 @@ async fn extra_headers_replace_backend_copies() {
     assert!(got.header("content-security-policy-report-only").unwrap().contains("report-uri"));
     assert_eq!(got.header("x-own"), Some("kept"));
     assert_eq!(got.header("strict-transport-security"), None, "no HSTS over plain HTTP");
+    // The proxy's own answers carry them too, once.
+    let page = get(proxy.http, "nothing-here.toolforge.org", "/", &[]).await;
+    assert_eq!(page.status, 503);
+    assert_eq!(page.headers.get_all("x-clacks-overhead").iter().collect::<Vec<_>>(), ["GNU Terry Pratchett"]);
+    assert_eq!(page.headers.get_all("permissions-policy").iter().collect::<Vec<_>>(), ["browsing-topics=()"]);
+    assert_eq!(page.headers.get_all("x-request-id").iter().count(), 1);
 }
 
 #[tokio::test]

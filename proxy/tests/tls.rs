@@ -61,7 +61,9 @@ async fn tls_proxy(pki: &Pki, pairs: Vec<(PathBuf, PathBuf)>) -> (Backend, Proxy
                     "x-backend-proto",
                     req.headers().get("x-forwarded-proto").cloned().unwrap_or("-".parse().unwrap()),
                 )
-                .header("content-type", "text/plain");
+                .header("content-type", "text/plain")
+                // A backend's own is replaced by the proxy's.
+                .header("strict-transport-security", "max-age=1");
             if req.uri().path() == "/redirect" {
                 r = r.status(302).header("location", format!("http://{host}/next"));
             }
@@ -102,6 +104,7 @@ async fn sni_picks_certificates_with_a_default_and_h2_is_served() {
     assert_eq!((status, version.as_str()), (200, "2"), "h2 negotiated by ALPN");
     assert_eq!(body, "backend saw true /x?y=1", "upstream stays HTTP/1.1, URI unchanged");
     assert!(headers.contains("strict-transport-security: max-age=31622400"), "{headers}");
+    assert_eq!(headers.matches("strict-transport-security").count(), 1, "{headers}");
     assert!(headers.contains("x-backend-proto: https"), "{headers}");
 
     // Cookie fields of HTTP/2 reach the HTTP/1.1 backend as one header.
@@ -113,6 +116,7 @@ async fn sni_picks_certificates_with_a_default_and_h2_is_served() {
     let (status, version, headers, _) = curl(&pki.ca(), "foo.toolforge.org", port, "/", &["--http1.1"]).await;
     assert_eq!((status, version.as_str()), (200, "1.1"));
     assert!(headers.contains("strict-transport-security: max-age=31622400"));
+    assert_eq!(headers.matches("strict-transport-security").count(), 1, "{headers}");
 
     // Location: http://<host>/... from the backend follows the client to https.
     // The backend sees the normalised Host (no port), as behind nginx's `Host $host`.
@@ -149,7 +153,8 @@ async fn plain_http_redirects_to_https_except_health_and_acme() {
     assert_eq!(get(proxy.http, "foo.toolforge.org", "/.well-known/healthz", &[]).await.status, 200);
     let got = get(proxy.http, "foo.toolforge.org", "/.well-known/acme-challenge/token", &[]).await;
     assert_eq!((got.status, got.body.as_str()), (200, "backend saw true /.well-known/acme-challenge/token"));
-    assert_eq!(got.header("strict-transport-security"), None);
+    // The backend's own only: the proxy adds none over plain HTTP.
+    assert_eq!(got.headers.get_all("strict-transport-security").iter().collect::<Vec<_>>(), ["max-age=1"]);
 }
 
 #[tokio::test]

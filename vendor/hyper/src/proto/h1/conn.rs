@@ -70,6 +70,8 @@ where
                 #[cfg(feature = "server")]
                 date_header: true,
                 #[cfg(feature = "server")]
+                head_lines: None,
+                #[cfg(feature = "server")]
                 timer: Time::Empty,
                 preserve_header_case: false,
                 #[cfg(feature = "ffi")]
@@ -161,6 +163,12 @@ where
     #[cfg(feature = "server")]
     pub(crate) fn disable_date_header(&mut self) {
         self.state.date_header = false;
+    }
+
+    /// dynamicproxy: header lines written into every response head.
+    #[cfg(feature = "server")]
+    pub(crate) fn set_head_lines(&mut self, lines: Bytes) {
+        self.state.head_lines = Some(lines);
     }
 
     pub(crate) fn into_inner(self) -> (I, Bytes) {
@@ -657,6 +665,16 @@ where
             buf,
         ) {
             Ok(encoder) => {
+                // dynamicproxy: the connection's own header lines go after
+                // the message's, before the blank line that ends the head.
+                #[cfg(feature = "server")]
+                if let Some(lines) = &self.state.head_lines {
+                    let buf = self.io.headers_buf();
+                    debug_assert!(buf.ends_with(b"\r\n\r\n"));
+                    buf.truncate(buf.len() - 2);
+                    buf.extend_from_slice(lines);
+                    buf.extend_from_slice(b"\r\n");
+                }
                 debug_assert!(self.state.cached_headers.is_none());
                 debug_assert!(head.headers.is_empty());
                 self.state.cached_headers = Some(head.headers);
@@ -974,6 +992,10 @@ struct State {
     h1_header_read_deadline: Option<std::time::Instant>,
     #[cfg(feature = "server")]
     date_header: bool,
+    /// dynamicproxy: header lines (`name: value\r\n`) written into every
+    /// response head after the response's own headers.
+    #[cfg(feature = "server")]
+    head_lines: Option<Bytes>,
     #[cfg(feature = "server")]
     timer: Time,
     preserve_header_case: bool,

@@ -83,6 +83,7 @@ pub struct Builder {
     max_buf_size: Option<usize>,
     pipeline_flush: bool,
     date_header: bool,
+    head_lines: Option<Bytes>,
 }
 
 /// Deconstructed parts of a `Connection`.
@@ -255,6 +256,7 @@ impl Builder {
             max_buf_size: None,
             pipeline_flush: false,
             date_header: true,
+            head_lines: None,
         }
     }
     /// Set whether HTTP/1 connections should support half-closures.
@@ -415,6 +417,15 @@ impl Builder {
         self
     }
 
+    /// dynamicproxy: header lines, each `name: value\r\n`, written into
+    /// every response head after the response's own headers. The caller
+    /// keeps the response from carrying the same names, and the lines
+    /// well-formed: they are written as they are.
+    pub fn response_head_lines(&mut self, lines: Bytes) -> &mut Self {
+        self.head_lines = Some(lines);
+        self
+    }
+
     /// Aggregates flushes to better support pipelined responses.
     ///
     /// Experimental, may have bugs.
@@ -515,6 +526,9 @@ impl Builder {
         }
         if !self.date_header {
             conn.disable_date_header();
+        }
+        if let Some(lines) = &self.head_lines {
+            conn.set_head_lines(lines.clone());
         }
         let sd = proto::h1::dispatch::Server::new(service);
         let proto = proto::h1::Dispatcher::new(sd, conn);
