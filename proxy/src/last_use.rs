@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use dynamicproxy_redis::BackendUrl;
+use foldhash::fast::RandomState;
 
 use crate::clock;
 
@@ -25,7 +26,9 @@ struct Inner {
     /// Reference point for the seconds below: the proxy's start.
     epoch: Instant,
     /// Seconds after `epoch` of the last request to each backend.
-    backends: DashMap<BackendUrl, AtomicU64>,
+    /// foldhash over the backend's own keyed hash: SipHash cost several
+    /// times as much on every request.
+    backends: DashMap<BackendUrl, AtomicU64, RandomState>,
 }
 
 impl Default for LastUse {
@@ -37,7 +40,9 @@ impl Default for LastUse {
 impl LastUse {
     /// An empty map: every backend counts as unused since now.
     pub fn new() -> Self {
-        LastUse { inner: Arc::new(Inner { epoch: Instant::now(), backends: DashMap::new() }) }
+        LastUse {
+            inner: Arc::new(Inner { epoch: Instant::now(), backends: DashMap::with_hasher(RandomState::default()) }),
+        }
     }
 
     /// Records a request to `backend` now.

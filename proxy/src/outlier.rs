@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use dynamicproxy_redis::{BackendUrl, ToolRoutes};
+use foldhash::fast::RandomState;
 use hyper::Response;
 
 use crate::egress::denied_cause;
@@ -63,7 +64,9 @@ pub enum Admission {
 /// Health of the backends that failed recently.
 pub struct Outliers {
     settings: OutlierSettings,
-    backends: DashMap<BackendUrl, Health>,
+    /// foldhash over the backend's own keyed hash: SipHash cost several
+    /// times as much on every request.
+    backends: DashMap<BackendUrl, Health, RandomState>,
     /// Raised before an entry is added and lowered after one is removed, so
     /// never below the number of entries: while it is 0, a request takes no
     /// lock and hashes no key.
@@ -105,7 +108,12 @@ impl Health {
 impl Outliers {
     /// An empty set: every backend starts up.
     pub fn new(settings: OutlierSettings, metrics: Arc<Metrics>) -> Self {
-        Outliers { settings, backends: DashMap::new(), entries: AtomicUsize::new(0), metrics }
+        Outliers {
+            settings,
+            backends: DashMap::with_hasher(RandomState::default()),
+            entries: AtomicUsize::new(0),
+            metrics,
+        }
     }
 
     /// May a request go to `backend`? `routes` gives the tool's routes now
