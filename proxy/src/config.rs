@@ -291,6 +291,20 @@ impl Default for Config {
     }
 }
 
+/// Headers `extra_headers` may not name: the framing, the connection and
+/// the date of each response are the proxy's.
+const PROXY_OWNED_HEADERS: [&str; 9] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "date",
+];
+
 /// The production response headers of SPEC §3.
 pub fn default_extra_headers() -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -418,6 +432,11 @@ impl Config {
             }
             if http::HeaderValue::from_str(value).is_err() {
                 return Err(ConfigError::new("extra_headers", value, "not a valid header value"));
+            }
+            // Written into every HTTP/1 head as it is: one of these would
+            // contradict the framing or the connection the proxy sets.
+            if PROXY_OWNED_HEADERS.iter().any(|owned| name.eq_ignore_ascii_case(owned)) {
+                return Err(ConfigError::new("extra_headers", name, "set by the proxy for each response"));
             }
         }
         if self.backend_down_first_secs == 0 {
@@ -771,6 +790,19 @@ mod tests {
             denied_backend_networks: Vec::new(),
             ..Config::default()
         };
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn extra_headers_may_not_name_framing_or_connection_headers() {
+        for name in ["Content-Length", "transfer-encoding", "Connection", "date"] {
+            let config =
+                Config { extra_headers: BTreeMap::from([(name.to_string(), "1".to_string())]), ..Config::default() };
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("extra_headers") && err.contains(name), "{err}");
+        }
+        let config =
+            Config { extra_headers: BTreeMap::from([("X-Ok".to_string(), "1".to_string())]), ..Config::default() };
         config.validate().unwrap();
     }
 
