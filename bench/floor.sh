@@ -4,12 +4,15 @@
 #   bench/floor.sh [--rounds 5] [--duration 5] [BINARY]   (default: target/release/dynamicproxy)
 #
 # Builds bench/floor (a yardstick, not a proxy: see its src/main.rs) and runs
-# bench/ab.sh with three targets beside nginx-static-ka:
+# bench/ab.sh with four targets beside nginx-static-ka:
 #   proxy        BINARY, with production defaults;
 #   floor        tokio and httparse, nothing else on the path;
-#   floor-hyper  the same relay through hyper's HTTP/1 server and client.
+#   floor-hyper  the same relay through hyper's HTTP/1 server and client;
+#   floor-hyper-server  hyper's server, and the backend exchange written by
+#                hand as the proxy's own client does it (header maps both ways).
 # floor-hyper minus floor is what hyper's machinery costs per request;
-# proxy minus floor-hyper is the proxy's own path.
+# floor-hyper-server minus floor is what hyper's server and the header maps
+# cost, and proxy minus floor-hyper-server is the proxy's own path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=5 DURATION=5 BINARY=target/release/dynamicproxy
@@ -24,8 +27,10 @@ done
 [ -x "$BINARY" ] || cargo build --release --bin dynamicproxy
 (cd bench/floor && cargo build --release --quiet)
 wrapper=$(mktemp /tmp/floor-hyper.XXXXXX)
-trap 'rm -f "$wrapper"' EXIT
+server_wrapper=$(mktemp /tmp/floor-hyper-server.XXXXXX)
+trap 'rm -f "$wrapper" "$server_wrapper"' EXIT
 printf '#!/bin/sh\nFLOOR=hyper exec %s "$@"\n' "$PWD/bench/floor/target/release/floor" > "$wrapper"
-chmod +x "$wrapper"
+printf '#!/bin/sh\nFLOOR=hyper-server exec %s "$@"\n' "$PWD/bench/floor/target/release/floor" > "$server_wrapper"
+chmod +x "$wrapper" "$server_wrapper"
 bench/ab.sh --rounds "$ROUNDS" --duration "$DURATION" proxy="$BINARY" \
-  floor=bench/floor/target/release/floor floor-hyper="$wrapper"
+  floor=bench/floor/target/release/floor floor-hyper="$wrapper" floor-hyper-server="$server_wrapper"

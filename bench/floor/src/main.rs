@@ -14,6 +14,12 @@
 //! the two is what hyper's machinery costs; the rest of the proxy's figure
 //! is its own features.
 //!
+//! With `FLOOR=hyper-server`, hyper's server only: the request goes to the
+//! backend as the proxy's own client sends it (its head written from the
+//! header map, the answer's head parsed with httparse into one), so this one
+//! has the proxy's architecture with none of its features. Its difference
+//! from `floor` is what hyper's server and the header maps cost.
+//!
 //! Takes the proxy's command line (`proxy --http-listen A --default-backend
 //! http://H:P ...`, the rest ignored), so bench/ab.sh can run it as a binary.
 
@@ -22,6 +28,8 @@ use std::net::SocketAddr;
 
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response};
@@ -43,17 +51,18 @@ fn main() -> io::Result<()> {
     let backend: SocketAddr = value("--default-backend")
         .and_then(|b| b.trim_start_matches("http://").trim_end_matches('/').parse().ok())
         .ok_or_else(|| io::Error::other("--default-backend http://IP:PORT required"))?;
-    let through_hyper = std::env::var("FLOOR").is_ok_and(|v| v == "hyper");
+    let mode = std::env::var("FLOOR").unwrap_or_default();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
         let listener = TcpListener::bind(listen).await?;
         loop {
             let (client, _) = listener.accept().await?;
+            let mode = mode.clone();
             tokio::spawn(async move {
-                if through_hyper {
-                    let _ = relay_through_hyper(client, backend).await;
-                } else {
-                    let _ = relay(client, backend).await;
+                match mode.as_str() {
+                    "hyper" => drop(relay_through_hyper(client, backend).await),
+                    "hyper-server" => drop(relay_through_hyper_server(client, backend).await),
+                    _ => drop(relay(client, backend).await),
                 }
             });
         }
@@ -82,6 +91,81 @@ async fn relay_through_hyper(client: TcpStream, backend: SocketAddr) -> Result<(
             sender.ready().await.map_err(io::Error::other)?;
             let response: Response<Incoming> = sender.send_request(req).await.map_err(io::Error::other)?;
             *upstream.lock().map_err(|_| io::Error::other("poisoned"))? = Some(sender);
+            Ok::<_, io::Error>(response)
+        }
+    });
+    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(client), service).await
+}
+
+/// A backend connection between requests, with its read buffer.
+type IdleBackend = (TcpStream, Vec<u8>);
+
+/// The relay through hyper's server, with the backend exchange written by
+/// hand as the proxy's client does it.
+async fn relay_through_hyper_server(client: TcpStream, backend: SocketAddr) -> Result<(), hyper::Error> {
+    let _ = client.set_nodelay(true);
+    let upstream: Arc<Mutex<Option<IdleBackend>>> = Arc::new(Mutex::new(None));
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let upstream = Arc::clone(&upstream);
+        async move {
+            let idle = upstream.lock().map_err(|_| io::Error::other("poisoned"))?.take();
+            let (mut tcp, mut buf) = match idle {
+                Some(idle) => idle,
+                None => {
+                    let tcp = TcpStream::connect(backend).await?;
+                    tcp.set_nodelay(true)?;
+                    (tcp, vec![0u8; BUF])
+                }
+            };
+            let (parts, _body) = req.into_parts();
+            let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            let mut out = Vec::with_capacity(64 + target.len() + parts.headers.len() * 32);
+            out.extend_from_slice(parts.method.as_str().as_bytes());
+            out.push(b' ');
+            out.extend_from_slice(target.as_bytes());
+            out.extend_from_slice(b" HTTP/1.1\r\n");
+            for (name, value) in &parts.headers {
+                out.extend_from_slice(name.as_str().as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(value.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"\r\n");
+            tcp.write_all(&out).await?;
+            let head = read_head(&mut tcp, &mut buf, true).await?.ok_or_else(|| io::Error::other("backend closed"))?;
+            let total = head.len + head.content_length;
+            if total > buf.len() {
+                return Err(io::Error::other("response larger than the buffer"));
+            }
+            let mut have = head.filled;
+            while have < total {
+                let n = tcp.read(&mut buf[have..total]).await?;
+                if n == 0 {
+                    return Err(io::Error::other("backend closed mid-body"));
+                }
+                have += n;
+            }
+            // One copy of the answer; the header values and the body share it,
+            // as the proxy's do.
+            let answer = Bytes::copy_from_slice(&buf[..total]);
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut parsed = httparse::Response::new(&mut headers);
+            parsed.parse(&answer[..head.len]).map_err(io::Error::other)?;
+            let mut response = Response::new(Full::new(answer.slice(head.len..total)));
+            *response.status_mut() = hyper::StatusCode::from_u16(parsed.code.unwrap_or(502)).map_err(io::Error::other)?;
+            let map = response.headers_mut();
+            map.reserve(parsed.headers.len());
+            for h in parsed.headers.iter() {
+                if h.name.eq_ignore_ascii_case("connection") {
+                    continue;
+                }
+                let value = answer.slice_ref(h.value);
+                map.append(
+                    hyper::header::HeaderName::from_bytes(h.name.as_bytes()).map_err(io::Error::other)?,
+                    hyper::header::HeaderValue::from_maybe_shared(value).map_err(io::Error::other)?,
+                );
+            }
+            *upstream.lock().map_err(|_| io::Error::other("poisoned"))? = Some((tcp, buf));
             Ok::<_, io::Error>(response)
         }
     });
