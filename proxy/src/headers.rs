@@ -90,11 +90,10 @@ const TRACESTATE_BIT: u32 = 1 << 21;
 /// The bit of `X-Forwarded-For` in [`STRIPPED`].
 const X_FORWARDED_FOR_BIT: u32 = 1 << 22;
 
-/// `name`'s place in [`STRIPPED`], in any case. Matched by length first:
-/// most names a message carries are none of these, and are told apart by
-/// one compare.
-fn stripped_index(name: &str) -> Option<u32> {
-    let candidates: &[u32] = match name.len() {
+/// The places in [`STRIPPED`] of the names `len` bytes long: most names a
+/// message carries are none of these, and are told apart by their length.
+fn stripped_candidates(len: usize) -> &'static [u32] {
+    match len {
         2 => &[3],
         5 => &[10],
         6 => &[13],
@@ -110,9 +109,20 @@ fn stripped_index(name: &str) -> Option<u32> {
         18 => &[7],
         19 => &[8],
         22 => &[14],
-        _ => return None,
-    };
-    candidates.iter().copied().find(|&i| STRIPPED[i as usize].as_str().eq_ignore_ascii_case(name))
+        _ => &[],
+    }
+}
+
+/// `name`'s place in [`STRIPPED`], in any case (a `Connection` token).
+fn stripped_index(name: &str) -> Option<u32> {
+    stripped_candidates(name.len()).iter().copied().find(|&i| STRIPPED[i as usize].as_str().eq_ignore_ascii_case(name))
+}
+
+/// A message's header name's place in [`STRIPPED`]. A map's names are
+/// lower case already, and compare as names: one of http's standard names
+/// by its number, where a case-blind compare went byte by byte.
+fn stripped_index_of(name: &HeaderName) -> Option<u32> {
+    stripped_candidates(name.as_str().len()).iter().copied().find(|&i| STRIPPED[i as usize] == name)
 }
 
 /// Removes the [`STRIPPED`] names selected by `which`, and, when
@@ -121,7 +131,7 @@ fn stripped_index(name: &str) -> Option<u32> {
 fn strip(headers: &mut HeaderMap, which: u32) -> u32 {
     let mut seen = 0u32;
     for name in headers.keys() {
-        if let Some(i) = stripped_index(name.as_str()) {
+        if let Some(i) = stripped_index_of(name) {
             seen |= 1 << i;
         }
     }
@@ -419,7 +429,14 @@ mod tests {
     fn every_stripped_name_is_found_by_its_index() {
         for (i, name) in STRIPPED.iter().enumerate() {
             assert_eq!(stripped_index(name.as_str()), Some(i as u32), "{name}");
+            assert_eq!(stripped_index_of(name), Some(i as u32), "{name}");
         }
+        // As a parsed message's names are: lower case, standard or not.
+        for other in ["host", "user-agent", "x-forwarded-fo", "content-type", "x-request-ie", "cookie"] {
+            assert_eq!(stripped_index_of(&HeaderName::from_bytes(other.as_bytes()).unwrap()), None, "{other}");
+        }
+        let parsed = HeaderName::from_bytes(b"X-Forwarded-Host").unwrap();
+        assert_eq!(stripped_index_of(&parsed), Some(15));
         assert_eq!(stripped_index("Keep-Alive"), Some(1));
         for other in ["host", "user-agent", "x-forwarded-fo", "te2", "proxy-connectio", "cookie", ""] {
             assert_eq!(stripped_index(other), None, "{other}");
