@@ -164,6 +164,10 @@ async fn extra_headers_replace_backend_copies() {
     assert_eq!(page.headers.get_all("x-clacks-overhead").iter().collect::<Vec<_>>(), ["GNU Terry Pratchett"]);
     assert_eq!(page.headers.get_all("permissions-policy").iter().collect::<Vec<_>>(), ["browsing-topics=()"]);
     assert_eq!(page.headers.get_all("x-request-id").iter().count(), 1);
+    // So do the answers hyper writes itself, for a head it cannot parse.
+    let malformed = raw(proxy.http, b"GET / HTTP/1.1\r\nHost: foo.toolforge.org\r\nno colon here\r\n\r\n").await;
+    assert_eq!(status_of(&malformed), 400, "{malformed}");
+    assert_eq!(malformed.matches("x-clacks-overhead: GNU Terry Pratchett\r\n").count(), 1, "{malformed}");
 }
 
 #[tokio::test]

@@ -485,6 +485,19 @@ mod tests {
     }
 
     #[test]
+    fn one_backend_written_two_ways_is_one_key_and_others_are_not() {
+        let hash = |url: &BackendUrl| std::hash::BuildHasher::hash_one(&foldhash::fast::FixedState::default(), url);
+        let a = BackendUrl::parse("http://Host.Example:80/").unwrap();
+        let b = BackendUrl::parse("host.example").unwrap();
+        assert_eq!((&a, hash(&a)), (&b, hash(&b)));
+        for other in ["https://host.example:80", "http://host.example:81", "http://host.exampl:80"] {
+            let other = BackendUrl::parse(other).unwrap();
+            assert_ne!(a, other);
+            assert_ne!(hash(&a), hash(&other), "{other}");
+        }
+    }
+
+    #[test]
     fn strict_backend_urls() {
         assert!(BackendUrl::parse_strict("http://h:1").is_ok());
         assert!(BackendUrl::parse_strict("https://[::1]:443").is_ok());
