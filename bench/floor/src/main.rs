@@ -133,18 +133,7 @@ async fn relay_through_hyper_server(client: TcpStream, backend: SocketAddr) -> R
             out.extend_from_slice(b"\r\n");
             tcp.write_all(&out).await?;
             let head = read_head(&mut tcp, &mut buf, true).await?.ok_or_else(|| io::Error::other("backend closed"))?;
-            let total = head.len + head.content_length;
-            if total > buf.len() {
-                return Err(io::Error::other("response larger than the buffer"));
-            }
-            let mut have = head.filled;
-            while have < total {
-                let n = tcp.read(&mut buf[have..total]).await?;
-                if n == 0 {
-                    return Err(io::Error::other("backend closed mid-body"));
-                }
-                have += n;
-            }
+            let total = read_body(&mut tcp, &mut buf, &head).await?;
             // One copy of the answer; the header values and the body share it,
             // as the proxy's do.
             let answer = Bytes::copy_from_slice(&buf[..total]);
@@ -187,20 +176,27 @@ async fn relay(mut client: TcpStream, backend: SocketAddr) -> io::Result<()> {
         upstream.write_all(&request[..head.len]).await?;
         let head =
             read_head(&mut upstream, &mut response, true).await?.ok_or_else(|| io::Error::other("backend closed"))?;
-        let total = head.len + head.content_length;
-        if total > response.len() {
-            return Err(io::Error::other("response larger than the buffer"));
-        }
-        let mut have = head.filled;
-        while have < total {
-            let n = upstream.read(&mut response[have..total]).await?;
-            if n == 0 {
-                return Err(io::Error::other("backend closed mid-body"));
-            }
-            have += n;
-        }
+        let total = read_body(&mut upstream, &mut response, &head).await?;
         client.write_all(&response[..total]).await?;
     }
+}
+
+/// Reads the rest of a response's body after `head` into `buf`; returns
+/// where the whole response ends.
+async fn read_body(io: &mut TcpStream, buf: &mut [u8], head: &Head) -> io::Result<usize> {
+    let total = head.len + head.content_length;
+    if total > buf.len() {
+        return Err(io::Error::other("response larger than the buffer"));
+    }
+    let mut have = head.filled;
+    while have < total {
+        let n = io.read(&mut buf[have..total]).await?;
+        if n == 0 {
+            return Err(io::Error::other("backend closed mid-body"));
+        }
+        have += n;
+    }
+    Ok(total)
 }
 
 /// Where a message's head ends, what follows it in the buffer, and its body length.
