@@ -118,6 +118,8 @@ async fn relay_through_hyper_server(client: TcpStream, backend: SocketAddr) -> R
                 }
             };
             let (parts, _body) = req.into_parts();
+            // Written as `Outgoing::new` in proxy/src/backend_conn.rs writes it:
+            // copied, since the yardstick must not depend on the proxy.
             let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
             let mut out = Vec::with_capacity(64 + target.len() + parts.headers.len() * 32);
             out.extend_from_slice(parts.method.as_str().as_bytes());
