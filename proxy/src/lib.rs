@@ -40,6 +40,7 @@
 //! - [`clock`]: the time, read once per poll of a connection's task.
 //! - [`loop_turn`]: how busy the event loop's turn is; a backend write waits for the turn's other tasks in a burst.
 //! - [`deadline`]: a timer re-armed only when it fires early, for deadlines checked on every wait.
+//! - [`wake_gate`]: a side branch of a connection's `select!`, polled only when its own waker fired.
 //! - [`tls`]: certificates by SNI, hot reload.
 //! - [`cert_expiry`]: a certificate's expiry, for the metrics.
 //! - [`pages`]: built-in and overridden error pages.
@@ -129,6 +130,7 @@ pub mod trace_context;
 pub mod upgrade;
 pub mod upstream;
 pub mod upstream_pool;
+pub mod wake_gate;
 mod workers;
 
 use std::sync::Arc;

@@ -52,6 +52,7 @@ use crate::shed::{self, Refusal};
 use crate::sniff::{SmuggleFlags, SniffIo};
 use crate::tls::TlsAcceptor;
 use crate::upstream::UpstreamClient;
+use crate::wake_gate::WakeGate;
 use crate::workers::{Accepted, Workers};
 
 /// Connection-level settings shared by the listeners.
@@ -294,27 +295,31 @@ async fn serve_parked<S>(
         // Boxed: while parked, the task keeps none of hyper's state.
         let mut connection = Box::pin(builder.serve_connection(TokioIo::new(io), service).with_upgrades());
         loop {
+            // Gated: the connection's task is polled several times per
+            // request, and none of these has fired on almost all of them.
+            let side = WakeGate::new(side_event(&shutdown, draining, settings, &activity));
             tokio::select! {
+                biased;
                 result = connection.as_mut() => {
                     if let Err(error) = result {
                         return ended(Err(error), &metrics);
                     }
                     break;
                 }
-                // Draining: keep serving (responses now say `Connection: close`, see `drain`);
-                // an idle connection is closed at its keep-alive timeout or by `close_idle`.
-                _ = shutdown.cancelled(), if !draining => draining = true,
-                _ = settings.close_idle.cancelled(), if draining => {
-                    connection.as_mut().graceful_shutdown();
-                    return finish(connection, settings).await;
-                }
-                // Between requests but not parked (a pipelined partial head, a
-                // flush the client is slow to take): closed once idle for the keep-alive timeout.
-                _ = activity.idle_for(settings.keepalive_timeout) => {
-                    metrics.connection_timeout("keepalive");
-                    connection.as_mut().graceful_shutdown();
-                    return finish(connection, settings).await;
-                }
+                event = side => match event {
+                    // Draining: keep serving (responses now say `Connection: close`, see `drain`);
+                    // an idle connection is closed at its keep-alive timeout or by `close_idle`.
+                    SideEvent::Draining => draining = true,
+                    SideEvent::CloseIdle => {
+                        connection.as_mut().graceful_shutdown();
+                        return finish(connection, settings).await;
+                    }
+                    SideEvent::KeepaliveTimeout => {
+                        metrics.connection_timeout("keepalive");
+                        connection.as_mut().graceful_shutdown();
+                        return finish(connection, settings).await;
+                    }
+                },
             }
         }
         // Upgraded (the tunnel owns the socket now) or closed by either side.
@@ -333,6 +338,31 @@ async fn serve_parked<S>(
             return;
         }
         io.unpark(unparsed);
+    }
+}
+
+/// What, beside the connection itself, ends a turn of an HTTP/1 connection's loop.
+enum SideEvent {
+    /// The proxy has begun to drain.
+    Draining,
+    /// Draining, and idle connections are to close now.
+    CloseIdle,
+    /// Between requests but not parked (a pipelined partial head, a flush
+    /// the client is slow to take) for the keep-alive timeout.
+    KeepaliveTimeout,
+}
+
+/// The first [`SideEvent`] to happen.
+async fn side_event(
+    shutdown: &CancellationToken,
+    draining: bool,
+    settings: &ServeSettings,
+    activity: &Activity,
+) -> SideEvent {
+    tokio::select! {
+        _ = shutdown.cancelled(), if !draining => SideEvent::Draining,
+        _ = settings.close_idle.cancelled(), if draining => SideEvent::CloseIdle,
+        _ = activity.idle_for(settings.keepalive_timeout) => SideEvent::KeepaliveTimeout,
     }
 }
 
@@ -444,11 +474,15 @@ where
     let mut connection = Box::pin(builder.serve_connection(TokioIo::new(io), service));
     async move {
         let shutdown = settings.shutdown.child_token();
+        // Gated as in `serve_parked`: the task is polled on every frame.
+        let shutting = WakeGate::new(shutdown.cancelled());
+        let idle = WakeGate::new(activity.idle_for(settings.http2_idle_timeout));
         tokio::select! {
+            biased;
             result = connection.as_mut() => return ended(result, &metrics),
-            _ = shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
+            _ = shutting => connection.as_mut().graceful_shutdown(),
             // No open stream for the idle timeout: GOAWAY, and the client reconnects when it needs to.
-            _ = activity.idle_for(settings.http2_idle_timeout) => {
+            _ = idle => {
                 metrics.connection_timeout("http2-idle");
                 connection.as_mut().graceful_shutdown();
             }
