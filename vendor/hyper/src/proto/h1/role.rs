@@ -514,9 +514,10 @@ impl Http1Transaction for Server {
         true
     }
 
-    fn update_date() {
-        date::update();
-    }
+    // dynamicproxy: the cached date is checked when a head is written (see
+    // `encode`), not on every poll of the connection: a request took three
+    // polls, and each check reads the clock.
+    fn update_date() {}
 }
 
 #[cfg(feature = "server")]
@@ -985,6 +986,8 @@ impl Server {
         if !wrote_date && msg.date_header {
             dst.reserve(date::DATE_VALUE_LENGTH + 8);
             header_name_writer.write_header_name_with_colon(dst, "date: ", header::DATE);
+            // dynamicproxy: checked here, where it is used (see `update_date`).
+            date::update();
             date::extend(dst);
             extend(dst, b"\r\n\r\n");
         } else {
