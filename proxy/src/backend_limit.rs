@@ -95,7 +95,10 @@ impl BackendLimits {
         // The connection's semaphore is never closed; a closed one would mean
         // the connection is gone, and the request with it.
         let connection = match connection {
-            Some(slots) => Some(slots.clone().acquire_owned().await.map_err(|_| ProxyError::OverCapacity)?),
+            Some(slots) => Some(match slots.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => slots.clone().acquire_owned().await.map_err(|_| ProxyError::OverCapacity)?,
+            }),
             None => None,
         };
         if self.settings.max_per_backend == 0 {
@@ -112,6 +115,12 @@ impl BackendLimits {
             entry: Some((self.clone(), backend.clone(), semaphore.clone())),
         };
         // From the poll's time (`clock`): `timeout` would read the clock.
+        // A free slot is taken at once: a timeout costs a timer entry (and
+        // the runtime handle it clones) even when it is never polled.
+        if let Ok(slot) = semaphore.clone().try_acquire_owned() {
+            permit.backend = Some(slot);
+            return Ok(permit);
+        }
         let deadline = crate::clock::tokio_now() + self.settings.queue_timeout;
         match tokio::time::timeout_at(deadline, semaphore.acquire_owned()).await {
             Ok(Ok(slot)) => {
