@@ -58,15 +58,19 @@ pub fn should_compress(status: http::StatusCode, response: &HeaderMap) -> bool {
 
 /// True when the response's content type is one the proxy gzips.
 pub fn is_compressible_type(response: &HeaderMap) -> bool {
-    let Some(content_type) = response.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+    let Some(content_type) = response.get(header::CONTENT_TYPE) else {
         return false;
     };
-    let essence = match memchr::memchr(b';', content_type.as_bytes()) {
-        Some(end) => &content_type[..end],
-        None => content_type,
+    let value = content_type.as_bytes();
+    let essence = match memchr::memchr(b';', value) {
+        Some(end) => &value[..end],
+        None => value,
     }
-    .trim();
-    GZIP_TYPES.iter().any(|t| essence.eq_ignore_ascii_case(t))
+    .trim_ascii();
+    // Bytes, not `str`: `to_str` checked every byte only for the value to be
+    // compared with ASCII names, and a slice comparison looks at the lengths
+    // first, which tell most types apart.
+    GZIP_TYPES.iter().any(|t| essence.eq_ignore_ascii_case(t.as_bytes()))
 }
 
 /// Adds `Vary: Accept-Encoding` to a response of a compressible type,

@@ -18,6 +18,30 @@ pub enum BadHost {
 /// Longest Host accepted: a DNS name is at most 253 bytes, plus a port.
 const MAX_HOST_LEN: usize = 260;
 
+/// A host byte's class in [`HOST_BYTE`]: lower case, digit, `-` or `_`.
+const PLAIN: u8 = 1;
+/// An upper-case letter, lower-cased by normalisation.
+const UPPER: u8 = 2;
+/// A label separator.
+const DOT: u8 = 4;
+
+/// The class of each byte in a DNS name or IPv4 address; 0 for a byte
+/// none may hold.
+static HOST_BYTE: [u8; 256] = {
+    let mut table = [0; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = match b as u8 {
+            b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' => PLAIN,
+            b'A'..=b'Z' => UPPER,
+            b'.' => DOT,
+            _ => 0,
+        };
+        b += 1;
+    }
+    table
+};
+
 /// Lower-cases `raw` and strips its port and trailing dot; refuses anything
 /// that is not a DNS name, an IPv4 address or a bracketed IPv6 address.
 /// Borrows when the host is already in normal form (the common case).
@@ -54,20 +78,25 @@ pub fn normalize_host(raw: &str) -> Result<Cow<'_, str>, BadHost> {
         return Err(BadHost::Empty);
     }
     if !host.starts_with('[') {
-        let mut upper = false;
-        for b in host.bytes() {
-            match b {
-                b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' => {}
-                b'A'..=b'Z' => upper = true,
-                _ => return Err(BadHost::Character),
+        // One table load per byte: this runs on every request.
+        let mut seen = 0;
+        // Starting as if after a dot refuses a leading dot as an empty label.
+        let mut previous = DOT;
+        for &b in host.as_bytes() {
+            let class = HOST_BYTE[usize::from(b)];
+            // An empty label (two dots in a row) is refused with the bad bytes.
+            if class == 0 || class & previous & DOT != 0 {
+                return Err(BadHost::Character);
             }
+            seen |= class;
+            previous = class;
         }
         // One trailing dot is the root label; a second would survive
         // normalisation and make it not idempotent.
-        if host.starts_with('.') || host.ends_with('.') || host.contains("..") {
+        if previous == DOT {
             return Err(BadHost::Character);
         }
-        if upper {
+        if seen & UPPER != 0 {
             return Ok(Cow::Owned(host.to_ascii_lowercase()));
         }
     } else if host.bytes().any(|b| b.is_ascii_uppercase()) {
