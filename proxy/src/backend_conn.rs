@@ -532,44 +532,74 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> io::Result<Parsed> {
     }
     let status = StatusCode::from_u16(code).map_err(malformed)?;
     let head = buf.split_to(len).freeze();
+    let span = |start: u32, end: u32| &head[start as usize..end as usize];
+    // A 101's head goes to the client as it came: its `Upgrade` and
+    // `Connection` are the switch itself. Any other head loses what never
+    // reaches the client as it is read (`headers::dropped_from_response`),
+    // which costs less than building those headers only to remove them.
+    let passes_all = status == StatusCode::SWITCHING_PROTOCOLS;
+    let (mut close, mut keep_alive) = (false, false);
+    // The names `Connection` lists are hop-by-hop too (RFC 9110 §7.6.1).
+    // Usually it lists none: nothing is allocated.
+    let mut listed: Vec<&[u8]> = Vec::new();
+    for &[name_start, name_end, value_start, value_end] in &spans[..count] {
+        if !span(name_start, name_end).eq_ignore_ascii_case(b"connection") {
+            continue;
+        }
+        for token in span(value_start, value_end).split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            close |= token.eq_ignore_ascii_case(b"close");
+            keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            if !token.is_empty() && !crate::headers::dropped_from_response(token) {
+                listed.push(token);
+            }
+        }
+    }
     // Room for what the proxy adds on the way out (`Vary`, the request id,
     // and over HTTP/2 the default `extra_headers` and HSTS): a map that
     // grows later moves every entry again.
     let mut headers = HeaderMap::with_capacity(count + ADDED_HEADERS);
     let mut length: Option<u64> = None;
-    let (mut transfer_encoding, mut chunked, mut close, mut keep_alive) = (false, false, false, false);
+    let (mut transfer_encoding, mut chunked) = (false, false);
     for &[name_start, name_end, value_start, value_end] in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize]).map_err(malformed)?;
-        let value =
-            HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize)).map_err(malformed)?;
-        if name == header::CONTENT_LENGTH {
-            let n = parse_length(value.as_bytes()).ok_or_else(|| malformed("bad Content-Length"))?;
+        let raw_name = span(name_start, name_end);
+        if raw_name.eq_ignore_ascii_case(b"content-length") {
+            let raw_value = span(value_start, value_end);
+            let n = parse_length(raw_value).ok_or_else(|| malformed("bad Content-Length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(malformed("conflicting Content-Length values"));
             }
             if length.is_none() {
                 // One value, as the number it means: `5, 5` goes on as `5`
                 // (made anew only then: the usual value shares the head's bytes).
-                let value = if value.as_bytes().contains(&b',') { HeaderValue::from(n) } else { value };
-                headers.append(name, value);
+                let value = if raw_value.contains(&b',') {
+                    HeaderValue::from(n)
+                } else {
+                    HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize))
+                        .map_err(malformed)?
+                };
+                headers.append(header::CONTENT_LENGTH, value);
             }
             length = Some(n);
             continue;
-        } else if name == header::TRANSFER_ENCODING {
+        }
+        if raw_name.eq_ignore_ascii_case(b"transfer-encoding") {
             transfer_encoding = true;
             // Only the last coding of the last field says whether it is chunked.
-            chunked = value
-                .as_bytes()
+            chunked = span(value_start, value_end)
                 .rsplit(|&b| b == b',')
                 .next()
                 .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == header::CONNECTION {
-            for token in value.as_bytes().split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-            }
         }
+        if !passes_all
+            && (crate::headers::dropped_from_response(raw_name)
+                || listed.iter().any(|token| token.eq_ignore_ascii_case(raw_name)))
+        {
+            continue;
+        }
+        let name = HeaderName::from_bytes(raw_name).map_err(malformed)?;
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize)).map_err(malformed)?;
         headers.append(name, value);
     }
     if transfer_encoding && length.is_some() {
@@ -771,6 +801,32 @@ mod tests {
             parse(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n", false).unwrap();
         assert!(matches!(parsed, Parsed::Informational));
         assert_eq!(&rest[..], b"HTTP/1.1 204 No Content\r\n\r\n");
+    }
+
+    #[test]
+    fn a_head_loses_what_never_reaches_the_client_but_a_101_keeps_it() {
+        let (parts, framing, reusable) = final_head(
+            b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive, X-Backend-Private\r\nKeep-Alive: timeout=5\r\n\
+              x-backend-private: 1\r\nTransfer-Encoding: chunked\r\nService-Worker-Allowed: /\r\n\
+              Content-Type: text/html\r\nProxy: only a client's is dropped\r\nconnection: x-two\r\nX-Two: 2\r\n\r\n",
+            false,
+        );
+        let left: Vec<&str> = parts.headers.keys().map(|name| name.as_str()).collect();
+        assert_eq!(left, ["content-type", "proxy"]);
+        // Dropped, the headers still frame the body and say how the connection goes on.
+        assert!(framing.starts_with("Chunked"), "{framing}");
+        assert!(reusable);
+        let (parts, _, reusable) =
+            final_head(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\nETag: \"e\"\r\n\r\n", false);
+        let left: Vec<&str> = parts.headers.keys().map(|name| name.as_str()).collect();
+        assert_eq!(left, ["content-length", "etag"]);
+        assert!(!reusable);
+
+        let (parts, framing, _) =
+            final_head(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", false);
+        assert_eq!(framing, "Upgraded");
+        assert_eq!(parts.headers["upgrade"], "websocket");
+        assert_eq!(parts.headers["connection"], "Upgrade");
     }
 
     #[test]

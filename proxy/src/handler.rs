@@ -411,7 +411,7 @@ async fn forward(
     // HTTP/1.1 client into HTTP/1.0, which closes its connection after every
     // response. hyper answers an HTTP/1.0 client in HTTP/1.0 by itself.
     parts.version = Version::HTTP_11;
-    headers::from_upstream(&mut parts.headers);
+    // Hop-by-hop headers were left out as the head was read (`headers::dropped_from_response`).
     headers::rewrite_location(&mut parts.headers, raw_host, conn.proto());
     headers::rewrite_location(&mut parts.headers, host, conn.proto());
     if parts.status == StatusCode::NOT_FOUND
