@@ -543,13 +543,13 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> io::Result<Parsed> {
     // Usually it lists none: nothing is allocated.
     let mut listed: Vec<&[u8]> = Vec::new();
     for &[name_start, name_end, value_start, value_end] in &spans[..count] {
-        if !span(name_start, name_end).eq_ignore_ascii_case(b"connection") {
+        if !crate::headers::name_is(span(name_start, name_end), b"connection") {
             continue;
         }
         for token in span(value_start, value_end).split(|&b| b == b',') {
             let token = token.trim_ascii();
-            close |= token.eq_ignore_ascii_case(b"close");
-            keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            close |= crate::headers::name_is(token, b"close");
+            keep_alive |= crate::headers::name_is(token, b"keep-alive");
             if !token.is_empty() && !crate::headers::dropped_from_response(token) {
                 listed.push(token);
             }
@@ -563,7 +563,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> io::Result<Parsed> {
     let (mut transfer_encoding, mut chunked) = (false, false);
     for &[name_start, name_end, value_start, value_end] in &spans[..count] {
         let raw_name = span(name_start, name_end);
-        if raw_name.eq_ignore_ascii_case(b"content-length") {
+        if crate::headers::name_is(raw_name, b"content-length") {
             let raw_value = span(value_start, value_end);
             let n = parse_length(raw_value).ok_or_else(|| malformed("bad Content-Length"))?;
             if length.is_some_and(|l| l != n) {
@@ -583,7 +583,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> io::Result<Parsed> {
             length = Some(n);
             continue;
         }
-        if raw_name.eq_ignore_ascii_case(b"transfer-encoding") {
+        if crate::headers::name_is(raw_name, b"transfer-encoding") {
             transfer_encoding = true;
             // Only the last coding of the last field says whether it is chunked.
             chunked = span(value_start, value_end)

@@ -130,10 +130,13 @@ struct RequestContext {
     request_id: HeaderValue,
     /// The W3C trace the request belongs to.
     trace: TraceContext,
+    /// The names to strip the request carries, found when it arrived.
+    carried: headers::Carried,
 }
 
 /// Handles one request; never fails (errors become pages).
 pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let carried = headers::Carried::of(req.headers());
     let mut ctx = RequestContext {
         start: clock::now(),
         upstream: None,
@@ -141,8 +144,9 @@ pub(crate) async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Reques
         host: None,
         share: None,
         outcome: Outcome::Neutral,
-        request_id: request_id::of(req.headers()),
-        trace: TraceContext::from_headers(req.headers()),
+        request_id: if carried.request_id() { request_id::of(req.headers()) } else { request_id::new() },
+        trace: if carried.traceparent() { TraceContext::from_headers(req.headers()) } else { TraceContext::start() },
+        carried,
     };
     let logged = shared.access_log.as_ref().map(|_| (req.method().clone(), req.uri().clone()));
     // Kept (cheap clones of shared bytes) to name the tool on an error page.
@@ -456,7 +460,11 @@ fn upstream_request(
     raw_host_value: &HeaderValue,
     ctx: &mut RequestContext,
 ) -> Result<Upstream, ProxyError> {
-    let upgrade = if req.version() == Version::HTTP_11 { upgrade::tunnelled_upgrade(req.headers()) } else { None };
+    let upgrade = if req.version() == Version::HTTP_11 && ctx.carried.upgrade() {
+        upgrade::tunnelled_upgrade(req.headers())
+    } else {
+        None
+    };
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     // Usually the client's Host is normalised already: its bytes are shared.
@@ -476,7 +484,7 @@ fn upstream_request(
         traceparent: &ctx.trace.traceparent(),
         keep_tracestate: ctx.trace.keeps_tracestate(),
     };
-    let added = headers::to_upstream(&mut parts.headers, &fwd, upgrade);
+    let added = headers::to_upstream(&mut parts.headers, ctx.carried, &fwd, upgrade);
     if parts.version == Version::HTTP_2 {
         headers::join_cookies(&mut parts.headers);
     }

@@ -83,6 +83,12 @@ const HOP_BY_HOP: u32 = 0x03ff;
 const FROM_CLIENT: u32 = HOP_BY_HOP | 0b1111 << 10 | 0b11_1111 << 15;
 /// The bit of `Connection` in [`STRIPPED`].
 const CONNECTION_BIT: u32 = 1;
+/// The bit of `Upgrade` in [`STRIPPED`].
+const UPGRADE_BIT: u32 = 1 << 6;
+/// The bit of `X-Request-Id` in [`STRIPPED`].
+const X_REQUEST_ID_BIT: u32 = 1 << 19;
+/// The bit of `traceparent` in [`STRIPPED`].
+const TRACEPARENT_BIT: u32 = 1 << 20;
 /// The bit of `tracestate` in [`STRIPPED`].
 const TRACESTATE_BIT: u32 = 1 << 21;
 /// The bit of `X-Forwarded-For` in [`STRIPPED`].
@@ -123,16 +129,52 @@ fn stripped_index_of(name: &HeaderName) -> Option<u32> {
     stripped_candidates(name.as_str().len()).iter().copied().find(|&i| STRIPPED[i as usize] == name)
 }
 
-/// Removes the [`STRIPPED`] names selected by `which`, and, when
-/// `Connection` is among them, the headers its tokens name. Returns the
-/// [`STRIPPED`] names the message had, removed or not.
-fn strip(headers: &mut HeaderMap, which: u32) -> u32 {
+/// The [`STRIPPED`] names a message carries, as bits.
+fn stripped_in(headers: &HeaderMap) -> u32 {
     let mut seen = 0u32;
     for name in headers.keys() {
         if let Some(i) = stripped_index_of(name) {
             seen |= 1 << i;
         }
     }
+    seen
+}
+
+/// The [`STRIPPED`] names a client's request carries, found in one pass
+/// over its names when it arrives. A name it does not carry then costs no
+/// lookup (a hash each): usually it has no request id, trace or upgrade,
+/// and nothing for the strip pass to remove.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Carried(u32);
+
+impl Carried {
+    /// What `headers` carries.
+    pub fn of(headers: &HeaderMap) -> Self {
+        Carried(stripped_in(headers))
+    }
+
+    /// Whether it has an `X-Request-Id`.
+    pub fn request_id(self) -> bool {
+        self.0 & X_REQUEST_ID_BIT != 0
+    }
+
+    /// Whether it has a `traceparent`.
+    pub fn traceparent(self) -> bool {
+        self.0 & TRACEPARENT_BIT != 0
+    }
+
+    /// Whether it has an `Upgrade`.
+    pub fn upgrade(self) -> bool {
+        self.0 & UPGRADE_BIT != 0
+    }
+}
+
+/// Removes the [`STRIPPED`] names selected by `which`, and, when
+/// `Connection` is among them, the headers its tokens name. Returns the
+/// [`STRIPPED`] names the message had (`carried`), removed or not.
+fn strip(headers: &mut HeaderMap, carried: Carried, which: u32) -> u32 {
+    debug_assert_eq!(carried, Carried::of(headers), "the request changed since it arrived");
+    let seen = carried.0;
     let mut present = seen & which;
     if present == 0 {
         return seen;
@@ -188,7 +230,18 @@ pub fn dropped_from_response(name: &[u8]) -> bool {
         22 => &[b"service-worker-allowed"],
         _ => return false,
     };
-    candidates.iter().any(|candidate| candidate.eq_ignore_ascii_case(name))
+    candidates.iter().any(|candidate| name_is(name, candidate))
+}
+
+/// True when `name`, a field name or `Connection` token as it came (any
+/// case), is `lower`: lower-case letters, digits and `-`. Setting the
+/// 0x20 bit lower-cases a letter and leaves a digit or `-` as it is; no
+/// other byte a field name or value may hold turns into one of those, so
+/// this is exact, at a fraction of a case-blind compare's cost (it runs for
+/// every field of every response).
+pub fn name_is(name: &[u8], lower: &[u8]) -> bool {
+    debug_assert!(lower.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-'));
+    name.len() == lower.len() && name.iter().zip(lower).fold(0, |diff, (a, b)| diff | ((a | 0x20) ^ b)) == 0
 }
 
 /// What a backend is told about a request: the connection it came in on,
@@ -223,11 +276,16 @@ pub struct Forwarded<'a> {
 /// copies removed, a client's `X-Forwarded-For` extended), `X-Request-Id`
 /// and `traceparent`. Written straight into the head, they cost no hash,
 /// insert or copy into the header map on every request.
-pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, upgrade: Option<HeaderValue>) -> Vec<u8> {
+pub fn to_upstream(
+    headers: &mut HeaderMap,
+    carried: Carried,
+    fwd: &Forwarded<'_>,
+    upgrade: Option<HeaderValue>,
+) -> Vec<u8> {
     let which = if fwd.keep_tracestate { FROM_CLIENT } else { FROM_CLIENT | TRACESTATE_BIT };
     // `X-Forwarded-For` is left for below; a `Connection` field naming it
     // has removed it already.
-    let seen = strip(headers, which);
+    let seen = strip(headers, carried, which);
     if let Some(upgrade) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, upgrade);
@@ -250,26 +308,26 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, upgrade: Option
     }
     lines.extend_from_slice(fwd.client_ip.as_bytes());
     lines.extend_from_slice(b"\r\n");
-    add_line(&mut lines, &X_FORWARDED_HOST, fwd.host.as_bytes());
-    add_line(&mut lines, &X_FORWARDED_PORT, fwd.port.as_bytes());
-    add_line(&mut lines, &X_FORWARDED_PROTO, fwd.proto.as_bytes());
+    add_line(&mut lines, b"x-forwarded-host: ", fwd.host.as_bytes());
+    add_line(&mut lines, b"x-forwarded-port: ", fwd.port.as_bytes());
+    add_line(&mut lines, b"x-forwarded-proto: ", fwd.proto.as_bytes());
     // A URI is always a valid field value; one that is not is left out,
     // never sent broken.
     if fwd.original_uri.bytes().all(|b| b == b'\t' || (b >= b' ' && b != 0x7f)) {
-        add_line(&mut lines, &X_ORIGINAL_URI, fwd.original_uri.as_bytes());
+        add_line(&mut lines, b"x-original-uri: ", fwd.original_uri.as_bytes());
     }
-    add_line(&mut lines, &X_REQUEST_ID, fwd.request_id.as_bytes());
-    add_line(&mut lines, &TRACEPARENT, fwd.traceparent);
+    add_line(&mut lines, b"x-request-id: ", fwd.request_id.as_bytes());
+    add_line(&mut lines, b"traceparent: ", fwd.traceparent);
     lines
 }
 
 /// About what the added lines take but for the host and the URI.
 const ADDED_LINES_LEN: usize = 224;
 
-/// Appends the line `name: value`.
-fn add_line(lines: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
-    lines.extend_from_slice(name.as_str().as_bytes());
-    lines.extend_from_slice(b": ");
+/// Appends the line `name: value`, given `name: ` as one piece (the
+/// tests read the lines back as a backend does).
+fn add_line(lines: &mut Vec<u8>, name_and_colon: &[u8], value: &[u8]) {
+    lines.extend_from_slice(name_and_colon);
     lines.extend_from_slice(value);
     lines.extend_from_slice(b"\r\n");
 }
@@ -331,7 +389,7 @@ mod tests {
     /// `to_upstream`, with the lines it adds put into the map, as the
     /// backend reads them.
     fn forward(headers: &mut HeaderMap, fwd: &Forwarded<'_>, upgrade: Option<HeaderValue>) {
-        let lines = to_upstream(headers, fwd, upgrade);
+        let lines = to_upstream(headers, Carried::of(headers), fwd, upgrade);
         let text = std::str::from_utf8(&lines).unwrap();
         assert!(text.ends_with("\r\n"), "{text:?}");
         for line in text.trim_end_matches("\r\n").split("\r\n") {
@@ -435,9 +493,41 @@ mod tests {
             ("x-three", "3"),
             ("keep-alive", "timeout=5"),
         ]);
-        strip(&mut headers, HOP_BY_HOP);
+        let carried = Carried::of(&headers);
+        strip(&mut headers, carried, HOP_BY_HOP);
         let left: Vec<&str> = headers.keys().map(|name| name.as_str()).collect();
         assert_eq!(left, ["x-three"]);
+    }
+
+    #[test]
+    fn a_name_matches_its_lower_case_form_and_nothing_else() {
+        for name in ["connection", "Connection", "CONNECTION", "cOnNeCtIoN"] {
+            assert!(name_is(name.as_bytes(), b"connection"), "{name}");
+        }
+        assert!(name_is(b"HTTP2-Settings", b"http2-settings"));
+        assert!(!name_is(b"connectio", b"connection"));
+        assert!(!name_is(b"connectiom", b"connection"));
+        // Exact over every byte a field may hold (httparse refuses the other
+        // control bytes, such as the CR that 0x20 would fold onto `-`).
+        let lower_alphabet = (b'a'..=b'z').chain(b'0'..=b'9').chain([b'-']);
+        for target in lower_alphabet {
+            for b in (0..=255u8).filter(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f)) {
+                assert_eq!(name_is(&[b], &[target]), b.to_ascii_lowercase() == target, "{b:#x} against {target:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_request_says_what_it_carries() {
+        let carried = Carried::of(&map(&[("host", "a"), ("user-agent", "b")]));
+        assert!(!carried.request_id() && !carried.traceparent() && !carried.upgrade());
+        let carried = Carried::of(&map(&[("X-Request-Id", "1"), ("traceparent", "2"), ("upgrade", "websocket")]));
+        assert!(carried.request_id() && carried.traceparent() && carried.upgrade());
+        assert_eq!(STRIPPED[UPGRADE_BIT.trailing_zeros() as usize], header::UPGRADE);
+        assert_eq!(STRIPPED[X_REQUEST_ID_BIT.trailing_zeros() as usize], X_REQUEST_ID);
+        assert_eq!(STRIPPED[TRACEPARENT_BIT.trailing_zeros() as usize], TRACEPARENT);
+        assert_eq!(STRIPPED[TRACESTATE_BIT.trailing_zeros() as usize], TRACESTATE);
+        assert_eq!(STRIPPED[X_FORWARDED_FOR_BIT.trailing_zeros() as usize], X_FORWARDED_FOR);
     }
 
     #[test]

@@ -164,6 +164,16 @@ impl TraceContext {
             (Some(value), None) => parse_traceparent(value.as_bytes()).ok(),
             _ => None,
         };
+        Self::continuing(incoming)
+    }
+
+    /// A new trace, for a request known to carry no `traceparent`.
+    pub fn start() -> Self {
+        Self::continuing(None)
+    }
+
+    /// `incoming`'s trace with a new span of the proxy's, or a new trace.
+    fn continuing(incoming: Option<TraceParent>) -> Self {
         IDS.with_borrow_mut(|rng| {
             let parent_id = nonzero(|| rng.random::<u64>().to_ne_bytes(), [0; 8]);
             match incoming {
