@@ -25,7 +25,7 @@
 #
 # Usage: bench/abuse.sh [--binary PATH] [--seconds 30] [--ramp 180] [--conns 1000] [--idle 10000]
 #                       [--only 'idle-h1|idle-h2'] [--no-build] [--attacker-nice 19]
-# Needs: slowhttptest nghttp2-client (h2load) redis-server nginx python3 openssl curl.
+# Needs (installed when missing): slowhttptest nghttp2-client (h2load) redis-server nginx python3 openssl curl.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -51,6 +51,8 @@ done
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+. scripts/lib.sh
+ensure_packages slowhttptest nghttp2-client redis-server redis-tools nginx python3 openssl curl
 for cmd in slowhttptest h2load redis-server redis-cli python3 openssl curl; do
   command -v "$cmd" >/dev/null || { echo "missing $cmd (apt-get install -y slowhttptest nghttp2-client redis-server openssl curl)" >&2; exit 1; }
 done

@@ -21,6 +21,7 @@
 #    1e6 / that figure as handshakes per second per core.
 # It also prints what each server negotiated and whether it would resume a
 # session a client did offer (openssl s_client -sess_out/-sess_in).
+# Installs nginx, h2load (nghttp2-client), openssl, redis-server and curl when missing.
 # Everything listens on 127.0.0.1 only. Outside CI. Run from the workspace root.
 {
 set -euo pipefail
@@ -36,6 +37,8 @@ while (($#)); do
   esac
 done
 [ -x "$BINARY" ] || { echo "tls_h2.sh: no binary at $BINARY (cargo build --release)" >&2; exit 64; }
+. "$(dirname "$0")/../scripts/lib.sh"
+ensure_packages nginx nghttp2-client openssl redis-server curl
 for c in nginx h2load openssl redis-server curl; do
   command -v "$c" >/dev/null || { echo "tls_h2.sh: $c is missing" >&2; exit 64; }
 done
