@@ -81,6 +81,8 @@ const HOP_BY_HOP: u32 = 0x03ff;
 /// for `tracestate` (kept when the client's trace goes on) and
 /// `X-Forwarded-For` (extended).
 const FROM_CLIENT: u32 = HOP_BY_HOP | 0b1111 << 10 | 0b11_1111 << 15;
+/// Bits of [`STRIPPED`]: what a response loses on its way to the client.
+const FROM_BACKEND: u32 = HOP_BY_HOP | 1 << 14;
 /// The bit of `Connection` in [`STRIPPED`].
 const CONNECTION_BIT: u32 = 1;
 /// The bit of `Upgrade` in [`STRIPPED`].
@@ -119,7 +121,10 @@ fn stripped_candidates(len: usize) -> &'static [u32] {
 
 /// `name`'s place in [`STRIPPED`], in any case (a `Connection` token).
 fn stripped_index(name: &str) -> Option<u32> {
-    stripped_candidates(name.len()).iter().copied().find(|&i| STRIPPED[i as usize].as_str().eq_ignore_ascii_case(name))
+    stripped_candidates(name.len())
+        .iter()
+        .copied()
+        .find(|&i| name_is(name.as_bytes(), STRIPPED[i as usize].as_str().as_bytes()))
 }
 
 /// A message's header name's place in [`STRIPPED`]. A map's names are
@@ -215,22 +220,9 @@ fn strip(headers: &mut HeaderMap, carried: Carried, which: u32) -> u32 {
 /// out as it reads a head (with the names its `Connection` fields list), so
 /// that they are never built into the response's map only to be removed.
 pub fn dropped_from_response(name: &[u8]) -> bool {
-    // The hop-by-hop names of [`STRIPPED`] and `Service-Worker-Allowed`, as
-    // bytes, by length (a test holds the two lists together): this runs for every field of every
-    // response, and most are told apart by their length alone.
-    let candidates: &[&[u8]] = match name.len() {
-        2 => &[b"te"],
-        7 => &[b"trailer", b"upgrade"],
-        10 => &[b"connection", b"keep-alive"],
-        14 => &[b"http2-settings"],
-        16 => &[b"proxy-connection"],
-        17 => &[b"transfer-encoding"],
-        18 => &[b"proxy-authenticate"],
-        19 => &[b"proxy-authorization"],
-        22 => &[b"service-worker-allowed"],
-        _ => return false,
-    };
-    candidates.iter().any(|candidate| name_is(name, candidate))
+    stripped_candidates(name.len())
+        .iter()
+        .any(|&i| FROM_BACKEND & 1 << i != 0 && name_is(name, STRIPPED[i as usize].as_str().as_bytes()))
 }
 
 /// True when `name`, a field name or `Connection` token as it came (any
@@ -553,8 +545,6 @@ mod tests {
         for name in ["Connection", "keep-alive", "Transfer-Encoding", "TE", "Upgrade", "Service-Worker-Allowed"] {
             assert!(dropped_from_response(name.as_bytes()), "{name}");
         }
-        // What a response loses on its way to the client, of the names a request may lose.
-        const FROM_BACKEND: u32 = HOP_BY_HOP | 1 << 14;
         for (i, name) in STRIPPED.iter().enumerate() {
             let dropped = FROM_BACKEND & 1 << i != 0;
             assert_eq!(dropped_from_response(name.as_str().as_bytes()), dropped, "{name}");
