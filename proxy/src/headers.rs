@@ -6,74 +6,59 @@ use std::net::IpAddr;
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use crate::request_id::X_REQUEST_ID;
-use crate::trace_context::{TRACEPARENT, TRACESTATE};
-
-/// `X-Forwarded-Host`.
-pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-/// `X-Forwarded-Port`.
-pub static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
-/// `X-Forwarded-Proto`.
-pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 /// `X-Forwarded-For`.
-pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-/// `X-Original-URI`.
-pub static X_ORIGINAL_URI: HeaderName = HeaderName::from_static("x-original-uri");
-/// `Proxy`, dropped because of httpoxy (CGI turns it into `HTTP_PROXY`).
-static PROXY: HeaderName = HeaderName::from_static("proxy");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-/// `HTTP2-Settings`: belongs to an `h2c` upgrade, which is never forwarded.
-static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
-/// `Forwarded` (RFC 7239) from a client: frameworks trust it for the client
-/// address and scheme, so a client could speak for the edge.
-static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
-/// `X-Real-IP` from a client: dropped for the same reason.
-static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-/// `Service-Worker-Allowed` from a backend: on the shared legacy domain it
-/// would let one tool register a service worker over every tool's paths.
-static SERVICE_WORKER_ALLOWED: HeaderName = HeaderName::from_static("service-worker-allowed");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-// Statics of the names other modules keep as constants, for the table below.
-static X_REQUEST_ID_NAME: HeaderName = X_REQUEST_ID;
-static TRACEPARENT_NAME: HeaderName = TRACEPARENT;
-static TRACESTATE_NAME: HeaderName = TRACESTATE;
+/// Builds the table of stripped names from one list: as header names for a
+/// map, and as the lower-case bytes a head's fields are compared with.
+macro_rules! stripped_names {
+    ($($name:literal,)*) => {
+        /// Every name the proxy strips from a message, in one table: a
+        /// message is checked with one pass over its names, where a lookup
+        /// per listed name hashed each of them on every request.
+        static STRIPPED: [HeaderName; [$($name),*].len()] = [$(HeaderName::from_static($name)),*];
+        /// [`STRIPPED`]'s names as text.
+        const STRIPPED_NAMES: [&str; [$($name),*].len()] = [$($name),*];
+    };
+}
 
-/// Every name the proxy strips from a message, in one table: a message is
-/// checked with one pass over its names, where a lookup per listed name
-/// hashed each of them on every request.
-static STRIPPED: [&HeaderName; 23] = [
+stripped_names! {
     // Hop-by-hop (RFC 9110 §7.6.1 and the usual legacy ones): they describe
-    // one connection and never cross the proxy.
-    &header::CONNECTION,
-    &KEEP_ALIVE,
-    &PROXY_CONNECTION,
-    &header::TE,
-    &header::TRAILER,
-    &header::TRANSFER_ENCODING,
-    &header::UPGRADE,
-    &header::PROXY_AUTHENTICATE,
-    &header::PROXY_AUTHORIZATION,
-    &HTTP2_SETTINGS,
-    // From a client only.
-    &PROXY,
-    &FORWARDED,
-    &X_REAL_IP,
+    // one connection and never cross the proxy. `http2-settings` belongs to
+    // an `h2c` upgrade, which is never forwarded.
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "http2-settings",
+    // From a client only. `Proxy`, because of httpoxy (CGI turns it into
+    // `HTTP_PROXY`); `Forwarded` (RFC 7239) and `X-Real-IP`, because
+    // frameworks trust them for the client address and scheme, so a client
+    // could speak for the edge.
+    "proxy",
+    "forwarded",
+    "x-real-ip",
     // The 100-continue exchange happens between client and proxy.
-    &header::EXPECT,
-    // From a backend only.
-    &SERVICE_WORKER_ALLOWED,
+    "expect",
+    // From a backend only: on the shared legacy domain it would let one tool
+    // register a service worker over every tool's paths.
+    "service-worker-allowed",
     // From a client, what the proxy itself sets: written into the head
     // after the client's headers (see [`to_upstream`]).
-    &X_FORWARDED_HOST,
-    &X_FORWARDED_PORT,
-    &X_FORWARDED_PROTO,
-    &X_ORIGINAL_URI,
-    &X_REQUEST_ID_NAME,
-    &TRACEPARENT_NAME,
-    &TRACESTATE_NAME,
-    &X_FORWARDED_FOR,
-];
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-proto",
+    "x-original-uri",
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+    "x-forwarded-for",
+}
 
 /// Bits of [`STRIPPED`]: the hop-by-hop names.
 const HOP_BY_HOP: u32 = 0x03ff;
@@ -124,14 +109,14 @@ fn stripped_index(name: &str) -> Option<u32> {
     stripped_candidates(name.len())
         .iter()
         .copied()
-        .find(|&i| name_is(name.as_bytes(), STRIPPED[i as usize].as_str().as_bytes()))
+        .find(|&i| name_is(name.as_bytes(), STRIPPED_NAMES[i as usize].as_bytes()))
 }
 
 /// A message's header name's place in [`STRIPPED`]. A map's names are
 /// lower case already, and compare as names: one of http's standard names
 /// by its number, where a case-blind compare went byte by byte.
 fn stripped_index_of(name: &HeaderName) -> Option<u32> {
-    stripped_candidates(name.as_str().len()).iter().copied().find(|&i| STRIPPED[i as usize] == name)
+    stripped_candidates(name.as_str().len()).iter().copied().find(|&i| STRIPPED[i as usize] == *name)
 }
 
 /// The [`STRIPPED`] names a message carries, as bits.
@@ -209,7 +194,7 @@ fn strip(headers: &mut HeaderMap, carried: Carried, which: u32) -> u32 {
     while present != 0 {
         let i = present.trailing_zeros();
         present &= present - 1;
-        headers.remove(STRIPPED[i as usize]);
+        headers.remove(&STRIPPED[i as usize]);
     }
     seen
 }
@@ -220,10 +205,28 @@ fn strip(headers: &mut HeaderMap, carried: Carried, which: u32) -> u32 {
 /// out as it reads a head (with the names its `Connection` fields list), so
 /// that they are never built into the response's map only to be removed.
 pub fn dropped_from_response(name: &[u8]) -> bool {
-    stripped_candidates(name.len())
-        .iter()
-        .any(|&i| FROM_BACKEND & 1 << i != 0 && name_is(name, STRIPPED[i as usize].as_str().as_bytes()))
+    // This runs for every field of every response: most are told apart by
+    // their length alone, before any candidate is looked at.
+    name.len() < 32
+        && FROM_BACKEND_LENGTHS & 1 << name.len() != 0
+        && stripped_candidates(name.len())
+            .iter()
+            .any(|&i| FROM_BACKEND & 1 << i != 0 && name_is(name, STRIPPED_NAMES[i as usize].as_bytes()))
 }
+
+/// The lengths of the names in [`FROM_BACKEND`], as bits (all are under 32 bytes).
+const FROM_BACKEND_LENGTHS: u32 = {
+    let mut lengths = 0;
+    let mut i = 0;
+    while i < STRIPPED_NAMES.len() {
+        if FROM_BACKEND & 1 << i != 0 {
+            assert!(STRIPPED_NAMES[i].len() < 32);
+            lengths |= 1 << STRIPPED_NAMES[i].len();
+        }
+        i += 1;
+    }
+    lengths
+};
 
 /// True when `name`, a field name or `Connection` token as it came (any
 /// case), is `lower`: lower-case letters, digits and `-`. Setting the
@@ -377,6 +380,8 @@ pub fn rewrite_location(headers: &mut HeaderMap, host: &str, proto: &'static str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::request_id::X_REQUEST_ID;
+    use crate::trace_context::{TRACEPARENT, TRACESTATE};
 
     /// `to_upstream`, with the lines it adds put into the map, as the
     /// backend reads them.
