@@ -348,7 +348,8 @@ where
             ));
         }
 
-        self.state.allow_trailer_fields = headers::te_is_trailers(&msg.head.headers);
+        // dynamicproxy: looked up only when the head has a `TE` field at all.
+        self.state.allow_trailer_fields = msg.has_te && headers::te_is_trailers(&msg.head.headers);
 
         Poll::Ready(Some(Ok((msg.head, msg.decode, wants))))
     }

@@ -66,6 +66,9 @@ pub(crate) struct ParsedMessage<T> {
     expect_continue: bool,
     keep_alive: bool,
     wants_upgrade: bool,
+    // dynamicproxy: whether the head has a `TE` field, so that `TE: trailers`
+    // is looked up only then (a hashed map lookup on every request otherwise).
+    has_te: bool,
 }
 
 pub(crate) struct ParseContext<'ctx> {
