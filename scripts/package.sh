@@ -8,6 +8,8 @@
 # `dpkg -r` removes the binary and units, and `dpkg -P` the rest.
 # The package is left in $CARGO_TARGET_DIR/debian/. Needs root or sudo.
 #
+# PACKAGE_PROFILE=pgo packages the release build optimised with a profile of
+# the benchmarks' traffic (scripts/pgo.sh; about 20 minutes on 2 cores).
 # PACKAGE_PROFILE=dev packages the debug build instead of an optimised one.
 # CI does this: it checks the package's layout, install and removal, which do
 # not depend on optimisation, and reuses the binary the tests just built
@@ -32,11 +34,19 @@ profile="${PACKAGE_PROFILE:-release}"
 case "$profile" in
     release) build_dir="$target/release" ;;
     dev) build_dir="$target/debug" ;;
-    *) echo "package.sh: PACKAGE_PROFILE must be release or dev, not '$profile'" >&2; exit 64 ;;
+    pgo) build_dir="$target/pgo/release" ;;
+    *) echo "package.sh: PACKAGE_PROFILE must be release, pgo or dev, not '$profile'" >&2; exit 64 ;;
 esac
 # The package ships a stripped binary, so the release profile's debug info
 # (kept for local profiling) would only cost compile time here.
-CARGO_PROFILE_RELEASE_DEBUG=0 cargo build --profile "$profile" --locked -p dynamicproxy
+if [ "$profile" = pgo ]; then
+    CARGO_PROFILE_RELEASE_DEBUG=0 scripts/pgo.sh
+    # cargo deb reads the binary from the release directory of this target directory.
+    export CARGO_TARGET_DIR="$target/pgo"
+    profile=release
+else
+    CARGO_PROFILE_RELEASE_DEBUG=0 cargo build --profile "$profile" --locked -p dynamicproxy
+fi
 rm -rf "$build_dir/generated"
 "$build_dir/dynamicproxy" generate-docs "$build_dir/generated"
 mkdir -p "$target/debian"
