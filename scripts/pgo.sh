@@ -84,9 +84,9 @@ bench/peer/seed.sh "$REDIS_PORT" 10000 "http://127.0.0.1:$BACKEND_PORT" > "$RUN/
 mk_nginx "$RUN/backend" "backend:$BACKEND_PORT"
 nginx -p "$RUN/backend" -e "$RUN/backend/logs/error.log" -c "$RUN/backend/nginx.conf"
 
-# Two listeners: with HTTPS configured, plain HTTP answers redirects, so the
-# HTTP/1 load runs on a second proxy process... of the same binary, whose
-# counts add up in the same directory (%m%p names them apart).
+# Two processes: with HTTPS configured, plain HTTP answers redirects, so the
+# plain HTTP/1 load needs a proxy of its own. Both are the same binary, and
+# the profiling runtime merges their counts into one file as they exit.
 proxy_env "$GEN"
 common=(--list-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --redis-url "redis://127.0.0.1:$REDIS_PORT"
   --default-backend "http://127.0.0.1:$BACKEND_PORT")
@@ -114,7 +114,7 @@ h2 -D "$part" -c 10 -m 10 > "$RUN/h2.txt"
 for _ in $(seq 20); do h2 --h1 -n 100 -c 100; done > "$RUN/handshakes.txt"
 for _ in $(seq 200); do
   curl -s -o /dev/null -A x -H 'Host: no-such-tool.toolforge.org' "$url"
-  curl -s -o /dev/null -H 'Host: tool2.toolforge.org' "$url"
+  curl -s -o /dev/null -A '' -H 'Host: tool2.toolforge.org' "$url"
   curl -s -o /dev/null -A x -H 'Host: bad..host' "$url"
   curl -s -o /dev/null -A x "${url}healthz"
 done
