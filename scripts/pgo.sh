@@ -42,6 +42,10 @@ bench/peer/setup.sh >/dev/null
 HOST_TUPLE=$(rustc -vV | sed -n 's/^host: //p')
 PROFDATA="$(rustc --print sysroot)/lib/rustlib/$HOST_TUPLE/bin/llvm-profdata"
 if [ ! -x "$PROFDATA" ]; then
+  command -v rustup > /dev/null || {
+    echo "pgo.sh: needs $PROFDATA, the llvm-profdata of rustc's own LLVM (rustup component add llvm-tools)" >&2
+    exit 69
+  }
   echo "installing: rustup component llvm-tools" >&2
   rustup component add llvm-tools >/dev/null
 fi
