@@ -117,9 +117,7 @@ wait_http "http://127.0.0.1:$probe_port/"
 redis-cli -p "$redis_port" hset prefix:load '.*' "http://127.0.0.1:$small_port" >/dev/null
 redis-cli -p "$redis_port" hset prefix:probe '.*' "http://127.0.0.1:$probe_port" >/dev/null
 
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj "/CN=*.toolforge.org" \
-  -addext "subjectAltName=DNS:*.toolforge.org,DNS:toolforge.org" \
-  -keyout "$run/key.pem" -out "$run/cert.pem" >/dev/null 2>&1
+make_cert "$run"
 
 # Backends on 127.0.0.1 are denied by default; this run needs them. Keys the
 # binary does not know are left out (it refuses unknown keys).

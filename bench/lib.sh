@@ -25,6 +25,15 @@ start_redis() {
   return 1
 }
 
+# make_cert DIR: a self-signed ECDSA P-256 certificate for *.toolforge.org
+# and toolforge.org, as DIR/cert.pem and DIR/key.pem, for the proxy's and
+# nginx's HTTPS listeners.
+make_cert() {
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 -subj '/CN=*.toolforge.org' \
+    -addext 'subjectAltName=DNS:*.toolforge.org,DNS:toolforge.org' \
+    -keyout "$1/key.pem" -out "$1/cert.pem" >/dev/null 2>&1
+}
+
 # proxy_env BINARY: sets PROXY_ENV, the environment a proxy binary is measured
 # with: no per-client connection cap (every wrk connection comes from one
 # address), and loopback backends allowed. denied_backend_networks refuses

@@ -28,6 +28,7 @@ done
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+. bench/lib.sh
 hosts_lua=${HOSTS_LUA:-$root/bench/peer/hosts.lua}
 for cmd in wrk redis-server redis-cli curl; do
   command -v "$cmd" >/dev/null || { echo "missing $cmd (apt-get install -y wrk redis-server curl)" >&2; exit 1; }
@@ -117,9 +118,7 @@ read -r p_rps p_p50 p_p99 p_err <<<"$(wrk_run proxy-http "http://127.0.0.1:$http
 stop_proxy
 
 if [ "$tls" = 1 ]; then
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj "/CN=*.toolforge.org" \
-    -addext "subjectAltName=DNS:*.toolforge.org,DNS:toolforge.org" \
-    -keyout "$run/key.pem" -out "$run/cert.pem" >/dev/null 2>&1
+  make_cert "$run"
   start_proxy --https-listen "127.0.0.1:$https_port" --tls-cert "$run/cert.pem" --tls-key "$run/key.pem"
   read -r s_rps s_p50 s_p99 s_err <<<"$(wrk_run proxy-https "https://127.0.0.1:$https_port/")"
 fi

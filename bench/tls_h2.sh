@@ -58,9 +58,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 HOST=bench.toolforge.org
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
-  -keyout "$RUN/key.pem" -out "$RUN/cert.pem" -subj '/CN=*.toolforge.org' \
-  -addext 'subjectAltName=DNS:*.toolforge.org,DNS:toolforge.org' 2>/dev/null
+make_cert "$RUN"
 
 REDIS_PORT=$(free_port 6590)
 BACKEND_PORT=$(free_port 18280)

@@ -75,9 +75,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 ulimit -n "$(ulimit -Hn)"
 
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
-  -keyout "$RUN/key.pem" -out "$RUN/cert.pem" -subj '/CN=*.toolforge.org' \
-  -addext 'subjectAltName=DNS:*.toolforge.org,DNS:toolforge.org' 2>/dev/null
+make_cert "$RUN"
 REDIS_HOST=127.0.0.1
 REDIS_PORT=$(free_port 6490)
 BACKEND_PORT=$(free_port 18180)
@@ -100,9 +98,10 @@ env "${PROXY_ENV[@]}" "$GEN" proxy "${common[@]}" --http-listen 127.0.0.1:0 --ht
   --tls-cert "$RUN/cert.pem" --tls-key "$RUN/key.pem" > "$RUN/https.log" 2>&1 &
 PROXY_PID="$PROXY_PID $!"
 wait_ok "$HTTP_PORT" 30 || { echo "pgo.sh: the instrumented proxy does not answer; see $RUN/http.log" >&2; exit 1; }
-for _ in $(seq 100); do
+for i in $(seq 100); do
   curl -sk -m 1 --resolve "tool1.toolforge.org:$HTTPS_PORT:127.0.0.1" -A x "https://tool1.toolforge.org:$HTTPS_PORT/" \
     | grep -q ok && break
+  ((i < 100)) || { echo "pgo.sh: the instrumented proxy does not answer HTTPS; see $RUN/https.log" >&2; exit 1; }
   sleep 0.2
 done
 
