@@ -9,7 +9,7 @@
 # The package is left in $CARGO_TARGET_DIR/debian/. Needs root or sudo.
 #
 # PACKAGE_PROFILE=pgo packages the release build optimised with a profile of
-# the benchmarks' traffic (scripts/pgo.sh; about 20 minutes on 2 cores).
+# the benchmarks' traffic (scripts/pgo.sh; 14 minutes on the 2-core development box).
 # PACKAGE_PROFILE=dev packages the debug build instead of an optimised one.
 # CI does this: it checks the package's layout, install and removal, which do
 # not depend on optimisation, and reuses the binary the tests just built
