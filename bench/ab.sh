@@ -67,7 +67,9 @@ for c in "${CANDS[@]}"; do
   port=$(free_port "$port")
   proxy_env "${c#*=}"
   # wrk's script sends a User-Agent, as browsers do: production defaults.
-  env "${PROXY_ENV[@]}" "${c#*=}" proxy --http-listen "127.0.0.1:$port" \
+  # A session of its own, as in peer.sh: with the scheduler's autogroups, a
+  # proxy left in wrk's session would share wrk's slice of the CPU.
+  setsid env "${PROXY_ENV[@]}" "${c#*=}" proxy --http-listen "127.0.0.1:$port" \
     --list-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --redis-url "redis://127.0.0.1:$REDIS_PORT" \
     --default-backend "http://127.0.0.1:$BACKEND_PORT" > "$RUN/${c%%=*}.log" 2>&1 &
   PIDS+=($!)
